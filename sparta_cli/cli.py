@@ -1,0 +1,132 @@
+"""The `sparta` command. Commands are thin: they parse, validate, and call the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sparta_cli.console import console, errors
+from sparta_cli.errors import SpartaError
+
+app = typer.Typer(
+    name="sparta",
+    help="Fine-tune language models with SpaRTA: sparse random parameter adaptation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_debug = False
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks")] = False) -> None:
+    global _debug
+    _debug = debug or os.environ.get("SPARTA_DEBUG") == "1"
+
+
+@app.command()
+def validate(recipe: Path, overrides: Overrides = None) -> None:
+    """Check a recipe without loading a model and print the resolved config."""
+    import yaml
+
+    from sparta_cli.config import load_recipe
+    from sparta_cli.tasks import resolve_task
+
+    resolved = load_recipe(recipe, overrides or [])
+    resolve_task(resolved.task)
+    console.print(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
+    console.print(f"[green]ok[/]: {recipe} is valid")
+
+
+@app.command()
+def train(
+    recipe: Path,
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output_dir")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
+) -> None:
+    """Train an adapter from a YAML recipe."""
+    from sparta_cli.config import load_recipe
+    from sparta_cli.train import train as run_training
+
+    if overwrite and resume:
+        raise SpartaError("--overwrite and --resume contradict each other: pass one")
+    run_training(load_recipe(recipe, overrides or []), overwrite=overwrite, resume=resume)
+
+
+@app.command("eval")
+def evaluate(
+    target: Annotated[str, typer.Argument(help="a run directory, a merged checkpoint, or a base model name/path")],
+    overrides: Overrides = None,
+    task: Annotated[Optional[str], typer.Option(help="task to score (default: the run's task)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="split to score (default: the task's evaluation splits)")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="where to write eval_results.json")] = None,
+) -> None:
+    """Evaluate a run, a merged checkpoint or an untouched base model on a task."""
+    from sparta_cli.evaluate_cmd import run_eval
+
+    run_eval(target, task=task, split=split, output=output, overrides=overrides or [])
+
+
+@app.command()
+def merge(
+    run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories on the same base")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the merged checkpoint")],
+    base: Annotated[Optional[str], typer.Option(help="base model (default: the one recorded in the adapter)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: the base model's own)")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
+    head_from: Annotated[Optional[Path], typer.Option("--head-from", help="run whose classification head to keep")] = None,
+) -> None:
+    """Write a full Hugging Face checkpoint with the adapter(s) merged in."""
+    from sparta_cli.merge import merge_runs
+
+    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from)
+
+
+@app.command()
+def export(
+    run_dir: Path,
+    format: Annotated[str, typer.Option("--format", help="peft or peft-sparta")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the exported adapter")],
+    values: Annotated[str, typer.Option(help="fp32 or bf16 delta values")] = "fp32",
+) -> None:
+    """Export an adapter to a format other libraries load."""
+    from sparta_cli.export import export_run
+
+    export_run(run_dir, format=format, output=output, values=values)
+
+
+def main() -> None:
+    """Entry point: one-line errors with exit code 2 (usage) or 1 (run failure); tracebacks only with --debug."""
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except SpartaError as exc:
+        if _debug:
+            raise
+        errors.print(f"error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        errors.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            errors.print(f"error: {exc.format_message()} (see `sparta --help`)", markup=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if _debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        errors.print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+        sys.exit(1)

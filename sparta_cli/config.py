@@ -1,0 +1,277 @@
+"""The recipe: a YAML file validated by pydantic, with `key=value` overrides.
+
+The names here are the contract with users' recipe files; unknown keys are rejected
+with the closest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sparta_cli.errors import SpartaError
+
+Method = Literal["sparta", "lora", "dora", "full", "head"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class AdapterConfig(_Strict):
+    method: Method = "sparta"
+    density: float = Field(0.01, gt=0.0, le=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["v", "o"], min_length=1)
+    seed: int | None = None  # null: the run's seed
+    # LoRA / DoRA (through PEFT)
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TaskConfig(_Strict):
+    name: str | None = None
+    # your own data (name null or a label of your choosing)
+    type: Literal["classification", "regression"] | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_fields: list[str] | None = None
+    label_field: str = "label"
+    # MMLU
+    head: Literal["classifier", "lm"] = "classifier"
+    shots: int = Field(0, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _named_or_custom(self) -> "TaskConfig":
+        if self.type is None and self.name is None:
+            raise ValueError(
+                "task needs `name` (e.g. sst2) or, for your own data, "
+                "`type`, `train_file` and `text_fields`"
+            )
+        if self.type is not None:
+            if not self.train_file and not self.validation_file:
+                raise ValueError("a custom task (task.type set) needs task.train_file or task.validation_file")
+            if not self.text_fields:
+                raise ValueError("a custom task (task.type set) needs task.text_fields, e.g. [sentence]")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Name used in paths and reports."""
+        return self.name or "custom"
+
+
+class DataConfig(_Strict):
+    dir: str | None = None  # null: $SPARTA_DATA_DIR, else the Hugging Face Hub
+    max_length: int = Field(128, ge=8)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    cache: bool = True
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5.0e-5, gt=0.0)
+    head_lr: float | None = Field(None, gt=0.0)  # null: same as lr
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    eval_every: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1)
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+DEFAULT_OUTPUT_DIR = "runs/${task.name}/${adapter.method}-d${adapter.density}-s${seed}"
+
+
+class Recipe(_Strict):
+    model: ModelConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    task: TaskConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    seed: int = 42
+    output_dir: str = DEFAULT_OUTPUT_DIR
+
+    @property
+    def adapter_seed(self) -> int:
+        return self.seed if self.adapter.seed is None else self.adapter.seed
+
+    def data_dir(self) -> Path | None:
+        """`data.dir`, else `$SPARTA_DATA_DIR`, else None (the Hub)."""
+        chosen = self.data.dir or os.environ.get("SPARTA_DATA_DIR")
+        return Path(chosen).expanduser() if chosen else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _closest(name: str, choices: list[str]) -> str | None:
+    found = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid key names of the section a validation error points into."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "recipe"
+    if error["type"] == "extra_forbidden":
+        hint = _closest(str(loc[-1]), _fields_at(loc))
+        valid = ", ".join(_fields_at(loc))
+        fix = f"did you mean `{hint}`?" if hint else f"valid keys: {valid}"
+        return f"unknown key `{where}` in the recipe: {fix}"
+    if error["type"] == "missing":
+        return f"the recipe is missing `{where}`: add it (see configs/ for examples)"
+    given = error.get("input")
+    shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"invalid `{where}` = {shown}: {message}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpartaError(f"override `{dotted}`: `{part}` is not a section; use a dotted key such as adapter.density=0.005")
+        node = child
+    node[parts[-1]] = value
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`adapter.density=0.005` -> ("adapter.density", 0.005); values are typed like YAML."""
+    match = _OVERRIDE.match(text)
+    if not match:
+        raise SpartaError(f"malformed override `{text}`: write dotted key=value, e.g. adapter.density=0.005")
+    key, raw = match.groups()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        value = _yaml_float(value)
+    return key, value
+
+
+def _yaml_float(text: str) -> Any:
+    """PyYAML reads `1e-4` as a string (YAML 1.1); users mean a float."""
+    try:
+        return float(text) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text) else text
+    except ValueError:
+        return text
+
+
+def _floats_everywhere(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _floats_everywhere(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_floats_everywhere(v) for v in node]
+    return _yaml_float(node) if isinstance(node, str) else node
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise SpartaError(f"recipe not found: {path} (give the path to a YAML file, e.g. configs/quickstart.yaml)")
+    if path.is_dir():
+        raise SpartaError(f"recipe {path} is a folder: give the path to a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpartaError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or "syntax error"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpartaError(f"YAML syntax error in {path}{where}: {problem}; fix the file") from None
+    if data is None:
+        raise SpartaError(f"recipe {path} is empty: it needs at least model and task")
+    if not isinstance(data, dict):
+        raise SpartaError(f"recipe {path} must be a mapping of sections (model:, task:, ...), not a {type(data).__name__}")
+    return _floats_everywhere(data)
+
+
+_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
+
+
+def _interpolate(template: str, values: dict[str, Any]) -> str:
+    def lookup(match: re.Match[str]) -> str:
+        node: Any = values
+        for part in match.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise SpartaError(f"output_dir refers to unknown `${{{match.group(1)}}}`: use keys of the recipe, e.g. ${{task.name}}")
+            node = node[part]
+        return str(node if node is not None else "custom")
+
+    return _INTERPOLATION.sub(lookup, template)
+
+
+def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate a raw recipe mapping after applying `key=value` overrides."""
+    tree = dict(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise SpartaError(_describe(exc.errors()[0])) from None
+    values = recipe.to_dict()
+    values["task"]["name"] = recipe.task.label
+    recipe.output_dir = _interpolate(recipe.output_dir, values)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    return build_recipe(read_yaml(Path(path)), overrides)

@@ -1,0 +1,107 @@
+"""Tokenized splits and their data loaders, cached on disk so a second run does not tokenize again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from sparta_cli.config import Recipe
+from sparta_cli.tasks import Task, load_split
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPARTA_CACHE_DIR", Path.home() / ".cache" / "sparta")) / "tokenized"
+
+
+@dataclass
+class TokenizedSplit:
+    dataset: object  # datasets.Dataset with model inputs (and `subject` for MMLU)
+    split: str
+    truncated: int  # examples cut to max_length
+    dropped: int  # examples left out for being too long (data.overlong: drop)
+
+
+def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: str) -> str:
+    parts = {
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "vocab": len(tokenizer),
+        "tokenizer_class": type(tokenizer).__name__,
+        "task": task.name,
+        "fields": task.text_fields,
+        "split": split,
+        "max_length": recipe.data.max_length,
+        "overlong": recipe.data.overlong,
+        "data": fingerprint,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, text_dataset=None) -> TokenizedSplit:
+    """Load (unless given), tokenize and cache one split of a task."""
+    from datasets import load_from_disk
+
+    from sparta_cli.fileio import replace_dir, write_json
+
+    raw = text_dataset if text_dataset is not None else load_split(task, recipe.task, split, recipe.data_dir())
+    key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint)
+    folder = cache_root() / key
+    if recipe.data.cache and (folder / "stats.json").is_file():
+        stats = json.loads((folder / "stats.json").read_text())
+        return TokenizedSplit(load_from_disk(str(folder / "data")), split, stats["truncated"], stats["dropped"])
+
+    max_length = recipe.data.max_length
+    fields = list(task.text_fields)
+
+    def encode(batch):
+        texts = [batch[f] for f in fields]
+        full = tokenizer(*texts, truncation=False)
+        lengths = [len(ids) for ids in full["input_ids"]]
+        out = tokenizer(*texts, truncation=True, max_length=max_length)
+        out["labels"] = batch["label"]
+        out["overlong"] = [n > max_length for n in lengths]
+        return out
+
+    keep = [c for c in raw.column_names if c == "subject"]
+    encoded = raw.map(encode, batched=True, remove_columns=[c for c in raw.column_names if c not in keep], desc=f"tokenizing {task.name}/{split}")
+    overlong = sum(encoded["overlong"])
+    dropped = 0
+    if recipe.data.overlong == "drop":
+        encoded = encoded.filter(lambda ex: not ex["overlong"])
+        dropped, overlong = overlong, 0
+    encoded = encoded.remove_columns("overlong")
+    if recipe.data.cache:
+        replace_dir(lambda tmp: (encoded.save_to_disk(str(tmp / "data")), write_json(tmp / "stats.json", {"truncated": overlong, "dropped": dropped})), folder)
+        encoded = load_from_disk(str(folder / "data"))
+    return TokenizedSplit(encoded, split, overlong, dropped)
+
+
+def subsample(dataset, limit: int | None, seed: int | None):
+    """The first `limit` rows (after a seeded shuffle when `seed` is given)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if seed is not None:
+        dataset = dataset.shuffle(seed=seed)
+    return dataset.select(range(limit))
+
+
+def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
+    collate = DataCollatorWithPadding(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset.with_format(columns=columns),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        generator=generator,
+    )

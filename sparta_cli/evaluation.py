@@ -1,0 +1,65 @@
+"""The one evaluation path, used by `sparta train` and `sparta eval`: batched, no gradients,
+each example counted once across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from sparta_cli.metrics import compute_metrics
+from sparta_cli.tasks import Task
+
+# Turns a batch's model output into per-example predictions (class ids or scores).
+Scorer = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def classifier_scorer(is_regression: bool) -> Scorer:
+    """Predictions from a sequence-classification head, and the batch's summed loss."""
+
+    def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = model(**batch)
+        logits = out.logits.float()
+        preds = logits.squeeze(-1) if is_regression else logits.argmax(-1)
+        loss = out.loss.float() * batch["labels"].shape[0] if out.loss is not None else None
+        return preds, loss
+
+    return score
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, accelerator, scorer: Scorer, progress=None) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """All predictions and labels of a loader, gathered across processes, plus the mean loss."""
+    was_training = model.training
+    model.eval()
+    preds, labels = [], []
+    loss_sum, count = 0.0, 0
+    for batch in loader:
+        batch_preds, batch_loss = scorer(model, batch)
+        batch_labels = batch["labels"]
+        batch_preds, batch_labels = accelerator.gather_for_metrics((batch_preds, batch_labels))
+        preds.append(batch_preds.cpu())
+        labels.append(batch_labels.cpu())
+        if batch_loss is not None:
+            loss_sum += float(accelerator.reduce(batch_loss.detach(), reduction="sum"))
+            count += int(batch_labels.shape[0])
+        if progress is not None:
+            progress()
+    model.train(was_training)
+    pred_arr = torch.cat(preds).numpy() if preds else np.empty(0)
+    label_arr = torch.cat(labels).numpy() if labels else np.empty(0)
+    return pred_arr, label_arr, (loss_sum / count if count else None)
+
+
+def evaluate_split(model, loader, accelerator, task: Task, split: str, scorer: Scorer, subjects=None, progress=None) -> dict[str, float]:
+    """Metrics of one split with the split's suffix (`accuracy_mm` for MNLI mismatched)."""
+    preds, labels, loss = predict(model, loader, accelerator, scorer, progress)
+    suffix = task.metric_suffixes.get(split, "")
+    results: dict[str, float] = {}
+    metrics = compute_metrics(task, preds, labels, subjects=subjects)
+    results.update({f"{key}{suffix}": float(value) for key, value in metrics.items()})
+    if loss is not None:
+        results[f"loss{suffix}"] = loss
+    results[f"num_examples{suffix}"] = int(len(labels))
+    return results

@@ -1,0 +1,114 @@
+"""Atomic writes: every file sparta writes appears under its real name complete, or not at all.
+
+Each writer writes to a temporary name in the same folder, fsyncs, then renames;
+a rename within one filesystem is atomic, so a kill at any moment leaves the old
+file (or none), never half of a new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparta_cli.errors import RunFailure, SpartaError
+
+
+def _explain(exc: OSError, path: Path) -> SpartaError:
+    if exc.errno == errno.ENOSPC:
+        return RunFailure(f"no space left on the device while writing {path}: free some space or set output_dir elsewhere")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SpartaError(f"no permission to write {path}: choose an output_dir you can write to")
+    return RunFailure(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _explain(exc, path) from None
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _explain(exc, path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_with(path: str | Path, writer: Callable[[Path], Any]) -> None:
+    """Run `writer(tmp_path)` and move the result onto `path` atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: str | Path, data: Any) -> None:
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
+    """Build a folder under a temporary name, then swap it in for `target` atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        build(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise _explain(exc, target) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpartaError(f"{path} does not exist: is this a sparta run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpartaError(f"{path} is not valid JSON ({exc}): the file is damaged; rerun or restore it") from None
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """One line per record, flushed: a kill loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()

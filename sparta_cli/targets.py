@@ -1,0 +1,95 @@
+"""Short target names (q, k, v, o, gate, up, down) resolved to a model's linear layers.
+
+One table for every method, so `targets: [v, o]` means the same matrices for SpaRTA,
+LoRA and DoRA. A target written `re:<regex>` matches full module names directly, for
+architectures the table does not know.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from sparta_cli.errors import SpartaError
+
+SHORT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+_DECODER = {
+    "q": r"\.q_proj$",
+    "k": r"\.k_proj$",
+    "v": r"\.v_proj$",
+    "o": r"\.o_proj$",
+    "gate": r"\.gate_proj$",
+    "up": r"\.up_proj$",
+    "down": r"\.down_proj$",
+}
+_BERT = {
+    "q": r"\.attention\.self\.query$",
+    "k": r"\.attention\.self\.key$",
+    "v": r"\.attention\.self\.value$",
+    "o": r"\.attention\.output\.dense$",
+    "up": r"\.intermediate\.dense$",
+    "down": r"\.layer\.\d+\.output\.dense$",
+}
+PATTERNS: dict[str, dict[str, str]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "granite", "phi3", "olmo2"),
+        _DECODER,
+    ),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), _BERT),
+}
+
+# Classification heads are trained fully, by every method.
+HEAD_NAMES = ("score", "classifier")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _patterns_for(model: nn.Module) -> dict[str, str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return PATTERNS.get(model_type or "", _DECODER)
+
+
+def available_targets(model: nn.Module) -> list[str]:
+    """The short names that match at least one linear layer of this model."""
+    names = [n for n in _linear_names(model) if not is_head(n)]
+    return [short for short, pattern in _patterns_for(model).items() if any(re.search(pattern, n) for n in names)]
+
+
+def is_head(module_name: str) -> bool:
+    return module_name.split(".")[0] in HEAD_NAMES
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, str]:
+    """Map each chosen linear layer's full name to the target (short name or regex) that chose it."""
+    names = [n for n in _linear_names(model) if not is_head(n)]
+    patterns = _patterns_for(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+    chosen: dict[str, str] = {}
+    for target in targets:
+        if target.startswith("re:"):
+            try:
+                pattern = re.compile(target[3:])
+            except re.error as exc:
+                raise SpartaError(f"target `{target}` is not a valid regex ({exc}): fix adapter.targets") from None
+        elif target in patterns:
+            pattern = re.compile(patterns[target])
+        else:
+            have = ", ".join(available_targets(model)) or "none"
+            raise SpartaError(
+                f"target `{target}` does not exist in this {model_type} model: it has {have} "
+                "(or write re:<regex> to match module names)"
+            )
+        hits = [n for n in names if pattern.search(n)]
+        if not hits:
+            have = ", ".join(available_targets(model)) or "none"
+            raise SpartaError(
+                f"target `{target}` matches no linear layer of this {model_type} model: it has {have} "
+                "(or write re:<regex> to match module names)"
+            )
+        for name in hits:
+            chosen.setdefault(name, target)
+    return dict(sorted(chosen.items(), key=lambda item: names.index(item[0])))

