@@ -30,6 +30,10 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 def _options(debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks")] = False) -> None:
     global _debug
     _debug = debug or os.environ.get("SPARTA_DEBUG") == "1"
+    if not _debug:
+        from sparta_cli.console import quiet_libraries
+
+        quiet_libraries()
 
 
 @app.command()

@@ -43,13 +43,13 @@ def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: s
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, text_dataset=None) -> TokenizedSplit:
-    """Load (unless given), tokenize and cache one split of a task."""
+def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int | None = None, shuffle_seed: int | None = None) -> TokenizedSplit:
+    """Load, subsample (`limit` rows, shuffled first when `shuffle_seed` is given), tokenize and cache one split."""
     from datasets import load_from_disk
 
     from sparta_cli.fileio import replace_dir, write_json
 
-    raw = text_dataset if text_dataset is not None else load_split(task, recipe.task, split, recipe.data_dir())
+    raw = subsample(load_split(task, recipe.task, split, recipe.data_dir()), limit, shuffle_seed)
     key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint)
     folder = cache_root() / key
     if recipe.data.cache and (folder / "stats.json").is_file():

@@ -30,6 +30,12 @@ def _explain(exc: OSError, path: Path) -> SpartaError:
     return RunFailure(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
@@ -42,6 +48,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise _explain(exc, path) from None
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

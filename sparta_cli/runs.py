@@ -44,9 +44,9 @@ def versions() -> dict[str, str]:
     return {
         "sparta": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "accelerate": str(accelerate.__version__),
     }
 
 

@@ -15,7 +15,7 @@ import torch
 from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import Recipe
 from sparta_cli.console import Progress, console
-from sparta_cli.data import make_loader, subsample, tokenize_split
+from sparta_cli.data import make_loader, tokenize_split
 from sparta_cli.errors import RunFailure
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, write_json
@@ -91,15 +91,14 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
 
     # data
     with accelerator.main_process_first():
-        train_split = tokenize_split(task, "train", tokenizer, recipe)
-        eval_splits = {split: tokenize_split(task, split, tokenizer, recipe) for split in task.eval_splits}
-    train_data = subsample(train_split.dataset, recipe.data.max_train_samples, recipe.seed)
+        train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
+        eval_splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
+    train_data = train_split.dataset
     for split in [train_split, *eval_splits.values()]:
         if split.truncated or split.dropped:
             say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped at max_length={recipe.data.max_length}")
     train_loader = make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
-    eval_data = {s: subsample(t.dataset, recipe.data.max_eval_samples, None) for s, t in eval_splits.items()}
-    eval_loaders = {s: make_loader(d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in eval_data.items()}
+    eval_loaders = {s: make_loader(t.dataset, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, t in eval_splits.items()}
 
     optimizer = build_optimizer(adapter, recipe)
     run_model, optimizer, train_loader = accelerator.prepare(adapter.model, optimizer, train_loader)
