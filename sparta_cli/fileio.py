@@ -48,8 +48,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise _explain(exc, path) from None
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
         yield tmp
+        # mkstemp makes 0600 and some writers (safetensors) recreate the file 0600: give it ordinary permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -89,6 +90,7 @@ def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
         build(tmp)
         old = None
         if target.exists():
