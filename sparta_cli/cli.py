@@ -88,11 +88,12 @@ def merge(
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: the base model's own)")] = None,
     weights: Annotated[Optional[str], typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
     head_from: Annotated[Optional[Path], typer.Option("--head-from", help="run whose classification head to keep")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest output shard, e.g. 2GB or 500MB")] = "2GB",
 ) -> None:
     """Write a full Hugging Face checkpoint with the adapter(s) merged in."""
     from sparta_cli.merge import merge_runs
 
-    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from)
+    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from, max_shard_size=max_shard_size)
 
 
 @app.command()

@@ -1,0 +1,478 @@
+"""`sparta merge`: a plain Hugging Face checkpoint with one or more adapters merged in.
+
+Why streaming: the base checkpoint is read one safetensors shard at a time and each
+output shard is written as soon as it is full, so peak memory is about one shard plus
+the adapters, not the model: a model larger than the machine's RAM can be merged.
+Each merged weight is `(W0.float() + sum_i w_i * delta_i).to(dtype)`, computed once,
+the same expression the adapter evaluates on the fly (exact in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparta_cli.adapters import PEFT_DIR, TRAINED_PREFIX, read_adapter_config, read_adapter_tensors
+from sparta_cli.config import ModelConfig
+from sparta_cli.console import console
+from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
+from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer
+from sparta_cli.tuners.sparta.model import split_indices
+
+REPORT_FILE = "merge_report.json"
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass
+class SavedRun:
+    """A finished run as saved on disk: its config, sparse deltas and fully trained tensors."""
+
+    path: Path
+    config: dict[str, Any]
+    indices: dict[str, torch.Tensor]  # module -> sorted flat indices into its weight
+    deltas: dict[str, torch.Tensor]  # module -> fp32 deltas at those indices
+    trained: dict[str, torch.Tensor]  # parameter name -> value (the head; every parameter for `full`)
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.config.get("base_model") or {}
+
+    @property
+    def base_name(self) -> str:
+        gguf = self.base.get("gguf_file")
+        return f"{self.base.get('name_or_path')}" + (f" ({gguf})" if gguf else "")
+
+
+def read_run(run_dir: str | Path) -> SavedRun:
+    run_dir = Path(run_dir)
+    config = read_adapter_config(run_dir)
+    tensors = {} if config["method"] in ("lora", "dora") else read_adapter_tensors(run_dir)
+    indices = split_indices(tensors)
+    deltas = {module: tensors[f"{module}.delta"].float() for module in indices}
+    trained = {key.removeprefix(TRAINED_PREFIX): value for key, value in tensors.items() if key.startswith(TRAINED_PREFIX)}
+    return SavedRun(run_dir, config, indices, deltas, trained)
+
+
+def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto") -> ModelConfig:
+    """The ModelConfig that loads a run's base (or `--base`, when it has moved)."""
+    recorded = run.base
+    return ModelConfig(name_or_path=base or recorded["name_or_path"], gguf_file=recorded.get("gguf_file"),
+                       revision=None if base else recorded.get("revision"), dtype=dtype)
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name.lower() not in DTYPE_NAMES:
+        raise SpartaError(f"--dtype {name} is not a dtype sparta writes: use bf16, fp16 or fp32")
+    return DTYPES[DTYPE_NAMES[name.lower()]]
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SpartaError(f"--weights {text} is not a comma-separated list of numbers: write e.g. --weights 1,0.5") from None
+    if len(weights) != count:
+        raise SpartaError(f"--weights has {len(weights)} values for {count} run(s): give one weight per run")
+    if not all(math.isfinite(w) for w in weights):
+        raise SpartaError(f"--weights {text} has a non-finite value: use finite numbers")
+    return weights
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 (decimal units like Hugging Face; KiB/MiB/GiB binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise SpartaError(f"--max-shard-size {text} is not a size: write e.g. 2GB, 500MB or 5000000")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def combine_deltas(runs: list[SavedRun], weights: list[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the union of the runs' indices and `sum_i w_i * delta_i` there, in fp32."""
+    modules = list(dict.fromkeys(module for run in runs for module in run.indices))
+    combined = {}
+    for module in modules:
+        parts = [(run.indices[module].long(), weight * run.deltas[module]) for run, weight in zip(runs, weights) if module in run.indices]
+        index = torch.cat([idx for idx, _ in parts])
+        values = torch.cat([val for _, val in parts])
+        unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
+        combined[module] = (unique, torch.zeros(unique.numel(), dtype=torch.float32).index_add_(0, inverse, values))
+    return combined
+
+
+def merge_weight(w0: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`w0` in `dtype`, holding `(w0.float() + delta).to(dtype)` at the flat `indices`."""
+    out = w0.to(dtype=dtype, copy=True)
+    out.view(-1)[indices] = (w0.reshape(-1)[indices].float() + delta).to(dtype)
+    return out
+
+
+def shared_indices(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, int]:
+    """How many flat indices two adapters share, per module they both adapt."""
+    return {module: int(torch.isin(a[module], b[module]).sum()) for module in a if module in b}
+
+
+def collision_report(runs: list[SavedRun]) -> list[dict[str, Any]]:
+    pairs = []
+    for first, second in combinations(runs, 2):
+        by_module = shared_indices(first.indices, second.indices)
+        shared = sum(by_module.values())
+        smaller = min(sum(i.numel() for i in first.indices.values()), sum(i.numel() for i in second.indices.values()))
+        pairs.append({"runs": [str(first.path), str(second.path)], "shared_indices": shared,
+                      "share_of_smaller": shared / smaller if smaller else 0.0, "by_module": by_module})
+    return pairs
+
+
+def classifier_key(key: str, expected: dict[str, Any], prefix: str) -> str | None:
+    """A base checkpoint's key as the classification model names it: headless checkpoints
+    (MiniLM's `encoder.layer...`) gain the model's prefix (`bert.encoder.layer...`); keys the
+    classifier lacks (a decoder's `lm_head.weight`) map to None."""
+    if key in expected:
+        return key
+    if f"{prefix}.{key}" in expected:
+        return f"{prefix}.{key}"
+    return None
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_same_base(runs: list[SavedRun]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        if (run.base.get("name_or_path"), run.base.get("gguf_file")) != (first.base.get("name_or_path"), first.base.get("gguf_file")):
+            raise SpartaError(f"{run.path} was trained on {run.base_name} but {first.path} on {first.base_name}: merge only runs on the same base")
+        theirs = first.config.get("target_shapes", {})
+        for module, shape in run.config.get("target_shapes", {}).items():
+            if module in theirs and list(theirs[module]) != list(shape):
+                raise SpartaError(f"`{module}` is {shape} in {run.path} but {theirs[module]} in {first.path}: merge only runs on the same base")
+    if len(runs) > 1:
+        for run in runs:
+            if run.method not in ("sparta", "head"):
+                raise SpartaError(f"{run.path} is a {run.method} run: only sparta adapters add up; merge it on its own")
+
+
+def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str) -> None:
+    """Refuse a base whose target shapes differ from the ones the adapters were trained on."""
+    for run in runs:
+        for module, shape in run.config.get("target_shapes", {}).items():
+            have = shapes.get(f"{module}.weight")
+            if have is None or list(have) != list(shape):
+                there = "is missing" if have is None else f"is {list(have)}"
+                raise SpartaError(f"base {source} does not match the adapter: `{module}` {there} there but {list(shape)} in "
+                                  f"{run.base_name}, the base of {run.path}: pass the base the adapter was trained on (--base)")
+        for name, value in run.trained.items():
+            have = shapes.get(name)
+            if have is not None and list(have) != list(value.shape):
+                raise SpartaError(f"{run.path} trained `{name}` as {list(value.shape)} but base {source} has {list(have)}: "
+                                  "pass the base the adapter was trained on (--base)")
+
+
+def pick_head(runs: list[SavedRun], head_from: Path | None) -> SavedRun:
+    """The run whose head (and task) the merged model keeps."""
+    if head_from is not None:
+        wanted = Path(head_from).resolve()
+        for run in runs:
+            if run.path.resolve() == wanted:
+                return run
+        raise SpartaError(f"--head-from {head_from} is not one of the runs being merged: pass one of them")
+    first = runs[0]
+    for run in runs[1:]:
+        same = run.trained.keys() == first.trained.keys() and all(torch.equal(run.trained[k], first.trained[k]) for k in first.trained)
+        if not same:
+            raise SpartaError(f"the classification heads of {first.path} and {run.path} differ and heads cannot be summed: "
+                              "pass --head-from RUN_DIR to keep one")
+    return first
+
+
+# ---------------------------------------------------------------- output
+
+
+class ShardWriter:
+    """Collects tensors and writes a shard whenever the next tensor would pass `max_bytes`."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.shards: list[list[str]] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if self.pending:
+            write_safetensors(self.folder / f".part-{len(self.shards)}.safetensors", self.pending, {"format": "pt"})
+            self.shards.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Give the shards Hugging Face's names (and an index when there are several)."""
+        self.flush()
+        count = len(self.shards)
+        names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for i, name in enumerate(names):
+            os.replace(self.folder / f".part-{i}.safetensors", self.folder / name)
+        if count > 1:
+            weight_map = {key: name for name, keys in zip(names, self.shards) for key in keys}
+            write_json(self.folder / "model.safetensors.index.json", {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return names
+
+
+def checkpoint_files(folder: Path) -> list[Path] | None:
+    """The safetensors files of a local checkpoint, or None when it has none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in dict.fromkeys(read_json(index)["weight_map"].values())]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def local_folder(cfg: ModelConfig) -> Path | None:
+    """The base as a local folder (downloading safetensors from the Hub if needed); None for GGUF."""
+    source = check_model_source(cfg)
+    if cfg.gguf_file:
+        return None
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]))
+    except Exception as exc:  # noqa: BLE001 - any download failure has the same fix
+        raise SpartaError(f"cannot download base model {source} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): pass --base with a local folder") from None
+
+
+def base_dtype(folder: Path, files: list[Path]) -> torch.dtype:
+    """The checkpoint's own dtype: its config's, else its first floating tensor's."""
+    from safetensors import safe_open
+
+    config = read_json(folder / "config.json")
+    named = config.get("dtype") or config.get("torch_dtype")
+    if named in DTYPES:
+        return DTYPES[named]
+    with safe_open(str(files[0]), "pt") as handle:
+        for key in handle.keys():
+            dtype = SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None):
+    """The base's config as a sequence classifier for the head run's task."""
+    from transformers import AutoConfig
+
+    task = head_run.config.get("task") or {}
+    labels = task.get("label_names")
+    kwargs: dict[str, Any] = {"num_labels": task.get("num_labels", 2),
+                              "problem_type": "regression" if task.get("is_regression") else "single_label_classification"}
+    if labels:
+        kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, **kwargs)
+    config.pad_token_id = head_run.config.get("pad_token_id", config.pad_token_id)
+    config.finetuning_task = task.get("name")  # `sparta eval` scores this task by default
+    config.dtype = dtype
+    return config
+
+
+def meta_classifier(config) -> torch.nn.Module:
+    """The classification model without memory: its parameter names, shapes and prefix."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, trained: dict[str, torch.Tensor],
+                 runs: list[SavedRun], max_bytes: int) -> list[str]:
+    """Read the base shard by shard, merge each tensor once, write shards as they fill."""
+    from safetensors import safe_open
+
+    dtype = config.dtype
+    model = meta_classifier(config)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    prefix = model.base_model_prefix
+    shapes = dict(expected)
+    for path in files:  # headers only: refuse a mismatched base before writing anything
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                name = classifier_key(key, expected, prefix)
+                if name is not None:
+                    shapes[name] = handle.get_slice(key).get_shape()
+    check_shapes(runs, shapes, str(folder))
+    writer = ShardWriter(out, max_bytes)
+    written: set[str] = set()
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                name = classifier_key(key, expected, prefix)
+                if name is None or name in trained or name in written:
+                    continue
+                tensor = handle.get_tensor(key)
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module in combined:
+                    tensor = merge_weight(tensor, *combined[module], dtype)
+                elif tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                writer.add(name, tensor)
+                written.add(name)
+    for name, value in trained.items():
+        writer.add(name, value.to(dtype) if value.is_floating_point() else value)
+        written.add(name)
+    missing = [name for name in expected if name not in written and name not in _tied_keys(model)]
+    if missing:
+        raise SpartaError(f"base {folder} lacks {len(missing)} weight(s) of {type(model).__name__} (e.g. `{missing[0]}`) "
+                          "and no run trained them: pass the base the adapter was trained on (--base)")
+    config.architectures = model.config.architectures
+    config.save_pretrained(out)
+    return writer.finish()
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """Parameters that share storage with another one: transformers restores them on load."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = id(tensor)
+        if key in seen:
+            tied.add(name)
+        seen.setdefault(key, name)
+    return tied
+
+
+def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head_run: SavedRun, dtype: torch.dtype, out: Path, max_shard_size: int) -> None:
+    """Load the whole base through transformers (GGUF files, .bin checkpoints, LoRA/DoRA), merge, save."""
+    from sparta_cli.adapters import load_adapter
+
+    task = head_run.config.get("task") or {}
+    loaded = load_for_classification(cfg, task.get("num_labels", 2), task.get("label_names"),
+                                     problem_type="regression" if task.get("is_regression") else "single_label_classification")
+    model = loaded.model
+    if runs[0].method in ("lora", "dora"):
+        model = load_adapter(runs[0].path, model, runs[0].config).model.merge_and_unload()
+    else:
+        check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for module, (indices, delta) in combined.items():
+                param = params[f"{module}.weight"]
+                param.data = merge_weight(param.data, indices, delta, dtype)
+            for name, value in trained.items():
+                params[name].data = value.to(dtype)
+    model.to(dtype)
+    model.config.pad_token_id = head_run.config.get("pad_token_id", model.config.pad_token_id)
+    model.config.finetuning_task = task.get("name")
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, dtype: str | None = None,
+               weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB") -> dict[str, Any]:
+    """Write a Hugging Face checkpoint of the base with every run's deltas added; returns the report."""
+    if not run_dirs:
+        raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
+    runs = [read_run(d) for d in run_dirs]
+    check_same_base(runs)
+    run_weights = parse_weights(weights, len(runs))
+    if runs[0].method in ("lora", "dora") and run_weights != [1.0]:
+        raise SpartaError(f"--weights scales sparse deltas only; {runs[0].path} is a {runs[0].method} run: drop --weights")
+    max_bytes = parse_size(max_shard_size)
+    head_run = pick_head(runs, head_from)
+    trained = dict(head_run.trained)
+    combined = combine_deltas(runs, run_weights)
+    cfg = model_config(runs[0], base)
+    folder = local_folder(cfg)
+    files = checkpoint_files(folder) if folder is not None else None
+    notes = []
+    if cfg.gguf_file:
+        own = torch.float32
+        notes.append("GGUF weights are quantized in one file: loaded whole through transformers (no streaming); "
+                     "they dequantize to fp32, which is this base's own dtype (pass --dtype bf16 for half the size)")
+    elif files is None:
+        recorded = read_json(folder / "config.json")
+        own = DTYPES.get(str(recorded.get("dtype") or recorded.get("torch_dtype")), torch.float32)
+        notes.append(f"{folder} has no safetensors files: loaded whole through transformers (no streaming)")
+    else:
+        own = base_dtype(folder, files)
+    if runs[0].method in ("lora", "dora"):
+        notes.append("LoRA/DoRA weights merged by PEFT's merge_and_unload, with the base loaded whole")
+    out_dtype = parse_dtype(dtype) or own
+    streaming = files is not None and runs[0].method not in ("lora", "dora")
+    collisions = collision_report(runs)
+    for pair in collisions:
+        seeds = [run.config.get("seed") for run in runs if str(run.path) in pair["runs"]]
+        if pair["share_of_smaller"] > 0.5 and len(set(seeds)) == 1:
+            notes.append(f"{pair['runs'][0]} and {pair['runs'][1]} share adapter seed {seeds[0]}, so their masks coincide: "
+                         "train with different seeds for adapters that barely overlap")
+    report = {
+        "runs": [{"path": str(run.path), "method": run.method, "task": (run.config.get("task") or {}).get("name"),
+                  "weight": w, "seed": run.config.get("seed"), "trainable_params": run.config.get("trainable_params")}
+                 for run, w in zip(runs, run_weights)],
+        "base": {"name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file, "folder": str(folder) if folder else None},
+        "dtype": str(out_dtype).removeprefix("torch."),
+        "head_from": str(head_run.path),
+        "streaming": streaming,
+        "collisions": collisions,
+        "notes": notes,
+    }
+
+    def build(tmp: Path) -> None:
+        if streaming:
+            config = classifier_config(str(folder), head_run, out_dtype)
+            report["shards"] = stream_merge(files, folder, tmp, config, combined, trained, runs, max_bytes)
+        else:
+            memory_merge(runs, model_config(runs[0], base, dtype=str(own).removeprefix("torch.")), combined, trained, head_run, out_dtype, tmp, max_bytes)
+            report["shards"] = sorted(p.name for p in tmp.glob("*.safetensors"))
+        tokenizer = load_tokenizer(cfg, str(folder) if folder else None)
+        pad = (head_run.config.get("tokenizer") or {}).get("pad_token")
+        if pad is not None:
+            tokenizer.pad_token = pad
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / REPORT_FILE, report)
+
+    replace_dir(build, output)
+    _print_report(report, output)
+    return report
+
+
+def _print_report(report: dict[str, Any], output: Path) -> None:
+    for pair in report["collisions"]:
+        console.print(f"{pair['runs'][0]} × {pair['runs'][1]}: {pair['shared_indices']:,} shared indices "
+                      f"({100 * pair['share_of_smaller']:.3f}% of the smaller adapter)")
+    for note in report["notes"]:
+        console.print(f"note: {note}", markup=False)
+    shards = report["shards"]
+    console.print(f"[green]merged[/] {len(report['runs'])} run(s) into {output}: {report['dtype']}, "
+                  f"{len(shards)} shard{'s' if len(shards) != 1 else ''}, head from {report['head_from']}")
