@@ -109,6 +109,19 @@ def export(
     export_run(run_dir, format=format, output=output, values=values)
 
 
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="run directories, folders holding runs, or globs such as 'runs/sst2/*'")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for report.csv, report.md and the plots")] = Path("report"),
+    metric: Annotated[Optional[str], typer.Option(help="metric to compare, e.g. accuracy (default: each task's main metric)")] = None,
+    x: Annotated[str, typer.Option("--x", help="x axis of the plot: density or trainable_params")] = "density",
+) -> None:
+    """Compare runs: mean and std over seeds per task, method and density, as a table, CSV, Markdown and plots."""
+    from sparta_cli.report import write_report
+
+    write_report(runs, output=output, metric=metric, x=x)
+
+
 def main() -> None:
     """Entry point: one-line errors with exit code 2 (usage) or 1 (run failure); tracebacks only with --debug."""
     try:

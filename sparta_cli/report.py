@@ -1,0 +1,306 @@
+"""`sparta report`: many runs in, one comparison out (table, CSV, Markdown, plots).
+
+A run is a folder with config.yaml; it is finished when all_results.json exists. Runs are
+grouped by task, model, method and setting (density for SpaRTA, r for LoRA/DoRA), and each
+group's metric is averaged over its seeds. Unfinished runs are listed, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparta_cli.adapters import CONFIG_FILE
+from sparta_cli.config import TaskConfig
+from sparta_cli.console import console
+from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_json, write_text
+from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
+
+METHOD_ORDER = ("sparta", "lora", "dora", "full", "head")
+CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "trainable_params", "n_seeds", "seeds", "metric", "mean", "std")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: dict[str, Any]  # config.yaml (the resolved recipe and its `run` section)
+    results: dict[str, Any] | None  # all_results.json; None: not finished
+    trainable_params: int | None
+
+    @property
+    def task(self) -> str:
+        return str(self.config["task"].get("name") or "custom")
+
+    @property
+    def model(self) -> str:
+        return str(self.config["model"]["name_or_path"])
+
+    @property
+    def method(self) -> str:
+        return str(self.config["adapter"]["method"])
+
+    @property
+    def density(self) -> float | None:
+        return float(self.config["adapter"]["density"]) if self.method == "sparta" else None
+
+    @property
+    def lora_r(self) -> int | None:
+        return int(self.config["adapter"]["r"]) if self.method in ("lora", "dora") else None
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+
+@dataclass
+class Group:
+    """The runs of one task, model, method and setting, differing only in seed."""
+
+    task: str
+    model: str
+    method: str
+    density: float | None
+    lora_r: int | None
+    metric: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def values(self) -> list[float]:
+        return [float(run.results[f"eval_{self.metric}"]) for run in self.runs]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over seeds; NaN for a single seed."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]
+
+    @property
+    def trainable_params(self) -> int | None:
+        counts = [run.trainable_params for run in self.runs if run.trainable_params is not None]
+        return round(statistics.fmean(counts)) if counts else None
+
+    def label(self, with_task: bool = False, with_model: bool = False) -> str:
+        name = {"sparta": "SpaRTA", "lora": "LoRA", "dora": "DoRA"}.get(self.method, self.method)
+        parts = [f"{name} r={self.lora_r}" if self.lora_r else name]
+        if with_task:
+            parts.append(self.task)
+        if with_model:
+            parts.append(short_model_name(self.model))
+        return " · ".join(parts)
+
+
+def short_model_name(name: str) -> str:
+    return name.removeprefix("pkg:").rstrip("/").removesuffix("/model").split("/")[-1]
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def find_run_dirs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Run folders named by paths or globs; a folder that is not a run is searched for runs inside.
+
+    Also returns folders that hold no run at all, with why (a run that died before writing config.yaml).
+    """
+    runs: list[Path] = []
+    empty: list[tuple[Path, str]] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise SpartaError(f"`{pattern}` matches nothing: give run directories or a glob such as 'runs/sst2/*'")
+        for match in map(Path, matches):
+            if not match.is_dir():
+                if not glob.has_magic(pattern):
+                    raise SpartaError(f"{match} is not a directory: give run directories or folders holding them")
+                continue  # e.g. the sweep's <run>.log files next to the runs
+            if (match / CONFIG_YAML).is_file():
+                runs.append(match)
+                continue
+            inside = sorted(p.parent for p in match.rglob(CONFIG_YAML) if not any(q.name.startswith("checkpoint-") for q in p.parents))
+            runs.extend(inside)
+            if not inside:
+                empty.append((match, f"no {CONFIG_YAML}: the run stopped before it started training (see its log)"))
+    unique = list(dict.fromkeys(p.resolve() for p in runs))
+    return unique, empty
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
+    if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):
+        raise SpartaError(f"{path} is not a sparta run config: point `sparta report` at sparta run directories")
+    return data
+
+
+def read_run(path: Path) -> Run:
+    config = _read_yaml(path / CONFIG_YAML)
+    results = read_json(path / ALL_RESULTS) if (path / ALL_RESULTS).is_file() else None
+    trainable = config.get("run", {}).get("trainable_params")
+    if (path / CONFIG_FILE).is_file():
+        trainable = read_json(path / CONFIG_FILE).get("trainable_params", trainable)
+    return Run(path, config, results, int(trainable) if trainable is not None else None)
+
+
+def main_metric(run: Run) -> str:
+    """The task's main metric (accuracy, matthews_correlation, ...), as `sparta train` reports it."""
+    from sparta_cli.tasks import resolve_task
+
+    try:
+        return resolve_task(TaskConfig(**run.config["task"])).main_metric
+    except SpartaError as exc:
+        raise SpartaError(f"cannot tell the main metric of {run.path} ({exc}): pass --metric, e.g. --metric accuracy") from None
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def group_runs(runs: list[Run], metric: str | None = None) -> tuple[list[Group], list[tuple[Path, str]]]:
+    """Groups of finished runs (sorted by task, model, method, setting) and the runs left out, with why."""
+    groups: dict[tuple, Group] = {}
+    left_out: list[tuple[Path, str]] = []
+    metric_of_task: dict[str, str] = {}
+    for run in runs:
+        if run.results is None:
+            left_out.append((run.path, f"unfinished: no {ALL_RESULTS} (failed or still running)"))
+            continue
+        name = (metric or metric_of_task.get(run.task) or main_metric(run)).removeprefix("eval_")
+        metric_of_task.setdefault(run.task, name)
+        if f"eval_{name}" not in run.results:
+            found = ", ".join(k.removeprefix("eval_") for k in run.results if k.startswith("eval_")) or "none"
+            left_out.append((run.path, f"no eval_{name} in {ALL_RESULTS} (it has: {found})"))
+            continue
+        key = (run.task, run.model, run.method, run.density, run.lora_r, name)
+        groups.setdefault(key, Group(*key)).runs.append(run)
+    ordered = sorted(groups.values(), key=lambda g: (g.task, g.model, _method_rank(g.method), g.density or 0.0, g.lora_r or 0))
+    return ordered, left_out
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _number(value: float | int | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_params(count: int | None) -> str:
+    if count is None:
+        return "?"
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)
+
+
+def to_csv(groups: list[Group]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for g in groups:
+        writer.writerow([g.task, g.model, g.method, "" if g.density is None else repr(g.density), g.lora_r or "",
+                         g.trainable_params or "", len(g.runs), " ".join(map(str, g.seeds)), g.metric,
+                         repr(g.mean), "" if math.isnan(g.std) else repr(g.std)])
+    return buffer.getvalue()
+
+
+def _rows(groups: list[Group]) -> list[list[str]]:
+    return [[g.task, short_model_name(g.model), g.label(), "" if g.density is None else f"{g.density:g}",
+             f"{g.trainable_params:,}" if g.trainable_params else "?", " ".join(map(str, g.seeds)),
+             g.metric, _number(g.mean), _number(g.std)] for g in groups]
+
+
+HEADER = ["task", "model", "method", "density", "trainable params", "seeds", "metric", "mean", "std"]
+
+# Recipe keys that may differ between the seeds of one group.
+PER_SEED_KEYS = ("seed", "adapter.seed", "output_dir", "run")
+
+
+def mixed_settings(groups: list[Group]) -> list[str]:
+    """Warnings for groups whose runs differ in more than the seed (say, lr or data size):
+    their mean would compare unlike with like."""
+    from sparta_cli.sweep import differences
+
+    warnings = []
+    for g in groups:
+        first = g.runs[0].config
+        differ = sorted({d for run in g.runs[1:] for d in differences(first, run.config)
+                         if not d.startswith(PER_SEED_KEYS)})
+        seeds = g.seeds
+        if differ or len(set(seeds)) < len(seeds):
+            why = f"differ in {', '.join(differ[:4])}" if differ else f"repeat a seed ({' '.join(map(str, seeds))})"
+            warnings.append(f"{g.task} {g.label()}{f' d={g.density:g}' if g.density else ''}: its runs {why}; "
+                            "report them separately (e.g. one folder per setting)")
+    return warnings
+
+
+def to_markdown(groups: list[Group], left_out: list[tuple[Path, str]], images: list[str]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(groups)]
+    lines += [f"\nWarning: {w}" for w in mixed_settings(groups)]
+    lines += [""] + [f"![{Path(image).stem}]({image})" for image in images]
+    if left_out:
+        lines += ["", f"Left out ({len(left_out)}):", ""] + [f"- `{path}`: {why}" for path, why in left_out]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(groups: list[Group], left_out: list[tuple[Path, str]]) -> None:
+    from rich.table import Table
+
+    rows = _rows(groups)
+    # columns that hold one value throughout (task, model, metric) move into the title to save width
+    shared = [i for i, name in enumerate(HEADER) if name in ("task", "model", "metric") and len({r[i] for r in rows}) == 1]
+    keep = [i for i in range(len(HEADER)) if i not in shared]
+    table = Table(*(HEADER[i] for i in keep), title=" · ".join(["sparta report", *(rows[0][i] for i in shared)]))
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
+    console.print(table)
+    for warning in mixed_settings(groups):
+        console.print(f"[yellow]warning[/]: {warning}")
+    for path, why in left_out:
+        console.print(f"[yellow]left out[/] {path}: {why}")
+
+
+def write_report(patterns: list[str], output: Path, metric: str | None = None, x: str = "density") -> Path:
+    """Read the runs, print the table, and write report.csv, report.md and the two plots into `output`."""
+    from sparta_cli.plots import loss_curves_png, metric_vs_x_png
+
+    if x not in ("density", "trainable_params"):
+        raise SpartaError(f"--x {x} is not a choice: use density or trainable_params")
+    run_dirs, left_out = find_run_dirs(patterns)
+    runs = [read_run(path) for path in run_dirs]
+    groups, unfinished = group_runs(runs, metric)
+    left_out += unfinished
+    if not groups:
+        raise SpartaError(f"no finished runs among {', '.join(patterns)} ({len(left_out)} unfinished): "
+                          "point `sparta report` at run directories holding all_results.json")
+    output.mkdir(parents=True, exist_ok=True)
+    images = [f"metric_vs_{x}.png", "loss_curves.png"]
+    metric_vs_x_png(groups, output / images[0], x=x)
+    loss_curves_png([run for g in groups for run in g.runs], output / images[1])
+    write_text(output / "report.csv", to_csv(groups))
+    write_text(output / "report.md", to_markdown(groups, left_out, images))
+    print_table(groups, left_out)
+    console.print(f"[green]wrote[/] {output}/report.csv, report.md, {images[0]}, {images[1]}")
+    return output

@@ -1,0 +1,103 @@
+"""The plan of a density sweep: which `sparta train` runs, with which overrides, into which folders.
+
+scripts/sweep_density.sh drives the runs; this module resolves every run's recipe through
+the same loader as `sparta train`, so a typo fails before the first run starts, two runs
+can never share an output folder, and a folder holding a run of another recipe (say, another
+model with the default output_dir) is never skipped as "finished" or resumed.
+`python -m sparta_cli.sweep RECIPE DENSITIES [SEEDS] [--baselines] [--full-lr LR] -- OVERRIDES...`
+prints one tab-separated line per run: the output folder, the action (`new`, `finished`,
+`resume`, `restart` or `conflict:<why>`), then the overrides to pass to `sparta train`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from sparta_cli.config import Recipe, load_recipe
+from sparta_cli.errors import SpartaError
+from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
+
+LORA_BASELINE = ("adapter.method=lora", "adapter.targets=[q,v]", "adapter.r=8")
+FULL_BASELINE = ("adapter.method=full",)
+FULL_LR = 2e-5  # full fine-tuning diverges at the rates sparse adapters want
+
+
+def plan_sweep(recipe: str | Path, densities: list[str], seeds: list[str], overrides: list[str] = (),
+               baselines: bool = False, full_lr: float = FULL_LR) -> list[tuple[Recipe, list[str]]]:
+    """(resolved recipe, overrides) per run: seed by seed, every density then LoRA and full, so
+    a sweep cut short still holds complete comparisons for its first seeds.
+
+    The user's overrides come first so each run's own settings (method, density, seed) win.
+    """
+    if not densities:
+        raise SpartaError("the sweep names no densities: give them as one argument, e.g. \"0.001 0.005 0.01 0.05\"")
+    runs = []
+    for seed in [[f"seed={s}"] for s in seeds] or [[]]:  # no seeds: the recipe's own
+        runs += [[*overrides, "adapter.method=sparta", f"adapter.density={d}", *seed] for d in densities]
+        if baselines:
+            runs += [[*overrides, *LORA_BASELINE, *seed], [*overrides, *FULL_BASELINE, f"training.lr={full_lr}", *seed]]
+    planned = [(load_recipe(recipe, args), args) for args in runs]
+    seen: set[Path] = set()
+    for resolved, _ in planned:
+        out = Path(resolved.output_dir)
+        if out in seen:
+            raise SpartaError(
+                f"two runs of the sweep would share output_dir {out}: remove output_dir from the recipe or make it name "
+                "${adapter.method}, ${adapter.density} and ${seed}, e.g. output_dir=sweeps/${task.name}/${adapter.method}-d${adapter.density}-s${seed}"
+            )
+        seen.add(out)
+    return planned
+
+
+def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:
+    """Dotted keys at which two nested mappings differ."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [d for key in sorted(set(ours) | set(theirs)) for d in differences(ours.get(key), theirs.get(key), f"{prefix}{key}.")]
+    return [] if ours == theirs else [prefix.rstrip(".")]
+
+
+def run_action(recipe: Recipe) -> str:
+    """What the sweep does with a run's folder: train it anew, skip it, resume or restart it,
+    or refuse because it holds a run of a different recipe."""
+    out = Path(recipe.output_dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return "new"
+    if (out / CONFIG_YAML).is_file():
+        theirs = yaml.safe_load((out / CONFIG_YAML).read_text(encoding="utf-8")) or {}
+        theirs.pop("run", None)
+        differ = differences(recipe.to_dict(), theirs)
+        if differ:
+            return f"conflict:{out} holds a run of another recipe ({', '.join(differ[:3])} differ): set output_dir elsewhere or remove it"
+    if (out / ALL_RESULTS).is_file():
+        return "finished"
+    return "resume" if any(out.glob("checkpoint-*")) else "restart"
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    baselines = "--baselines" in args
+    args = [a for a in args if a != "--baselines"]
+    full_lr = FULL_LR
+    if "--full-lr" in args:
+        i = args.index("--full-lr")
+        full_lr = float(args[i + 1])
+        del args[i: i + 2]
+    recipe, densities, seeds = args[0], args[1].split(), args[2].split() if len(args) > 2 else []
+    try:
+        planned = plan_sweep(recipe, densities, seeds, overrides, baselines, full_lr)
+    except SpartaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for resolved, run_args in planned:
+        if any("\t" in a or "\n" in a for a in run_args):
+            print(f"error: override {run_args} holds a tab or newline: write it without one", file=sys.stderr)
+            return 2
+        print("\t".join([resolved.output_dir, run_action(resolved), *run_args]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
