@@ -159,7 +159,14 @@ def read_adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def check_base_matches(config: dict[str, Any], model: nn.Module) -> None:
-    """Refuse to apply an adapter to a base whose target shapes differ from the recorded ones."""
+    """Refuse to apply an adapter to a base of another kind (recorded model_type) or with other target shapes."""
+    recorded = config.get("base_model", {})
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if recorded.get("model_type") and kind and recorded["model_type"] != kind:
+        raise SpartaError(
+            f"the adapter was made for {recorded.get('name_or_path')}, a {recorded['model_type']} model, not for this "
+            f"{kind} model: load it on its own base (model.name_or_path={recorded.get('name_or_path')})"
+        )
     for name, shape in config.get("target_shapes", {}).items():
         try:
             weight = model.get_submodule(name).weight

@@ -136,12 +136,15 @@ def main() -> None:
         errors.print("interrupted", markup=False)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            errors.print(f"error: {exc.format_message()} (see `sparta --help`)", markup=False, soft_wrap=True)
+        # Click's usage errors (missing argument, unknown option), from click or the copy newer Typer vendors
+        if callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sparta`: the help is the message
+                exc.show()
+                sys.exit(exc.exit_code)
+            message = " ".join(exc.format_message().split())
+            errors.print(f"error: {message} (see `sparta --help`)", markup=False, soft_wrap=True)
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, typer.Abort):
             sys.exit(130)
         if _debug:
             raise

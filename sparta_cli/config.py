@@ -104,6 +104,15 @@ class TrainingConfig(_Strict):
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainingConfig":
+        if self.keep_checkpoints is not None and self.save_every is None:
+            raise ValueError(
+                "training.keep_checkpoints is set but training.save_every is not, so no checkpoint is written: "
+                "set training.save_every (steps between checkpoints) or drop keep_checkpoints"
+            )
+        return self
+
 
 class LoggingConfig(_Strict):
     tensorboard: bool = False
@@ -167,9 +176,17 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"the recipe is missing `{where}`: add it (see configs/ for examples)"
     given = error.get("input")
-    shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    shown = "a mapping" if isinstance(given, dict) else _short(repr(given))
     message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"`{where}` in the recipe must be a section of `key: value` lines, not {shown}: see configs/ for examples"
+    if error["type"] == "value_error" and isinstance(given, dict):  # a section's own check names its keys
+        return message
     return f"invalid `{where}` = {shown}: {message}"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -266,7 +283,9 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise SpartaError(_describe(exc.errors()[0])) from None
+        # an unknown key first: `modle:` also makes `model` missing, and the typo is the cause
+        first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise SpartaError(_describe(first)) from None
     values = recipe.to_dict()
     values["task"]["name"] = recipe.task.label
     recipe.output_dir = _interpolate(recipe.output_dir, values)

@@ -27,6 +27,9 @@ def _explain(exc: OSError, path: Path) -> SpartaError:
         return RunFailure(f"no space left on the device while writing {path}: free some space or set output_dir elsewhere")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return SpartaError(f"no permission to write {path}: choose an output_dir you can write to")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((str(p) for p in (path, *path.parents) if p.is_file()), "a part of the path")
+        return SpartaError(f"cannot create {path}: {blocker} is a file, not a folder: choose another output_dir")
     return RunFailure(f"cannot write {path}: {exc.strerror or exc}")
 
 
@@ -36,12 +39,20 @@ def _umask() -> int:
     return mask
 
 
+def make_dir(path: str | Path) -> None:
+    """`mkdir -p`, with the writers' one-line errors (a parent that is a file, no permission, disk full)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _explain(exc, Path(path)) from None
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
     path = Path(path)
+    make_dir(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
@@ -87,8 +98,11 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
 def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
     """Build a folder under a temporary name, then swap it in for `target` atomically."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    make_dir(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise _explain(exc, target) from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
         build(tmp)

