@@ -5,8 +5,8 @@
 #
 # SEEDS defaults to the recipe's seed. Overrides after `--` apply to every run. Each run writes to
 # the recipe's output_dir (by default runs/<task>/<method>-d<density>-s<seed>), its console output to
-# <output_dir>.log. Rerunning the same command skips finished runs (all_results.json present),
-# resumes unfinished ones that have checkpoints (--resume) and restarts the others (--overwrite);
+# <output_dir>.log. Rerunning the same command skips finished runs (all_results.json present) and
+# resumes unfinished ones (`sparta train --resume`: from the newest checkpoint, else from the start);
 # a folder holding a run of a different recipe is reported as failed, never touched.
 # A failing run is logged and the sweep goes on; the exit code is 1 if any run failed, listed at the end.
 #   --baselines    also LoRA (r=8 on q,v, the recipe's lr) and full fine-tuning (lr --full-lr, default 2e-5)
@@ -54,7 +54,6 @@ while IFS=$'\t' read -r -a fields; do
     finished) skipped+=("$out"); echo "skip   $out (finished)"; continue ;;
     conflict:*) failed+=("$out (${action#conflict:})"); echo "FAILED ${action#conflict:}" >&2; continue ;;
     resume) mode=(--resume) ;;
-    restart) mode=(--overwrite) ;;  # unfinished and without checkpoints: nothing to resume from
   esac
   log="$out.log"
   mkdir -p "$(dirname "$out")"

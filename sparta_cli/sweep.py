@@ -6,7 +6,7 @@ can never share an output folder, and a folder holding a run of another recipe (
 model with the default output_dir) is never skipped as "finished" or resumed.
 `python -m sparta_cli.sweep RECIPE DENSITIES [SEEDS] [--baselines] [--full-lr LR] -- OVERRIDES...`
 prints one tab-separated line per run: the output folder, the action (`new`, `finished`,
-`resume`, `restart` or `conflict:<why>`), then the overrides to pass to `sparta train`.
+`resume` or `conflict:<why>`), then the overrides to pass to `sparta train`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:
 
 
 def run_action(recipe: Recipe) -> str:
-    """What the sweep does with a run's folder: train it anew, skip it, resume or restart it,
-    or refuse because it holds a run of a different recipe."""
+    """What the sweep does with a run's folder: train it anew, skip it, resume it (from its newest
+    checkpoint, or from the start if it has none), or refuse because it holds a run of another recipe."""
     out = Path(recipe.output_dir)
     if not out.is_dir() or not any(out.iterdir()):
         return "new"
@@ -73,7 +73,7 @@ def run_action(recipe: Recipe) -> str:
             return f"conflict:{out} holds a run of another recipe ({', '.join(differ[:3])} differ): set output_dir elsewhere or remove it"
     if (out / ALL_RESULTS).is_file():
         return "finished"
-    return "resume" if any(out.glob("checkpoint-*")) else "restart"
+    return "resume"
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
 """`sparta report` on real MiniLM runs (two densities x two seeds, plus LoRA), and the sweep script's
-bookkeeping (skip, resume, restart, failures) with a stand-in launcher."""
+bookkeeping (skip, resume, failures, foreign folders) with a stand-in launcher."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_sweep_skips_finished_resumes_and_goes_on_after_a_failure(tmp_path):
     result = sweep(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == 2  # 0.001 skipped; 0.005 failed; 0.01 resumed
+    assert len(calls) == 2  # 0.001 skipped; 0.005 failed; 0.01 resumed from its checkpoint
     assert calls[0].startswith(f"-m sparta_cli train {RECIPE} ")
     assert "adapter.density=0.005" in calls[0] and "--resume" not in calls[0]
     assert "adapter.density=0.01" in calls[1] and calls[1].endswith("--resume")
@@ -143,7 +143,7 @@ def test_sweep_skips_finished_resumes_and_goes_on_after_a_failure(tmp_path):
     assert "error: boom" in (runs / "sparta-d0.005-s7.log").read_text()
 
 
-def test_sweep_restarts_unfinished_runs_without_checkpoints_and_refuses_other_recipes(tmp_path):
+def test_sweep_resumes_unfinished_runs_without_checkpoints_and_refuses_other_recipes(tmp_path):
     runs = tmp_path / "runs"
     (runs / "sparta-d0.001-s7").mkdir(parents=True)
     (runs / "sparta-d0.001-s7" / "trainer_log.jsonl").write_text("")
@@ -155,7 +155,7 @@ def test_sweep_restarts_unfinished_runs_without_checkpoints_and_refuses_other_re
     result = sweep(tmp_path, "--baselines")
     assert result.returncode == 1
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert "adapter.density=0.001" in calls[0] and calls[0].endswith("--overwrite")
+    assert "adapter.density=0.001" in calls[0] and calls[0].endswith("--resume")  # train.py starts it over
     assert "adapter.method=lora adapter.targets=[q,v] adapter.r=8" in calls[2]
     assert "adapter.method=full training.lr=2e-05" in calls[3]
     assert "holds a run of another recipe (model.name_or_path differ)" in result.stderr
