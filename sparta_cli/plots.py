@@ -141,7 +141,7 @@ def metric_vs_x_png(groups: Sequence[Group], path: Path, x: str = "density") -> 
                 label = f"{label} ({', '.join(f'd={g.density:g}' for g in line)})" if line[0].density else label
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, label=label)
         for i, g in enumerate(refs):
-            style = dict(color=f"C{len(sparta_lines) + i}", linestyle=("--", ":", "-.")[i % 3])
+            style = {"color": f"C{len(sparta_lines) + i}", "linestyle": ("--", ":", "-.")[i % 3]}
             ax.axhline(g.mean, label=f"{g.label(with_model=many_models)} ({format_params(g.trainable_params)} params)", **style)
             if not math.isnan(g.std):
                 ax.axhspan(g.mean - g.std, g.mean + g.std, color=style["color"], alpha=0.12)

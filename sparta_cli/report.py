@@ -95,14 +95,10 @@ class Group:
         counts = [run.trainable_params for run in self.runs if run.trainable_params is not None]
         return round(statistics.fmean(counts)) if counts else None
 
-    def label(self, with_task: bool = False, with_model: bool = False) -> str:
+    def label(self, with_model: bool = False) -> str:
         name = {"sparta": "SpaRTA", "lora": "LoRA", "dora": "DoRA"}.get(self.method, self.method)
-        parts = [f"{name} r={self.lora_r}" if self.lora_r else name]
-        if with_task:
-            parts.append(self.task)
-        if with_model:
-            parts.append(short_model_name(self.model))
-        return " · ".join(parts)
+        name = f"{name} r={self.lora_r}" if self.lora_r else name
+        return f"{name} · {short_model_name(self.model)}" if with_model else name
 
 
 def short_model_name(name: str) -> str:
@@ -131,7 +127,8 @@ def find_run_dirs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str
             if (match / CONFIG_YAML).is_file():
                 runs.append(match)
                 continue
-            inside = sorted(p.parent for p in match.rglob(CONFIG_YAML) if not any(q.name.startswith("checkpoint-") for q in p.parents))
+            inside = sorted(p.parent for p in match.rglob(CONFIG_YAML)
+                            if not any(part.startswith("checkpoint-") for part in p.relative_to(match).parts))
             runs.extend(inside)
             if not inside:
                 empty.append((match, f"no {CONFIG_YAML}: the run stopped before it started training (see its log)"))
@@ -199,10 +196,8 @@ def _method_rank(method: str) -> int:
 # ---------------------------------------------------------------- writing
 
 
-def _number(value: float | int | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+def _number(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.4f}"
 
 
 def format_params(count: int | None) -> str:

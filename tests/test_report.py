@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
 from sparta_cli.cli import app
 from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
@@ -122,7 +122,7 @@ def sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     launcher.chmod(0o755)
     env = {**os.environ, "LAUNCHER": str(launcher), "SWEEP_CALLS": str(tmp_path / "calls"), "PYTHON": sys.executable}
     command = ["bash", str(REPO / "scripts" / "sweep_density.sh"), *extra, RECIPE, "0.001 0.005 0.01", "7", "--", layout(tmp_path / "runs")]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False)
 
 
 def test_sweep_skips_finished_resumes_and_goes_on_after_a_failure(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
 from sparta_cli.cli import app
 from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
