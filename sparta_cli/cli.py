@@ -42,10 +42,11 @@ def validate(recipe: Path, overrides: Overrides = None) -> None:
     import yaml
 
     from sparta_cli.config import load_recipe
-    from sparta_cli.tasks import resolve_task
+    from sparta_cli.tasks import check_trainable, resolve_task
 
     resolved = load_recipe(recipe, overrides or [])
     resolve_task(resolved.task)
+    check_trainable(resolved.task)
     console.print(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
     console.print(f"[green]ok[/]: {recipe} is valid")
 
@@ -59,11 +60,14 @@ def train(
 ) -> None:
     """Train an adapter from a YAML recipe."""
     from sparta_cli.config import load_recipe
+    from sparta_cli.tasks import check_trainable
     from sparta_cli.train import train as run_training
 
     if overwrite and resume:
         raise SpartaError("--overwrite and --resume contradict each other: pass one")
-    run_training(load_recipe(recipe, overrides or []), overwrite=overwrite, resume=resume)
+    resolved = load_recipe(recipe, overrides or [])
+    check_trainable(resolved.task)
+    run_training(resolved, overwrite=overwrite, resume=resume)
 
 
 @app.command("eval")

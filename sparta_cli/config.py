@@ -52,6 +52,7 @@ class TaskConfig(_Strict):
     test_file: str | None = None
     text_fields: list[str] | None = None
     label_field: str = "label"
+    train_split: str | None = None  # the split `sparta train` trains on; null: train (mmlu has only dev locally)
     # MMLU
     head: Literal["classifier", "lm"] = "classifier"
     shots: int = Field(0, ge=0, le=5)

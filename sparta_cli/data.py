@@ -33,6 +33,7 @@ def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: s
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "vocab": len(tokenizer),
         "tokenizer_class": type(tokenizer).__name__,
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),  # MMLU head lm keeps a prompt's end
         "task": task.name,
         "fields": task.text_fields,
         "split": split,

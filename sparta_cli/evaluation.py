@@ -28,6 +28,26 @@ def classifier_scorer(is_regression: bool) -> Scorer:
     return score
 
 
+def lm_choice_scorer(choice_ids: list[int], trailing: int = 0) -> Scorer:
+    """Multiple choice with no new parameters: the argmax of the model's own next-token logits
+    over `choice_ids` (the tokens ` A`..` D`), read at the prompt's last token. `trailing` is
+    how many special tokens the tokenizer appends after it (BERT's [SEP]: 1, Llama's: 0).
+
+    Only the scored rows go through the output embedding, so memory stays O(batch x vocab)."""
+    choices = torch.tensor(choice_ids)
+
+    def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask = batch["attention_mask"]
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        # last non-pad position, whichever side the tokenizer pads on
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1) - trailing
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = model.get_output_embeddings()(rows).float()
+        return logits[:, choices.to(logits.device)].argmax(-1), None
+
+    return score
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, accelerator, scorer: Scorer, progress=None) -> tuple[np.ndarray, np.ndarray, float | None]:
     """All predictions and labels of a loader, gathered across processes, plus the mean loss."""
@@ -36,7 +56,8 @@ def predict(model: torch.nn.Module, loader, accelerator, scorer: Scorer, progres
     preds, labels = [], []
     loss_sum, count = 0.0, 0
     for batch in loader:
-        batch_preds, batch_loss = scorer(model, batch)
+        with accelerator.autocast():  # bf16 on GPU; a no-op without mixed precision
+            batch_preds, batch_loss = scorer(model, batch)
         batch_labels = batch["labels"]
         batch_preds, batch_labels = accelerator.gather_for_metrics((batch_preds, batch_labels))
         preds.append(batch_preds.cpu())
@@ -53,8 +74,15 @@ def predict(model: torch.nn.Module, loader, accelerator, scorer: Scorer, progres
 
 
 def evaluate_split(model, loader, accelerator, task: Task, split: str, scorer: Scorer, subjects=None, progress=None) -> dict[str, float]:
-    """Metrics of one split with the split's suffix (`accuracy_mm` for MNLI mismatched)."""
+    """Metrics of one split with the split's suffix (`accuracy_mm` for MNLI mismatched).
+
+    MMLU's `subject` column comes from the loader's dataset: the loader is not shuffled and
+    `gather_for_metrics` returns every example once, in dataset order."""
     preds, labels, loss = predict(model, loader, accelerator, scorer, progress)
+    if subjects is None and "subject" in loader.dataset.column_names:
+        subjects = list(loader.dataset.with_format(None)["subject"])
+    if subjects is not None and len(subjects) != len(labels):
+        raise RuntimeError(f"{len(labels)} predictions for {len(subjects)} subjects: the loader must not shuffle or drop examples")
     suffix = task.metric_suffixes.get(split, "")
     results: dict[str, float] = {}
     metrics = compute_metrics(task, preds, labels, subjects=subjects)

@@ -126,6 +126,26 @@ def load_for_classification(cfg: ModelConfig, num_labels: int, label_names: list
     return LoadedModel(model, tokenizer, source, head_modules(model, info.get("missing_keys", ())))
 
 
+def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:
+    """The base model with its own language-model head (MMLU `task.head: lm`: nothing new to train)."""
+    from transformers import AutoModelForCausalLM
+
+    source = check_model_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=cfg.gguf_file, revision=cfg.revision, dtype=torch_dtype(cfg),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise SpartaError(f"model {source}: this architecture has no causal-LM class in transformers: use task.head=classifier") from None
+        raise _hub_error(exc, source) from None
+    except OSError as exc:
+        raise _hub_error(exc, source) from None
+    return LoadedModel(model, tokenizer, source, [])
+
+
 def head_modules(model: nn.Module, missing_keys) -> list[str]:
     """Top-level modules trained fully: the classification head plus any module the
     checkpoint did not have (a randomly initialized module must not stay frozen)."""

@@ -29,7 +29,7 @@ import difflib
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +211,25 @@ def resolve_task(task_cfg: TaskConfig) -> Task:
             f"task.shots = {task_cfg.shots} only applies to mmlu with task.head: lm: "
             "set task.shots to 0 (or task.head to lm for mmlu)"
         )
+    if task_cfg.train_split:
+        train_split = _canonical_split(task, task_cfg.train_split)
+        if train_split in task.eval_splits:
+            raise SpartaError(
+                f"task.train_split = {task_cfg.train_split} is also {task.name}'s evaluation split: "
+                f"train on another split (one of {', '.join(s for s in task.splits if s not in task.eval_splits)})"
+            )
+        # "train" names the split a run trains on, wherever it is read
+        task = replace(task, aliases={**task.aliases, "train": train_split})
     return task
+
+
+def check_trainable(task_cfg: TaskConfig) -> None:
+    """`sparta train` fits a classification head; `task.head: lm` only scores (with `sparta eval`)."""
+    if task_cfg.head == "lm":
+        raise SpartaError(
+            "task.head: lm scores a model with its own next-token logits and has nothing to train: "
+            "train with task.head: classifier, or score a base model with `sparta eval MODEL --task mmlu task.head=lm`"
+        )
 
 
 def _named_task(name: str) -> Task:

@@ -1,0 +1,224 @@
+"""`sparta eval TARGET`: score a run, a merged checkpoint or an untouched base model on a task.
+
+TARGET is one of
+  run        a folder with adapter_config.json: the base model from its config.yaml plus its
+             adapter, on the run's own task;
+  merged     a folder whose config.json is a `*ForSequenceClassification` model (what `sparta merge`
+             writes): the task from --task, else config.json's `finetuning_task`;
+  base       any other model name or path (--task required). A base model has no trained
+             classification head, so a classification task gets a random (seeded) one: that score
+             is the chance baseline, and the output says so. MMLU with `task.head=lm` needs no new
+             head: it is the model's real score.
+Scores come from `evaluation.evaluate_split`, the code `sparta train` evaluates with.
+
+Results go to --output, else `<run or checkpoint>/eval_results_<task>_<split>.json`, else (a base
+model) `./eval_results_<task>_<split>.json`. A run's own eval_results.json, written by training,
+is never overwritten: it records what training saw, and an eval may use other data or splits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+from sparta_cli.config import Recipe, build_recipe, read_yaml
+from sparta_cli.console import console
+from sparta_cli.errors import SpartaError
+from sparta_cli.tasks import MMLU_CHOICES, Task, resolve_task
+
+RUN, MERGED, BASE = "run", "merged", "base"
+
+
+def target_kind(target: str) -> str:
+    """run, merged or base, from what the folder holds (a Hub name is a base model)."""
+    path = Path(target).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return RUN
+    config = path / "config.json"
+    if config.is_file():
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        if any(name.endswith("ForSequenceClassification") for name in architectures):
+            return MERGED
+    return BASE
+
+
+def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) -> Recipe:
+    """The recipe to score with: the run's own (config.yaml) or a minimal one, then the overrides."""
+    path = Path(target).expanduser()
+    if kind == RUN:
+        raw = _run_recipe(path)
+        trained_on = raw["task"].get("name") or "custom"
+        if task is not None and task != trained_on:
+            raise SpartaError(
+                f"run {path} was trained on {trained_on}: its head scores that task only; "
+                f"drop --task, or evaluate its base model with --task {task}"
+            )
+    else:
+        task = task or (_recorded_task(path) if kind == MERGED else None)
+        if task is None and not any(text.startswith("task.") for text in overrides):
+            what = "checkpoint records no task (config.json finetuning_task)" if kind == MERGED else "is a base model"
+            raise SpartaError(f"{target} {what}: pass --task, e.g. --task sst2")
+        raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": {"name": task} if task else {}}
+    return build_recipe(raw, overrides)
+
+
+def _run_recipe(run_dir: Path) -> dict[str, Any]:
+    """config.yaml without its `run` record; a run without one falls back to adapter_config.json."""
+    if (run_dir / "config.yaml").is_file():
+        raw = read_yaml(run_dir / "config.yaml")
+        raw.pop("run", None)
+        return raw
+    from sparta_cli.adapters import read_adapter_config
+
+    config = read_adapter_config(run_dir)
+    base = config.get("base_model", {})
+    model = {key: base[key] for key in ("name_or_path", "gguf_file", "revision") if base.get(key)}
+    return {"model": model, "task": {"name": config.get("task", {}).get("name")}}
+
+
+def _recorded_task(path: Path) -> str | None:
+    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("finetuning_task")
+
+
+def eval_splits(task: Task, split: str | None) -> list[str]:
+    if split is not None:
+        return [split]
+    if not task.eval_splits:
+        raise SpartaError(f"task {task.name} has no validation split: pass --split (one of {', '.join(task.splits)})")
+    return list(task.eval_splits)
+
+
+def choice_tokens(tokenizer) -> tuple[list[int], int]:
+    """Token ids of the answer letters as they follow "Answer:", and how many special tokens the
+    tokenizer appends to a prompt (the scored position is before them)."""
+    ids = [tokenizer.encode(f"Answer: {letter}", add_special_tokens=False)[-1] for letter in MMLU_CHOICES]
+    if len(set(ids)) != len(ids):
+        raise SpartaError("this tokenizer gives the answer letters A-D the same last token: task.head=lm cannot tell them apart; use task.head=classifier")
+    plain = tokenizer.encode("Answer:", add_special_tokens=False)
+    full = tokenizer.encode("Answer:")
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    trailing = len(full) - starts[0] - len(plain) if starts else 0
+    return ids, trailing
+
+
+def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
+    """(model, tokenizer, scorer, head) where head says what makes the predictions."""
+    from sparta_cli.evaluation import classifier_scorer, lm_choice_scorer
+    from sparta_cli.models import load_for_causal_lm, load_for_classification
+
+    if recipe.task.head == "lm":
+        if task.source != "mmlu":
+            raise SpartaError(f"task.head=lm scores multiple choice (mmlu) only; {task.name} needs task.head=classifier")
+        if kind != BASE:
+            raise SpartaError(f"{target} has a trained classification head: score it with task.head=classifier (task.head=lm is for base models)")
+        loaded = load_for_causal_lm(recipe.model)
+        tokenizer = loaded.tokenizer
+        tokenizer.padding_side = "right"  # positions stay 0.. for every prompt
+        tokenizer.truncation_side = "left"  # a long prompt loses its first shots, never "Answer:"
+        return loaded.model, tokenizer, lm_choice_scorer(*choice_tokens(tokenizer)), "lm"
+
+    if kind == MERGED:
+        have = len(json.loads((Path(target).expanduser() / "config.json").read_text(encoding="utf-8")).get("id2label") or {})
+        if have != task.num_labels:
+            raise SpartaError(f"{target} has {have} outputs but {task.name} needs {task.num_labels}: pass the --task it was trained on")
+    loaded = load_for_classification(
+        recipe.model, task.num_labels, list(task.label_names or []) or None,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+    )
+    model = loaded.model
+    if kind == RUN:
+        from sparta_cli.adapters import load_adapter, read_adapter_config
+
+        config = read_adapter_config(Path(target).expanduser())
+        trained = config.get("task", {}).get("num_labels")
+        if trained is not None and trained != task.num_labels:
+            raise SpartaError(f"run {target} has {trained} outputs but its task now has {task.num_labels}: check its task files")
+        for name in config.get("head_modules", []):  # heads are trained and saved in fp32, as train.py keeps them
+            model.get_submodule(name).float()
+        model = load_adapter(Path(target).expanduser(), model, config).model
+    return model, loaded.tokenizer, classifier_scorer(task.is_regression), "untrained" if kind == BASE else "trained"
+
+
+def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str]) -> dict[str, Any]:
+    """Score TARGET on the task's evaluation splits (or `split`), print a table, write the results."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from rich.progress import Progress
+
+    from sparta_cli.data import make_loader, tokenize_split
+    from sparta_cli.evaluation import evaluate_split
+    from sparta_cli.fileio import write_json
+    from sparta_cli.train import mixed_precision
+
+    kind = target_kind(target)
+    recipe = eval_recipe(target, kind, task, overrides)
+    task_obj = resolve_task(recipe.task)
+    splits = eval_splits(task_obj, split)
+    set_seed(recipe.seed)  # a base model's untrained head is the same on every call
+    model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
+
+    accelerator = Accelerator(mixed_precision=mixed_precision(recipe, next(model.parameters()).dtype))
+    main = accelerator.is_main_process
+    say = console.print if main else (lambda *a, **k: None)
+    model.to(accelerator.device).eval()
+    with accelerator.main_process_first():
+        data = {s: tokenize_split(task_obj, s, tokenizer, recipe, recipe.data.max_eval_samples) for s in splits}
+    for name, tokenized in data.items():
+        if all(label == -1 for label in tokenized.dataset["labels"]):
+            instead = next((s for s in task_obj.eval_splits if s != name), "validation")
+            raise SpartaError(f"split {name} has no labels: score {instead} instead")
+
+    say(f"[bold]sparta eval[/] {target} ({kind}) · {task_obj.name} · {', '.join(splits)}")
+    if head == "untrained":
+        say(f"[yellow]note[/]: {target} has no trained head for {task_obj.name}: its head is random, so these scores are a chance baseline")
+    metrics: dict[str, float] = {}
+    with Progress(console=console, transient=True, disable=not main) as progress:
+        for name, tokenized in data.items():
+            if tokenized.truncated or tokenized.dropped:
+                say(f"{task_obj.name}/{name}: {tokenized.truncated} examples truncated, {tokenized.dropped} dropped at max_length={recipe.data.max_length}")
+            loader = accelerator.prepare(make_loader(tokenized.dataset, tokenizer, recipe.training.eval_batch_size, shuffle=False, seed=recipe.seed))
+            bar = progress.add_task(f"{task_obj.name}/{name}", total=len(loader))
+            scores = evaluate_split(model, loader, accelerator, task_obj, name, scorer, progress=lambda: progress.advance(bar))
+            metrics.update({f"eval_{key}": value for key, value in scores.items()})
+
+    label = split or "+".join(splits)
+    results = {
+        "target": target, "kind": kind, "task": task_obj.name, "split": label, "head": head,
+        "num_examples": {name: len(tokenized.dataset) for name, tokenized in data.items()},
+        "truncated": {name: tokenized.truncated for name, tokenized in data.items()},
+        "dropped": {name: tokenized.dropped for name, tokenized in data.items()},
+        "metrics": metrics,
+    }
+    if task_obj.source == "mmlu":
+        results["shots"] = recipe.task.shots
+    if main:
+        where = output or _default_output(target, kind, task_obj.name, label)
+        write_json(where, results)
+        console.print(results_table(results))
+        say(f"[green]wrote[/] {where}")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _default_output(target: str, kind: str, task: str, label: str) -> Path:
+    folder = Path(target).expanduser() if kind in (RUN, MERGED) else Path.cwd()
+    return folder / f"eval_results_{task}_{label}.json"
+
+
+def results_table(results: dict[str, Any]):
+    """Metrics as a rich table; MMLU's per-subject rows stay in the JSON file."""
+    from rich.table import Table
+
+    table = Table(title=f"{results['task']} · {results['split']} · {results['kind']} ({results['head']} head)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results["metrics"].items():
+        if "_subject_" in key:
+            continue
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+    subjects = sum("_subject_" in key for key in results["metrics"])
+    if subjects:
+        table.caption = f"accuracy for each of {subjects} subjects in the JSON file"
+    return table
