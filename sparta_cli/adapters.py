@@ -17,7 +17,7 @@ from torch import nn
 from sparta_cli import FORMAT_VERSION, __version__
 from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, write_json, write_safetensors
+from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
 from sparta_cli.targets import resolve_targets
 from sparta_cli.tuners.sparta.model import SpartaModel, split_indices
 
@@ -68,7 +68,7 @@ class Adapter:
     def save(self, run_dir: Path, metadata: dict[str, Any]) -> None:
         """adapter_model.safetensors (+ PEFT's files for lora/dora) and adapter_config.json, each atomic."""
         if self.method in ("lora", "dora"):
-            self.model.save_pretrained(run_dir / PEFT_DIR)
+            replace_dir(lambda tmp: self.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
         else:
             write_safetensors(run_dir / ADAPTER_FILE, self.saved_tensors(), {"format": "pt", "sparta_format": str(FORMAT_VERSION)})
         config = {
