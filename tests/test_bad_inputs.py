@@ -232,3 +232,26 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, finished_run):
     for phrase in _fill(expected, {"tmp": str(tmp_path)}):
         assert phrase in line, f"{phrase!r} not in {line!r}"
     assert code == case["exit"], f"exit {code}, expected {case['exit']}: {line}"
+
+
+@pytest.mark.parametrize("code,exit,phrase", [("ENOSPC", 1, "no space left on the device"),
+                                              ("EACCES", 2, "no permission to write")])
+def test_a_write_that_fails_during_a_run_is_one_line(code, exit, phrase, tmp_path, monkeypatch, capsys):
+    """A full disk or a folder that turns read-only mid-run (simulated: root ignores permissions)."""
+    import errno
+
+    from sparta_cli import fileio
+
+    if _minilm() is None or not (DATA_DIR / "glue").is_dir():
+        pytest.skip("needs MiniLM and the offline data")
+
+    def fail(fd):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fileio.os, "fsync", fail)
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = yaml.safe_load(CASES_FILE.read_text(encoding="utf-8"))["recipes"]["tiny"]
+    args = ["train", str(tmp_path / "recipe.yaml")]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_fill(recipe, {"tmp": str(tmp_path), "data": str(DATA_DIR), "minilm": _minilm()})))
+    status, out, err = _in_process(args, {}, monkeypatch, capsys)
+    assert status == exit and err.startswith("error: ") and phrase in err and len(err.strip().splitlines()) == 1, out + err
