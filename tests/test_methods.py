@@ -2,8 +2,8 @@
 
 Two levels: a tiny random model, where the reloaded adapter's logits are compared with
 the in-memory trained model's on one batch; and `sparta train` on MiniLM + a few SST-2
-examples, where the reloaded run, scored by the one evaluation path, must reproduce
-the metrics the run itself recorded.
+examples, where `sparta eval` of the run, and of its `sparta merge` output, must
+reproduce the metrics the run itself recorded.
 """
 
 from __future__ import annotations
@@ -78,27 +78,21 @@ def minilm_runs(tmp_path_factory, minilm_path, data_dir):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_sparta_train_run_reloads_and_scores_the_same(minilm_runs, method: str):
-    from accelerate import Accelerator
-
-    from sparta_cli.config import Recipe
-    from sparta_cli.data import make_loader, tokenize_split
-    from sparta_cli.evaluation import classifier_scorer, evaluate_split
-    from sparta_cli.models import load_for_classification
-    from sparta_cli.tasks import resolve_task
+def test_sparta_train_run_evaluates_and_merges_to_the_same_scores(minilm_runs, data_dir, tmp_path: Path, method: str):
+    """`sparta eval RUN` reproduces what training recorded; `sparta merge` then `sparta eval MERGED` too."""
+    from sparta_cli.evaluate_cmd import run_eval
+    from sparta_cli.merge import merge_runs
 
     run_dir = minilm_runs[method]
-    config = read_adapter_config(run_dir)
-    assert config["method"] == method
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    saved.pop("run")  # what the run recorded about itself, not part of the recipe
-    recipe = Recipe.model_validate(saved)
-    task = resolve_task(recipe.task)
-    loaded = load_for_classification(recipe.model, task.num_labels, list(task.label_names or []) or None)
-    adapter = load_adapter(run_dir, loaded.model, config)
-    split = tokenize_split(task, "validation", loaded.tokenizer, recipe, recipe.data.max_eval_samples)
-    loader = make_loader(split.dataset, loaded.tokenizer, 16, shuffle=False, seed=0)
-    results = evaluate_split(adapter.model, loader, Accelerator(cpu=True), task, "validation", classifier_scorer(False))
+    assert read_adapter_config(run_dir)["method"] == method
     recorded = json.loads((run_dir / "eval_results.json").read_text())
-    assert results["accuracy"] == recorded["eval_accuracy"]
-    assert results["loss"] == pytest.approx(recorded["eval_loss"], rel=1e-5)
+    same = ["data.max_eval_samples=16", "data.max_length=32", "data.cache=false"]
+    scored = run_eval(str(run_dir), task=None, split=None, output=tmp_path / "run.json", overrides=same)["metrics"]
+    assert scored["eval_accuracy"] == recorded["eval_accuracy"]
+    assert scored["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-5)
+
+    merge_runs([run_dir], output=tmp_path / "merged")
+    merged = run_eval(str(tmp_path / "merged"), task="sst2", split=None, output=tmp_path / "merged.json",
+                      overrides=[*same, f"data.dir={data_dir}"])["metrics"]
+    assert merged["eval_accuracy"] == recorded["eval_accuracy"]
+    assert merged["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-4)
