@@ -18,14 +18,14 @@ is never overwritten: it records what training saw, and an eval may use other da
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
 from typing import Any
-
 
 from sparta_cli.config import Recipe, build_recipe, read_yaml
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_json
 from sparta_cli.tasks import MMLU_CHOICES, Task, resolve_task
 
 RUN, MERGED, BASE = "run", "merged", "base"
@@ -38,7 +38,7 @@ def target_kind(target: str) -> str:
         return RUN
     config = path / "config.json"
     if config.is_file():
-        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        architectures = read_json(config).get("architectures") or []
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return MERGED
     return BASE
@@ -79,7 +79,7 @@ def _run_recipe(run_dir: Path) -> dict[str, Any]:
 
 
 def _recorded_task(path: Path) -> str | None:
-    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("finetuning_task")
+    return read_json(path / "config.json").get("finetuning_task")
 
 
 def eval_splits(task: Task, split: str | None) -> list[str]:
@@ -120,7 +120,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
         return loaded.model, tokenizer, lm_choice_scorer(*choice_tokens(tokenizer)), "lm"
 
     if kind == MERGED:
-        have = len(json.loads((Path(target).expanduser() / "config.json").read_text(encoding="utf-8")).get("id2label") or {})
+        have = len(read_json(Path(target).expanduser() / "config.json").get("id2label") or {})
         if have != task.num_labels:
             raise SpartaError(f"{target} has {have} outputs but {task.name} needs {task.num_labels}: pass the --task it was trained on")
     loaded = load_for_classification(
@@ -159,7 +159,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(recipe, next(model.parameters()).dtype))
+    accelerator = Accelerator(mixed_precision=mixed_precision(recipe, next(model.parameters()).dtype), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
     model.to(accelerator.device).eval()
@@ -180,7 +180,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
                 say(f"{task_obj.name}/{name}: {tokenized.truncated} examples truncated, {tokenized.dropped} dropped at max_length={recipe.data.max_length}")
             loader = accelerator.prepare(make_loader(tokenized.dataset, tokenizer, recipe.training.eval_batch_size, shuffle=False, seed=recipe.seed))
             bar = progress.add_task(f"{task_obj.name}/{name}", total=len(loader))
-            scores = evaluate_split(model, loader, accelerator, task_obj, name, scorer, progress=lambda: progress.advance(bar))
+            scores = evaluate_split(model, loader, accelerator, task_obj, name, scorer, progress=partial(progress.advance, bar))
             metrics.update({f"eval_{key}": value for key, value in scores.items()})
 
     label = split or "+".join(splits)
