@@ -70,7 +70,7 @@ class Adapter:
         if self.method in ("lora", "dora"):
             replace_dir(lambda tmp: self.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
         else:
-            write_safetensors(run_dir / ADAPTER_FILE, self.saved_tensors(), {"format": "pt", "sparta_format": str(FORMAT_VERSION)})
+            write_safetensors(run_dir / ADAPTER_FILE, self.saved_tensors(), {"format": "pt"})
         config = {
             "format_version": FORMAT_VERSION,
             "sparta_version": __version__,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from sparta_cli.config import Recipe
 from sparta_cli.tasks import Task, load_split
@@ -92,17 +94,34 @@ def subsample(dataset, limit: int | None, seed: int | None):
     return dataset.select(range(limit))
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends on (seed, epoch) alone, so every process, world size
+    and resumed run sees the same order; Accelerate shards its batches across processes."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    import torch
+    """Batches padded per batch; `shuffle` uses an EpochShuffleSampler (call its set_epoch)."""
     from transformers import DataCollatorWithPadding
 
     columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
-    collate = DataCollatorWithPadding(tokenizer)
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset.with_format(columns=columns),
         batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=collate,
-        generator=generator,
+        sampler=EpochShuffleSampler(len(dataset), seed) if shuffle else None,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        # a private generator: building an iterator must not draw from the global RNG
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -11,19 +11,25 @@ import torch
 from sparta_cli.metrics import compute_metrics
 from sparta_cli.tasks import Task
 
-# Turns a batch's model output into per-example predictions (class ids or scores).
+# Turns a batch into per-example predictions and per-example losses (None where there is no loss).
 Scorer = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def classifier_scorer(is_regression: bool) -> Scorer:
-    """Predictions from a sequence-classification head, and the batch's summed loss."""
+    """Predictions from a sequence-classification head, and each example's loss (the same
+    losses transformers trains with: MSE for regression, cross-entropy otherwise)."""
 
     def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = model(**batch)
-        logits = out.logits.float()
-        preds = logits.squeeze(-1) if is_regression else logits.argmax(-1)
-        loss = out.loss.float() * batch["labels"].shape[0] if out.loss is not None else None
-        return preds, loss
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()
+        labels = batch.get("labels")
+        if is_regression:
+            preds = logits.squeeze(-1)
+            losses = (preds - labels.float()) ** 2 if labels is not None else None
+        else:
+            preds = logits.argmax(-1)
+            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if labels is not None and (labels >= 0).all() else None
+        return preds, losses
 
     return score
 
@@ -59,12 +65,14 @@ def predict(model: torch.nn.Module, loader, accelerator, scorer: Scorer, progres
         with accelerator.autocast():  # bf16 on GPU; a no-op without mixed precision
             batch_preds, batch_loss = scorer(model, batch)
         batch_labels = batch["labels"]
+        # gather_for_metrics drops the samples Accelerate repeats to even out the last batch
         batch_preds, batch_labels = accelerator.gather_for_metrics((batch_preds, batch_labels))
         preds.append(batch_preds.cpu())
         labels.append(batch_labels.cpu())
         if batch_loss is not None:
-            loss_sum += float(accelerator.reduce(batch_loss.detach(), reduction="sum"))
-            count += int(batch_labels.shape[0])
+            batch_loss = accelerator.gather_for_metrics(batch_loss.detach())
+            loss_sum += float(batch_loss.double().sum())
+            count += int(batch_loss.shape[0])
         if progress is not None:
             progress()
     model.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 from sparta_cli import __version__
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import make_dir, write_yaml
+from sparta_cli.fileio import make_dir, write_text, write_yaml
 
 CONFIG_YAML = "config.yaml"
 TRAINER_LOG = "trainer_log.jsonl"
@@ -25,6 +26,7 @@ def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
     if path.exists() and not path.is_dir():
         raise SpartaError(f"output_dir {path} is a file: choose a folder name")
     if resume:
+        path.mkdir(parents=True, exist_ok=True)
         return
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
@@ -55,3 +57,19 @@ def write_run_config(run_dir: Path, recipe: Recipe, extra: dict[str, Any]) -> No
     data = recipe.to_dict()
     data["run"] = {"command": " ".join(sys.argv), "versions": versions(), **extra}
     write_yaml(run_dir / CONFIG_YAML, data)
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep only log records up to `last_step` (a resumed run logs later steps again);
+    a line cut short by a kill is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if int(record.get("step", 0)) <= last_step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))

