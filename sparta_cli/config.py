@@ -133,6 +133,15 @@ class Recipe(_Strict):
     seed: int = 42
     output_dir: str = DEFAULT_OUTPUT_DIR
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.training.eval_every and self.task.type is not None and not self.task.validation_file:
+            raise ValueError(
+                "training.eval_every is set but the custom task has no task.validation_file to evaluate on: "
+                "add a validation file or drop eval_every"
+            )
+        return self
+
     @property
     def adapter_seed(self) -> int:
         return self.seed if self.adapter.seed is None else self.adapter.seed
