@@ -9,6 +9,7 @@ the same expression the adapter evaluates on the fly (exact in fp32).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -29,7 +30,8 @@ from sparta_cli.tuners.sparta.model import split_indices
 
 REPORT_FILE = "merge_report.json"
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -245,6 +247,25 @@ class ShardWriter:
         return names
 
 
+def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """A safetensors file's tensor table and where its data starts."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_tensor(handle, info: dict[str, Any], data_start: int) -> torch.Tensor:
+    """One tensor by plain reads, not mmap: only the tensor being merged is resident, never the shard."""
+    start, end = info["data_offsets"]
+    handle.seek(data_start + start)
+    buffer = bytearray(end - start)
+    handle.readinto(buffer)
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"]) if buffer else torch.empty(info["shape"], dtype=dtype)
+
+
 def checkpoint_files(folder: Path) -> list[Path] | None:
     """The safetensors files of a local checkpoint, or None when it has none."""
     index = folder / "model.safetensors.index.json"
@@ -271,18 +292,12 @@ def local_folder(cfg: ModelConfig) -> Path | None:
 
 def base_dtype(folder: Path, files: list[Path]) -> torch.dtype:
     """The checkpoint's own dtype: its config's, else its first floating tensor's."""
-    from safetensors import safe_open
-
     config = read_json(folder / "config.json")
     named = config.get("dtype") or config.get("torch_dtype")
     if named in DTYPES:
         return DTYPES[named]
-    with safe_open(str(files[0]), "pt") as handle:
-        for key in handle.keys():
-            dtype = SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
-            if dtype is not None:
-                return dtype
-    return torch.float32
+    dtypes = [SAFETENSORS_DTYPES[info["dtype"]] for info in safetensors_header(files[0])[0].values()]
+    return next((dtype for dtype in dtypes if dtype.is_floating_point), torch.float32)
 
 
 def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None):
@@ -314,30 +329,28 @@ def meta_classifier(config) -> torch.nn.Module:
 
 def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, trained: dict[str, torch.Tensor],
                  runs: list[SavedRun], max_bytes: int) -> list[str]:
-    """Read the base shard by shard, merge each tensor once, write shards as they fill."""
-    from safetensors import safe_open
-
+    """Read the base tensor by tensor, merge each one once, write shards as they fill."""
     dtype = config.dtype
     model = meta_classifier(config)
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
     prefix = model.base_model_prefix
+    headers = {path: safetensors_header(path) for path in files}
     shapes = dict(expected)
-    for path in files:  # headers only: refuse a mismatched base before writing anything
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                name = classifier_key(key, expected, prefix)
-                if name is not None:
-                    shapes[name] = handle.get_slice(key).get_shape()
+    for header, _ in headers.values():  # refuse a mismatched base before writing anything
+        for key, info in header.items():
+            name = classifier_key(key, expected, prefix)
+            if name is not None:
+                shapes[name] = info["shape"]
     check_shapes(runs, shapes, str(folder))
     writer = ShardWriter(out, max_bytes)
     written: set[str] = set()
-    for path in files:
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
+    for path, (header, data_start) in headers.items():
+        with open(path, "rb") as handle:
+            for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
                 name = classifier_key(key, expected, prefix)
                 if name is None or name in trained or name in written:
                     continue
-                tensor = handle.get_tensor(key)
+                tensor = read_tensor(handle, info, data_start)
                 module = name.removesuffix(".weight")
                 if name.endswith(".weight") and module in combined:
                     tensor = merge_weight(tensor, *combined[module], dtype)

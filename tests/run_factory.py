@@ -38,10 +38,10 @@ def save_tiny_llama(folder: Path, minilm_path: str, *, dtype=torch.float32, max_
 
 
 def make_run(run_dir: Path, base: str, *, targets=("v", "o"), density: float = 0.05, seed: int = 42,
-             scale: float = 0.05, head_seed: int = 0) -> Path:
-    """A SpaRTA run on SST-2 labels with random deltas (N(0, scale)) and a random head."""
+             scale: float = 0.05, head_seed: int = 0, method: str = "sparta") -> Path:
+    """A run on SST-2 labels whose trainable parameters (deltas, LoRA factors, head) get N(0, scale) noise."""
     recipe = Recipe(model=ModelConfig(name_or_path=base), task=TaskConfig(name="sst2"), seed=seed, output_dir=str(run_dir),
-                    adapter=AdapterConfig(method="sparta", density=density, targets=list(targets)))
+                    adapter=AdapterConfig(method=method, density=density, targets=list(targets)))
     loaded = load_for_classification(recipe.model, 2, LABELS, problem_type="single_label_classification")
     model = loaded.model
     model_dtype = next(model.parameters()).dtype
