@@ -122,8 +122,10 @@ def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str,
         from peft import ShiraConfig
     except ImportError:
         raise SpartaError("--format peft needs PEFT: pip install 'sparta[peft]'") from None
-    if run.method in ("lora", "dora"):
-        tensors = _read_peft_weights(run.path / PEFT_DIR)
+    if run.method in ("lora", "dora"):  # already a PEFT adapter
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(run.path / PEFT_DIR / PEFT_WEIGHTS))
         write_safetensors(out / PEFT_WEIGHTS, {k: v.to(value_dtype) if v.is_floating_point() else v for k, v in tensors.items()}, {"format": "pt"})
         shutil.copy(run.path / PEFT_DIR / "adapter_config.json", out / "adapter_config.json")
         return {"library": "peft", "kind": run.method}
@@ -134,12 +136,6 @@ def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str,
     write_safetensors(out / PEFT_WEIGHTS, tensors, {"format": "pt"})
     config.save_pretrained(str(out))
     return {"library": "peft", "kind": "SHiRA", "r": r, "padding": padding}
-
-
-def _read_peft_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / PEFT_WEIGHTS))
 
 
 def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
