@@ -101,3 +101,14 @@ def test_peft_sparta_refuses_a_bert_head_and_names_the_alternative(tmp_path, min
         export_run(minilm_run, format="onnx", output=tmp_path / "x")
     with pytest.raises(SpartaError, match="--values"):
         export_run(minilm_run, format="peft", output=tmp_path / "x", values="int8")
+
+
+def test_lora_run_exports_as_its_own_peft_adapter(tmp_path, llama_run):
+    base = read_run(llama_run).base["name_or_path"]
+    run = make_run(tmp_path / "lora", base, targets=("q", "v"), method="lora")
+    result = export_run(run, format="peft", output=tmp_path / "peft")
+    assert result["kind"] == "lora" and (tmp_path / "peft" / "README.md").is_file()
+    batch = text_batch(base)
+    torch.testing.assert_close(_peft_logits(tmp_path / "peft", base, batch), adapter_logits(run, batch), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SpartaError, match="sparta merge"):
+        export_run(run, format="peft-sparta", output=tmp_path / "ps")
