@@ -33,6 +33,8 @@ VALID: dict[str, Any] = {
     "seed": 42,
     "output_dir": "runs/${task.name}/d${adapter.density}",
 }
+# Your own data: {train} is a small CSV beside the recipe.
+CUSTOM_TASK = {"type": "classification", "train_file": "{train}", "validation_file": "{train}", "text_fields": ["sentence"]}
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -45,7 +47,7 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 SCHEMA = _schema(Recipe)
-TRICKY = ["1e-4", "1e309", "-0", "sst2", "SST-2", "mmlu", "custom", "lora", "sparta", "auto", "lm", "v", "gate", "re:(",
+TRICKY = ["{train}", "classification", "regression", "sentence", "1e-4", "1e309", "-0", "sst2", "SST-2", "mmlu", "custom", "lora", "sparta", "auto", "lm", "v", "gate", "re:(",
           "${seed}", "${nope}", "~nobody_here/x", "", "null", "0x10", ".nan", "a..b", "task.name=sst2", "\x00", "é\u200b"]
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**80), max_value=2**80),
@@ -73,6 +75,8 @@ def recipes(draw) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(st.one_of(SCALARS, st.lists(VALUES, max_size=3)))
     tree = yaml.safe_load(yaml.safe_dump(VALID))  # a deep copy
+    if draw(st.booleans()):
+        tree["task"] = dict(CUSTOM_TASK)
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["drop", "unknown", "set", "set", "typo"]))
         path = draw(st.sampled_from(SCHEMA_PATHS + [tuple(p) for p in _paths(tree)]))
@@ -89,7 +93,7 @@ def recipes(draw) -> Any:
             node.pop(key, None)
         elif op == "unknown":
             node[draw(st.text(min_size=1, max_size=10))] = draw(VALUES)
-        elif op == "typo" and key:
+        elif op == "typo" and isinstance(key, str) and key:
             node[key[:-1] + draw(st.sampled_from("aeiosx_"))] = node.pop(key, draw(VALUES))
         else:
             node[key] = draw(VALUES)
@@ -122,15 +126,18 @@ def run_validate(args: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz") / "recipe.yaml"
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "train.csv").write_text("sentence,label\ngood film,pos\nbad film,neg\n", encoding="utf-8")
+    return folder / "recipe.yaml"
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(recipe=recipes(), raw=st.one_of(st.none(), st.text(max_size=60)), overrides=st.lists(OVERRIDES, max_size=2))
 def test_validate_never_crashes(recipe_file, recipe, raw, overrides):
     text = raw if raw is not None else yaml.safe_dump(recipe, allow_unicode=True)
-    recipe_file.write_text(text, encoding="utf-8")
-    code, out, err = run_validate([str(recipe_file), *overrides])
+    train = str(recipe_file.parent / "train.csv")
+    recipe_file.write_text(text.replace("{train}", train), encoding="utf-8")
+    code, out, err = run_validate([str(recipe_file), *(text.replace("{train}", train) for text in overrides)])
     both = out + err
     assert "Traceback" not in both and "rerun with --debug" not in both, both
     assert code in (0, 2), both
