@@ -18,7 +18,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def tiny_config(arch: str, num_labels: int = 3):
     """A two-layer random model config of each architecture family we target."""
-    from transformers import BertConfig, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import BertConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=64, num_labels=num_labels, pad_token_id=0)
@@ -29,12 +29,13 @@ def tiny_config(arch: str, num_labels: int = 3):
         "qwen2": lambda: Qwen2Config(**common, **decoder),
         "gemma": lambda: GemmaConfig(**common, **decoder),
         "gemma2": lambda: Gemma2Config(**common, **decoder),
+        "gemma3": lambda: Gemma3TextConfig(**common, **decoder),
         "bert": lambda: BertConfig(**common),
     }
     return configs[arch]()
 
 
-ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "bert"]
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "bert"]
 
 
 def tiny_model(arch: str, num_labels: int = 3, seed: int = 0, dtype=torch.float32):
