@@ -1,0 +1,30 @@
+"""scripts/bench_step.py runs end to end at --size tiny and prints one JSON row per method (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
+KEYS = {"method", "step_s", "ratio_to_limit", "peak_mem_gib", "trainable_params", "extra_bytes_per_trainable"}
+
+
+def test_bench_step_tiny_json():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1",
+         "--batch", "2", "--seq", "16", "--json"],
+        capture_output=True, text=True, timeout=1200, check=False,  # a guard against hangs only
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["method"] for r in rows] == ["limit", "sparta", "peft-sparta", "lora", "dora", "full"]
+    for row in rows:
+        assert KEYS <= row.keys()
+        assert row["step_s"] > 0 and row["peak_mem_gib"] > 0 and row["trainable_params"] > 0
+    by = {r["method"]: r for r in rows}
+    assert by["limit"]["ratio_to_limit"] == 1.0 and by["limit"]["extra_bytes_per_trainable"] == 0.0
+    # same matrices, same budget: peft-sparta's Bernoulli draw lands near our exact count
+    assert abs(by["peft-sparta"]["trainable_params"] - by["sparta"]["trainable_params"]) < 0.2 * by["sparta"]["trainable_params"]
+    assert by["full"]["trainable_params"] == by["full"]["params"]
