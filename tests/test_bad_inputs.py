@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import DATA_DIR
 
 CASES_FILE = Path(__file__).parent / "bad_inputs" / "cases.yaml"
@@ -28,7 +27,7 @@ def _minilm() -> str | None:
     from importlib.util import find_spec
 
     spec = find_spec(MINILM_PKG)
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model") if spec else None
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model") if spec else None
 
 
 def _fill(node: Any, values: dict[str, str]) -> Any:
@@ -156,7 +155,7 @@ def _in_process(args: list[str], env: dict[str, str], monkeypatch, capsys) -> tu
 
 def _subprocess(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     proc = subprocess.run([sys.executable, "-m", "sparta_cli", *args], cwd=cwd, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -180,8 +179,9 @@ def finished_run(tmp_path_factory):
 
     def get() -> Path:
         if not made:
-            from sparta_cli.cli import app
             from typer.testing import CliRunner
+
+            from sparta_cli.cli import app
 
             out = tmp_path_factory.mktemp("finished") / "run"
             result = CliRunner().invoke(app, ["train", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
