@@ -26,7 +26,6 @@ from sparta_cli.models import load_for_classification
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
-    CONFIG_YAML,
     EVAL_RESULTS,
     TRAIN_RESULTS,
     TRAINER_LOG,
@@ -143,6 +142,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
                               **accelerator_kwargs(recipe, run_dir))
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
+        raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
+                          "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
     if main:
         prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
@@ -181,9 +183,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
         write_run_config(run_dir, recipe, {"world_size": world, "effective_batch_size": effective_batch, "total_steps": steps,
                                            "trainable_params": adapter.num_trainable(), "base_params": adapter.base_params,
                                            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
-    recorded_world = _recorded_world_size(run_dir) if main else world
-    if recorded_world != world:
-        say(f"[yellow]note[/]: this run was configured for {recorded_world} process(es), now {world}: results will differ from a single-size run")
+    if world > 1:
+        say(f"[yellow]note[/]: {world} processes make the effective batch {effective_batch}; the same recipe on another "
+            "number of processes trains with another batch, so its results will differ")
     start_trackers(accelerator, recipe, run_dir)
     say(f"{len(train_split.dataset):,} training examples · {steps} steps · effective batch {effective_batch} "
         f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
@@ -281,13 +283,6 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-def _recorded_world_size(run_dir: Path) -> int:
-    import yaml
-
-    config = yaml.safe_load((run_dir / CONFIG_YAML).read_text())
-    return int(config.get("run", {}).get("world_size", 1))
 
 
 def _agree(flag: bool, accelerator) -> bool:

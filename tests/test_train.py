@@ -13,6 +13,7 @@ from conftest import tiny_batch, tiny_model
 from sparta_cli.adapters import apply_adapter, load_adapter, read_adapter_config
 from sparta_cli.cli import app
 from sparta_cli.config import AdapterConfig
+from sparta_cli.errors import SpartaError
 
 RUN_FILES = ["config.yaml", "adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl",
              "eval_results.json", "train_results.json", "all_results.json"]
@@ -44,8 +45,9 @@ def test_train_writes_every_file_and_beats_chance(sst2_run):
 
 def test_nonempty_output_dir_is_refused(sst2_run):
     result = CliRunner().invoke(app, ["train", "configs/quickstart.yaml", f"output_dir={sst2_run}"])
-    assert result.exit_code == 2
+    assert isinstance(result.exception, SpartaError) and result.exception.exit_code == 2  # main() turns it into exit 2
     assert "--overwrite" in str(result.exception)
+    assert (sst2_run / "adapter_model.safetensors").is_file()  # nothing was removed
 
 
 @pytest.mark.parametrize("arch,head", [("llama", "score"), ("bert", "classifier")])
