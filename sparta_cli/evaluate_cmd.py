@@ -143,6 +143,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
 
 def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str]) -> dict[str, Any]:
     """Score TARGET on the task's evaluation splits (or `split`), print a table, write the results."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from rich.progress import Progress
