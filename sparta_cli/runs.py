@@ -21,18 +21,22 @@ EVAL_RESULTS = "eval_results.json"
 ALL_RESULTS = "all_results.json"
 
 
-def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a non-empty folder unless told to (`--overwrite`, `--resume`)."""
+def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty folder unless told to (`--overwrite`, `--resume`); changes nothing,
+    so it runs before the (slow) model load."""
     if path.exists() and not path.is_dir():
         raise SpartaError(f"output_dir {path} is a file: choose a folder name")
-    if resume:
-        path.mkdir(parents=True, exist_ok=True)
+    if resume or overwrite or not (path.is_dir() and any(path.iterdir())):
         return
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            has_checkpoints = any(path.glob("checkpoint-*"))
-            extra = " or --resume to continue its checkpoints" if has_checkpoints else ""
-            raise SpartaError(f"output_dir {path} is not empty: pass --overwrite to replace it{extra}, or set output_dir=...")
+    has_checkpoints = any(path.glob("checkpoint-*"))
+    extra = " or --resume to continue its checkpoints" if has_checkpoints else ""
+    raise SpartaError(f"output_dir {path} is not empty: pass --overwrite to replace it{extra}, or set output_dir=...")
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
+    """Create the folder, emptying it first with `--overwrite`."""
+    check_output_dir(path, overwrite=overwrite, resume=resume)
+    if overwrite and path.is_dir():
         for child in path.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     make_dir(path)

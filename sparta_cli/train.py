@@ -29,6 +29,7 @@ from sparta_cli.runs import (
     EVAL_RESULTS,
     TRAIN_RESULTS,
     TRAINER_LOG,
+    check_output_dir,
     prepare_output_dir,
     truncate_log,
     write_run_config,
@@ -122,6 +123,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     cfg = recipe.training
     run_dir = Path(recipe.output_dir)
     task = resolve_task(recipe.task)
+    check_output_dir(run_dir, overwrite=overwrite, resume=resume)
     set_seed(recipe.seed)
 
     # model and adapter, before touching the output folder: a bad model name loses nothing
