@@ -401,6 +401,9 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
                 param.data = merge_weight(param.data, indices, delta, dtype)
             for name, value in trained.items():
                 params[name].data = value.to(dtype)
+    if cfg.gguf_file:  # the weights were dequantized on load; the quantizer left behind only blocks saving
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     model.to(dtype)
     model.config.pad_token_id = head_run.config.get("pad_token_id", model.config.pad_token_id)
     model.config.finetuning_task = task.get("name")
