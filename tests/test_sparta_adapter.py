@@ -46,7 +46,7 @@ def test_same_seed_same_indices_across_processes():
     assert not torch.equal(here, select_indices(50000, 0.01, 7, "a.c"))
 
 
-@pytest.mark.parametrize("density", [0.005, 0.3])  # sampled product, dense product
+@pytest.mark.parametrize("density", [0.001, 0.005, 0.3])  # sampled product (CPU and CUDA), sampled on CUDA only, dense
 def test_sparse_weight_grad_matches_dense(density):
     torch.manual_seed(0)
     g, x = torch.randn(4, 5, 48), torch.randn(4, 5, 40)

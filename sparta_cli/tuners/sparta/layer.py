@@ -13,9 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 # Below this share of a matrix's entries, gathering the k products from the
-# activations beats a dense g^T x followed by a gather (measured on CPU and GPU,
-# see docs/design.md); above it the dense GEMM wins.
+# activations beats a dense g^T x followed by a gather (see docs/design.md); above it
+# the dense GEMM wins. On CPU the GEMM is so much more efficient than the strided
+# gathers that the crossover is far lower (torch 2.13, Xeon, 1 thread: at 512x512 and
+# 2048x2048 with 512 tokens the sampled product wins 3-30x at 1/1000 and loses 3-5x
+# at 1/100 and 1/200; scripts/bench_step.py rows sparta at 0.01 vs limit).
 SAMPLED_PRODUCT_MAX_DENSITY = 1.0 / 64
+SAMPLED_PRODUCT_MAX_DENSITY_CPU = 1.0 / 400
 # Upper bound on the (tokens x chunk) temporary of the sampled product, in elements.
 SAMPLED_CHUNK_ELEMENTS = 1 << 24
 
@@ -30,7 +34,7 @@ def sparse_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.T
     k = indices.numel()
     numel = g.shape[1] * in_features
     flat = indices.long()
-    if k > numel * SAMPLED_PRODUCT_MAX_DENSITY:
+    if k > numel * (SAMPLED_PRODUCT_MAX_DENSITY if g.is_cuda else SAMPLED_PRODUCT_MAX_DENSITY_CPU):
         return (g.t() @ a).view(-1).index_select(0, flat).float()
     rows, cols = flat // in_features, flat % in_features
     chunk = max(1, SAMPLED_CHUNK_ELEMENTS // max(1, a.shape[0]))
