@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-
 from conftest import tiny_batch, tiny_model
+
 from sparta_cli.adapters import apply_adapter, load_adapter, read_adapter_config
 from sparta_cli.config import AdapterConfig
 
