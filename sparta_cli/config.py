@@ -295,8 +295,12 @@ def _interpolate(template: str, values: dict[str, Any]) -> str:
 
 
 def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Validate a raw recipe mapping after applying `key=value` overrides."""
+    """Validate a raw recipe mapping after applying `key=value` overrides.
+
+    A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
+    records where it came from and is not part of the recipe."""
     tree = dict(raw)
+    tree.pop("run", None)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -65,11 +65,9 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) 
 
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:
-    """config.yaml without its `run` record; a run without one falls back to adapter_config.json."""
+    """The run's config.yaml (build_recipe drops its `run` record); without one, adapter_config.json."""
     if (run_dir / "config.yaml").is_file():
-        raw = read_yaml(run_dir / "config.yaml")
-        raw.pop("run", None)
-        return raw
+        return read_yaml(run_dir / "config.yaml")
     from sparta_cli.adapters import read_adapter_config
 
     config = read_adapter_config(run_dir)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import tiny_batch, tiny_model
 from sparta_cli.adapters import apply_adapter, load_adapter, read_adapter_config
 from sparta_cli.cli import app
-from sparta_cli.config import AdapterConfig
+from sparta_cli.config import AdapterConfig, load_recipe
 from sparta_cli.errors import SpartaError
 
 RUN_FILES = ["config.yaml", "adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl",
@@ -39,6 +39,9 @@ def test_train_writes_every_file_and_beats_chance(sst2_run):
     assert results["eval_accuracy"] > 0.65
     config = read_adapter_config(sst2_run)
     assert config["method"] == "sparta" and config["task"]["label_names"] == ["negative", "positive"]
+    # config.yaml is a recipe that reruns the run (its `run:` provenance section is ignored)
+    rerun = load_recipe(sst2_run / "config.yaml")
+    assert rerun.output_dir == str(sst2_run) and rerun.data.max_train_samples == 800
     log = [json.loads(line) for line in (sst2_run / "trainer_log.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "epoch", "elapsed", "samples_per_s"} <= set(log[0])
 
