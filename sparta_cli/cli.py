@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,7 +23,7 @@ app = typer.Typer(
 
 _debug = False
 
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
 
 
 @app.callback()
@@ -74,9 +74,9 @@ def train(
 def evaluate(
     target: Annotated[str, typer.Argument(help="a run directory, a merged checkpoint, or a base model name/path")],
     overrides: Overrides = None,
-    task: Annotated[Optional[str], typer.Option(help="task to score (default: the run's task)")] = None,
-    split: Annotated[Optional[str], typer.Option(help="split to score (default: the task's evaluation splits)")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="where to write eval_results.json")] = None,
+    task: Annotated[str | None, typer.Option(help="task to score (default: the run's task)")] = None,
+    split: Annotated[str | None, typer.Option(help="split to score (default: the task's evaluation splits)")] = None,
+    output: Annotated[Path | None, typer.Option(help="where to write eval_results.json")] = None,
 ) -> None:
     """Evaluate a run, a merged checkpoint or an untouched base model on a task."""
     from sparta_cli.evaluate_cmd import run_eval
@@ -88,10 +88,10 @@ def evaluate(
 def merge(
     run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories on the same base")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the merged checkpoint")],
-    base: Annotated[Optional[str], typer.Option(help="base model (default: the one recorded in the adapter)")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: the base model's own)")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
-    head_from: Annotated[Optional[Path], typer.Option("--head-from", help="run whose classification head to keep")] = None,
+    base: Annotated[str | None, typer.Option(help="base model (default: the one recorded in the adapter)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the base model's own)")] = None,
+    weights: Annotated[str | None, typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
+    head_from: Annotated[Path | None, typer.Option("--head-from", help="run whose classification head to keep")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest output shard, e.g. 2GB or 500MB")] = "2GB",
 ) -> None:
     """Write a full Hugging Face checkpoint with the adapter(s) merged in."""
@@ -117,7 +117,7 @@ def export(
 def report(
     runs: Annotated[list[str], typer.Argument(help="run directories, folders holding runs, or globs such as 'runs/sst2/*'")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for report.csv, report.md and the plots")] = Path("report"),
-    metric: Annotated[Optional[str], typer.Option(help="metric to compare, e.g. accuracy (default: each task's main metric)")] = None,
+    metric: Annotated[str | None, typer.Option(help="metric to compare, e.g. accuracy (default: each task's main metric)")] = None,
     x: Annotated[str, typer.Option("--x", help="x axis of the plot: density or trainable_params")] = "density",
 ) -> None:
     """Compare runs: mean and std over seeds per task, method and density, as a table, CSV, Markdown and plots."""

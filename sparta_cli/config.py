@@ -58,7 +58,7 @@ class TaskConfig(_Strict):
     shots: int = Field(0, ge=0, le=5)
 
     @model_validator(mode="after")
-    def _named_or_custom(self) -> "TaskConfig":
+    def _named_or_custom(self) -> TaskConfig:
         if self.type is None and self.name is None:
             raise ValueError(
                 "task needs `name` (e.g. sst2) or, for your own data, "
@@ -106,7 +106,7 @@ class TrainingConfig(_Strict):
     keep_checkpoints: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainingConfig":
+    def _consistent(self) -> TrainingConfig:
         if self.keep_checkpoints is not None and self.save_every is None:
             raise ValueError(
                 "training.keep_checkpoints is set but training.save_every is not, so no checkpoint is written: "
@@ -134,7 +134,7 @@ class Recipe(_Strict):
     output_dir: str = DEFAULT_OUTPUT_DIR
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
+    def _consistent(self) -> Recipe:
         if self.training.eval_every and self.task.type is not None and not self.task.validation_file:
             raise ValueError(
                 "training.eval_every is set but the custom task has no task.validation_file to evaluate on: "

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sparta_cli.adapters import PEFT_DIR, TRAINED_PREFIX, read_adapter_config, read_adapter_tensors
+from sparta_cli.adapters import TRAINED_PREFIX, read_adapter_config, read_adapter_tensors
 from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_batch, tiny_model
 from safetensors.torch import load_file
 
-from conftest import tiny_batch, tiny_model
 from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
 

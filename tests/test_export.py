@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from run_factory import adapter_logits, make_run, save_tiny_llama, text_batch
+
 from sparta_cli.errors import SpartaError
 from sparta_cli.export import export_run
 from sparta_cli.merge import read_run

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_factory import adapter_logits, fresh_process_logits, make_run, save_tiny_llama, text_batch
 from safetensors import safe_open
 
-from run_factory import adapter_logits, fresh_process_logits, make_run, save_tiny_llama, text_batch
 from sparta_cli.errors import SpartaError
 from sparta_cli.merge import SavedRun, collision_report, combine_deltas, merge_runs, merge_weight, read_run
 

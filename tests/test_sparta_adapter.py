@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ARCHS, tiny_batch, tiny_model
 from torch import nn
 
-from conftest import ARCHS, tiny_batch, tiny_model
-from sparta_cli.config import AdapterConfig
 from sparta_cli.adapters import apply_adapter
+from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
 from sparta_cli.tuners.sparta import SpartaLinear, SpartaModel, num_selected, select_indices
 from sparta_cli.tuners.sparta.layer import sparse_weight_grad
@@ -119,7 +119,8 @@ def test_unmerge_is_bit_exact_and_weights_track_deltas(dtype):
         expected = (originals[f"{name}.weight"].reshape(-1)[idx].float() + layer.sparta_delta).to(dtype)
         assert torch.equal(layer.weight.reshape(-1)[idx], expected)
         # repeated writes do not drift
-        layer.write_weight(); layer.write_weight()
+        layer.write_weight()
+        layer.write_weight()
         assert torch.equal(layer.weight.reshape(-1)[idx], expected)
     sparta.unload()
     for name, p in model.named_parameters():

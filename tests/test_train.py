@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_batch, tiny_model
 from typer.testing import CliRunner
 
-from conftest import tiny_batch, tiny_model
 from sparta_cli.adapters import apply_adapter, load_adapter, read_adapter_config
 from sparta_cli.cli import app
 from sparta_cli.config import AdapterConfig, load_recipe

@@ -27,7 +27,7 @@ class SpartaModel:
     target_of: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def inject(cls, model: nn.Module, targets: list[str], density: float, seed: int) -> "SpartaModel":
+    def inject(cls, model: nn.Module, targets: list[str], density: float, seed: int) -> SpartaModel:
         """Wrap every target linear of `model` in place with exactly round(density*numel) trainable entries."""
         chosen = resolve_targets(model, targets)
         for name in chosen:
@@ -47,7 +47,7 @@ class SpartaModel:
         return cls(model, layers, chosen)
 
     @classmethod
-    def attach(cls, model: nn.Module, indices: dict[str, torch.Tensor]) -> "SpartaModel":
+    def attach(cls, model: nn.Module, indices: dict[str, torch.Tensor]) -> SpartaModel:
         """Wrap the named linears with saved indices (loading an adapter)."""
         layers = {}
         for name, idx in indices.items():
