@@ -36,6 +36,10 @@ def target_kind(target: str) -> str:
     path = Path(target).expanduser()
     if (path / "adapter_config.json").is_file():
         return RUN
+    if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
+        return RUN  # an unfinished run: loading its adapter says how to finish it
+    if not path.exists() and target.startswith((".", "/", "~")):
+        raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model")
     config = path / "config.json"
     if config.is_file():
         architectures = read_json(config).get("architectures") or []
