@@ -34,7 +34,7 @@ def test_train_writes_every_file_and_beats_chance(sst2_run):
     for name in RUN_FILES:
         assert (sst2_run / name).is_file(), name
     results = json.loads((sst2_run / "all_results.json").read_text())
-    # measured: 0.757 (seed 42); chance is 0.509 (444/872 positive)
+    # measured 0.757 (seed 42, before the data order became a function of (seed, epoch)); chance is 0.509
     assert results["eval_num_examples"] == 872
     assert results["eval_accuracy"] > 0.65
     config = read_adapter_config(sst2_run)
