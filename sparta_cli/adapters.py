@@ -20,6 +20,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
 from sparta_cli.targets import resolve_targets
 from sparta_cli.tuners.sparta.model import SpartaModel, split_indices
+from sparta_cli.tuners.sparta.sharded import full_tensor
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -40,7 +41,11 @@ class Adapter:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
     def num_trainable(self) -> int:
-        return sum(p.numel() for _, p in self.trainable())
+        """The whole adapter's count, also when sharded (DTensors report their global size; the
+        deltas are counted by the SpaRTA layers, whose local parameters may be a rank's slice)."""
+        layers = self.sparta.layers.values() if self.sparta else []
+        deltas = sum(layer.sparta_indices.numel() for layer in layers if layer.sparta_delta.requires_grad)
+        return deltas + sum(p.numel() for name, p in self.trainable() if not name.endswith("sparta_delta"))
 
     def counts(self) -> dict[str, int]:
         """Trainable parameters per kind: each SpaRTA target, the head, the rest."""
@@ -62,15 +67,17 @@ class Adapter:
         tensors = self.sparta.state_tensors() if self.sparta else {}
         for name, param in self.base.named_parameters():
             if param.requires_grad and not name.endswith("sparta_delta"):
-                tensors[TRAINED_PREFIX + name] = param.detach().cpu().clone().contiguous()
+                tensors[TRAINED_PREFIX + name] = full_tensor(param.detach()).cpu().clone().contiguous()
         return tensors
 
-    def save(self, run_dir: Path, metadata: dict[str, Any]) -> None:
-        """adapter_model.safetensors (+ PEFT's files for lora/dora) and adapter_config.json, each atomic."""
+    def save(self, run_dir: Path, metadata: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """adapter_model.safetensors (+ PEFT's files for lora/dora) and adapter_config.json, each atomic.
+
+        `tensors`: `saved_tensors()` gathered beforehand on every rank, when the model is sharded."""
         if self.method in ("lora", "dora"):
             replace_dir(lambda tmp: self.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
         else:
-            write_safetensors(run_dir / ADAPTER_FILE, self.saved_tensors(), {"format": "pt"})
+            write_safetensors(run_dir / ADAPTER_FILE, self.saved_tensors() if tensors is None else tensors, {"format": "pt"})
         config = {
             "format_version": FORMAT_VERSION,
             "sparta_version": __version__,

@@ -104,6 +104,8 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = False
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int | None = Field(None, ge=1)
+    # fsdp: frozen weights sharded by FSDP2 and SpaRTA deltas by the same rows (torchrun; docs/scaling.md)
+    sharding: Literal["none", "fsdp"] = "none"
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:

@@ -34,8 +34,10 @@ from sparta_cli.runs import (
     truncate_log,
     write_run_config,
 )
+from sparta_cli.sharding import GatheredOptimizer, check_launch, gathered, shard_adapter
 from sparta_cli.tasks import resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
+from sparta_cli.tuners.sparta.sharded import clip_grad_norm_
 
 
 class Interrupted(RunFailure):
@@ -144,9 +146,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
                               **accelerator_kwargs(recipe, run_dir))
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
-        raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
-                          "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
+    check_launch(recipe.adapter.method, cfg.sharding, accelerator.distributed_type.name, accelerator.mixed_precision)
+    sharded = shard_adapter(adapter, accelerator.mixed_precision) if cfg.sharding == "fsdp" else None
     if main:
         prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
@@ -167,7 +168,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     eval_loaders = {s: make_loader(t.dataset, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, t in eval_splits.items()}
 
     optimizer = build_optimizer(adapter, recipe)
-    run_model, optimizer, train_loader = accelerator.prepare(adapter.model, optimizer, train_loader)
+    if sharded is not None:  # FSDP2 already wraps the model; Accelerate must not add DDP
+        sharded.write_after_steps_of(optimizer)
+        run_model = adapter.model
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    else:
+        run_model, optimizer, train_loader = accelerator.prepare(adapter.model, optimizer, train_loader)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
     steps = total_steps(recipe, len(train_loader))
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer,
@@ -178,7 +184,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
 
     state = TrainerState(world_size=world)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator)
+        if sharded is not None:  # checkpoints hold the whole adapter; each rank keeps its part
+            full = gathered(sharded, trainable)
+            state = load_checkpoint(resume_from, full, GatheredOptimizer(sharded, optimizer), scheduler, accelerator)
+            sharded.load_full(trainable, full)
+        else:
+            state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator)
         if main:
             truncate_log(run_dir / TRAINER_LOG, state.step)
     elif main:
@@ -207,7 +218,11 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
 
     def checkpoint() -> None:
         state.elapsed = elapsed()
-        save_checkpoint(run_dir, state, trainable, optimizer, scheduler, accelerator, cfg.keep_checkpoints, recipe.to_dict())
+        if sharded is not None:  # the whole adapter, as one process would save it
+            save_checkpoint(run_dir, state, gathered(sharded, trainable), GatheredOptimizer(sharded, optimizer), scheduler,
+                            accelerator, cfg.keep_checkpoints, recipe.to_dict())
+        else:
+            save_checkpoint(run_dir, state, trainable, optimizer, scheduler, accelerator, cfg.keep_checkpoints, recipe.to_dict())
 
     session_start = time.perf_counter()
     start_elapsed = state.elapsed
@@ -230,7 +245,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
                     loss = run_model(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
+                        if sharded is not None:
+                            clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm, sharded.group)
+                        else:
+                            accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -275,11 +293,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
                 state.batches_in_epoch = 0
 
     eval_results = run_evaluation(state.step)
-    _check_in_sync(trainable, accelerator)
+    _check_in_sync(gathered(sharded, trainable) if sharded is not None else trainable, accelerator)
+    tensors = adapter.saved_tensors() if sharded is not None else None  # gathering: every rank takes part
     if main:
         epochs_done = state.epoch + state.batches_in_epoch / len(train_loader)
         _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype, state, epochs_done, elapsed(),
-                     len(train_split.dataset), eval_results)
+                     len(train_split.dataset), eval_results, tensors)
         write_training_loss_png(run_dir)
         say(f"[green]done[/] in {elapsed():.1f}s → {run_dir}")
     accelerator.wait_for_everyone()
@@ -305,7 +324,7 @@ def _check_in_sync(trainable: dict[str, torch.Tensor], accelerator) -> None:
 
 
 def _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype, state, epochs_done, runtime, train_samples,
-                 eval_results) -> None:
+                 eval_results, tensors=None) -> None:
     metadata = {
         "base_model": {"name_or_path": recipe.model.name_or_path, "resolved_path": loaded.source,
                        "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
@@ -319,7 +338,7 @@ def _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype,
         "pad_token_id": adapter.base.config.pad_token_id,
         "tokenizer": {"pad_token": tokenizer.pad_token},
     }
-    adapter.save(run_dir, metadata)
+    adapter.save(run_dir, metadata, tensors)
     train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
                      "train_samples": train_samples, "train_samples_per_second": round(state.seen / max(runtime, 1e-9), 3),
                      "train_steps": state.step, "epoch": round(epochs_done, 4)}

@@ -107,7 +107,7 @@ def _train_fsdp(arch: str, rank: int, world: int, accum: int = 1, checkpointing:
         sharded.load_full(dict(adapter.trainable()), saved)
         sharded.load_full_optimizer_state(optimizer, saved_optimizer)
         _train(model, adapter, optimizer, rank, world, clip, range(resume_at, STEPS), accum)
-    tensors = sharded.full_state_tensors()
+    tensors = sharded.state_tensors()
     for name, param in adapter.base.named_parameters():
         if param.requires_grad and not name.endswith("sparta_delta"):
             tensors["trained." + name] = full_tensor(param.detach()).clone()

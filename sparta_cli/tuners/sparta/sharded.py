@@ -23,6 +23,8 @@ because each rank's batch contributes a gradient to every entry.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,7 +80,8 @@ class ShardedSpartaLinear(nn.Module):
     rank's row shard, `sparta_origin` and `sparta_delta` their W0 values and fp32 deltas.
     """
 
-    def __init__(self, layer: SpartaLinear, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, layer: SpartaLinear, rank: int, world: int, group: dist.ProcessGroup | None,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.base_layer = layer.base_layer
         self.rank, self.world, self.group = rank, world, group
@@ -87,12 +90,12 @@ class ShardedSpartaLinear(nn.Module):
         self.slices = owned_slices(layer.sparta_indices, in_features, self.rows)
         lo, hi = self.slices[rank]
         self.chunk = max(h - low for low, h in self.slices)  # reduce-scatter piece per rank (padded)
-        indices = layer.sparta_indices
+        indices = layer.sparta_indices.to(device)
         self.register_buffer("sparta_indices", indices)
         local = indices[lo:hi].long() - self.rows[rank][0] * in_features
         self.register_buffer("sparta_local", local.to(indices.dtype))
-        self.register_buffer("sparta_origin", layer.sparta_origin[lo:hi].clone())
-        self.sparta_delta = nn.Parameter(layer.sparta_delta.detach()[lo:hi].clone(), requires_grad=layer.sparta_delta.requires_grad)
+        self.register_buffer("sparta_origin", layer.sparta_origin[lo:hi].to(device, copy=True))
+        self.sparta_delta = nn.Parameter(layer.sparta_delta.detach()[lo:hi].to(device, copy=True), requires_grad=layer.sparta_delta.requires_grad)
 
     @property
     def in_features(self) -> int:
@@ -139,18 +142,20 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-class ShardedSparta:
-    """The SpaRTA layers of an FSDP2-sharded model: local writes, gathering, gradient clipping."""
+@dataclass
+class ShardedSparta(SpartaModel):
+    """The SpaRTA layers of an FSDP2-sharded model, with SpartaModel's interface: counts and shapes
+    are the whole adapter's, `state_tensors` gathers, `load_deltas` keeps this rank's slice."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, ShardedSpartaLinear], group: dist.ProcessGroup | None) -> None:
-        self.model, self.layers, self.group = model, layers, group
+    group: Any = None  # the process group of the FSDP mesh
 
     @classmethod
     def shard(cls, sparta: SpartaModel, *, blocks: Iterable[nn.Module] | None = None, mesh=None, mp_policy=None,
               reshard_after_forward: bool = True) -> ShardedSparta:
         """Swap every SpaRTA layer for its row-owned form and `fully_shard` the blocks, then the root.
 
-        The deltas are left out of FSDP (`ignored_params`): they are already sharded by ownership.
+        The deltas are left out of FSDP (`ignored_params`): they are already sharded by ownership,
+        and are placed on the mesh's device here (FSDP moves only what it manages).
         """
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -162,10 +167,11 @@ class ShardedSparta:
             raise SpartaError("SpaRTA under FSDP2 supports a 1-D mesh (full sharding); hybrid sharding (HSDP) is not supported yet")
         group = mesh.get_group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
         blocks = default_blocks(model) if blocks is None else list(blocks)
         layers = {}
         for name, layer in sparta.layers.items():
-            layers[name] = ShardedSpartaLinear(layer, rank, world, group)
+            layers[name] = ShardedSpartaLinear(layer, rank, world, group, device)
             _set_submodule(model, name, layers[name])
         ignored = {layer.sparta_delta for layer in layers.values()}
         options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
@@ -173,7 +179,7 @@ class ShardedSparta:
         for block in blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
-        sharded = cls(model, layers, group)
+        sharded = cls(model, layers, dict(sparta.target_of), group)
         sharded._check_layout()
         sharded.write_weights()
         sparta.layers = {}  # the unsharded layers are gone from the model
@@ -209,6 +215,11 @@ class ShardedSparta:
     def num_owned(self) -> int:
         return sum(layer.sparta_delta.numel() for layer in self.layers.values())
 
+    def merge_and_unload(self) -> nn.Module:
+        raise SpartaError("merging a sharded model in place is not supported: save the adapter and use `sparta merge`")
+
+    unload = merge_and_unload
+
     def _owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
         return next((layer for layer in self.layers.values() if layer.sparta_delta is param), None)
 
@@ -238,7 +249,7 @@ class ShardedSparta:
             return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
         return full.clone()
 
-    def full_state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self) -> dict[str, torch.Tensor]:
         """`<module>.indices` and `<module>.delta` for every layer, as SpartaModel.state_tensors writes
         them, gathered on every rank (one all-gather of about k fp32 values per layer)."""
         tensors = {}
@@ -248,7 +259,7 @@ class ShardedSparta:
         return tensors
 
     @torch.no_grad()
-    def load_full_deltas(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_deltas(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take this rank's slice of full (all-k) deltas, e.g. from an adapter or checkpoint file."""
         for name, layer in self.layers.items():
             delta = tensors[f"{name}.delta"]
