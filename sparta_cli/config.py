@@ -207,7 +207,7 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -298,12 +298,14 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     """Validate a raw recipe mapping after applying `key=value` overrides.
 
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
-    records where it came from and is not part of the recipe."""
+    records where it came from and is not part of the recipe; a `tune:` section is `sparta tune`'s
+    search over the recipe, so the same file also trains as is."""
     tree = dict(raw)
     tree.pop("run", None)
+    tree.pop("tune", None)
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
