@@ -1,9 +1,10 @@
 """A study's pictures: the validation metric per trial with the best so far, the metric against each
-searched key (density, lr, ...) coloured by how the trial ended, and the keys' importances (fANOVA)."""
+searched key (density, lr, ...) coloured by how the trial ended, and the keys' importances."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from sparta_cli.plots import _figure, _save
@@ -71,7 +72,7 @@ def params_png(study, plan: Plan, path: Path) -> Path:
 
 
 def importances_png(study, plan: Plan, path: Path) -> Path | None:
-    """fANOVA importances (Optuna's default evaluator); None (no file) with fewer than two
+    """Importances by Optuna's default evaluator; None (no file) with fewer than two
     completed trials or a single searched key, where importances mean nothing."""
     import optuna
 
@@ -79,14 +80,16 @@ def importances_png(study, plan: Plan, path: Path) -> Path | None:
     if len(complete) < 2 or len(plan.params) < 2:
         return None
     try:
-        importances = optuna.importance.get_param_importances(study, params=list(plan.params))
+        with warnings.catch_warnings():  # few trials make the evaluator warn; the axis label says how many
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study, params=list(plan.params))
     except (ValueError, RuntimeError):  # e.g. every completed trial has the same value
         return None
     names = list(importances)[::-1]
     fig = _figure(6.4, 0.6 + 0.5 * len(names))
     ax = fig.add_subplot()
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set_xlabel(f"importance for validation {plan.metric} (fANOVA, {len(complete)} completed trials)")
+    ax.set_xlabel(f"importance for validation {plan.metric} ({len(complete)} completed trials)")
     ax.set_title(f"study {plan.study}: which keys matter")
     return _save(fig, path)
 

@@ -106,11 +106,12 @@ def open_storage(url: str):
     return optuna.storages.JournalStorage(JournalFileBackend(url))
 
 
-def make_sampler(plan: Plan, worker_index: int, shared: bool):
-    """TPE (or random, or grid) seeded by the recipe's seed: one worker draws the same trials every time;
-    parallel workers get distinct seeds, and TPE's constant liar keeps them off each other's running points."""
+def make_sampler(plan: Plan, worker_index: int, shared: bool, trials_so_far: int):
+    """TPE (or random, or grid) seeded by the recipe's seed and the study's length: one worker draws the
+    same trials every time, a resumed study does not redraw its first trials, parallel workers get
+    distinct seeds, and TPE's constant liar keeps them off each other's running points."""
     optuna = require_optuna()
-    seed = plan.seed + worker_index
+    seed = plan.seed + 1000 * worker_index + trials_so_far
     if shared:  # other machines run workers with the same indices
         seed += zlib.crc32(socket.gethostname().encode()) % 1_000_000
     if plan.sampler == "random":
@@ -138,14 +139,14 @@ def open_study(plan: Plan, *, worker_index: int = 0, shared: bool = False, creat
     A stored study of another recipe, space or objective is refused rather than mixed with this one."""
     optuna = require_optuna()
     storage = open_storage(plan.storage)
-    sampler, pruner = make_sampler(plan, worker_index, shared), make_pruner(plan)
+    pruner = make_pruner(plan)
     try:
-        study = optuna.load_study(study_name=plan.study, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=plan.study, storage=storage, pruner=pruner)
     except KeyError:
         if not create:
             raise SpartaError(f"study {plan.study} is not in storage {plan.storage}: start it with `sparta tune`") from None
-        study = optuna.create_study(study_name=plan.study, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=plan.direction, load_if_exists=True)
+        study = optuna.create_study(study_name=plan.study, storage=storage, pruner=pruner, direction=plan.direction,
+                                    load_if_exists=True)
         if "sparta" not in study.user_attrs:
             study.set_user_attr("sparta", plan.identity())
     stored = study.user_attrs.get("sparta")
@@ -153,6 +154,7 @@ def open_study(plan: Plan, *, worker_index: int = 0, shared: bool = False, creat
         differ = differences(plan.identity(), stored)
         raise SpartaError(f"study {plan.study} in {plan.storage} was started with another recipe, space or objective "
                           f"({', '.join(differ[:3])} differ): give another --study, or rerun with the same recipe and overrides")
+    study.sampler = make_sampler(plan, worker_index, shared, len(study.get_trials(deepcopy=False)))
     return study
 
 
@@ -185,13 +187,18 @@ def owner_attrs() -> dict[str, Any]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (dead, not yet reaped: its parent was killed too) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): trust kill
+        return True
 
 
 def is_stale(trial, now: float | None = None) -> bool:

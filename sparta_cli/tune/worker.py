@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import sys
 import threading
 import time
@@ -100,7 +101,7 @@ def run_trial(study, trial, plan: Plan) -> str:
         try:
             train(recipe, on_evaluate=reporter(trial, f"eval_{plan.metric}"))
         except optuna.TrialPruned:
-            trial.set_user_attr("seconds", round(time.time() - started, 1))
+            trial.set_user_attr("seconds", round(time.time() - started))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return "pruned"
         except Interrupted as exc:  # Ctrl-C / SIGTERM: the next `sparta tune` runs it again
@@ -109,7 +110,7 @@ def run_trial(study, trial, plan: Plan) -> str:
         except RunFailure as exc:
             print(f"error: {exc}")
             trial.set_user_attr("failure", str(exc))
-            trial.set_user_attr("seconds", round(time.time() - started, 1))
+            trial.set_user_attr("seconds", round(time.time() - started))
             # a diverged loss condemns the configuration: pruned, TPE then ranks it below every finished
             # trial; any other failure (disk full, ...) says nothing about the point and is ignored by TPE
             diverged = str(exc).startswith("the loss became")
@@ -135,7 +136,7 @@ def run_trial(study, trial, plan: Plan) -> str:
     for key, result in results.items():
         if key.startswith("test_") or key == "best_step":
             trial.set_user_attr(key, result)
-    trial.set_user_attr("seconds", round(time.time() - started, 1))
+    trial.set_user_attr("seconds", round(time.time() - started))
     study.tell(trial, float(value))
     return "complete"
 
@@ -144,6 +145,7 @@ def run_worker(study_dir: str | Path, index: int, shared: bool) -> None:
     from sparta_cli.console import quiet_libraries
 
     quiet_libraries()
+    print(f"pid {os.getpid()} worker {index}", flush=True)
     plan = read_plan(study_dir)
     study = open_study(plan, worker_index=index, shared=shared)
     while (trial := next_trial(study, plan)) is not None:
