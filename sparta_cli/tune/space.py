@@ -48,7 +48,7 @@ class Param:
 
     def describe(self) -> str:
         if self.choices is not None:
-            return "one of " + ", ".join(_encode(c) if not isinstance(c, str) else c for c in self.choices)
+            return "one of " + ", ".join(str(_encode(c)) for c in self.choices)
         return f"{'log-uniform ' if self.log else ''}{'integers ' if self.integer else ''}{self.low:g}..{self.high:g}"
 
     def corners(self) -> list[Any]:
