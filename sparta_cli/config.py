@@ -84,6 +84,16 @@ class DataConfig(_Strict):
     max_eval_samples: int | None = Field(None, ge=1)
     overlong: Literal["truncate", "drop"] = "truncate"
     cache: bool = True
+    # held out of the training rows (after max_train_samples) with the run's seed, for model selection:
+    # a fraction (< 1) or a count (>= 1); null: evaluate on the task's evaluation split(s) as before
+    validation_size: int | float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_count(self) -> DataConfig:
+        size = self.validation_size
+        if size is not None and size >= 1 and size != int(size):
+            raise ValueError(f"data.validation_size = {size}: give a fraction below 1 (e.g. 0.1) or a whole number of rows (e.g. 500)")
+        return self
 
 
 class TrainingConfig(_Strict):
@@ -104,6 +114,9 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = False
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int | None = Field(None, ge=1)
+    # model selection on data.validation_size's held-out rows
+    best_metric: str | None = None  # null: the task's main metric; `loss` (lower is better) or any metric it reports
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -156,10 +169,22 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.training.eval_every and self.task.type is not None and not self.task.validation_file:
+        selection = [key for key in ("best_metric", "early_stopping_patience") if getattr(self.training, key) is not None]
+        if selection and self.data.validation_size is None:
+            raise ValueError(
+                f"training.{selection[0]} selects on a held-out validation set, but data.validation_size is not set: "
+                "set data.validation_size (e.g. 0.1 or 500) or drop it"
+            )
+        if self.training.early_stopping_patience is not None and self.training.eval_every is None:
+            raise ValueError(
+                "training.early_stopping_patience counts evaluations, but training.eval_every is not set: "
+                "set training.eval_every (steps between evaluations) or drop early_stopping_patience"
+            )
+        if (self.training.eval_every and self.task.type is not None and not self.task.validation_file
+                and self.data.validation_size is None):
             raise ValueError(
                 "training.eval_every is set but the custom task has no task.validation_file to evaluate on: "
-                "add a validation file or drop eval_every"
+                "add a validation file, set data.validation_size, or drop eval_every"
             )
         return self
 

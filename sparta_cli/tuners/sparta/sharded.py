@@ -209,18 +209,42 @@ class ShardedSparta:
     def num_owned(self) -> int:
         return sum(layer.sparta_delta.numel() for layer in self.layers.values())
 
+    def _owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
+        return next((layer for layer in self.layers.values() if layer.sparta_delta is param), None)
+
+    def gather(self, param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        """The full tensor of a trainable parameter, or of a state tensor shaped like it (an AdamW
+        moment): owned deltas gathered to all k entries, FSDP's DTensor shards to the whole tensor.
+        Every rank calls it (a collective)."""
+        value = param.detach() if value is None else value
+        layer = self._owner(param)
+        if layer is None:
+            return full_tensor(value)
+        padded = value.new_zeros(layer.chunk)
+        padded[:value.numel()] = value
+        gathered = padded.new_empty(layer.world * layer.chunk)
+        dist.all_gather_single(gathered, padded, group=self.group)
+        return torch.cat([gathered[r * layer.chunk:r * layer.chunk + hi - lo] for r, (lo, hi) in enumerate(layer.slices)])
+
+    def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full tensor shaped like `param` (the inverse of `gather`; no collective)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        layer = self._owner(param)
+        if layer is not None:
+            lo, hi = layer.slices[layer.rank]
+            return full[lo:hi].clone()
+        if isinstance(param, DTensor):
+            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return full.clone()
+
     def full_state_tensors(self) -> dict[str, torch.Tensor]:
         """`<module>.indices` and `<module>.delta` for every layer, as SpartaModel.state_tensors writes
         them, gathered on every rank (one all-gather of about k fp32 values per layer)."""
         tensors = {}
         for name, layer in self.layers.items():
-            padded = layer.sparta_delta.detach().new_zeros(layer.chunk)
-            padded[:layer.sparta_delta.numel()] = layer.sparta_delta.detach()
-            gathered = padded.new_empty(layer.world * layer.chunk)
-            dist.all_gather_single(gathered, padded, group=self.group)
-            pieces = [gathered[r * layer.chunk:r * layer.chunk + hi - lo] for r, (lo, hi) in enumerate(layer.slices)]
             tensors[f"{name}.indices"] = layer.sparta_indices.detach().cpu().contiguous()
-            tensors[f"{name}.delta"] = torch.cat(pieces).float().cpu().contiguous()
+            tensors[f"{name}.delta"] = self.gather(layer.sparta_delta).float().cpu().contiguous()
         return tensors
 
     @torch.no_grad()
@@ -230,9 +254,38 @@ class ShardedSparta:
             delta = tensors[f"{name}.delta"]
             if delta.numel() != layer.sparta_indices.numel():
                 raise SpartaError(f"adapter delta for `{name}` has {delta.numel()} values for {layer.sparta_indices.numel()} indices: the adapter file is corrupted")
-            lo, hi = layer.slices[layer.rank]
-            layer.sparta_delta.copy_(delta[lo:hi])
+            layer.sparta_delta.copy_(self.local_part(layer.sparta_delta, delta))
         self.write_weights()
+
+    @torch.no_grad()
+    def load_full(self, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Copy full tensors (as `gather` made them, e.g. a checkpoint's) into this rank's parts of `params`."""
+        for name, param in params.items():
+            part = self.local_part(param, tensors[name])
+            (param.to_local() if hasattr(param, "to_local") else param).copy_(part.to_local() if hasattr(part, "to_local") else part)
+        self.write_weights()
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()` as one process training the whole adapter would hold it, so a
+        checkpoint has today's format. Every rank calls it (collectives); the live state is untouched."""
+        saved = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved["state"] = {index: {key: self.gather(params[index], value) if _shaped_like(value, params[index]) else value
+                                  for key, value in entry.items()}
+                          for index, entry in saved["state"].items()}
+        return saved
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+        """The inverse of `full_optimizer_state`: each rank keeps its parts of the per-entry state."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        local = {**saved, "state": {index: {key: self.local_part(params[index], value) if torch.is_tensor(value) and value.dim() else value
+                                            for key, value in entry.items()}
+                                    for index, entry in saved["state"].items()}}
+        optimizer.load_state_dict(local)
+
+
+def _shaped_like(value, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
