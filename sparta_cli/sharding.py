@@ -17,7 +17,7 @@ from sparta_cli.tuners.sparta.sharded import ShardedSparta
 ACCELERATE_SHARDING = ("FSDP", "DEEPSPEED")
 
 
-def check_launch(method: str, sharding: str, distributed_type: str, mixed_precision: str) -> None:
+def check_launch(method: str, sharding: str, distributed_type: str, mixed_precision: str, selecting: bool = False) -> None:
     """Refuse, in one line, the sharded setups that do not work (yet)."""
     if distributed_type in ACCELERATE_SHARDING and method == "sparta":
         raise SpartaError("accelerate's FSDP / DeepSpeed ZeRO-3 plugins would flatten the weights under the SpaRTA layers: "
@@ -30,6 +30,9 @@ def check_launch(method: str, sharding: str, distributed_type: str, mixed_precis
     if not dist.is_available() or not dist.is_initialized():
         raise SpartaError("training.sharding=fsdp needs several processes: launch with "
                           "`torchrun --nproc_per_node N -m sparta_cli train RECIPE`")
+    if selecting:
+        raise SpartaError("training.sharding=fsdp does not keep the best evaluation's adapter yet: "
+                          "drop data.validation_size, or train with training.sharding=none (DDP)")
     if mixed_precision == "fp16":
         raise SpartaError("training.sharding=fsdp runs bf16 or fp32, not fp16 (no loss scaling across shards): "
                           "set training.mixed_precision=bf16")
