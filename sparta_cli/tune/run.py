@@ -189,9 +189,11 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
     console.print(f"[bold]sparta tune[/] {plan.study}: {plan.trials} trials ({left} to run) · {plan.sampler} sampler · "
                   f"{plan.pruner} pruner · {plan.direction} validation {plan.metric} · {space_text}")
     console.print(f"study folder {plan.study_dir} · storage {plan.storage}")
-    if left > 0:
-        supervise(study, plan, start_workers(plan, min(workers, left), shared))
-    summary = write_outputs(study, plan)
+    try:
+        if left > 0:
+            supervise(study, plan, start_workers(plan, min(workers, left), shared))
+    finally:  # interrupted or failed, the folder still shows the trials so far
+        summary = write_outputs(study, plan)
     best = summary["best"]
     if best is None:
         console.print("[yellow]no trial completed[/]: see trials.md and logs/ in the study folder")
