@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.checkpoint import TrainerState, checkpoints, load_checkpoint, save_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import Progress, console
@@ -36,6 +35,7 @@ from sparta_cli.runs import (
 )
 from sparta_cli.tasks import resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
+from sparta_cli.tuners import apply_adapter
 
 
 class Interrupted(RunFailure):
@@ -144,7 +144,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
                               **accelerator_kwargs(recipe, run_dir))
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and not adapter.tuner.shardable:
         raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
                           "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
     if main:
@@ -311,7 +311,7 @@ def _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype,
                        "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
                        "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
                        "dtype": str(model_dtype).removeprefix("torch.")},
-        "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
+        "density": recipe.adapter.density if adapter.tuner.applies("density") else None,
         "targets": recipe.adapter.targets,
         "seed": recipe.adapter_seed,
         "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
