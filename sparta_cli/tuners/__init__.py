@@ -7,11 +7,10 @@ of branching on its name; adding a method is one folder and one line here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
 from sparta_cli.tuners.base import (
     ADAPTER_FILE,
@@ -29,8 +28,14 @@ from sparta_cli.tuners.head import HeadTuner
 from sparta_cli.tuners.lora import DoraTuner, LoraTuner
 from sparta_cli.tuners.sparta.tuner import SpartaTuner
 
+if TYPE_CHECKING:
+    from sparta_cli.config import AdapterConfig
+
 # in the order reports list them
 TUNERS: dict[str, Tuner] = {tuner.name: tuner for tuner in (SpartaTuner(), LoraTuner(), DoraTuner(), FullTuner(), HeadTuner())}
+
+# keys that only some methods read: the others refuse them (config.applies)
+METHOD_SPECIFIC_KEYS = frozenset(key for tuner in TUNERS.values() for key in tuner.config_keys)
 
 
 def get_tuner(method: str) -> Tuner:
@@ -52,6 +57,6 @@ def load_adapter(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Ada
 
 
 __all__ = [
-    "ADAPTER_FILE", "CONFIG_FILE", "PEFT_DIR", "TRAINED_PREFIX", "TUNERS", "Adapter", "Tuner", "apply_adapter",
+    "ADAPTER_FILE", "CONFIG_FILE", "METHOD_SPECIFIC_KEYS", "PEFT_DIR", "TRAINED_PREFIX", "TUNERS", "Adapter", "Tuner", "apply_adapter",
     "check_base_matches", "get_tuner", "load_adapter", "read_adapter_config", "read_adapter_tensors",
 ]

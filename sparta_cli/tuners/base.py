@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from sparta_cli import FORMAT_VERSION, __version__
-from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, write_json, write_safetensors
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # config.py asks the tuners which keys apply: no import cycle at run time
+    from sparta_cli.config import AdapterConfig
     from sparta_cli.tuners.sparta.model import SpartaModel
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -33,15 +33,20 @@ class Tuner:
 
     name: ClassVar[str]
     display_name: ClassVar[str]  # how reports and plots name it
-    config_keys: ClassVar[tuple[str, ...]] = ()  # the `adapter.*` keys it reads (besides method)
+    config_keys: ClassVar[tuple[str, ...]] = ()  # the method-specific `adapter.*` keys it reads
+    size_text: ClassVar[str]  # what sizes it, for messages
     export_formats: ClassVar[tuple[str, ...]] = ()  # `sparta export --format` values it supports
     adds_up: ClassVar[bool] = False  # its saved deltas add up with other runs' in one `sparta merge`
     peft_native: ClassVar[bool] = False  # saved as PEFT's own adapter files (under peft/)
     shardable: ClassVar[bool] = True  # trains under FSDP / DeepSpeed ZeRO-3 sharding
 
     def applies(self, key: str) -> bool:
-        """Whether `adapter.<key>` means something for this method."""
+        """Whether the method-specific key `adapter.<key>` means something for this method."""
         return key in self.config_keys
+
+    def name_setting(self, cfg: AdapterConfig) -> str:
+        """The setting that sizes it, as it appears in default run names (`-d0.01`, `-r16`; none for full/head)."""
+        return ""
 
     def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
         """Freeze `model` and make the method's parameters trainable, in place."""

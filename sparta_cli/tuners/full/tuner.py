@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.tuners.base import Adapter, Tuner, count_params
+
+if TYPE_CHECKING:
+    from sparta_cli.config import AdapterConfig
 
 
 class FullTuner(Tuner):
     name = "full"
+    size_text = "it trains every weight"
     display_name = "full"
 
     def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.tuners.base import Adapter, Tuner, count_params, freeze_all_but_heads
+
+if TYPE_CHECKING:
+    from sparta_cli.config import AdapterConfig
 
 
 class HeadTuner(Tuner):
     name = "head"
+    size_text = "it trains only the classification head"
     display_name = "head"
     adds_up = True  # a head-only run merges with sparta runs (its head can be the one kept)
 

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import replace_dir
 from sparta_cli.targets import resolve_targets
 from sparta_cli.tuners.base import PEFT_DIR, Adapter, Tuner, count_params, freeze_all_but_heads
+
+if TYPE_CHECKING:
+    from sparta_cli.config import AdapterConfig
 
 
 class LoraTuner(Tuner):
     name = "lora"
     display_name = "LoRA"
     config_keys = ("targets", "r", "alpha", "dropout")
+    size_text = "its size is adapter.r"
     export_formats = ("peft",)
     peft_native = True
+
+    def name_setting(self, cfg: AdapterConfig) -> str:
+        return f"-r{cfg.r}"
 
     def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
         base_params = count_params(model)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.tuners.base import (
     Adapter,
     Tuner,
@@ -19,14 +18,21 @@ from sparta_cli.tuners.base import (
 )
 from sparta_cli.tuners.sparta.model import SpartaModel, split_indices
 
+if TYPE_CHECKING:
+    from sparta_cli.config import AdapterConfig
+
 
 class SpartaTuner(Tuner):
     name = "sparta"
     display_name = "SpaRTA"
-    config_keys = ("density", "targets", "seed")
+    config_keys = ("density", "targets")
+    size_text = "its size is adapter.density"
     export_formats = ("sparta", "peft", "peft-sparta")
     adds_up = True
     shardable = False  # the layer rewrites whole weights in place: not sharded yet (docs/scaling.md)
+
+    def name_setting(self, cfg: AdapterConfig) -> str:
+        return f"-d{cfg.density}"
 
     def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
         base_params = count_params(model)
