@@ -110,6 +110,18 @@ def test_a_running_trial_whose_process_is_gone_is_stale():
     assert is_stale(trial)
 
 
+def test_workers_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from sparta_cli.tune.run import worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [worker_env(i, 3, ["4", "6"])["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4", "6", "4"]
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = worker_env(0, 2, [])
+    assert env["OMP_NUM_THREADS"] == "4" and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == "1"  # the user's setting wins
+
+
 # ---------------------------------------------------------------- real studies
 
 
