@@ -173,7 +173,7 @@ def test_a_study_prunes_a_bad_region_writes_its_folder_and_best_yaml_reruns_the_
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_dir, tiny_bert_dir):
     """kill -9 of `sparta tune` and its worker mid-trial; the rerun fails the orphaned trial, runs its
-    parameters again as a new trial, and leaves the finished ones untouched."""
+    parameters again as a new trial in its folder, and leaves the finished ones untouched."""
     from sparta_cli.tune.run import tune
     from sparta_cli.tune.study import open_study
 
@@ -213,6 +213,7 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data
         assert old.state.name == "FAIL"
         retry = after[old.user_attrs["retried_as"]]
         assert retry.state.name == "COMPLETE" and retry.params == trial.params and retry.user_attrs["retry_of"] == trial.number
+        assert retry.user_attrs["run_dir"] == trial.user_attrs["run_dir"]  # continued in its folder (no checkpoint: from the start)
     counted = [t for t in after if "retried_as" not in t.user_attrs]
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted)
 
