@@ -17,11 +17,14 @@ from sparta_cli.tuners.sparta.sharded import ShardedSparta
 ACCELERATE_SHARDING = ("FSDP", "DEEPSPEED")
 
 
-def check_launch(method: str, sharding: str, distributed_type: str, mixed_precision: str, selecting: bool = False) -> None:
-    """Refuse, in one line, the sharded setups that do not work (yet)."""
-    if distributed_type in ACCELERATE_SHARDING and method == "sparta":
-        raise SpartaError("accelerate's FSDP / DeepSpeed ZeRO-3 plugins would flatten the weights under the SpaRTA layers: "
-                          "launch with torchrun (or `accelerate launch --multi_gpu`) and set training.sharding=fsdp (see docs/scaling.md)")
+def check_launch(method: str, shardable: bool, sharding: str, distributed_type: str, mixed_precision: str,
+                 selecting: bool = False) -> None:
+    """Refuse, in one line, the sharded setups that do not work (yet); `shardable`: the method trains
+    under accelerate's FSDP / DeepSpeed plugins (its tuner says so)."""
+    if distributed_type in ACCELERATE_SHARDING and not shardable:
+        raise SpartaError(f"accelerate's FSDP / DeepSpeed ZeRO-3 plugins do not work with adapter.method={method} (they would "
+                          "flatten the weights under its layers): launch with torchrun and set training.sharding=fsdp "
+                          "(see docs/scaling.md)")
     if sharding != "fsdp":
         return
     if method != "sparta":

@@ -81,9 +81,9 @@ def test_fsdp_run_matches_one_process_and_resumes_after_kill_bit_for_bit(tmp_pat
 
 def test_sharding_refuses_what_does_not_work_in_one_line():
     with pytest.raises(SpartaError, match="training.sharding=fsdp"):
-        check_launch("sparta", "none", "FSDP", "no")  # accelerate's plugin: points at the way that works
+        check_launch("sparta", False, "none", "FSDP", "no")  # accelerate's plugin: points at the way that works
     with pytest.raises(SpartaError, match="adapter.method=sparta only"):
-        check_launch("lora", "fsdp", "MULTI_CPU", "no")
+        check_launch("lora", True, "fsdp", "MULTI_CPU", "no")
     with pytest.raises(SpartaError, match="torchrun"):
-        check_launch("sparta", "fsdp", "NO", "no")  # one process, no process group
-    check_launch("lora", "none", "FSDP", "no")  # PEFT under accelerate's FSDP is not ours to refuse
+        check_launch("sparta", False, "fsdp", "NO", "no")  # one process, no process group
+    check_launch("lora", True, "none", "FSDP", "no")  # PEFT under accelerate's FSDP is not ours to refuse
