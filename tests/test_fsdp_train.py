@@ -47,6 +47,11 @@ def _run(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _descendants(pid: int) -> list[int]:
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for child in map(int, children) for d in [*_descendants(child), child]]
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
@@ -66,13 +71,14 @@ def test_fsdp_run_matches_one_process_and_resumes_after_kill_bit_for_bit(tmp_pat
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
 
     recipe = _recipe(tmp_path, tiny_bert_nodropout_dir, data_dir, killed, 4, "fsdp")
-    proc = subprocess.Popen(_torchrun(recipe, 29542), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(_torchrun(recipe, 29542), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not (killed / "checkpoint-8").exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "checkpoint-8 never appeared"
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    for pid in [*_descendants(proc.pid), proc.pid]:  # both workers (torchrun starts them in sessions of their own), then the launcher
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "all_results.json").exists(), "the run finished before it was killed"
     _run(_torchrun(recipe, 29543, "--resume"))
