@@ -425,7 +425,7 @@ def _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype,
         "pad_token_id": adapter.base.config.pad_token_id,
         "tokenizer": {"pad_token": tokenizer.pad_token},
     }
-    adapter.save(run_dir, metadata)
+    adapter.save(run_dir, metadata, tokenizer)
     train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
                      "train_samples": train_samples, "train_samples_per_second": round(state.seen / max(runtime, 1e-9), 3),
                      "train_steps": state.step, "epoch": round(epochs_done, 4)}

@@ -112,3 +112,19 @@ def test_lora_run_exports_as_its_own_peft_adapter(tmp_path, llama_run):
     torch.testing.assert_close(_peft_logits(tmp_path / "peft", base, batch), adapter_logits(run, batch), rtol=1e-5, atol=1e-6)
     with pytest.raises(SpartaError, match="sparta merge"):
         export_run(run, format="peft-sparta", output=tmp_path / "ps")
+
+
+def test_exports_record_the_base_as_the_user_named_it(tmp_path, minilm_run, minilm_path):
+    """`pkg:...` as written in the recipe, never the virtualenv folder it resolved to on this machine."""
+    import json
+
+    for fmt in ("peft", "sparta"):
+        export_run(minilm_run, format=fmt, output=tmp_path / fmt)
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert f"base_model: {MINILM}\n" in card
+        assert minilm_path not in card and minilm_path not in (tmp_path / fmt / "adapter_config.json").read_text()
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == MINILM
+    assert json.loads((tmp_path / "sparta" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == MINILM
+    # read back, `pkg:` resolves: the exported sparta adapter scores like the run
+    batch = text_batch(minilm_path)
+    assert torch.equal(adapter_logits(tmp_path / "sparta", batch), adapter_logits(minilm_run, batch))
