@@ -256,7 +256,7 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -353,13 +353,15 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     """Validate a raw recipe mapping after applying `key=value` overrides.
 
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
-    records where it came from and is not part of the recipe."""
+    records where it came from and is not part of the recipe; a `tune:` section is `sparta tune`'s
+    search over the recipe, so the same file also trains as is."""
     tree = dict(raw)
     from_run = tree.pop("run", None) is not None
+    tree.pop("tune", None)
     overridden: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
         overridden.add(key)
     _refuse_keys_of_other_methods(tree, overridden, from_run)
     try:
