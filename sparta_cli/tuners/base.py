@@ -166,6 +166,10 @@ def run_config_path(run_dir: Path) -> Path | None:
 
 
 def read_adapter_config(run_dir: Path) -> dict[str, Any]:
+    if not run_dir.exists():
+        raise SpartaError(f"{run_dir} does not exist: give the folder of a run that `sparta train` wrote (check for a typo)")
+    if not run_dir.is_dir():
+        raise SpartaError(f"{run_dir} is a file: give the folder of a run that `sparta train` wrote")
     path = run_config_path(run_dir)
     if path is None:
         hint = " (it holds checkpoints: finish it with `sparta train RECIPE --resume`)" if any(run_dir.glob("checkpoint-*")) else ""
