@@ -237,6 +237,9 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
     if values not in VALUE_DTYPES:
         raise SpartaError(f"--values {values} is not supported: use fp32 or bf16")
     run = read_run(run_dir)
+    if run.tuner.standalone:
+        raise SpartaError(f"{run_dir} is a {run.method} run: its folder already is a transformers checkpoint "
+                          "(AutoModelForSequenceClassification.from_pretrained loads it): share the folder as it is")
     if format not in run.tuner.export_formats:
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")

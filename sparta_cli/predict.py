@@ -35,8 +35,8 @@ def format_predictions(preds: np.ndarray, label_names: tuple[str, ...] | None) -
 
 
 def file_task(task: Task, path: Path) -> Task:
-    """The run's task reading `path` (CSV, TSV or JSONL with the task's text fields) as its test split;
-    a label column may be there or not: predictions ignore it."""
+    """The run's task reading `path` (CSV, TSV or JSONL with the task's text fields) as its test split.
+    The label column may be left out; where present, it holds the task's label names."""
     if task.source == "mmlu":
         raise SpartaError("--file reads rows of text fields; MMLU rows are prompts built from questions: predict --split instead")
     if not path.is_file():
