@@ -128,3 +128,22 @@ def test_exports_record_the_base_as_the_user_named_it(tmp_path, minilm_run, mini
     # read back, `pkg:` resolves: the exported sparta adapter scores like the run
     batch = text_batch(minilm_path)
     assert torch.equal(adapter_logits(tmp_path / "sparta", batch), adapter_logits(minilm_run, batch))
+
+
+def test_a_full_run_is_shared_as_it_is_and_merges_by_copy(tmp_path, minilm_path):
+    """Export refuses a full run (its folder is the portable artifact); merge copies it, and the copy
+    gives plain transformers the logits sparta computes for the run."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sparta_cli.merge import merge_runs
+
+    run = make_run(tmp_path / "full", MINILM, method="full")
+    with pytest.raises(SpartaError, match="already is a transformers checkpoint"):
+        export_run(run, format="peft", output=tmp_path / "out")
+    with pytest.raises(SpartaError, match="drop --base"):
+        merge_runs([run], output=tmp_path / "merged", base=MINILM)
+    merge_runs([run], output=tmp_path / "merged")
+    batch = text_batch(minilm_path)
+    with torch.no_grad():
+        theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(**batch).logits
+    assert torch.equal(theirs, adapter_logits(run, batch))
