@@ -55,6 +55,8 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     from sparta_cli.evaluate_cmd import BASE, eval_recipe, load_scored_model, target_kind
     from sparta_cli.evaluation import predict
     from sparta_cli.fileio import write_text
+    from sparta_cli.models import check_model_source
+    from sparta_cli.preflight import preflight
     from sparta_cli.tasks import resolve_task
     from sparta_cli.train import mixed_precision
 
@@ -74,6 +76,10 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     if recipe.task.head == "lm":
         raise SpartaError("predict writes a classifier's predictions; task.head=lm scores a base model: use sparta eval")
     scored_task = file_task(run_task, Path(file).expanduser()) if file is not None else run_task
+    if file is None:
+        preflight(recipe, targets=False)  # paths and data before the model loads
+    else:
+        check_model_source(recipe.model)  # the run's data folder plays no part
     where = "test" if file is not None else (split or DEFAULT_SPLIT)
     set_seed(recipe.seed)
     model, tokenizer, scorer, _ = load_scored_model(kind, target, recipe, run_task)
