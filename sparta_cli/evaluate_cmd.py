@@ -175,7 +175,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
         recipe.data.max_eval_samples = None
     task_obj = resolve_task(recipe.task)
     splits = eval_splits(task_obj, split)
-    preflight(recipe, targets=False)  # paths and data before the model loads; a run's adapter names its own layers
+    preflight(recipe, targets=False, splits=splits)  # paths and data before the model loads; a run's adapter names its own layers
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
 
