@@ -12,7 +12,7 @@ Rows (each a fresh copy of the same random- or real-weight model, the same batch
                it draws its entries by Bernoulli sampling) as sparta:D.
   lora, dora   r=8, alpha=16 on q,v through PEFT (apply_adapter), head trained fully.
   full, head   everything; only the head.
-One step = forward, loss, backward, AdamW step, zero_grad (as `sparta train` runs it; weights
+One step = forward, loss, backward, optimizer step (--optimizer), zero_grad (as `sparta train` runs it; weights
 in --dtype, head in fp32 under autocast when the body is half precision).
 
 Timing: all rows in this one process, after --warmup steps; on CPU the rows' steps interleave
@@ -47,6 +47,7 @@ import torch
 
 from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
+from sparta_cli.optim import OPTIMIZERS, build_optimizer, make_optimizer, resolve_optimizer
 from sparta_cli.targets import HEAD_NAMES, resolve_targets
 
 GIB = 2**30
@@ -74,12 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto", help="as training.optimizer (auto: fused AdamW on CUDA)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadiest on a busy machine")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row's peak RSS, print it
     args = p.parse_args(argv)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.optimizer = resolve_optimizer(args.optimizer, args.device)
     return args
 
 
@@ -157,6 +160,7 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
     if method == "peft-sparta":
         run = peft_sparta_model(model, args, float(density))
         params = list(run.parameters())
+        optimizer = make_optimizer([{"params": params}], args.optimizer, lr=1e-5)
     else:
         cfg = {
             "limit": AdapterConfig(method="head"),
@@ -169,8 +173,8 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
         adapter = apply_adapter(model, cfg, seed=0, head_modules=heads)
         run = adapter.model
         params = [p for _, p in adapter.trainable()]
+        optimizer = build_optimizer(adapter, args.optimizer, lr=1e-5, head_lr=None, weight_decay=0.0)
     embed = model.get_input_embeddings()
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     half = DTYPES[args.dtype] != torch.float32
     device_type = torch.device(args.device).type
 

@@ -23,6 +23,7 @@ from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.models import load_for_classification
+from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
@@ -55,16 +56,6 @@ def mixed_precision(recipe: Recipe, model_dtype: torch.dtype) -> str:
     if model_dtype == torch.bfloat16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return "bf16"
     return "no"
-
-
-def build_optimizer(adapter, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only: optimizer state is O(trainable)."""
-    cfg = recipe.training
-    head, body = [], []
-    for name, param in adapter.trainable():
-        (head if any(f"{m}." in f"{name}." for m in adapter.head_modules) else body).append(param)
-    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
@@ -166,7 +157,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     train_loader = make_loader(train_split.dataset, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
     eval_loaders = {s: make_loader(t.dataset, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, t in eval_splits.items()}
 
-    optimizer = build_optimizer(adapter, recipe)
+    optimizer = build_optimizer(adapter, resolve_optimizer(cfg.optimizer, accelerator.device), cfg.lr, cfg.head_lr, cfg.weight_decay)
     run_model, optimizer, train_loader = accelerator.prepare(adapter.model, optimizer, train_loader)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
     steps = total_steps(recipe, len(train_loader))
@@ -179,6 +170,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     state = TrainerState(world_size=world)
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator)
+        if adapter.sparta is not None:
+            adapter.sparta.write_weights()  # the deltas were loaded in place
         if main:
             truncate_log(run_dir / TRAINER_LOG, state.step)
     elif main:
