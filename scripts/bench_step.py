@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto", help="as training.optimizer (auto: fused AdamW on CUDA)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadiest on a busy machine")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    p.add_argument("--no-memory", action="store_true", help="on CPU, skip the per-row peak-RSS subprocesses (timing only)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row's peak RSS, print it
     args = p.parse_args(argv)
     if args.dtype == "auto":
@@ -284,7 +285,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     trainable = {spec: row.trainable for spec, row in built.items()}
     params = built[specs[0]].params
     del built
-    if not args.device.startswith("cuda"):
+    if not args.device.startswith("cuda") and not args.no_memory:
         peaks = peak_rss_bytes(specs, argv)
     limit_times = times.get("limit")
     limit_peak = peaks.get("limit")
@@ -292,7 +293,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     for spec in specs:
         method, _, density = spec.partition(":")
         step_s = statistics.median(times[spec])
-        extra = (peaks[spec] - limit_peak) / trainable[spec] if limit_peak is not None and trainable[spec] else None
+        peak = peaks.get(spec)
+        extra = (peak - limit_peak) / trainable[spec] if peak is not None and limit_peak is not None and trainable[spec] else None
         rows.append({
             "method": method,
             "density": float(density) if density else None,
@@ -302,7 +304,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:
             "step_s_min": round(min(times[spec]), 4),
             "step_s_max": round(max(times[spec]), 4),
             "ratio_to_limit": round(paired_ratio(times[spec], limit_times), 3) if limit_times else None,
-            "peak_mem_gib": round(peaks[spec] / GIB, 3),
+            "peak_mem_gib": round(peak / GIB, 3) if peak is not None else None,
             "extra_bytes_per_trainable": round(extra, 2) if extra is not None else None,
             "memory": "cuda_max_allocated" if args.device.startswith("cuda") else "peak_rss",
             "model": args.model or args.size, "params": params, "batch": args.batch, "seq": args.seq,
@@ -320,10 +322,14 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print("-" * len(header))
     for row in rows:
         name = row["method"] + (f" {row['density']:g}" if row["density"] else "")
-        extra = f"{row['extra_bytes_per_trainable']:.1f}" if row["extra_bytes_per_trainable"] is not None else "-"
-        ratio = f"{row['ratio_to_limit']:.3f}" if row["ratio_to_limit"] is not None else "-"
+        extra = _or_dash(row["extra_bytes_per_trainable"], ".1f")
+        ratio = _or_dash(row["ratio_to_limit"], ".3f")
         print(f"{name:<20} {row['trainable_params']:>12,} {row['step_s']:>8.4f} {row['step_s_min']:>8.4f} {row['step_s_max']:>8.4f} "
-              f"{ratio:>8} {row['peak_mem_gib']:>9.3f} {extra:>12}")
+              f"{ratio:>8} {_or_dash(row['peak_mem_gib'], '.3f'):>9} {extra:>12}")
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> None:
