@@ -322,7 +322,9 @@ def end_to_end(args: argparse.Namespace) -> dict:
     common = [f"model.name_or_path={base}", f"data.dir={args.data_dir}", f"training.max_steps={steps}",
               f"data.max_eval_samples={evaluated}", "training.eval_every=null", "training.log_every=5"]
     if args.toy:
-        common += ["data.max_train_samples=24", "training.batch_size=4", "data.max_length=32", "data.cache=false"]
+        # fused AdamW as on CUDA (auto picks it there): the weights must follow the deltas through Accelerate
+        common += ["data.max_train_samples=24", "training.batch_size=4", "data.max_length=32", "data.cache=false",
+                   "training.optimizer=adamw_fused"]
     methods = {"sparta": [], "lora": ["adapter.method=lora", "adapter.targets=[q,v]"], "full": ["adapter.method=full"]}
     results: dict = {"base": str(base), "methods": {}}
     for method, extra in methods.items():

@@ -27,10 +27,14 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides
 
 
 @app.callback()
-def _options(debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks")] = False) -> None:
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks; check SpaRTA's weight writes")] = False) -> None:
     global _debug
     _debug = debug or os.environ.get("SPARTA_DEBUG") == "1"
-    if not _debug:
+    if _debug:
+        from sparta_cli.tuners.sparta.layer import CHECK_WEIGHTS_ENV
+
+        os.environ.setdefault(CHECK_WEIGHTS_ENV, "1")  # every SpaRTA forward verifies W0 + delta (a host sync per layer)
+    else:
         from sparta_cli.console import quiet_libraries
 
         quiet_libraries()

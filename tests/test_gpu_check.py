@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from conftest import REPO
 
+from sparta_cli.tuners.sparta.layer import CHECK_WEIGHTS_ENV
+
 
 def test_gpu_check_toy_runs_every_part(data_dir, minilm_path, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--toy", "--data-dir", str(data_dir),
                           "--tokenizer", minilm_path, "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=1200, check=False)  # a guard against hangs only
+                         capture_output=True, text=True, timeout=1200, check=False,  # a guard against hangs only
+                         env={**os.environ, CHECK_WEIGHTS_ENV: "1"})  # every SpaRTA forward checks it sees W0 + delta
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["toy"]

@@ -93,16 +93,20 @@ def sparse_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.T
     return out
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype autocast runs the linear in (x itself outside autocast): keeping this one for
+    the backward, as autocast's own linear does, halves the saved activation of an fp32 x under bf16."""
+    device_type = x.device.type
+    return x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """y = x W^T + b, where W already holds W0 + delta; gradients flow to x and delta only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, indices):  # type: ignore[override]
         ctx.x_dtype = x.dtype
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # what autocast's own linear would compute in; keeping x in it halves the saved activation
-            x = x.to(torch.get_autocast_dtype(device_type))
+        x = autocast_input(x)
         ctx.save_for_backward(x, weight, indices)
         return F.linear(x, weight, bias)
 
