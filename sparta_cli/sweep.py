@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -45,11 +46,22 @@ def plan_sweep(recipe: str | Path, densities: list[str], seeds: list[str], overr
         out = Path(resolved.output_dir)
         if out in seen:
             raise SpartaError(
-                f"two runs of the sweep would share output_dir {out}: remove output_dir from the recipe or make it name "
-                "${adapter.method}, ${adapter.density} and ${seed}, e.g. output_dir=sweeps/${task.name}/${adapter.method}-d${adapter.density}-s${seed}"
+                f"two runs of the sweep would share output_dir {out}: remove output_dir from the recipe or make it end in "
+                "${name} (the method, its density or rank, and the seed), e.g. output_dir=sweeps/${task.name}/${name}"
             )
         seen.add(out)
     return planned
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted key -> leaf value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:
