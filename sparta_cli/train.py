@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_checkpoint, save_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import TrainingProgress, console
@@ -39,6 +38,7 @@ from sparta_cli.runs import (
 )
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
+from sparta_cli.tuners import apply_adapter
 
 
 class Interrupted(RunFailure):
@@ -227,7 +227,7 @@ class Trainer:
             kwargs_handlers=[ddp], **accelerator_kwargs(recipe, self.run_dir))
         self.main = accelerator.is_main_process
         self.say = console.print if self.main else (lambda *a, **k: None)
-        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
+        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and not self.adapter.tuner.shardable:
             raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
                               "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
         if self.main:
@@ -499,7 +499,7 @@ class Trainer:
                            "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
                            "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
                            "dtype": str(self.model_dtype).removeprefix("torch.")},
-            "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
+            "density": recipe.adapter.density if adapter.tuner.applies("density") else None,
             "targets": recipe.adapter.targets,
             "seed": recipe.adapter_seed,
             "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
