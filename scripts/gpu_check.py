@@ -132,9 +132,9 @@ def optimizer_writes(args: argparse.Namespace) -> list[dict]:
     """After 3 steps of each optimizer the model's logits equal a dense model holding W0 + delta."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from sparta_cli.adapters import apply_adapter
     from sparta_cli.config import AdapterConfig
     from sparta_cli.optim import OPTIMIZERS, build_optimizer
+    from sparta_cli.tuners import apply_adapter
 
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, num_labels=3, pad_token_id=0)

@@ -64,9 +64,9 @@ def _plain_accuracy(run: Path, tsv: Path, rows: int) -> float:
 
     import torch
 
-    from sparta_cli.adapters import load_adapter, read_adapter_config
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_classification
+    from sparta_cli.tuners import load_adapter, read_adapter_config
 
     with tsv.open(newline="") as handle:
         table = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]

@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_batch, tiny_model
 from torch import nn
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
 from sparta_cli.optim import OPTIMIZERS, build_optimizer, resolve_optimizer
+from sparta_cli.tuners import apply_adapter
 from sparta_cli.tuners.sparta import SpartaModel
 from sparta_cli.tuners.sparta.layer import CHECK_WEIGHTS_ENV
 
