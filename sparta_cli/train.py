@@ -539,7 +539,7 @@ class Trainer:
             "pad_token_id": adapter.base.config.pad_token_id,
             "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
         }
-        adapter.save(self.run_dir, metadata)
+        adapter.save(self.run_dir, metadata, loaded.tokenizer)
 
 
 class LossWindow:
