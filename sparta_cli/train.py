@@ -191,6 +191,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     start_trackers(accelerator, recipe, run_dir)
     say(f"{len(train_split.dataset):,} training examples · {steps} steps · effective batch {effective_batch} "
         f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
+    if recipe.lr_from_rule:
+        say(f"training.lr: auto = {cfg.lr:.3g} (docs/learning_rates.md's rule for {recipe.adapter.method})")
 
     scorer = classifier_scorer(task.is_regression)
 
