@@ -3,12 +3,14 @@ on a held-out part of the training set, and the power law fitted through the bes
 
     .venv/bin/python scripts/lr_sweep.py OUT [--tasks sst2 stsb] [--jobs 2] [--table-only]
 
-Each (task, density) trains at every rate of its grid (`GRID`, log-spaced, shifted towards larger
-rates at lower densities) with MiniLM, SpaRTA on v,o; data: `scripts/holdout_glue.py` keeps
+Every run: MiniLM, SpaRTA on v,o, one epoch; data: `scripts/holdout_glue.py` keeps
 `VAL` training rows apart as the validation set and trains on `TRAIN` others. A run whose
 all_results.json exists is skipped, so rerunning continues an interrupted sweep. The best rate is
 the one with the lowest validation loss (smoother than accuracy at these budgets; the table shows
-both); `sparta_cli.lr_rule.fit_power_law` fits lr* = c * density^-a through them.
+both). Each (task, density) starts at two rates of `START` and walks the half-decade `LADDER` outwards
+until the best rate has a worse neighbour on both sides (or the ladder ends), so the grid follows
+the optimum instead of being fixed in advance. `sparta_cli.lr_rule.fit_power_law` fits
+lr* = c * density^-a through the best rates.
 """
 
 from __future__ import annotations
@@ -26,11 +28,8 @@ sys.path.insert(0, str(HERE.parent))
 from sparta_cli.lr_rule import fit_power_law  # noqa: E402
 
 TRAIN, VAL = 1000, 400
-GRID = {  # density -> rates (factor ~3.16 apart)
-    0.002: [1e-2, 3e-2, 1e-1, 3e-1],
-    0.01: [3e-3, 1e-2, 3e-2, 1e-1],
-    0.05: [1e-3, 3e-3, 1e-2, 3e-2],
-}
+LADDER = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # half-decade steps
+START = {0.002: (3e-2, 1e-1), 0.01: (1e-2, 3e-2), 0.05: (3e-3, 1e-2)}  # density -> first two rates tried
 MAX_LENGTH = {"sst2": 64, "stsb": 128, "mrpc": 128, "rte": 128}
 MAIN = {"sst2": "accuracy", "stsb": "pearson", "mrpc": "accuracy", "rte": "accuracy"}
 COMMON = ["training.batch_size=16", "training.epochs=1", "training.warmup_steps=6", "training.eval_every=null",
@@ -54,11 +53,32 @@ def train(out: Path, task: str, density: float, lr: float) -> None:
     print(f"{'done' if rc == 0 else f'FAILED ({rc})'} {folder}", flush=True)
 
 
+def bracketed(cell: dict[float, dict], lr: float) -> bool:
+    """The best rate has been beaten by nothing and has a measured neighbour on each side (or is at the ladder's end)."""
+    i = LADDER.index(lr)
+    return all(j < 0 or j >= len(LADDER) or LADDER[j] in cell for j in (i - 1, i + 1))
+
+
+def sweep_cell(out: Path, task: str, density: float) -> None:
+    """Walk the ladder from START until the lowest validation loss is bracketed."""
+    for lr in START[density]:
+        train(out, task, density, lr)
+    while True:
+        cell = {r["lr"]: r for r in results(out, [task]) if r["density"] == density}
+        if not cell:
+            return  # every run failed: the log says why
+        top = min(cell.values(), key=lambda r: r["loss"])["lr"]
+        if bracketed(cell, top):
+            return
+        i = LADDER.index(top)
+        train(out, task, density, next(LADDER[j] for j in (i - 1, i + 1) if 0 <= j < len(LADDER) and LADDER[j] not in cell))
+
+
 def results(out: Path, tasks: list[str]) -> list[dict]:
     rows = []
     for task in tasks:
-        for density, rates in GRID.items():
-            for lr in rates:
+        for density in START:
+            for lr in LADDER:
                 path = run_dir(out, task, density, lr) / "all_results.json"
                 if path.is_file():
                     res = json.loads(path.read_text())
@@ -68,20 +88,18 @@ def results(out: Path, tasks: list[str]) -> list[dict]:
 
 
 def report(rows: list[dict], tasks: list[str]) -> None:
-    print("| task | density | " + " | ".join(f"lr {lr:g}" for lr in sorted({r["lr"] for r in rows})) + " |")
     lrs = sorted({r["lr"] for r in rows})
+    print("| task | density | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
     print("|---|---|" + "---|" * len(lrs))
     best = []
     for task in tasks:
-        for density in GRID:
+        for density in START:
             cell = {r["lr"]: r for r in rows if r["task"] == task and r["density"] == density}
             if not cell:
                 continue
             top = min(cell.values(), key=lambda r: r["loss"])
-            complete = len(cell) == len(GRID[density])
-            edge = top["lr"] in (min(GRID[density]), max(GRID[density]))
-            if complete:
-                best.append((task, density, top["lr"], edge))
+            if bracketed(cell, top["lr"]):
+                best.append((task, density, top["lr"], top["lr"] in (LADDER[0], LADDER[-1])))
             shown = [f"**{cell[lr]['loss']:.3f} / {cell[lr]['metric']:.3f}**" if cell.get(lr) is top
                      else (f"{cell[lr]['loss']:.3f} / {cell[lr]['metric']:.3f}" if lr in cell else "") for lr in lrs]
             print(f"| {task} | {density:g} | " + " | ".join(shown) + " |")
@@ -105,10 +123,9 @@ def main() -> None:
         if not (out / "data").is_dir():
             subprocess.check_call([sys.executable, str(HERE / "holdout_glue.py"), str(out / "data"), "--tasks", *args.tasks,
                                    "--val", str(VAL), "--train", str(TRAIN), "--seed", "0"], env=os.environ)
-        # density by density, task by task: a sweep cut short holds whole rows
-        plan = [(task, d, lr) for d in GRID for task in args.tasks for lr in GRID[d]]
+        cells = [(task, d) for d in sorted(START, reverse=True) for task in args.tasks]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda p: train(out, *p), plan))
+            list(pool.map(lambda c: sweep_cell(out, *c), cells))
     report(results(out, args.tasks), args.tasks)
 
 
