@@ -24,6 +24,7 @@ from sparta_cli.fileio import read_json, write_json, write_safetensors
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainable.safetensors"
+BEST_FILE = "best_trainable.safetensors"  # the best evaluation's tensors, when a validation set selects
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -35,9 +36,11 @@ class TrainerState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
     seen: int = 0  # training examples seen, all processes
+    tokens: int = 0  # non-pad training tokens seen, all processes
     loss_sum: float = 0.0  # sum of per-step losses, for train_loss
     elapsed: float = 0.0  # seconds of training before this session
     world_size: int = 1
+    selection: dict[str, Any] | None = None  # best_step, best_metrics, evals_since_best (with a validation set)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -62,7 +65,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    accelerator, keep: int | None, recipe: dict[str, Any]) -> Path:
+                    accelerator, keep: int | None, recipe: dict[str, Any], best: dict[str, torch.Tensor] | None = None) -> Path:
     """Every rank writes its RNG state into the temporary folder; the main process writes the rest and renames it."""
     final = run_dir / f"checkpoint-{state.step}"
     tmp = run_dir / f".checkpoint-{state.step}.tmp"
@@ -73,6 +76,8 @@ def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, tor
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         write_safetensors(tmp / TENSORS_FILE, {name: t.detach().cpu().contiguous() for name, t in trainable.items()})
+        if best is not None:
+            write_safetensors(tmp / BEST_FILE, {name: t.contiguous() for name, t in best.items()})
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         write_json(tmp / "recipe.json", recipe)
     accelerator.wait_for_everyone()
@@ -112,3 +117,10 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, s
     scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=False))
     return state
+
+
+def load_best(path: Path) -> dict[str, torch.Tensor] | None:
+    """The best evaluation's tensors a checkpoint kept (None when it kept none)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
