@@ -36,7 +36,7 @@ from sparta_cli.sweep import run_action  # noqa: E402
 MINILM = REPO / "configs" / "quickstart.yaml"
 SMOLLM = REPO / "configs" / "sst2_smollm2.yaml"
 TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")  # cheapest first: a table cut short holds whole tasks
-TRAIN_ROWS = {"rte": 2490, "mrpc": 3668, "stsb": 5749, "cola": 8551, "sst2": 20000}
+TRAIN_ROWS = {"rte": 2490, "mrpc": 3668, "stsb": 5749, "cola": 8551, "sst2": 22300}
 PROTOCOL = ["data.max_length=128", "data.max_eval_samples=null", "data.validation_size=0.1",
             "training.epochs=3", "training.batch_size=32", "adapter.targets=[v,o]"]
 LORA_QV = ["adapter.r=8", "adapter.targets=[q,v]"]
@@ -228,7 +228,8 @@ def main() -> None:
                                               *([(SMOLLM, "SmolLM2-135M", ["sst2"], {"sparta", "lora", "full"} & (only or {"sparta", "lora", "full"}))] if args.smollm else [])]:
         matched = lora_matched_density(recipe_path, overrides)
         for task in tasks:
-            sst2 = ["data.max_train_samples=20000"] if task == "sst2" else ["data.max_train_samples=null"]
+            # SST-2: 22,300 rows, of which validation_size's 10% are held out: 20,070 train (issue 13 asks for >= 20k)
+            sst2 = ["data.max_train_samples=22300"] if task == "sst2" else ["data.max_train_samples=null"]
             base = [*PROTOCOL, f"task.name={task}", *sst2, *overrides]
             base += schedule(task, base, recipe_path)
             methods = methods_for(matched, args.seeds, args.other_seeds, args.grid, wanted)
@@ -251,6 +252,12 @@ def main() -> None:
                 if best is not None:
                     method.runs[(best, seed)] = out / task / method.label / f"lr{best:g}-s{seed}"
 
+    for task, _, _, methods, label in plans:  # sparta report's table, CSV and plots over the runs in the table
+        chosen = [str(run) for m in methods for (lr, _), run in m.runs.items()
+                  if lr == best_rate(m, task) and (run / "all_results.json").is_file()]
+        if chosen:
+            subprocess.call([sys.executable, "-m", "sparta_cli", "report", *chosen, "--metric", f"test_{main_metric(task)}",
+                             "--output", str(out / "report" / f"{task}-{label}")], stdout=subprocess.DEVNULL)
     print("\n| task | method | trainable params | best lr | validation (main metric) | official dev (main metric) | seeds done | wall s / run |")
     print("|---|---|---|---|---|---|---|---|")
     for task, _, _, methods, _ in plans:
