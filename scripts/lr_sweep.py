@@ -7,7 +7,8 @@ Every run: MiniLM, SpaRTA on v,o, one epoch; data: `scripts/holdout_glue.py` kee
 `VAL` training rows apart as the validation set and trains on `TRAIN` others. A run whose
 all_results.json exists is skipped, so rerunning continues an interrupted sweep. The best rate is
 the one with the lowest validation loss (smoother than accuracy at these budgets; the table shows
-both). Each (task, density) starts at two rates of `START` and walks the half-decade `LADDER` outwards
+both); the parabola through the best rate's and its neighbours' (log lr, loss) refines it between
+grid points (`interpolated_optimum`). Each (task, density) starts at two rates of `START` and walks the half-decade `LADDER` outwards
 until the best rate has a worse neighbour on both sides (or the ladder ends), so the grid follows
 the optimum instead of being fixed in advance. `sparta_cli.lr_rule.fit_power_law` fits
 lr* = c * density^-a through the best rates.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sparta_cli.lr_rule import fit_power_law  # noqa: E402
+from sparta_cli.lr_rule import fit_power_law, interpolated_optimum  # noqa: E402
 
 TRAIN, VAL = 1000, 400
 LADDER = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # half-decade steps
@@ -99,16 +100,18 @@ def report(rows: list[dict], tasks: list[str]) -> None:
                 continue
             top = min(cell.values(), key=lambda r: r["loss"])
             if bracketed(cell, top["lr"]):
-                best.append((task, density, top["lr"], top["lr"] in (LADDER[0], LADDER[-1])))
+                refined = interpolated_optimum([(lr, r["loss"]) for lr, r in cell.items()])
+                best.append((task, density, top["lr"], refined))
             shown = [f"**{cell[lr]['loss']:.3f} / {cell[lr]['metric']:.3f}**" if cell.get(lr) is top
                      else (f"{cell[lr]['loss']:.3f} / {cell[lr]['metric']:.3f}" if lr in cell else "") for lr in lrs]
             print(f"| {task} | {density:g} | " + " | ".join(shown) + " |")
     print("\ncells: validation loss / main metric (SST-2 accuracy, STS-B Pearson); bold: lowest loss\n")
-    for task, density, lr, edge in best:
-        print(f"best {task} d={density:g}: lr {lr:g}" + (" (at the grid's edge)" if edge else ""))
+    for task, density, lr, refined in best:
+        print(f"best {task} d={density:g}: lr {lr:g} on the grid, {refined:.3g} at the vertex of the parabola through its neighbours")
     if len({d for _, d, _, _ in best}) >= 2:
-        c, a = fit_power_law([(d, lr) for _, d, lr, _ in best])
-        print(f"fit over {len(best)} best rates: lr* = {c:.3g} * density^-{a:.3f}")
+        for which, index in (("grid", 2), ("vertex", 3)):
+            c, a = fit_power_law([(row[1], row[index]) for row in best])
+            print(f"fit over {len(best)} best rates ({which}): lr* = {c:.3g} * density^-{a:.3f}")
 
 
 def main() -> None:

@@ -69,3 +69,13 @@ def test_train_prints_and_records_the_chosen_rate(tmp_path, tiny_bert_dir, data_
     recorded = yaml.safe_load((out / "config.yaml").read_text())["training"]["lr"]
     assert recorded == pytest.approx(chosen)
     assert load_recipe(out / "config.yaml").training.lr == pytest.approx(chosen)  # the rerun trains at the same rate
+
+
+def test_interpolated_optimum_finds_a_parabolas_vertex_between_grid_points():
+    import math
+
+    from sparta_cli.lr_rule import interpolated_optimum
+    true = 0.017
+    points = [(lr, (math.log(lr) - math.log(true)) ** 2 + 0.4) for lr in (3e-3, 1e-2, 3e-2, 1e-1)]
+    assert interpolated_optimum(points) == pytest.approx(true, rel=1e-9)
+    assert interpolated_optimum([(1e-2, 0.5), (3e-2, 0.4)]) == 3e-2  # best at the edge: no vertex to find
