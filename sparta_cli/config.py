@@ -145,24 +145,17 @@ class LoggingConfig(_Strict):
 # full-s42), so runs that differ in that setting never share a folder.
 DEFAULT_OUTPUT_DIR = "runs/${task.name}/${name}"
 
-# The adapter keys that only some methods read; any other method refuses them (a density given to
-# LoRA used to be ignored without a word). Keys not listed here apply to every method.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "density": ("sparta",),
-    "targets": ("sparta", "lora", "dora"),
-    "r": ("lora", "dora"),
-    "alpha": ("lora", "dora"),
-    "dropout": ("lora", "dora"),
-}
 _KEY_USE = {"density": "SpaRTA's fraction of each target matrix", "targets": "the matrices an adapter trains",
             "r": "the LoRA/DoRA rank", "alpha": "the LoRA/DoRA scale", "dropout": "the LoRA/DoRA dropout"}
-_METHOD_SIZE = {"sparta": "its size is adapter.density", "lora": "its size is adapter.r", "dora": "its size is adapter.r",
-                "full": "it trains every weight", "head": "it trains only the classification head"}
 
 
 def applies(key: str, method: str) -> bool:
-    """Whether adapter.<key> means anything to `method`."""
-    return method in METHOD_KEYS.get(key, (method,))
+    """Whether adapter.<key> means anything to `method`: the adapter keys that only some methods read
+    (each method's `config_keys`, sparta_cli/tuners/) are refused by the others (a density given to
+    LoRA used to be ignored without a word); every other key applies to every method."""
+    from sparta_cli.tuners import METHOD_SPECIFIC_KEYS, get_tuner
+
+    return key not in METHOD_SPECIFIC_KEYS or get_tuner(method).applies(key)
 
 
 class Recipe(_Strict):
@@ -220,9 +213,9 @@ class Recipe(_Strict):
     @property
     def run_name(self) -> str:
         """The method, the setting that sizes it, and the seed: sparta-d0.01-s42, lora-r16-s42, full-s42."""
-        a = self.adapter
-        setting = {"sparta": f"-d{a.density}", "lora": f"-r{a.r}", "dora": f"-r{a.r}"}.get(a.method, "")
-        return f"{a.method}{setting}-s{self.seed}"
+        from sparta_cli.tuners import get_tuner
+
+        return f"{self.adapter.method}{get_tuner(self.adapter.method).name_setting(self.adapter)}-s{self.seed}"
 
 
 # ---------------------------------------------------------------- loading
@@ -253,10 +246,76 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+# Names from the Hugging Face Trainer / PEFT that users bring along, and sparta's key for each.
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "training.lr",
+    "per_device_train_batch_size": "training.batch_size",
+    "train_batch_size": "training.batch_size",
+    "per_device_eval_batch_size": "training.eval_batch_size",
+    "num_train_epochs": "training.epochs",
+    "warmup_ratio": "training.warmup_steps (a number of steps, not a ratio)",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "lr_scheduler_type": "training.scheduler",
+    "logging_steps": "training.log_every",
+    "eval_steps": "training.eval_every",
+    "evaluation_strategy": "training.eval_every (steps between evaluations)",
+    "eval_strategy": "training.eval_every (steps between evaluations)",
+    "save_steps": "training.save_every",
+    "save_total_limit": "training.keep_checkpoints",
+    "bf16": "training.mixed_precision=bf16",
+    "fp16": "training.mixed_precision=fp16",
+    "model_name_or_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "max_seq_length": "data.max_length",
+    "dataset_name": "task.name",
+    "target_modules": "adapter.targets",
+    "lora_r": "adapter.r",
+    "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout",
+    "report_to": "logging.tensorboard or logging.wandb",
+}
+# Keys that live in another section than the one written (`lr:` at the top, `density:` under training).
+_SECTION_OF = {name: section for section, model in (("model", ModelConfig), ("adapter", AdapterConfig), ("task", TaskConfig),
+                                                    ("data", DataConfig), ("training", TrainingConfig), ("logging", LoggingConfig))
+               for name in model.model_fields}
+
+
+def _example(loc: tuple[Any, ...], given: Any, kind: str) -> str:
+    """An example of the form a key takes, written as an override: `adapter.targets=[v,o]`."""
+    where = ".".join(str(p) for p in loc)
+    if kind == "list_type":
+        items = [part.strip() for part in given.split(",")] if isinstance(given, str) else [str(given)]
+        return f"write a list, e.g. {where}=[{','.join(items)}] (in YAML: `{loc[-1]}: [{', '.join(items)}]`)"
+    field = _field_at(loc)
+    default = getattr(field, "default", None)
+    if default is None or isinstance(default, (dict, list)) or not isinstance(default, (bool, int, float, str)):
+        return ""
+    form = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[type(default)]
+    return f"write {form}, e.g. {where}={str(default).lower() if isinstance(default, bool) else default}"
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    model: Any = Recipe
+    field = None
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+    return field
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     where = ".".join(str(p) for p in loc) or "recipe"
     if error["type"] == "extra_forbidden":
+        if str(loc[-1]) in HF_NAMES:
+            return f"unknown key `{where}` in the recipe: `{loc[-1]}` is the Hugging Face Trainer's name; sparta's is {HF_NAMES[str(loc[-1])]}"
+        if len(loc) > 1 and str(loc[-1]) in Recipe.model_fields:
+            return f"unknown key `{where}` in the recipe: `{loc[-1]}` belongs at the top level of the recipe, not under `{loc[0]}`"
+        section = _SECTION_OF.get(str(loc[-1]))
+        if section and (len(loc) == 1 or str(loc[0]) != section):
+            return f"unknown key `{where}` in the recipe: did you mean `{section}.{loc[-1]}`?"
         hint = _closest(str(loc[-1]), _fields_at(loc))
         valid = ", ".join(_fields_at(loc))
         fix = f"did you mean `{hint}`?" if hint else f"valid keys: {valid}"
@@ -270,6 +329,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"`{where}` in the recipe must be a section of `key: value` lines, not {shown}: see configs/ for examples"
     if error["type"] == "value_error" and isinstance(given, dict):  # a section's own check names its keys
         return message
+    if error["type"].endswith(("_type", "_parsing")):
+        example = _example(loc, given, error["type"])
+        return f"invalid `{where}` = {shown}: {message}" + (f"; {example}" if example else "")
     return f"invalid `{where}` = {shown}: {message}"
 
 
@@ -419,7 +481,9 @@ def _refuse_keys_of_other_methods(tree: dict[str, Any], overridden: set[str], fr
         elif switched and f"adapter.{key}" not in overridden:
             continue
         else:
-            size = f" ({_METHOD_SIZE[method]})" if method in _METHOD_SIZE else ""
+            from sparta_cli.tuners import get_tuner
+
+            size = f" ({get_tuner(method).size_text})"
             raise SpartaError(f"adapter.{key} ({_KEY_USE[key]}) does not apply to adapter.method={method}: remove it{size}")
     tree["adapter"] = kept
 

@@ -38,14 +38,22 @@ def target_kind(target: str) -> str:
         return RUN
     if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
         return RUN  # an unfinished run: loading its adapter says how to finish it
-    if not path.exists() and target.startswith((".", "/", "~")):
-        raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model")
+    if not path.exists() and _looks_local(target):
+        raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model (a Hub name is org/model)")
     config = path / "config.json"
     if config.is_file():
         architectures = read_json(config).get("architectures") or []
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return MERGED
     return BASE
+
+
+def _looks_local(target: str) -> bool:
+    """A path, not a Hub name (`org/model`): it starts like a path, has more than one `/`, ends in
+    one, or its first part is a folder here (`runs/sst2-typo` when ./runs exists)."""
+    if target.startswith((".", "/", "~")) or target.count("/") > 1 or target.endswith("/"):
+        return True
+    return "/" in target and Path(target.split("/")[0]).is_dir()
 
 
 def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) -> Recipe:
@@ -72,7 +80,7 @@ def _run_recipe(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml (build_recipe drops its `run` record); without one, adapter_config.json."""
     if (run_dir / "config.yaml").is_file():
         return read_yaml(run_dir / "config.yaml")
-    from sparta_cli.adapters import read_adapter_config
+    from sparta_cli.tuners import read_adapter_config
 
     config = read_adapter_config(run_dir)
     base = config.get("base_model", {})
@@ -131,7 +139,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     )
     model = loaded.model
     if kind == RUN:
-        from sparta_cli.adapters import load_adapter, read_adapter_config
+        from sparta_cli.tuners import load_adapter, read_adapter_config
 
         config = read_adapter_config(Path(target).expanduser())
         trained = config.get("task", {}).get("num_labels")

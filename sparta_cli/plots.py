@@ -101,15 +101,16 @@ def write_training_loss_png(run_dir: str | Path) -> Path | None:
     return _save(fig, run_dir / TRAINING_LOSS_PNG)
 
 
-def loss_curves_png(runs: Sequence[Run], path: Path) -> Path:
-    """Every run's training loss (lines) and evaluation loss (dots) on one axes, one colour per run."""
+def loss_curves_png(runs: Sequence[tuple[str, Run]], path: Path) -> Path:
+    """Every run's training loss (lines) and evaluation loss (dots) on one axes, one colour per run,
+    each labelled (by the report: its settings that differ from the other runs' and its seed)."""
     from matplotlib import colormaps
 
     fig = _figure(9.0, 5.0)
     ax = fig.add_subplot()
     colors = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
-    for i, run in enumerate(runs):
-        _plot_losses(ax, read_loss_log(run.path), colors[i % len(colors)], run.path.name)
+    for i, (label, run) in enumerate(runs):
+        _plot_losses(ax, read_loss_log(run.path), colors[i % len(colors)], label)
     _loss_axes(ax)
     ax.set_title("training loss (lines) and evaluation loss (dots)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
@@ -130,9 +131,9 @@ def metric_vs_x_png(groups: Sequence[Group], path: Path, x: str = "density") -> 
         mine = [g for g in groups if g.task == task]
         sparta_lines: dict[str, list[Group]] = {}
         for g in mine:
-            if g.method == "sparta" or x == "trainable_params":
+            if g.density is not None or x == "trainable_params":
                 sparta_lines.setdefault(g.label(with_model=many_models), []).append(g)
-        refs = [g for g in mine if g.method != "sparta"] if x == "density" else []
+        refs = [g for g in mine if g.density is None] if x == "density" else []
         for label, line in sparta_lines.items():
             xs = [g.density if x == "density" else g.trainable_params for g in line]
             ys = [g.mean for g in line]

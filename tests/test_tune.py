@@ -110,6 +110,18 @@ def test_a_running_trial_whose_process_is_gone_is_stale():
     assert is_stale(trial)
 
 
+def test_workers_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from sparta_cli.tune.run import worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [worker_env(i, 3, ["4", "6"])["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4", "6", "4"]
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = worker_env(0, 2, [])
+    assert env["OMP_NUM_THREADS"] == "4" and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == "1"  # the user's setting wins
+
+
 # ---------------------------------------------------------------- real studies
 
 
@@ -161,7 +173,7 @@ def test_a_study_prunes_a_bad_region_writes_its_folder_and_best_yaml_reruns_the_
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_dir, tiny_bert_dir):
     """kill -9 of `sparta tune` and its worker mid-trial; the rerun fails the orphaned trial, runs its
-    parameters again as a new trial, and leaves the finished ones untouched."""
+    parameters again as a new trial in its folder, and leaves the finished ones untouched."""
     from sparta_cli.tune.run import tune
     from sparta_cli.tune.study import open_study
 
@@ -201,6 +213,7 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data
         assert old.state.name == "FAIL"
         retry = after[old.user_attrs["retried_as"]]
         assert retry.state.name == "COMPLETE" and retry.params == trial.params and retry.user_attrs["retry_of"] == trial.number
+        assert retry.user_attrs["run_dir"] == trial.user_attrs["run_dir"]  # continued in its folder (no checkpoint: from the start)
     counted = [t for t in after if "retried_as" not in t.user_attrs]
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted)
 

@@ -4,8 +4,8 @@ and what happens to trials whose process died.
 Every `sparta tune` process (and every worker it starts) opens the same storage by URL, so a study
 resumes after a kill and several machines share one. A trial counts against the budget once it is
 asked for; a trial whose process died (a kill -9, a lost machine, Ctrl-C) is marked FAIL with
-`retried_as` and its parameters are enqueued again, so the retry takes its place in the budget and
-finished trials are never rerun.
+`retried_as` and its parameters are enqueued again, so the retry takes its place in the budget (and
+continues in its run folder) and finished trials are never rerun.
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ class Plan:
         """The recipe of one point of the space: the base with `values` (recipe values) set."""
         return build_recipe(self.base, [*(as_override(k, v) for k, v in values.items()), as_override("output_dir", str(output_dir))])
 
-    def trial_recipe(self, number: int, stored: dict[str, Any]) -> Recipe:
+    def trial_recipe(self, number: int, stored: dict[str, Any], output_dir: str | Path | None = None) -> Recipe:
+        """A trial's recipe from its stored parameters, in its own folder unless told another."""
         params = self.params
-        return self.recipe({k: decode(params[k], v) for k, v in stored.items()}, self.trial_dir(number))
+        return self.recipe({k: decode(params[k], v) for k, v in stored.items()}, output_dir or self.trial_dir(number))
 
     def identity(self) -> dict[str, Any]:
         """What must match for a stored study to be this one: same recipe, space and objective."""
@@ -213,8 +214,8 @@ def is_stale(trial, now: float | None = None) -> bool:
 
 def retire(study, trial, reason: str) -> int | None:
     """Mark a trial that will not finish FAIL and enqueue its parameters again; returns the retry's
-    number (None when the trial finished meanwhile). The retry starts over in a fresh run folder
-    (the old one is kept, with any checkpoint it wrote). Attributes go first: a finished trial is frozen."""
+    number (None when the trial finished meanwhile). The retry continues in the old trial's run folder
+    from its newest checkpoint, if any (worker.retried_folder). Attributes go first: a finished trial is frozen."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import socket
 import sys
 import threading
 import time
@@ -68,6 +69,17 @@ class Heartbeat:
         self._thread.join()
 
 
+def retried_folder(study, trial) -> Path | None:
+    """For a retry, the run folder of the trial it replaces, when it is on this machine: the retry
+    continues there from the newest checkpoint (a trial stopped by Ctrl-C or SIGTERM wrote one;
+    one killed outright starts over unless training.save_every left one)."""
+    number = trial.user_attrs.get("retry_of")
+    origin = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None) if number is not None else None
+    if origin is None or origin.user_attrs.get("host") != socket.gethostname() or "run_dir" not in origin.user_attrs:
+        return None
+    return Path(origin.user_attrs["run_dir"])
+
+
 def reporter(trial, key: str):
     """train()'s on_evaluate: report the validation metric, stop the run when the pruner says so."""
     import optuna
@@ -91,7 +103,8 @@ def run_trial(study, trial, plan: Plan) -> str:
     from sparta_cli.train import Interrupted, train
 
     stored = suggest(trial, plan)
-    recipe = plan.trial_recipe(trial.number, stored)
+    origin = retried_folder(study, trial)
+    recipe = plan.trial_recipe(trial.number, stored, origin)
     log_path = Path(plan.study_dir) / "logs" / f"trial-{trial.number:04d}.log"
     make_dir(log_path.parent)
     trial.set_user_attr("run_dir", str(Path(recipe.output_dir).resolve()))
@@ -99,7 +112,8 @@ def run_trial(study, trial, plan: Plan) -> str:
     with Heartbeat(study, trial), open(log_path, "a", encoding="utf-8") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            train(recipe, on_evaluate=reporter(trial, f"eval_{plan.metric}"))
+            if not (origin and (origin / ALL_RESULTS).is_file()):  # a process that died between finishing and telling
+                train(recipe, resume=origin is not None, on_evaluate=reporter(trial, f"eval_{plan.metric}"))
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.time() - started))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
