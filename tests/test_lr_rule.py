@@ -79,3 +79,16 @@ def test_interpolated_optimum_finds_a_parabolas_vertex_between_grid_points():
     points = [(lr, (math.log(lr) - math.log(true)) ** 2 + 0.4) for lr in (3e-3, 1e-2, 3e-2, 1e-1)]
     assert interpolated_optimum(points) == pytest.approx(true, rel=1e-9)
     assert interpolated_optimum([(1e-2, 0.5), (3e-2, 0.4)]) == 3e-2  # best at the edge: no vertex to find
+
+
+def test_holdout_rows_are_disjoint_sized_and_seeded(tmp_path, data_dir):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "holdout_glue.py"
+    out = tmp_path / "held"
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, str(script), str(out / name), "--tasks", "rte", "--val", "50", "--train", "200",
+                        "--seed", "3", "--data", str(data_dir)], check=True, capture_output=True)
+    train, dev = ((out / "a" / "glue" / "RTE" / f).read_text().splitlines() for f in ("train.tsv", "dev.tsv"))
+    header = (data_dir / "glue" / "RTE" / "train.tsv").read_text().splitlines()[0]
+    assert train[0] == dev[0] == header and len(train) == 201 and len(dev) == 51
+    assert not set(train[1:]) & set(dev[1:])  # no held-out row trains
+    assert (out / "b" / "glue" / "RTE" / "dev.tsv").read_text().splitlines() == dev  # same seed, same rows
