@@ -246,7 +246,9 @@ def _named_task(name: str) -> Task:
             metric_suffixes={"validation_mismatched": "_mm"} if mnli else {},
             splits=_MNLI_SPLITS if mnli else ("train", "validation", "test"),
             source="glue",
-            aliases={"validation": "validation_matched", "test": "test_matched"} if mnli else {},
+            # GLUE's own files call the validation split dev (dev.tsv, dev_matched.tsv)
+            aliases={"validation": "validation_matched", "test": "test_matched", "dev": "validation_matched",
+                     "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"} if mnli else {"dev": "validation"},
         )
     if key == "imdb":
         return Task("imdb", ("text",), ("neg", "pos"), "accuracy", ("test",), splits=("train", "test"),
