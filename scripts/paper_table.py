@@ -38,7 +38,7 @@ SMOLLM = REPO / "configs" / "sst2_smollm2.yaml"
 TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")  # cheapest first: a table cut short holds whole tasks
 TRAIN_ROWS = {"rte": 2490, "mrpc": 3668, "stsb": 5749, "cola": 8551, "sst2": 22300}
 PROTOCOL = ["data.max_length=128", "data.max_eval_samples=null", "data.validation_size=0.1",
-            "training.epochs=3", "training.batch_size=32", "adapter.targets=[v,o]"]
+            "training.epochs=3", "training.batch_size=32"]
 LORA_QV = ["adapter.r=8", "adapter.targets=[q,v]"]
 SPARTA_MULTIPLES = (0.25, 1.0, 4.0)
 
@@ -82,7 +82,7 @@ def rates(method: str, density: float, grid: int) -> tuple[float, ...]:
 
 
 def methods_for(matched: float, seeds: int, other_seeds: int, grid: int, only: set[str] | None) -> list[Method]:
-    methods = [Method(f"sparta-x{m:g}", ["adapter.method=sparta", f"adapter.density={m * matched:.6g}"],
+    methods = [Method(f"sparta-x{m:g}", ["adapter.method=sparta", "adapter.targets=[v,o]", f"adapter.density={m * matched:.6g}"],
                       rates("sparta", m * matched, grid), seeds) for m in SPARTA_MULTIPLES]
     methods += [Method("lora", ["adapter.method=lora", *LORA_QV], rates("lora", 1.0, grid), seeds),
                 Method("dora", ["adapter.method=dora", *LORA_QV], rates("dora", 1.0, grid), other_seeds),
