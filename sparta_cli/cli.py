@@ -101,6 +101,22 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    target: Annotated[str, typer.Argument(help="a run directory or a merged checkpoint")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file for the predictions (index<TAB>prediction lines)")],
+    overrides: Overrides = None,
+    split: Annotated[str | None, typer.Option(help="split to predict (default: test; MNLI: test_matched or test_mismatched)")] = None,
+    file: Annotated[Path | None, typer.Option(help="your own CSV/TSV/JSONL with the task's text fields (no labels needed)")] = None,
+    task: Annotated[str | None, typer.Option(help="task of a merged checkpoint (default: the one it records)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
+) -> None:
+    """Predict a split or your own unlabeled file, one line per row in GLUE's submission format."""
+    from sparta_cli.predict import run_predict
+
+    run_predict(target, split=split, file=file, output=output, overwrite=overwrite, task=task, overrides=overrides or [])
+
+
+@app.command()
 def merge(
     run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories on the same base")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the merged checkpoint")],

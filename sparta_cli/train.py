@@ -390,6 +390,8 @@ class Trainer:
             if self.selection is not None and self.selection.should_stop:
                 self.say(f"early stopping at step {state.step}: no better {self.selection.key} in {self.selection.patience} evaluations")
                 self.stopped_early = True
+                if loss is None:  # the last steps' losses still get their log record
+                    self.log()
         if cfg.save_every and state.step % cfg.save_every == 0 and not last:
             self.checkpoint()
         if _agree(self.stop.signal is not None, self.accelerator):
@@ -540,7 +542,7 @@ class Trainer:
             "pad_token_id": adapter.base.config.pad_token_id,
             "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
         }
-        adapter.save(self.run_dir, metadata)
+        adapter.save(self.run_dir, metadata, loaded.tokenizer)
 
 
 class LossWindow:

@@ -214,3 +214,54 @@ def test_a_short_run_of_each_task_shape(task, extra, keys, data_dir, minilm_path
     assert config["task"]["num_labels"] == {"stsb": 1, "mnli": 3, "mmlu": 4}.get(task, 2)
     if task == "mmlu":  # trained on the 285 dev questions, scored on validation
         assert json.loads((run / "train_results.json").read_text())["train_samples"] == 32
+
+
+def _read_predictions(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(len(lines) - 1)]
+    return [line.split("\t")[1] for line in lines[1:]]
+
+
+def test_predict_on_dev_rows_without_labels_agrees_with_eval(sst2_run, data_dir, tmp_path):
+    """The first 64 SST-2 dev rows (what the run's eval scores) as a CSV with the label column dropped:
+    accuracy recomputed from the predictions file equals `sparta eval`'s."""
+    import csv
+
+    rows = [line.split("\t") for line in (data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:65]]
+    unlabeled = tmp_path / "dev_no_labels.csv"
+    with unlabeled.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["sentence"], *[[sentence] for sentence, _ in rows]])
+    out = tmp_path / "predict_results_sst2.txt"
+    result = sparta("predict", str(sst2_run), "--file", str(unlabeled), "--output", str(out))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    predicted = _read_predictions(out)
+    assert len(predicted) == 64 and set(predicted) <= {"negative", "positive"}
+    truth = ["positive" if label.strip() == "1" else "negative" for _, label in rows]
+    accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    scored = run_eval(str(sst2_run), task=None, split="validation", output=tmp_path / "eval.json", overrides=["data.max_eval_samples=64"])
+    assert scored["num_examples"] == {"validation": 64}
+    assert accuracy == scored["metrics"]["eval_accuracy"]
+
+
+def test_predict_labels_every_row_of_an_unlabeled_file_and_keeps_existing_output(sst2_run, tmp_path):
+    custom = tmp_path / "mine.jsonl"
+    texts = ["a triumph", "a mess from start to finish", "", "fine, I guess " * 100]  # an empty and an over-long row
+    custom.write_text("".join(json.dumps({"sentence": text, "id": i}) + "\n" for i, text in enumerate(texts)))
+    out = tmp_path / "mine.tsv"
+    assert sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out)).exit_code == 0
+    assert len(_read_predictions(out)) == len(texts)
+    again = sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out))
+    assert isinstance(again.exception, SpartaError) and "--overwrite" in str(again.exception)
+    assert sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out), "--overwrite").exit_code == 0
+    missing = sparta("predict", str(sst2_run), "--file", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "x.tsv"))
+    assert isinstance(missing.exception, SpartaError) and "does not exist" in str(missing.exception)
+
+
+def test_predictions_format_like_run_glue():
+    import numpy as np
+
+    from sparta_cli.predict import format_predictions
+
+    assert format_predictions(np.array([1, 0]), ("negative", "positive")) == "index\tprediction\n0\tpositive\n1\tnegative\n"
+    assert format_predictions(np.array([3.14159, 0.5]), None) == "index\tprediction\n0\t3.142\n1\t0.500\n"

@@ -95,3 +95,24 @@ def test_sparta_train_run_evaluates_and_merges_to_the_same_scores(minilm_runs, d
                       overrides=[*same, f"data.dir={data_dir}"])["metrics"]
     assert merged["eval_accuracy"] == recorded["eval_accuracy"]
     assert merged["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-4)
+
+
+def test_a_full_run_is_a_plain_transformers_checkpoint(minilm_runs):
+    """AutoModelForSequenceClassification loads a full run's folder as it is (labels, tokenizer,
+    task), with exactly the logits of the model `sparta eval` scores; no adapter file is written."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparta_cli.evaluate_cmd import RUN, eval_recipe, load_scored_model
+    from sparta_cli.tasks import resolve_task
+
+    run_dir = minilm_runs["full"]
+    assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "adapter_config.json").exists()
+    theirs = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    recipe = eval_recipe(str(run_dir), RUN, None, [])
+    task = resolve_task(recipe.task)
+    ours = load_scored_model(RUN, str(run_dir), recipe, task)[0].eval()
+    assert theirs.config.id2label == dict(enumerate(task.label_names)) and theirs.config.finetuning_task == "sst2"
+    batch = tokenizer(["a gripping, funny film", "dull, and far too long for what it has to say"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(theirs(**batch).logits, ours(**batch).logits)
