@@ -317,6 +317,8 @@ class Trainer:
         start_trackers(accelerator, recipe, self.run_dir)
         self.say(f"{self.train_rows:,} training examples · {self.steps} steps · effective batch {effective_batch} "
                  f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
+        if recipe.lr_from_rule:
+            self.say(f"training.lr: auto = {cfg.lr:.3g} (docs/learning_rates.md's rule for {recipe.adapter.method})")
         self.scorer = classifier_scorer(self.task.is_regression)
         self.window = LossWindow(accelerator.device)
         self.logged = LogWindow()
