@@ -1,8 +1,8 @@
 """`sparta eval TARGET`: score a run, a merged checkpoint or an untouched base model on a task.
 
 TARGET is one of
-  run        a folder with adapter_config.json: the base model from its config.yaml plus its
-             adapter, on the run's own task;
+  run        a folder with adapter_config.json (sparta_config.json for a full fine-tune): the base
+             model from its config.yaml plus its adapter, on the run's own task;
   merged     a folder whose config.json is a `*ForSequenceClassification` model (what `sparta merge`
              writes): the task from --task, else config.json's `finetuning_task`;
   base       any other model name or path (--task required). A base model has no trained
@@ -36,7 +36,9 @@ RUN, MERGED, BASE = "run", "merged", "base"
 def target_kind(target: str) -> str:
     """run, merged or base, from what the folder holds (a Hub name is a base model)."""
     path = Path(target).expanduser()
-    if (path / "adapter_config.json").is_file():
+    from sparta_cli.tuners import run_config_path
+
+    if run_config_path(path) is not None:
         return RUN
     if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
         return RUN  # an unfinished run: loading its adapter says how to finish it
@@ -173,7 +175,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
         recipe.data.max_eval_samples = None
     task_obj = resolve_task(recipe.task)
     splits = eval_splits(task_obj, split)
-    preflight(recipe, targets=False)  # paths and data before the model loads; a run's adapter names its own layers
+    preflight(recipe, targets=False, splits=splits)  # paths and data before the model loads; a run's adapter names its own layers
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
 

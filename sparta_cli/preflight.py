@@ -5,12 +5,11 @@ all; `train` and `eval` run them first, so a typo fails in a second instead of a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
-
-ADAPTER_METHODS_WITH_TARGETS = ("sparta", "lora", "dora")
 
 
 def check_data_dir(recipe: Recipe) -> Path | None:
@@ -30,7 +29,9 @@ def check_data_dir(recipe: Recipe) -> Path | None:
 def check_targets(recipe: Recipe, source: str) -> None:
     """adapter.targets exist in the model, read from config.json alone (no weights). Says nothing
     for a Hub name (no config.json here to read offline) or a GGUF file (its config is in the weights)."""
-    if recipe.adapter.method not in ADAPTER_METHODS_WITH_TARGETS or recipe.model.gguf_file:
+    from sparta_cli.tuners import get_tuner
+
+    if not get_tuner(recipe.adapter.method).applies("targets") or recipe.model.gguf_file:
         return
     if not (Path(source) / "config.json").is_file():
         return
@@ -48,13 +49,19 @@ def check_targets(recipe: Recipe, source: str) -> None:
     resolve_targets(skeleton, recipe.adapter.targets)
 
 
-def preflight(recipe: Recipe, *, targets: bool = True) -> str:
-    """Every check that needs no weights; returns the model's folder or Hub name."""
+def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:
+    """Every check that needs no weights; returns the model's folder or Hub name. `splits`: the
+    ones the command reads (default: train and the task's evaluation splits)."""
     from sparta_cli.models import check_model_source
+    from sparta_cli.tasks import check_split_files, resolve_task
     from sparta_cli.trackers import enabled_trackers
 
     source = check_model_source(recipe.model)
-    check_data_dir(recipe)
+    data_dir = check_data_dir(recipe)
+    task = resolve_task(recipe.task)
+    if splits is None:
+        splits = [s for s in ("train", *task.eval_splits) if s in task.splits or s in task.aliases]
+    check_split_files(task, recipe.task, splits, data_dir)
     enabled_trackers(recipe)
     if targets:
         check_targets(recipe, source)
