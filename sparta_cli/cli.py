@@ -37,12 +37,16 @@ def _print_version(given: bool) -> None:
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks and libraries' warnings")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks and libraries' warnings; check SpaRTA's weight writes")] = False,
     version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit")] = False,
 ) -> None:
     global _debug
     _debug = debug or os.environ.get("SPARTA_DEBUG") == "1"
-    if not _debug:
+    if _debug:
+        from sparta_cli.tuners.sparta.layer import CHECK_WEIGHTS_ENV
+
+        os.environ.setdefault(CHECK_WEIGHTS_ENV, "1")  # every SpaRTA forward verifies W0 + delta (a host sync per layer)
+    else:
         from sparta_cli.console import quiet_libraries
 
         quiet_libraries()

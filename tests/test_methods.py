@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 from sparta_cli.config import AdapterConfig
+from sparta_cli.optim import build_optimizer
 from sparta_cli.tuners import apply_adapter, load_adapter, read_adapter_config
 
 METHODS = ["sparta", "lora", "dora", "full", "head"]
@@ -24,7 +25,7 @@ HEADS = {"mistral": ["score"], "bert": ["classifier"]}
 
 
 def _train_steps(adapter, batch, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW([p for _, p in adapter.trainable()], lr=1e-2)
+    optimizer = build_optimizer(adapter, "adamw", lr=1e-2, head_lr=None, weight_decay=0.01)  # SpaRTA's write hook included
     adapter.model.train()
     for _ in range(steps):
         adapter.model(**batch).loss.backward()
