@@ -23,6 +23,7 @@ app = typer.Typer(
 
 _debug = False
 
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run the Python code a model folder ships (never read from a file)")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
 
 
@@ -57,6 +58,7 @@ def train(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output_dir")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train an adapter from a YAML recipe."""
     from sparta_cli.config import load_recipe
@@ -65,7 +67,7 @@ def train(
 
     if overwrite and resume:
         raise SpartaError("--overwrite and --resume contradict each other: pass one")
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = load_recipe(recipe, overrides or [], trust_remote_code=trust_remote_code)
     check_trainable(resolved.task)
     run_training(resolved, overwrite=overwrite, resume=resume)
 
@@ -77,11 +79,12 @@ def evaluate(
     task: Annotated[str | None, typer.Option(help="task to score (default: the run's task)")] = None,
     split: Annotated[str | None, typer.Option(help="split to score (default: the task's evaluation splits)")] = None,
     output: Annotated[Path | None, typer.Option(help="where to write eval_results.json")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Evaluate a run, a merged checkpoint or an untouched base model on a task."""
     from sparta_cli.evaluate_cmd import run_eval
 
-    run_eval(target, task=task, split=split, output=output, overrides=overrides or [])
+    run_eval(target, task=task, split=split, output=output, overrides=overrides or [], trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -93,11 +96,13 @@ def merge(
     weights: Annotated[str | None, typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
     head_from: Annotated[Path | None, typer.Option("--head-from", help="run whose classification head to keep")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest output shard, e.g. 2GB or 500MB")] = "2GB",
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write a full Hugging Face checkpoint with the adapter(s) merged in."""
     from sparta_cli.merge import merge_runs
 
-    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from, max_shard_size=max_shard_size)
+    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from, max_shard_size=max_shard_size,
+               trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -106,11 +111,12 @@ def export(
     format: Annotated[str, typer.Option("--format", help="sparta, peft or peft-sparta")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the exported adapter")],
     values: Annotated[str, typer.Option(help="fp32 or bf16 delta values")] = "fp32",
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Export an adapter to a format other libraries load."""
     from sparta_cli.export import export_run
 
-    export_run(run_dir, format=format, output=output, values=values)
+    export_run(run_dir, format=format, output=output, values=values, trust_remote_code=trust_remote_code)
 
 
 @app.command()

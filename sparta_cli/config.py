@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import YamlRefused, parse_yaml
 
 Method = Literal["sparta", "lora", "dora", "full", "head"]
 
@@ -29,7 +30,8 @@ class ModelConfig(_Strict):
     gguf_file: str | None = None
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
+    # never read from a file or written to one: only `--trust-remote-code` on the command line sets it
+    trust_remote_code: bool = Field(False, exclude=True)
 
 
 class AdapterConfig(_Strict):
@@ -230,7 +232,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpartaError(f"malformed override `{text}`: write dotted key=value, e.g. adapter.density=0.005")
     key, raw = match.groups()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
+    except YamlRefused as exc:
+        raise SpartaError(f"override `{key}`: {exc}") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):
@@ -264,7 +268,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SpartaError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
+    except YamlRefused as exc:
+        raise SpartaError(f"recipe {path}: {exc}") from None
     except RecursionError:
         raise SpartaError(f"recipe {path} is nested too deeply to read: a recipe is sections of key: value lines") from None
     except yaml.YAMLError as exc:
@@ -294,7 +300,19 @@ def _interpolate(template: str, values: dict[str, Any]) -> str:
     return _INTERPOLATION.sub(lookup, template)
 
 
-def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def _drop_trust_remote_code(tree: dict[str, Any], trusted: bool) -> None:
+    """A recipe, a run's config.yaml or an override never turns remote code on: only the person,
+    with `--trust-remote-code` on that command's line. An old config's `false` is harmless."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "trust_remote_code" not in model:
+        return
+    model = tree["model"] = dict(model)
+    if model.pop("trust_remote_code") not in (False, None) and not trusted:
+        raise SpartaError("the recipe sets model.trust_remote_code, but sparta never runs a model's own Python code because a "
+                          "file says so: remove the key and pass --trust-remote-code on the command line if you trust that model")
+
+
+def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:
     """Validate a raw recipe mapping after applying `key=value` overrides.
 
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
@@ -304,6 +322,9 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    _drop_trust_remote_code(tree, trust_remote_code)
+    if trust_remote_code and isinstance(tree.get("model"), dict):
+        tree["model"] = {**tree["model"], "trust_remote_code": True}
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
@@ -316,5 +337,5 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    return build_recipe(read_yaml(Path(path)), overrides)
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:
+    return build_recipe(read_yaml(Path(path)), overrides, trust_remote_code=trust_remote_code)

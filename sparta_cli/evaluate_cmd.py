@@ -48,7 +48,7 @@ def target_kind(target: str) -> str:
     return BASE
 
 
-def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) -> Recipe:
+def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], trust_remote_code: bool = False) -> Recipe:
     """The recipe to score with: the run's own (config.yaml) or a minimal one, then the overrides."""
     path = Path(target).expanduser()
     if kind == RUN:
@@ -65,7 +65,7 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) 
             what = "checkpoint records no task (config.json finetuning_task)" if kind == MERGED else "is a base model"
             raise SpartaError(f"{target} {what}: pass --task, e.g. --task sst2")
         raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": {"name": task} if task else {}}
-    return build_recipe(raw, overrides)
+    return build_recipe(raw, overrides, trust_remote_code=trust_remote_code)
 
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:
@@ -143,7 +143,8 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     return model, loaded.tokenizer, classifier_scorer(task.is_regression), "untrained" if kind == BASE else "trained"
 
 
-def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str]) -> dict[str, Any]:
+def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str],
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Score TARGET on the task's evaluation splits (or `split`), print a table, write the results."""
     import torch
     from accelerate import Accelerator
@@ -156,7 +157,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.train import mixed_precision
 
     kind = target_kind(target)
-    recipe = eval_recipe(target, kind, task, overrides)
+    recipe = eval_recipe(target, kind, task, overrides, trust_remote_code)
     task_obj = resolve_task(recipe.task)
     splits = eval_splits(task_obj, split)
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call

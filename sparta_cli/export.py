@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str,
     return {"library": "peft", "kind": "SHiRA", "r": r, "padding": padding}
 
 
-def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype, trust_remote_code: bool = False) -> dict[str, Any]:
     task = run.config.get("task") or {}
     heads = sorted(run.trained)
     if heads != ["score.weight"] or task.get("is_regression"):
@@ -148,7 +149,8 @@ def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> di
         raise SpartaError("peft_sparta loads its base with AutoModel.from_pretrained, which cannot read this run's GGUF base: "
                           "use --format peft or `sparta merge`")
     reference = base_reference(run)
-    config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32))
+    config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32),
+                               trust_remote_code=trust_remote_code)
     model = meta_classifier(config)
     prefix = model.base_model_prefix + "."
     base_params = {name: list(p.shape) for name, p in model.named_parameters() if name.startswith(prefix)}
@@ -199,12 +201,12 @@ def model_card(run: SavedRun, fmt: str, info: dict[str, Any], size: int) -> str:
 
 
 def _recipe_command(run_dir: Path) -> str | None:
-    import yaml
+    from sparta_cli.config import read_yaml
 
     path = run_dir / CONFIG_YAML
     if not path.is_file():
         return None
-    return ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("run") or {}).get("command")
+    return (read_yaml(path).get("run") or {}).get("command")
 
 
 def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
@@ -222,7 +224,7 @@ def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- the command
 
 
-def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32") -> dict[str, Any]:
+def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32", trust_remote_code: bool = False) -> dict[str, Any]:
     """Write the run's adapter as `format` into `output` (atomically), with a model card."""
     if format not in FORMATS:
         raise SpartaError(f"--format {format} is not one sparta writes: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
@@ -233,7 +235,8 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")
     value_dtype = VALUE_DTYPES[values]
-    writer = {"sparta": _write_sparta, "peft": _write_peft, "peft-sparta": _write_peft_sparta}[format]
+    writer = {"sparta": _write_sparta, "peft": _write_peft,
+              "peft-sparta": partial(_write_peft_sparta, trust_remote_code=trust_remote_code)}[format]
     result: dict[str, Any] = {}
 
     def build(tmp: Path) -> None:

@@ -130,6 +130,67 @@ def read_json(path: str | Path) -> Any:
         raise SpartaError(f"{path} is not valid JSON ({exc}): the file is damaged; rerun or restore it") from None
 
 
+# ---------------------------------------------------------------- YAML
+
+MAX_YAML_NODES = 100_000  # a recipe has ~50; a billion-laughs bomb resolves to billions
+
+
+class YamlRefused(yaml.YAMLError):
+    """A YAML document sparta will not read: an alias bomb, or a key given twice."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader (no Python objects) that refuses duplicate keys and documents whose aliases
+    resolve to more than MAX_YAML_NODES nodes (a 1.5 KB "billion laughs" file would take GBs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if duplicate:
+                raise YamlRefused(f"the key `{key}` appears twice at line {key_node.start_mark.line + 1}: keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_size(node)
+        return node
+
+
+def _check_size(root) -> None:
+    """Count the nodes the document expands to, each shared (aliased) node once per use."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        sizes[id(node)] = total
+        if total > MAX_YAML_NODES:
+            raise YamlRefused(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?): write the values out")
+        return total
+
+    size(root)
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load with StrictLoader: no Python objects, no alias bombs, no duplicate keys."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """One line per record, flushed: a kill loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as handle:

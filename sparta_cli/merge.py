@@ -69,11 +69,11 @@ def read_run(run_dir: str | Path) -> SavedRun:
     return SavedRun(run_dir, config, indices, deltas, trained)
 
 
-def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto") -> ModelConfig:
+def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> ModelConfig:
     """The ModelConfig that loads a run's base (or `--base`, when it has moved)."""
     recorded = run.base
     return ModelConfig(name_or_path=base or recorded["name_or_path"], gguf_file=recorded.get("gguf_file"),
-                       revision=None if base else recorded.get("revision"), dtype=dtype)
+                       revision=None if base else recorded.get("revision"), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -300,7 +300,7 @@ def base_dtype(folder: Path, files: list[Path]) -> torch.dtype:
     return next((dtype for dtype in dtypes if dtype.is_floating_point), torch.float32)
 
 
-def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None):
+def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The base's config as a sequence classifier for the head run's task."""
     from transformers import AutoConfig
 
@@ -310,7 +310,7 @@ def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_
                               "problem_type": "regression" if task.get("is_regression") else "single_label_classification"}
     if labels:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, **kwargs)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, **kwargs)
     config.pad_token_id = head_run.config.get("pad_token_id", config.pad_token_id)
     config.finetuning_task = task.get("name")  # `sparta eval` scores this task by default
     config.dtype = dtype
@@ -415,7 +415,8 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
 
 
 def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, dtype: str | None = None,
-               weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB") -> dict[str, Any]:
+               weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB",
+               trust_remote_code: bool = False) -> dict[str, Any]:
     """Write a Hugging Face checkpoint of the base with every run's deltas added; returns the report."""
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
@@ -428,7 +429,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     head_run = pick_head(runs, head_from)
     trained = dict(head_run.trained)
     combined = combine_deltas(runs, run_weights)
-    cfg = model_config(runs[0], base)
+    cfg = model_config(runs[0], base, trust_remote_code=trust_remote_code)
     folder = local_folder(cfg)
     files = checkpoint_files(folder) if folder is not None else None
     notes = []
@@ -466,10 +467,10 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
 
     def build(tmp: Path) -> None:
         if streaming:
-            config = classifier_config(str(folder), head_run, out_dtype)
+            config = classifier_config(str(folder), head_run, out_dtype, trust_remote_code=trust_remote_code)
             report["shards"] = stream_merge(files, folder, tmp, config, combined, trained, runs, max_bytes)
         else:
-            memory_merge(runs, model_config(runs[0], base, dtype=str(own).removeprefix("torch.")), combined, trained, head_run, out_dtype, tmp, max_bytes)
+            memory_merge(runs, model_config(runs[0], base, str(own).removeprefix("torch."), trust_remote_code), combined, trained, head_run, out_dtype, tmp, max_bytes)
             report["shards"] = sorted(p.name for p in tmp.glob("*.safetensors"))
         tokenizer = load_tokenizer(cfg, str(folder) if folder else None)
         pad = (head_run.config.get("tokenizer") or {}).get("pad_token")

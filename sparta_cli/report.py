@@ -22,7 +22,7 @@ from sparta_cli.adapters import CONFIG_FILE
 from sparta_cli.config import TaskConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, write_text
+from sparta_cli.fileio import parse_yaml, read_json, write_text
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
 METHOD_ORDER = ("sparta", "lora", "dora", "full", "head")
@@ -138,7 +138,7 @@ def find_run_dirs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
     if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):

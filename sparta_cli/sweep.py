@@ -14,9 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
-from sparta_cli.config import Recipe, load_recipe
+from sparta_cli.config import Recipe, load_recipe, read_yaml
 from sparta_cli.errors import SpartaError
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
@@ -66,7 +64,7 @@ def run_action(recipe: Recipe) -> str:
     if not out.is_dir() or not any(out.iterdir()):
         return "new"
     if (out / CONFIG_YAML).is_file():
-        theirs = yaml.safe_load((out / CONFIG_YAML).read_text(encoding="utf-8")) or {}
+        theirs = read_yaml(out / CONFIG_YAML)
         theirs.pop("run", None)
         differ = differences(recipe.to_dict(), theirs)
         if differ:

