@@ -23,6 +23,7 @@ app = typer.Typer(
 
 _debug = False
 
+ReplaceOutput = Annotated[bool, typer.Option("--overwrite", help="replace --output when it holds an earlier output of this command")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run the Python code a model folder ships (never read from a file)")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
 
@@ -96,13 +97,14 @@ def merge(
     weights: Annotated[str | None, typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
     head_from: Annotated[Path | None, typer.Option("--head-from", help="run whose classification head to keep")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest output shard, e.g. 2GB or 500MB")] = "2GB",
+    overwrite: ReplaceOutput = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write a full Hugging Face checkpoint with the adapter(s) merged in."""
     from sparta_cli.merge import merge_runs
 
     merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from, max_shard_size=max_shard_size,
-               trust_remote_code=trust_remote_code)
+               trust_remote_code=trust_remote_code, overwrite=overwrite)
 
 
 @app.command()
@@ -111,12 +113,13 @@ def export(
     format: Annotated[str, typer.Option("--format", help="sparta, peft or peft-sparta")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the exported adapter")],
     values: Annotated[str, typer.Option(help="fp32 or bf16 delta values")] = "fp32",
+    overwrite: ReplaceOutput = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Export an adapter to a format other libraries load."""
     from sparta_cli.export import export_run
 
-    export_run(run_dir, format=format, output=output, values=values, trust_remote_code=trust_remote_code)
+    export_run(run_dir, format=format, output=output, values=values, trust_remote_code=trust_remote_code, overwrite=overwrite)
 
 
 @app.command()

@@ -32,6 +32,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
 from sparta_cli.merge import SavedRun, classifier_config, meta_classifier, read_run
 from sparta_cli.models import resolve_model_path
+from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
 FORMATS = ("sparta", "peft", "peft-sparta")
@@ -224,12 +225,14 @@ def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- the command
 
 
-def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32", trust_remote_code: bool = False) -> dict[str, Any]:
+def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32", trust_remote_code: bool = False,
+               overwrite: bool = False) -> dict[str, Any]:
     """Write the run's adapter as `format` into `output` (atomically), with a model card."""
     if format not in FORMATS:
         raise SpartaError(f"--format {format} is not one sparta writes: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     if values not in VALUE_DTYPES:
         raise SpartaError(f"--values {values} is not supported: use fp32 or bf16")
+    check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
     if run.method not in ("sparta", "lora", "dora") or (run.method != "sparta" and format != "peft"):
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
@@ -248,7 +251,8 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         trainable = int(run.config.get("trainable_params") or 0)
         result.update(info, bytes=size, trainable_params=trainable, bytes_per_param=size / max(1, trainable))
 
-    replace_dir(build, output)
+    with locked_output(output):
+        replace_dir(build, output)
     console.print(f"[green]exported[/] {run_dir} as {format} ({result['kind']}) to {output}: {result['bytes']:,} bytes for "
                   f"{result['trainable_params']:,} trainable parameters = {result['bytes_per_param']:.2f} bytes per trainable parameter ({values} values)")
     return result

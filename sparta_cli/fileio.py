@@ -2,7 +2,9 @@
 
 Each writer writes to a temporary name in the same folder, fsyncs, then renames;
 a rename within one filesystem is atomic, so a kill at any moment leaves the old
-file (or none), never half of a new one.
+file (or none), never half of a new one. The temporary names are hidden and end in
+`.tmp` (LEFTOVER): what a killed writer left behind is swept by the next write of
+the same file, and a run folder is swept whole when a run starts in it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,6 +42,41 @@ def _umask() -> int:
     return mask
 
 
+# `.NAME.XXXXXXXX.tmp` (mkstemp/mkdtemp below), `.checkpoint-N.tmp`, and `.NAME.old` (replace_dir's previous folder)
+LEFTOVER = re.compile(r"^\.(?P<name>.+?)\.(?:[a-z0-9_]{8}\.tmp|tmp|old)$")
+
+
+def sweep_leftovers(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries a killed writer left in `folder` (only those for `name`, when given).
+
+    Only sparta's own hidden names match; links are unlinked, never followed. A `.NAME.old`
+    whose NAME is missing is the previous good output of a replace_dir killed mid-swap: it is
+    put back, not removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    swept = []
+    for entry in folder.iterdir():
+        match = LEFTOVER.match(entry.name)
+        if not match or (name is not None and match.group("name") != name):
+            continue
+        original = folder / match.group("name")
+        try:
+            if entry.name.endswith(".old") and not entry.is_symlink() and not os.path.lexists(original):
+                os.replace(entry, original)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _explain(exc, entry) from None
+        swept.append(entry)
+    return swept
+
+
 def make_dir(path: str | Path) -> None:
     """`mkdir -p`, with the writers' one-line errors (a parent that is a file, no permission, disk full)."""
     try:
@@ -52,6 +90,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
     path = Path(path)
     make_dir(path.parent)
+    sweep_leftovers(path.parent, path.name)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -99,6 +138,7 @@ def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
     """Build a folder under a temporary name, then swap it in for `target` atomically."""
     target = Path(target)
     make_dir(target.parent)
+    sweep_leftovers(target.parent, target.name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as exc:

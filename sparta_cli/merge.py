@@ -25,7 +25,8 @@ from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer
+from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.tuners.sparta.model import split_indices
 
 REPORT_FILE = "merge_report.json"
@@ -122,11 +123,20 @@ def combine_deltas(runs: list[SavedRun], weights: list[float]) -> dict[str, tupl
     return combined
 
 
-def merge_weight(w0: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`w0` in `dtype`, holding `(w0.float() + delta).to(dtype)` at the flat `indices`."""
+def merge_weight(w0: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, name: str = "a weight") -> torch.Tensor:
+    """`w0` in `dtype`, holding `(w0.float() + delta).to(dtype)` at the flat `indices`; refused when
+    that is not finite (huge --weights, or a value past the dtype's range), before anything is published."""
     out = w0.to(dtype=dtype, copy=True)
-    out.view(-1)[indices] = (w0.reshape(-1)[indices].float() + delta).to(dtype)
+    merged = (w0.reshape(-1)[indices].float() + delta).to(dtype)
+    check_finite(name, merged, dtype)
+    out.view(-1)[indices] = merged
     return out
+
+
+def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise SpartaError(f"the merged `{name}` is not finite (inf or NaN) in {str(dtype).removeprefix('torch.')}: the deltas "
+                          "times --weights overflow; use smaller --weights (or --dtype fp32); nothing was written")
 
 
 def shared_indices(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -353,13 +363,15 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
                 tensor = read_tensor(handle, info, data_start)
                 module = name.removesuffix(".weight")
                 if name.endswith(".weight") and module in combined:
-                    tensor = merge_weight(tensor, *combined[module], dtype)
+                    tensor = merge_weight(tensor, *combined[module], dtype, name)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 writer.add(name, tensor)
                 written.add(name)
     for name, value in trained.items():
-        writer.add(name, value.to(dtype) if value.is_floating_point() else value)
+        value = value.to(dtype) if value.is_floating_point() else value
+        check_finite(name, value, dtype)
+        writer.add(name, value)
         written.add(name)
     missing = [name for name in expected if name not in written and name not in _tied_keys(model)]
     if missing:
@@ -398,13 +410,15 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
         with torch.no_grad():
             for module, (indices, delta) in combined.items():
                 param = params[f"{module}.weight"]
-                param.data = merge_weight(param.data, indices, delta, dtype)
+                param.data = merge_weight(param.data, indices, delta, dtype, f"{module}.weight")
             for name, value in trained.items():
                 params[name].data = value.to(dtype)
     if cfg.gguf_file:  # the weights were dequantized on load; the quantizer left behind only blocks saving
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     model.to(dtype)
+    for name, tensor in model.state_dict().items():
+        check_finite(name, tensor, dtype)
     model.config.pad_token_id = head_run.config.get("pad_token_id", model.config.pad_token_id)
     model.config.finetuning_task = task.get("name")
     model.config.architectures = [type(model).__name__]
@@ -416,11 +430,14 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
 
 def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, dtype: str | None = None,
                weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB",
-               trust_remote_code: bool = False) -> dict[str, Any]:
+               trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write a Hugging Face checkpoint of the base with every run's deltas added; returns the report."""
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
     runs = [read_run(d) for d in run_dirs]
+    local_base = Path(resolve_model_path(base or runs[0].base.get("name_or_path") or ""))
+    inputs = [*run_dirs, *([head_from] if head_from else []), *([local_base] if local_base.exists() else [])]
+    check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))
     if runs[0].method in ("lora", "dora") and run_weights != [1.0]:
@@ -479,7 +496,8 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / REPORT_FILE, report)
 
-    replace_dir(build, output)
+    with locked_output(output):
+        replace_dir(build, output)
     _print_report(report, output)
     return report
 

@@ -23,6 +23,7 @@ from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.models import load_for_classification
+from sparta_cli.outputs import release_run_dir
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
@@ -284,6 +285,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
         say(f"[green]done[/] in {elapsed():.1f}s → {run_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    release_run_dir(run_dir)
     return run_dir
 
 
