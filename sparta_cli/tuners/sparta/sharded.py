@@ -1,0 +1,255 @@
+"""SpaRTA under FSDP2 (`fully_shard`): the deltas are sharded by the same rows as the weights.
+
+FSDP2 shards every weight along dim 0: rank r holds rows [r*c, (r+1)*c) with c = ceil(out / W)
+(`torch.chunk`'s split). Our indices are sorted flat row-major positions, so the entries that
+fall in rank r's rows are one contiguous slice of the index array. Each rank keeps only that
+slice's fp32 deltas, original values and (through the optimizer) their AdamW moments: adapter
+state per rank is O(k / W). The global index array stays on every rank (4 bytes per entry),
+because each rank's batch contributes a gradient to every entry.
+
+- Forward: before FSDP all-gathers a block, each rank writes W0 + delta into its own rows (a
+  root forward pre-hook that runs ahead of FSDP's, and only when a delta changed); the gathered
+  weight then already holds the deltas, so the forward is the frozen model's own matmul.
+- Backward: the custom autograd function receives the unsharded (gathered) weight from FSDP and
+  returns the input gradient plus the k entries of g^T x from this rank's batch, laid out in
+  rank-sized pieces (padded to the largest owned count) and reduce-scattered: one collective per
+  layer of about k fp32 values, after which each rank holds the sum for its own entries only.
+  Reduce-scatter rather than all-reduce: it moves half the bytes of an all-reduce, and only the
+  owner needs the sum. The weight itself is frozen (requires_grad False), so FSDP never builds,
+  stores or reduces a dense gradient for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sparta_cli.errors import SpartaError
+from sparta_cli.tuners.sparta.layer import SpartaLinear, sparse_weight_grad
+from sparta_cli.tuners.sparta.model import SpartaModel, _set_submodule
+
+
+def row_split(out_features: int, world: int) -> list[tuple[int, int]]:
+    """The rows [first, end) each rank holds under FSDP2's dim-0 sharding (torch.chunk sizes)."""
+    chunk = -(-out_features // world)
+    return [(min(out_features, r * chunk), min(out_features, (r + 1) * chunk)) for r in range(world)]
+
+
+def owned_slices(indices: torch.Tensor, in_features: int, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """For each rank, the slice [lo, hi) of the sorted flat `indices` that falls in its rows."""
+    bounds = torch.tensor([first * in_features for first, _ in rows] + [rows[-1][1] * in_features], dtype=torch.int64)
+    cuts = torch.searchsorted(indices.long(), bounds).tolist()
+    return [(cuts[r], cuts[r + 1]) for r in range(len(rows))]
+
+
+class _ShardedDeltaLinear(torch.autograd.Function):
+    """y = x W^T + b with W the gathered weight (already W0 + delta); the delta gradient is
+    reduce-scattered to the rank that owns each entry."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, layer):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        layer: ShardedSpartaLinear = ctx.layer
+        compute = grad_out.dtype
+        grad_x = (grad_out @ weight.to(compute)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_delta = None
+        if ctx.needs_input_grad[3]:
+            full = sparse_weight_grad(grad_out, x.to(compute), layer.sparta_indices, weight.shape[1])
+            grad_delta = layer.reduce_scatter(full)
+        return grad_x, None, None, grad_delta, None
+
+
+class ShardedSpartaLinear(nn.Module):
+    """A SpaRTA linear whose deltas, original values and optimizer state are this rank's rows only.
+
+    `sparta_indices` is the global sorted index array (needed to compute every entry's gradient
+    from this rank's batch); `sparta_local` are the owned entries' flat positions inside this
+    rank's row shard, `sparta_origin` and `sparta_delta` their W0 values and fp32 deltas.
+    """
+
+    def __init__(self, layer: SpartaLinear, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.base_layer = layer.base_layer
+        self.rank, self.world, self.group = rank, world, group
+        in_features = layer.in_features
+        self.rows = row_split(layer.out_features, world)
+        self.slices = owned_slices(layer.sparta_indices, in_features, self.rows)
+        lo, hi = self.slices[rank]
+        self.chunk = max(h - low for low, h in self.slices)  # reduce-scatter piece per rank (padded)
+        indices = layer.sparta_indices
+        self.register_buffer("sparta_indices", indices)
+        local = indices[lo:hi].long() - self.rows[rank][0] * in_features
+        self.register_buffer("sparta_local", local.to(indices.dtype))
+        self.register_buffer("sparta_origin", layer.sparta_origin[lo:hi].clone())
+        self.sparta_delta = nn.Parameter(layer.sparta_delta.detach()[lo:hi].clone(), requires_grad=layer.sparta_delta.requires_grad)
+        self._written: tuple[int, int] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _delta_state(self) -> tuple[int, int]:
+        return (self.sparta_delta.data_ptr(), self.sparta_delta._version)
+
+    def local_weight(self) -> torch.Tensor:
+        """This rank's rows of the (sharded) frozen weight, as a plain tensor sharing its storage."""
+        weight = self.base_layer.weight
+        return weight.to_local() if hasattr(weight, "to_local") else weight[self.rows[self.rank][0]:self.rows[self.rank][1]]
+
+    @torch.no_grad()
+    def write_local(self, force: bool = False) -> None:
+        """W0 + delta into the owned entries of this rank's rows, when the deltas changed."""
+        if not force and self._written == self._delta_state():
+            return
+        local = self.local_weight()
+        values = (self.sparta_origin.float() + self.sparta_delta.detach()).to(local.dtype)
+        local.view(-1).index_copy_(0, self.sparta_local.long(), values)
+        self._written = self._delta_state()
+
+    def reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
+        """Sum every rank's k-entry gradient and keep this rank's owned entries, averaged over ranks
+        (as DDP and FSDP average)."""
+        padded = full.new_zeros(self.world * self.chunk)
+        for r, (lo, hi) in enumerate(self.slices):
+            padded[r * self.chunk:r * self.chunk + hi - lo] = full[lo:hi]
+        mine = full.new_empty(self.chunk)
+        dist.reduce_scatter_tensor(mine, padded, group=self.group)
+        lo, hi = self.slices[self.rank]
+        return mine[:hi - lo].div_(self.world)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        if self.sparta_delta.requires_grad and torch.is_grad_enabled():
+            return _ShardedDeltaLinear.apply(x, layer.weight, layer.bias, self.sparta_delta, self)
+        return F.linear(x, layer.weight, layer.bias)
+
+    def extra_repr(self) -> str:
+        lo, hi = self.slices[self.rank]
+        return f"k={self.sparta_indices.numel()}, owned={hi - lo} (rank {self.rank}/{self.world}), shape=({self.out_features}, {self.in_features})"
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks Hugging Face marks as not to be split (decoder/encoder layers): one
+    FSDP group each, the usual choice for overlap and peak memory."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+class ShardedSparta:
+    """The SpaRTA layers of an FSDP2-sharded model: local writes, gathering, gradient clipping."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, ShardedSpartaLinear], group: dist.ProcessGroup | None) -> None:
+        self.model, self.layers, self.group = model, layers, group
+
+    @classmethod
+    def shard(cls, sparta: SpartaModel, *, blocks: Iterable[nn.Module] | None = None, mesh=None, mp_policy=None,
+              reshard_after_forward: bool = True) -> ShardedSparta:
+        """Swap every SpaRTA layer for its row-owned form and `fully_shard` the blocks, then the root.
+
+        The deltas are left out of FSDP (`ignored_params`): they are already sharded by ownership.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model = sparta.model
+        if mesh is None:
+            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+        if mesh.ndim != 1:
+            raise SpartaError("SpaRTA under FSDP2 supports a 1-D mesh (full sharding); hybrid sharding (HSDP) is not supported yet")
+        group = mesh.get_group()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        blocks = default_blocks(model) if blocks is None else list(blocks)
+        layers = {}
+        for name, layer in sparta.layers.items():
+            layers[name] = ShardedSpartaLinear(layer, rank, world, group)
+            _set_submodule(model, name, layers[name])
+        ignored = {layer.sparta_delta for layer in layers.values()}
+        options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
+                       ignored_params=ignored)
+        for block in blocks:
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        sharded = cls(model, layers, group)
+        sharded._check_layout()
+        # runs before FSDP's own root pre-forward (prepend), so before any all-gather
+        model.register_forward_pre_hook(lambda module, args: sharded.write_local(), prepend=True)
+        sparta.layers = {}  # the unsharded layers are gone from the model
+        return sharded
+
+    def _check_layout(self) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        for name, layer in self.layers.items():
+            weight = layer.base_layer.weight
+            first, end = layer.rows[layer.rank]
+            if not isinstance(weight, DTensor) or tuple(weight.placements) != (Shard(0),) or weight.to_local().shape[0] != end - first:
+                raise SpartaError(f"`{name}` is not sharded by rows as FSDP2's default (Shard(0)): do not pass shard_placement_fn")
+
+    def write_local(self) -> None:
+        for layer in self.layers.values():
+            layer.write_local()
+
+    def num_owned(self) -> int:
+        return sum(layer.sparta_delta.numel() for layer in self.layers.values())
+
+    def full_state_tensors(self) -> dict[str, torch.Tensor]:
+        """`<module>.indices` and `<module>.delta` for every layer, as SpartaModel.state_tensors writes
+        them, gathered on every rank (one all-gather of about k fp32 values per layer)."""
+        tensors = {}
+        for name, layer in self.layers.items():
+            padded = layer.sparta_delta.detach().new_zeros(layer.chunk)
+            padded[:layer.sparta_delta.numel()] = layer.sparta_delta.detach()
+            gathered = padded.new_empty(layer.world * layer.chunk)
+            dist.all_gather_into_tensor(gathered, padded, group=self.group)
+            pieces = [gathered[r * layer.chunk:r * layer.chunk + hi - lo] for r, (lo, hi) in enumerate(layer.slices)]
+            tensors[f"{name}.indices"] = layer.sparta_indices.detach().cpu().contiguous()
+            tensors[f"{name}.delta"] = torch.cat(pieces).float().cpu().contiguous()
+        return tensors
+
+    @torch.no_grad()
+    def load_full_deltas(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take this rank's slice of full (all-k) deltas, e.g. from an adapter or checkpoint file."""
+        for name, layer in self.layers.items():
+            delta = tensors[f"{name}.delta"]
+            if delta.numel() != layer.sparta_indices.numel():
+                raise SpartaError(f"adapter delta for `{name}` has {delta.numel()} values for {layer.sparta_indices.numel()} indices: the adapter file is corrupted")
+            lo, hi = layer.slices[layer.rank]
+            layer.sparta_delta.copy_(delta[lo:hi])
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor: FSDP's DTensor shards gathered, plain tensors as they are."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """torch's clip_grad_norm_ over gradients that are disjoint shards across ranks: owned delta
+    gradients (plain tensors) and FSDP's Shard(0) DTensor gradients. One all-reduce of a scalar."""
+    grads = []
+    for param in params:
+        if param.grad is not None:
+            grads.append(param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad)
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for grad in grads:
+        total += grad.double().pow(2).sum()
+    dist.all_reduce(total, group=group)
+    norm = total.sqrt().float()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(coef.to(grad.dtype))
+    return norm
