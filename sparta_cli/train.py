@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from sparta_cli.adapters import apply_adapter
-from sparta_cli.checkpoint import TrainerState, checkpoints, load_checkpoint, save_checkpoint
+from sparta_cli.checkpoint import TrainerState, checkpoints, load_checkpoint, save_checkpoint, usable_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import Progress, console
 from sparta_cli.data import make_loader, tokenize_split
@@ -98,22 +99,26 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _resume_point(run_dir: Path, recipe: Recipe, say) -> Path | None:
-    """The newest complete checkpoint, after checking it belongs to this recipe."""
+def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Path | None:
+    """The newest checkpoint that reads back whole (a damaged newer one is skipped with a warning),
+    after checking it belongs to this recipe."""
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if not found:
         if (run_dir / ALL_RESULTS).is_file():
             raise SpartaError(f"{run_dir} already holds a finished run: nothing to resume (use --overwrite to retrain)")
         return None
-    saved = read_json(found[-1] / "recipe.json")
+    usable = usable_checkpoint(run_dir, world_size, lambda text: say(f"[yellow]warning[/]: {escape(text)}"))
+    if usable is None:
+        raise SpartaError(f"every checkpoint in {run_dir} is damaged (see the warnings): retrain with --overwrite")
+    saved = read_json(usable / "recipe.json")
     now = recipe.to_dict()
     changed = sorted(f"{section}.{key}" for section in now if isinstance(now[section], dict)
                      for key in now[section] if saved.get(section, {}).get(key) != now[section][key])
     changed += [key for key in ("seed",) if saved.get(key) != now.get(key)]
     if changed:
-        raise SpartaError(f"the recipe differs from the one that wrote {found[-1].name} ({', '.join(changed)}): resume with the same recipe")
-    say(f"resuming from {found[-1]}")
-    return found[-1]
+        raise SpartaError(f"the recipe differs from the one that wrote {usable.name} ({', '.join(changed)}): resume with the same recipe")
+    say(f"resuming from {usable}")
+    return usable
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Path:
@@ -151,7 +156,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     if main:
         prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
-    resume_from = _resume_point(run_dir, recipe, say) if resume else None
+    resume_from = _resume_point(run_dir, recipe, say, accelerator.num_processes) if resume else None
     if resume and resume_from is None and main:
         truncate_log(run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
     say(f"[bold]sparta train[/] {task.name} · {recipe.adapter.method} · {loaded.source}")
@@ -174,12 +179,13 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     trainable = dict(adapter.trainable())
+    masks = adapter.sparta.mask_digests() if adapter.sparta else {}  # resume checks the checkpoint trained these entries
     world = accelerator.num_processes
     effective_batch = cfg.batch_size * cfg.grad_accum * world
 
     state = TrainerState(world_size=world)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator)
+        state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator, masks)
         if main:
             truncate_log(run_dir / TRAINER_LOG, state.step)
     elif main:
@@ -208,7 +214,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> P
 
     def checkpoint() -> None:
         state.elapsed = elapsed()
-        save_checkpoint(run_dir, state, trainable, optimizer, scheduler, accelerator, cfg.keep_checkpoints, recipe.to_dict())
+        save_checkpoint(run_dir, state, trainable, optimizer, scheduler, accelerator, cfg.keep_checkpoints, recipe.to_dict(), masks)
 
     session_start = time.perf_counter()
     start_elapsed = state.elapsed
