@@ -166,6 +166,12 @@ def main() -> None:
             sys.exit(130)
         if _debug:
             raise
+        from sparta_cli.fileio import explain_write_error
+
+        known = explain_write_error(exc)  # a full disk or a read-only place, whichever library hit it
+        if known is not None:
+            errors.print(f"error: {one_line(str(known))}", markup=False, soft_wrap=True)
+            sys.exit(known.exit_code)
         first = str(exc).splitlines()[0] if str(exc) else ""
         errors.print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
         sys.exit(1)

@@ -26,14 +26,32 @@ from sparta_cli.errors import RunFailure, SpartaError
 
 
 def _explain(exc: OSError, path: Path) -> SpartaError:
-    if exc.errno == errno.ENOSPC:
-        return RunFailure(f"no space left on the device while writing {path}: free some space or set output_dir elsewhere")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return SpartaError(f"no permission to write {path}: choose an output_dir you can write to")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunFailure(f"no space left on the device while writing {path}: free some space or write elsewhere; "
+                          "the previous output is kept")
+    if exc.errno == errno.EROFS:
+        return SpartaError(f"cannot write to {path}: the file system is read-only; write elsewhere")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return SpartaError(f"no permission to write {path}: choose a place you can write to")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = next((str(p) for p in (path, *path.parents) if p.is_file()), "a part of the path")
         return SpartaError(f"cannot create {path}: {blocker} is a file, not a folder: choose another output_dir")
     return RunFailure(f"cannot write {path}: {exc.strerror or exc}")
+
+
+_ERRNO_IN_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def explain_write_error(exc: BaseException, path: str | Path | None = None) -> SpartaError | None:
+    """The one-line error for a full disk or an unwritable place, from an OSError or from a library
+    that reports one as text (safetensors' `SafetensorError: ... No space left on device (os error 28)`)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return _explain(exc, Path(path or exc.filename or "the output"))
+    for phrase, code in _ERRNO_IN_TEXT.items():
+        if phrase in str(exc):
+            return _explain(OSError(code, phrase), Path(path or getattr(exc, "filename", None) or "the output"))
+    return None
 
 
 def _umask() -> int:
@@ -131,7 +149,16 @@ def write_yaml(path: str | Path, data: Any) -> None:
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    def save(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors as SafetensorError text
+            known = explain_write_error(exc, path)
+            if known is None:
+                raise
+            raise known from None
+
+    write_with(path, save)
 
 
 def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:

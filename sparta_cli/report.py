@@ -22,7 +22,7 @@ from sparta_cli.adapters import CONFIG_FILE
 from sparta_cli.config import TaskConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import parse_yaml, read_json, write_text
+from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
 METHOD_ORDER = ("sparta", "lora", "dora", "full", "head")
@@ -290,7 +290,9 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
     if not groups:
         raise SpartaError(f"no finished runs among {', '.join(patterns)} ({len(left_out)} unfinished): "
                           "point `sparta report` at run directories holding all_results.json")
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise SpartaError(f"--output {output} is a file: the report is a folder (report.csv, report.md, plots); name a folder")
+    make_dir(output)
     images = [f"metric_vs_{x}.png", "loss_curves.png"]
     metric_vs_x_png(groups, output / images[0], x=x)
     loss_curves_png([run for g in groups for run in g.runs], output / images[1])

@@ -105,7 +105,40 @@ def _locked_folder(tmp: Path) -> None:
     (tmp / "locked").chmod(0o555)
 
 
-SETUPS = {"vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_model": _small_bert_model,
+def _tamper_adapter(edit):
+    """A setup that rewrites {tmp}/run/adapter_model.safetensors through `edit(tensors, module)`."""
+    def setup(tmp: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = tmp / "run" / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        module = sorted(key.removesuffix(".indices") for key in tensors if key.endswith(".indices"))[0]
+        edit(tensors, module)
+        save_file(tensors, str(path))
+    return setup
+
+
+def _set_index(position: int, value: int):
+    def edit(tensors, module):
+        indices = tensors[f"{module}.indices"].long().clone()
+        indices[position] = value
+        tensors[f"{module}.indices"] = indices
+    return edit
+
+
+def _nan_delta(tensors, module):
+    tensors[f"{module}.delta"][0] = float("nan")
+
+
+def _duplicate_index(tensors, module):
+    indices = tensors[f"{module}.indices"].clone()
+    indices[1] = indices[0]
+    tensors[f"{module}.indices"] = indices
+
+
+SETUPS = {"negative_index": _tamper_adapter(_set_index(0, -5)), "index_past_the_matrix": _tamper_adapter(_set_index(-1, 10**8)),
+          "duplicate_index": _tamper_adapter(_duplicate_index), "nan_delta": _tamper_adapter(_nan_delta),
+          "vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_model": _small_bert_model,
           "small_roberta_model": _small_roberta_model, "locked_folder": _locked_folder}
 
 

@@ -171,3 +171,98 @@ def test_merge_with_overflowing_weights_writes_nothing(tmp_path, minilm_path):
         merge_runs([run], output=tmp_path / "merged", weights="1e300")
     assert not (tmp_path / "merged").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------- full disks and read-only places
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 64 KiB tmpfs (needs root, which CI's container has): the kernel's own ENOSPC and EROFS."""
+    mounts: list[Path] = []
+
+    def mount(name: str, *options: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=64k", *options]), "tmpfs", str(path)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the injected-error tests below still run")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_the_previous_file_survives(tmpfs):
+    disk = tmpfs("disk")
+    write_text(disk / "report.csv", "previous,good\n")
+    (disk / "filler").write_bytes(b"x" * 60_000)
+    with pytest.raises(SpartaError, match=f"no space left on the device while writing {disk / 'report.csv'}"):
+        write_text(disk / "report.csv", "y" * 20_000)
+    assert (disk / "report.csv").read_text() == "previous,good\n"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "report.csv"]  # no temporary left behind
+
+
+def test_a_read_only_place_is_one_line_even_for_root(tmpfs, tmp_path, minilm_path, monkeypatch, capsys):
+    from sparta_cli import cli
+
+    read_only = tmpfs("ro", "ro")
+    run = make_run(tmp_path / "runs" / "r", minilm_path)
+    monkeypatch.setattr(sys, "argv", ["sparta", "report", str(run), "--output", str(read_only / "report")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write to {read_only / 'report'}: the file system is read-only"), err
+
+
+@pytest.mark.parametrize("failure,phrase", [
+    (OSError(28, "No space left on device", "/data/x"), "no space left on the device while writing /data/x"),
+    (OSError(30, "Read-only file system", "/data/x"), "cannot write to /data/x: the file system is read-only"),
+    (OSError(13, "Permission denied", "/data/x"), "no permission to write /data/x"),
+    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"),
+     "no space left on the device"),
+])
+def test_any_write_error_from_any_library_is_one_line(failure, phrase, tmp_path, minilm_path, monkeypatch, capsys):
+    """The CLI's last line of defence maps a full disk or an unwritable place, whoever raised it."""
+    from sparta_cli import cli, report
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    run = make_run(tmp_path / "runs" / "r", minilm_path)
+    monkeypatch.setattr(report, "to_csv", fails)
+    monkeypatch.setattr(sys, "argv", ["sparta", "report", str(run), "--output", str(tmp_path / "report")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and phrase in err and err.count("\n") == 1 and "rerun with --debug" not in err, err
+    assert exited.value.code in (1, 2)
+
+
+def test_merge_on_a_full_disk_keeps_the_previous_merge(tmp_path, minilm_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError text: one line, and the earlier output is untouched."""
+    import safetensors.torch
+
+    from sparta_cli.merge import merge_runs
+
+    base = save_tiny_llama(tmp_path / "llama", minilm_path)
+    run = make_run(tmp_path / "run", str(base))
+    merge_runs([run], output=tmp_path / "merged")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "merged").iterdir()}
+
+    def full(*args, **kwargs):
+        from safetensors import SafetensorError
+
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SpartaError, match="no space left on the device"):
+        merge_runs([run], output=tmp_path / "merged", overwrite=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "merged").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
