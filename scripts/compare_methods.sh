@@ -10,6 +10,7 @@
 # $LR_HEAD (defaults below). Runs go to $OUT (default runs/compare/<recipe name>); peak
 # memory is the peak RSS of each `sparta train` process (GNU time's %M).
 set -euo pipefail
+source "$(dirname "$0")/find_python.sh"
 
 if [[ $# -lt 1 || ! -f $1 ]]; then
     echo "usage: scripts/compare_methods.sh RECIPE [key=value ...]" >&2
@@ -23,7 +24,7 @@ declare -A lr=([sparta]=${LR_SPARTA:-2e-3} [lora]=${LR_LORA:-1e-3} [dora]=${LR_D
 mkdir -p "$out"
 
 # LoRA r=8 on q,v: r * (in + out) per matrix; SpaRTA's pool: every entry of the recipe's targets
-read -r lora_params pool targets < <(python - "$recipe" "$@" <<'EOF'
+read -r lora_params pool targets < <("$PYTHON" - "$recipe" "$@" <<'EOF'
 import sys
 from sparta_cli.config import load_recipe
 from sparta_cli.console import quiet_libraries
@@ -46,7 +47,7 @@ train() {  # name, overrides...
     local name=$1
     shift
     echo "training $name ..." >&2
-    if ! /usr/bin/time -f "%e %M" -o "$out/$name.time" sparta train "$recipe" "output_dir=$out/$name" "$@" --overwrite >"$out/$name.log" 2>&1; then
+    if ! /usr/bin/time -f "%e %M" -o "$out/$name.time" "$PYTHON" -m sparta_cli train "$recipe" "output_dir=$out/$name" "$@" --overwrite >"$out/$name.log" 2>&1; then
         echo "$name failed: see $out/$name.log" >&2
         return 1
     fi
@@ -55,14 +56,14 @@ train() {  # name, overrides...
 
 train head adapter.method=head "training.lr=${lr[head]}" "$@"
 for m in $multiples; do
-    density=$(python -c "print(f'{min(1.0, $m * $lora_params / $pool):.6g}')")
+    density=$("$PYTHON" -c "print(f'{min(1.0, $m * $lora_params / $pool):.6g}')")
     train "sparta-x$m" adapter.method=sparta "adapter.density=$density" "adapter.targets=$targets" "training.lr=${lr[sparta]}" "$@"
 done
 train lora adapter.method=lora adapter.r=8 "adapter.targets=[q,v]" "training.lr=${lr[lora]}" "$@"
 train dora adapter.method=dora adapter.r=8 "adapter.targets=[q,v]" "training.lr=${lr[dora]}" "$@"
 train full adapter.method=full "training.lr=${lr[full]}" "$@"
 
-python - "$out" "${runs[@]}" <<'EOF'
+"$PYTHON" - "$out" "${runs[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 

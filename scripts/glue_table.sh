@@ -8,6 +8,7 @@
 # MNLI and QQP have no local dev split and are skipped. Prints a markdown table; wall time covers
 # the whole command (model load, tokenization into a fresh cache, training, evaluation).
 set -euo pipefail
+source "$(dirname "$0")/find_python.sh"
 out=${1:-/tmp/glue_table}
 shift || true
 tasks=("$@")
@@ -19,13 +20,13 @@ mkdir -p "$out"
 for task in "${tasks[@]}"; do
   [ -z "${TABLE_ONLY:-}" ] || break
   start=$(date +%s.%N)
-  sparta train "$here/configs/quickstart.yaml" --overwrite output_dir="$out/$task" task.name="$task" \
+  "$PYTHON" -m sparta_cli train "$here/configs/quickstart.yaml" --overwrite output_dir="$out/$task" task.name="$task" \
     data.max_length=128 data.max_train_samples=2000 data.max_eval_samples=null training.epochs=1 \
     training.batch_size=32 training.lr=2e-3 training.eval_every=null adapter.density=0.05 "adapter.targets=[v,o]" seed=42 \
     > "$out/$task.log" 2>&1
   echo "$(date +%s.%N) - $start" | bc > "$out/$task.wall"
 done
-python - "$out" <<'PY'
+"$PYTHON" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

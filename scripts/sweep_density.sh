@@ -11,12 +11,13 @@
 # A failing run is logged and the sweep goes on; the exit code is 1 if any run failed, listed at the end.
 #   --baselines    also LoRA (r=8 on q,v, the recipe's lr) and full fine-tuning (lr --full-lr, default 2e-5)
 #   --launcher     or $LAUNCHER, e.g. "accelerate launch --num_processes 2": runs `$LAUNCHER -m sparta_cli train ...`
+# Python: $PYTHON if set, else this checkout's .venv (no need to activate it), else python3 with sparta.
 # Then: sparta report runs/<task> --output reports/<task>
 set -uo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/find_python.sh"
 launcher=${LAUNCHER:-}
 plan_flags=()
 positional=()
@@ -35,9 +36,8 @@ done
 
 if [[ -n "$launcher" ]]; then
   read -r -a train_cmd <<<"$launcher"
+  train_cmd[0]=$(venv_tool "${train_cmd[0]}")  # `accelerate launch ...` from the same environment
   train_cmd+=(-m sparta_cli train)
-elif command -v sparta >/dev/null; then
-  train_cmd=(sparta train)
 else
   train_cmd=("$PYTHON" -m sparta_cli train)
 fi

@@ -33,6 +33,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"  # param groups and non-tensor state
 SCHEDULER_STATE = "scheduler.json"
 MASKS_FILE = "masks.json"  # sha256 of every SpaRTA layer's indices
+BEST_FILE = "best_trainable.safetensors"  # the best evaluation's tensors, when a validation set selects
 RECIPE_FILE = "recipe.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -52,6 +53,7 @@ class TrainerState:
     loss_sum: float = 0.0  # sum of per-step losses, for train_loss
     elapsed: float = 0.0  # seconds of training before this session
     world_size: int = 1
+    selection: dict[str, Any] | None = None  # best_step, best_metrics, evals_since_best (with a validation set)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -117,7 +119,8 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], info: dict[str, Any])
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    accelerator, keep: int | None, recipe: dict[str, Any], masks: dict[str, str] | None = None) -> Path:
+                    accelerator, keep: int | None, recipe: dict[str, Any], best: dict[str, torch.Tensor] | None = None,
+                    masks: dict[str, str] | None = None) -> Path:
     """Every rank writes its RNG state into the temporary folder; the main process writes the rest and renames it."""
     final = run_dir / f"checkpoint-{state.step}"
     tmp = run_dir / f".checkpoint-{state.step}.tmp"
@@ -129,6 +132,8 @@ def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, tor
     write_safetensors(tmp / rng_file(accelerator.process_index), rng_tensors, {"rng": json.dumps(rng_info)})
     if accelerator.is_main_process:
         write_safetensors(tmp / TENSORS_FILE, {name: t.detach().cpu().contiguous() for name, t in trainable.items()})
+        if best is not None:
+            write_safetensors(tmp / BEST_FILE, {name: t.contiguous() for name, t in best.items()})
         opt_tensors, opt_info = split_optimizer_state(optimizer.state_dict())
         write_safetensors(tmp / OPTIMIZER_TENSORS, opt_tensors)
         write_json(tmp / OPTIMIZER_STATE, opt_info)
@@ -208,6 +213,8 @@ def read_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise SpartaError(f"{path / TENSORS_FILE}: `{name}` holds inf or NaN: the checkpoint is damaged")
+    if (path / BEST_FILE).exists():
+        _load_safetensors(path / BEST_FILE)
     optimizer_tensors, _ = _load_safetensors(path / OPTIMIZER_TENSORS)
     optimizer_info = _json(path / OPTIMIZER_STATE)
     if not isinstance(optimizer_info, dict) or not {"param_groups", "scalars"} <= set(optimizer_info):
@@ -271,3 +278,8 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, s
         raise SpartaError(f"{path}: the optimizer or scheduler state does not fit this run ({exc}): resume with the same recipe") from None
     _set_rng_state(*saved["rng"][accelerator.process_index])
     return saved["state"]
+
+
+def load_best(path: Path) -> dict[str, torch.Tensor] | None:
+    """The best evaluation's tensors a checkpoint kept (None when it kept none)."""
+    return _load_safetensors(path / BEST_FILE)[0] if (path / BEST_FILE).is_file() else None

@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -86,6 +86,16 @@ class DataConfig(_Strict):
     max_eval_samples: int | None = Field(None, ge=1)
     overlong: Literal["truncate", "drop"] = "truncate"
     cache: bool = True
+    # held out of the training rows (after max_train_samples) with the run's seed, for model selection:
+    # a fraction (< 1) or a count (>= 1); null: evaluate on the task's evaluation split(s) as before
+    validation_size: int | float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_count(self) -> DataConfig:
+        size = self.validation_size
+        if size is not None and size >= 1 and size != int(size):
+            raise ValueError(f"data.validation_size = {size}: give a fraction below 1 (e.g. 0.1) or a whole number of rows (e.g. 500)")
+        return self
 
 
 class TrainingConfig(_Strict):
@@ -106,6 +116,9 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = False
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int | None = Field(None, ge=1)
+    # model selection on data.validation_size's held-out rows
+    best_metric: str | None = None  # null: the task's main metric; `loss` (lower is better) or any metric it reports
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -122,7 +135,28 @@ class LoggingConfig(_Strict):
     wandb: bool = False
 
 
-DEFAULT_OUTPUT_DIR = "runs/${task.name}/${adapter.method}-d${adapter.density}-s${seed}"
+# `${name}`: the method with the setting that sizes it and the seed (sparta-d0.01-s42, lora-r16-s42,
+# full-s42), so runs that differ in that setting never share a folder.
+DEFAULT_OUTPUT_DIR = "runs/${task.name}/${name}"
+
+# The adapter keys that only some methods read; any other method refuses them (a density given to
+# LoRA used to be ignored without a word). Keys not listed here apply to every method.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "density": ("sparta",),
+    "targets": ("sparta", "lora", "dora"),
+    "r": ("lora", "dora"),
+    "alpha": ("lora", "dora"),
+    "dropout": ("lora", "dora"),
+}
+_KEY_USE = {"density": "SpaRTA's fraction of each target matrix", "targets": "the matrices an adapter trains",
+            "r": "the LoRA/DoRA rank", "alpha": "the LoRA/DoRA scale", "dropout": "the LoRA/DoRA dropout"}
+_METHOD_SIZE = {"sparta": "its size is adapter.density", "lora": "its size is adapter.r", "dora": "its size is adapter.r",
+                "full": "it trains every weight", "head": "it trains only the classification head"}
+
+
+def applies(key: str, method: str) -> bool:
+    """Whether adapter.<key> means anything to `method`."""
+    return method in METHOD_KEYS.get(key, (method,))
 
 
 class Recipe(_Strict):
@@ -137,10 +171,22 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.training.eval_every and self.task.type is not None and not self.task.validation_file:
+        selection = [key for key in ("best_metric", "early_stopping_patience") if getattr(self.training, key) is not None]
+        if selection and self.data.validation_size is None:
+            raise ValueError(
+                f"training.{selection[0]} selects on a held-out validation set, but data.validation_size is not set: "
+                "set data.validation_size (e.g. 0.1 or 500) or drop it"
+            )
+        if self.training.early_stopping_patience is not None and self.training.eval_every is None:
+            raise ValueError(
+                "training.early_stopping_patience counts evaluations, but training.eval_every is not set: "
+                "set training.eval_every (steps between evaluations) or drop early_stopping_patience"
+            )
+        if (self.training.eval_every and self.task.type is not None and not self.task.validation_file
+                and self.data.validation_size is None):
             raise ValueError(
                 "training.eval_every is set but the custom task has no task.validation_file to evaluate on: "
-                "add a validation file or drop eval_every"
+                "add a validation file, set data.validation_size, or drop eval_every"
             )
         return self
 
@@ -154,7 +200,17 @@ class Recipe(_Strict):
         return user_path(chosen, "data.dir") if chosen else None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The recipe as plain data, without adapter keys its method does not read (they would reload as mistakes)."""
+        data = self.model_dump(mode="json")
+        data["adapter"] = {key: value for key, value in data["adapter"].items() if applies(key, self.adapter.method)}
+        return data
+
+    @property
+    def run_name(self) -> str:
+        """The method, the setting that sizes it, and the seed: sparta-d0.01-s42, lora-r16-s42, full-s42."""
+        a = self.adapter
+        setting = {"sparta": f"-d{a.density}", "lora": f"-r{a.r}", "dora": f"-r{a.r}"}.get(a.method, "")
+        return f"{a.method}{setting}-s{self.seed}"
 
 
 # ---------------------------------------------------------------- loading
@@ -291,9 +347,15 @@ _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 def _interpolate(template: str, values: dict[str, Any]) -> str:
     def lookup(match: re.Match[str]) -> str:
         node: Any = values
-        for part in match.group(1).split("."):
+        key = match.group(1)
+        for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise SpartaError(f"output_dir refers to unknown `${{{match.group(1)}}}`: use keys of the recipe, e.g. ${{task.name}}")
+                method = values["adapter"]["method"]
+                if key.startswith("adapter.") and not applies(key.removeprefix("adapter."), method):
+                    raise SpartaError(f"output_dir uses `${{{key}}}`, which adapter.method={method} does not have: "
+                                      "use ${name} (the method and its settings, e.g. lora-r16-s42)")
+                raise SpartaError(f"output_dir refers to unknown `${{{key}}}`: use keys of the recipe, e.g. ${{task.name}}, "
+                                  "or ${name} (the method and its settings, e.g. sparta-d0.01-s42)")
             node = node[part]
         return str(node if node is not None else "custom")
 
@@ -318,10 +380,13 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
     records where it came from and is not part of the recipe."""
     tree = dict(raw)
-    tree.pop("run", None)
+    from_run = tree.pop("run", None) is not None
+    overridden: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+        overridden.add(key)
+    _refuse_keys_of_other_methods(tree, overridden, from_run)
     _drop_trust_remote_code(tree, trust_remote_code)
     if trust_remote_code and isinstance(tree.get("model"), dict):
         tree["model"] = {**tree["model"], "trust_remote_code": True}
@@ -333,8 +398,32 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         raise SpartaError(_describe(first)) from None
     values = recipe.to_dict()
     values["task"]["name"] = recipe.task.label
+    values["name"] = recipe.run_name
     recipe.output_dir = _interpolate(recipe.output_dir, values)
     return recipe
+
+
+def _refuse_keys_of_other_methods(tree: dict[str, Any], overridden: set[str], from_run: bool) -> None:
+    """Refuse adapter keys the chosen method does not read. The one exception: keys of the method the
+    file named when an override chose another (`adapter.method=lora` on a SpaRTA recipe drops its
+    density), and those a run's config.yaml of an older sparta recorded for every method."""
+    adapter = tree.get("adapter")
+    if not isinstance(adapter, dict):
+        return
+    method = adapter.get("method", "sparta")
+    if method not in get_args(Method):
+        return  # validation names the valid methods
+    switched = from_run or bool({"adapter", "adapter.method"} & overridden)
+    kept = {}
+    for key, value in adapter.items():
+        if applies(key, method):
+            kept[key] = value
+        elif switched and f"adapter.{key}" not in overridden:
+            continue
+        else:
+            size = f" ({_METHOD_SIZE[method]})" if method in _METHOD_SIZE else ""
+            raise SpartaError(f"adapter.{key} ({_KEY_USE[key]}) does not apply to adapter.method={method}: remove it{size}")
+    tree["adapter"] = kept
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sparta_cli.config import Recipe
+from sparta_cli.errors import SpartaError
 from sparta_cli.tasks import Task, load_split
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -92,6 +93,17 @@ def subsample(dataset, limit: int | None, seed: int | None):
     if seed is not None:
         dataset = dataset.shuffle(seed=seed)
     return dataset.select(range(limit))
+
+
+def validation_indices(rows: int, size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out validation rows) of a split of `rows` rows: `size` rows (or that
+    fraction, rounded) drawn with `seed`, so the same seed always holds out the same rows."""
+    count = int(size) if size >= 1 else round(size * rows)
+    if not 1 <= count < rows:
+        raise SpartaError(f"data.validation_size = {size} holds out {count} of the {rows} training rows: "
+                          "hold out at least 1 and leave at least 1 to train on")
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[count:]), sorted(order[:count])
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -42,6 +42,21 @@ def compute_metrics(
     return scores
 
 
+def selectable_metrics(task: Task) -> tuple[str, ...]:
+    """The metrics `compute_metrics` reports for every split of `task`, plus the loss: what a
+    run can select its best evaluation by."""
+    if task.is_regression:
+        names = ("pearson", "spearmanr", "combined_score")
+    else:
+        extra = {"matthews_correlation": ("matthews_correlation",), "combined_score": ("f1", "combined_score")}
+        names = ("accuracy", *extra.get(task.main_metric, ()))
+    return (*names, "loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric == "loss"
+
+
 def _regression(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     pearson = float(pearsonr(predictions, labels)[0])
     spearman = float(spearmanr(predictions, labels)[0])

@@ -75,7 +75,7 @@ class Group:
 
     @property
     def values(self) -> list[float]:
-        return [float(run.results[f"eval_{self.metric}"]) for run in self.runs]
+        return [float(run.results[result_key(self.metric)]) for run in self.runs]
 
     @property
     def mean(self) -> float:
@@ -99,6 +99,12 @@ class Group:
         name = {"sparta": "SpaRTA", "lora": "LoRA", "dora": "DoRA"}.get(self.method, self.method)
         name = f"{name} r={self.lora_r}" if self.lora_r else name
         return f"{name} · {short_model_name(self.model)}" if with_model else name
+
+
+def result_key(metric: str) -> str:
+    """The all_results.json key of a metric: `accuracy` is the evaluation's (`eval_accuracy`);
+    `test_accuracy` is the evaluation split's score of a run that selected on held-out rows."""
+    return metric if metric.startswith("test_") else f"eval_{metric}"
 
 
 def short_model_name(name: str) -> str:
@@ -179,9 +185,9 @@ def group_runs(runs: list[Run], metric: str | None = None) -> tuple[list[Group],
             continue
         name = (metric or metric_of_task.get(run.task) or main_metric(run)).removeprefix("eval_")
         metric_of_task.setdefault(run.task, name)
-        if f"eval_{name}" not in run.results:
-            found = ", ".join(k.removeprefix("eval_") for k in run.results if k.startswith("eval_")) or "none"
-            left_out.append((run.path, f"no eval_{name} in {ALL_RESULTS} (it has: {found})"))
+        if result_key(name) not in run.results:
+            found = ", ".join(k.removeprefix("eval_") for k in run.results if k.startswith(("eval_", "test_"))) or "none"
+            left_out.append((run.path, f"no {result_key(name)} in {ALL_RESULTS} (it has: {found})"))
             continue
         key = (run.task, run.model, run.method, run.density, run.lora_r, name)
         groups.setdefault(key, Group(*key)).runs.append(run)

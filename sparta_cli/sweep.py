@@ -43,8 +43,8 @@ def plan_sweep(recipe: str | Path, densities: list[str], seeds: list[str], overr
         out = Path(resolved.output_dir)
         if out in seen:
             raise SpartaError(
-                f"two runs of the sweep would share output_dir {out}: remove output_dir from the recipe or make it name "
-                "${adapter.method}, ${adapter.density} and ${seed}, e.g. output_dir=sweeps/${task.name}/${adapter.method}-d${adapter.density}-s${seed}"
+                f"two runs of the sweep would share output_dir {out}: remove output_dir from the recipe or make it end in "
+                "${name} (the method, its density or rank, and the seed), e.g. output_dir=sweeps/${task.name}/${name}"
             )
         seen.add(out)
     return planned

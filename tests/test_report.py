@@ -29,7 +29,7 @@ TINY = ["data.max_train_samples=32", "data.max_eval_samples=32", "data.max_lengt
 
 
 def layout(root: Path) -> str:
-    return f"output_dir={root}/${{adapter.method}}-d${{adapter.density}}-s${{seed}}"
+    return f"output_dir={root}/${{name}}"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_csv_matches_the_runs_own_results(runs, report):
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [(r["method"], r["density"], r["n_seeds"]) for r in rows] == [("sparta", "0.001", "2"), ("sparta", "0.05", "2"), ("lora", "", "1")]
     for row in rows:
-        dirs = [runs / f"{row['method']}-d{row['density'] or '0.05'}-s{seed}" for seed in row["seeds"].split()]
+        setting = f"d{row['density']}" if row["method"] == "sparta" else "r8"
+        dirs = [runs / f"{row['method']}-{setting}-s{seed}" for seed in row["seeds"].split()]
         accuracies = [json.loads((d / "all_results.json").read_text())["eval_accuracy"] for d in dirs]
         assert row["metric"] == "accuracy"
         assert float(row["mean"]) == pytest.approx(statistics.fmean(accuracies), abs=1e-12)

@@ -7,9 +7,10 @@ slice's fp32 deltas, original values and (through the optimizer) their AdamW mom
 state per rank is O(k / W). The global index array stays on every rank (4 bytes per entry),
 because each rank's batch contributes a gradient to every entry.
 
-- Forward: before FSDP all-gathers a block, each rank writes W0 + delta into its own rows (a
-  root forward pre-hook that runs ahead of FSDP's, and only when a delta changed); the gathered
-  weight then already holds the deltas, so the forward is the frozen model's own matmul.
+- Forward: after every optimizer step and every load of deltas (`write_weights`, registered as
+  an optimizer step post-hook, as for the unsharded layers), each rank writes W0 + delta into its
+  own rows of the sharded weight; FSDP's next all-gather then carries the deltas, so the forward
+  is the frozen model's own matmul.
 - Backward: the custom autograd function receives the unsharded (gathered) weight from FSDP and
   returns the input gradient plus the k entries of g^T x from this rank's batch, laid out in
   rank-sized pieces (padded to the largest owned count) and reduce-scattered: one collective per
@@ -92,7 +93,6 @@ class ShardedSpartaLinear(nn.Module):
         self.register_buffer("sparta_local", local.to(indices.dtype))
         self.register_buffer("sparta_origin", layer.sparta_origin[lo:hi].clone())
         self.sparta_delta = nn.Parameter(layer.sparta_delta.detach()[lo:hi].clone(), requires_grad=layer.sparta_delta.requires_grad)
-        self._written: tuple[int, int] | None = None
 
     @property
     def in_features(self) -> int:
@@ -102,23 +102,13 @@ class ShardedSpartaLinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def _delta_state(self) -> tuple[int, int]:
-        return (self.sparta_delta.data_ptr(), self.sparta_delta._version)
-
-    def local_weight(self) -> torch.Tensor:
-        """This rank's rows of the (sharded) frozen weight, as a plain tensor sharing its storage."""
-        weight = self.base_layer.weight
-        return weight.to_local() if hasattr(weight, "to_local") else weight[self.rows[self.rank][0]:self.rows[self.rank][1]]
-
     @torch.no_grad()
-    def write_local(self, force: bool = False) -> None:
-        """W0 + delta into the owned entries of this rank's rows, when the deltas changed."""
-        if not force and self._written == self._delta_state():
-            return
-        local = self.local_weight()
+    def write_weight(self) -> None:
+        """W0 + delta into the owned entries of this rank's rows of the sharded weight (a DTensor
+        whose local tensor is the storage FSDP all-gathers from)."""
+        local = self.base_layer.weight.to_local()
         values = (self.sparta_origin.float() + self.sparta_delta.detach()).to(local.dtype)
         local.view(-1).index_copy_(0, self.sparta_local.long(), values)
-        self._written = self._delta_state()
 
     def reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
         """Sum every rank's k-entry gradient and keep this rank's owned entries, averaged over ranks
@@ -127,7 +117,7 @@ class ShardedSpartaLinear(nn.Module):
         for r, (lo, hi) in enumerate(self.slices):
             padded[r * self.chunk:r * self.chunk + hi - lo] = full[lo:hi]
         mine = full.new_empty(self.chunk)
-        dist.reduce_scatter_tensor(mine, padded, group=self.group)
+        dist.reduce_scatter_single(mine, padded, group=self.group)
         lo, hi = self.slices[self.rank]
         return mine[:hi - lo].div_(self.world)
 
@@ -185,8 +175,7 @@ class ShardedSparta:
         fully_shard(model, **options)
         sharded = cls(model, layers, group)
         sharded._check_layout()
-        # runs before FSDP's own root pre-forward (prepend), so before any all-gather
-        model.register_forward_pre_hook(lambda module, args: sharded.write_local(), prepend=True)
+        sharded.write_weights()
         sparta.layers = {}  # the unsharded layers are gone from the model
         return sharded
 
@@ -199,25 +188,63 @@ class ShardedSparta:
             if not isinstance(weight, DTensor) or tuple(weight.placements) != (Shard(0),) or weight.to_local().shape[0] != end - first:
                 raise SpartaError(f"`{name}` is not sharded by rows as FSDP2's default (Shard(0)): do not pass shard_placement_fn")
 
-    def write_local(self) -> None:
+    @torch.no_grad()
+    def write_weights(self) -> None:
+        """Every owned entry of every local shard to W0 + delta: after each optimizer step and load.
+
+        Groups left unsharded (FSDP keeps the root's after a forward without backward) are
+        resharded first, so the next forward all-gathers the written shards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         for layer in self.layers.values():
-            layer.write_local()
+            layer.write_weight()
+
+    def write_after_steps_of(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the local shards after every step of `optimizer` (fused kernels included)."""
+        optimizer.register_step_post_hook(lambda *_: self.write_weights())
 
     def num_owned(self) -> int:
         return sum(layer.sparta_delta.numel() for layer in self.layers.values())
+
+    def _owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
+        return next((layer for layer in self.layers.values() if layer.sparta_delta is param), None)
+
+    def gather(self, param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        """The full tensor of a trainable parameter, or of a state tensor shaped like it (an AdamW
+        moment): owned deltas gathered to all k entries, FSDP's DTensor shards to the whole tensor.
+        Every rank calls it (a collective)."""
+        value = param.detach() if value is None else value
+        layer = self._owner(param)
+        if layer is None:
+            return full_tensor(value)
+        padded = value.new_zeros(layer.chunk)
+        padded[:value.numel()] = value
+        gathered = padded.new_empty(layer.world * layer.chunk)
+        dist.all_gather_single(gathered, padded, group=self.group)
+        return torch.cat([gathered[r * layer.chunk:r * layer.chunk + hi - lo] for r, (lo, hi) in enumerate(layer.slices)])
+
+    def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full tensor shaped like `param` (the inverse of `gather`; no collective)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        layer = self._owner(param)
+        if layer is not None:
+            lo, hi = layer.slices[layer.rank]
+            return full[lo:hi].clone()
+        if isinstance(param, DTensor):
+            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return full.clone()
 
     def full_state_tensors(self) -> dict[str, torch.Tensor]:
         """`<module>.indices` and `<module>.delta` for every layer, as SpartaModel.state_tensors writes
         them, gathered on every rank (one all-gather of about k fp32 values per layer)."""
         tensors = {}
         for name, layer in self.layers.items():
-            padded = layer.sparta_delta.detach().new_zeros(layer.chunk)
-            padded[:layer.sparta_delta.numel()] = layer.sparta_delta.detach()
-            gathered = padded.new_empty(layer.world * layer.chunk)
-            dist.all_gather_into_tensor(gathered, padded, group=self.group)
-            pieces = [gathered[r * layer.chunk:r * layer.chunk + hi - lo] for r, (lo, hi) in enumerate(layer.slices)]
             tensors[f"{name}.indices"] = layer.sparta_indices.detach().cpu().contiguous()
-            tensors[f"{name}.delta"] = torch.cat(pieces).float().cpu().contiguous()
+            tensors[f"{name}.delta"] = self.gather(layer.sparta_delta).float().cpu().contiguous()
         return tensors
 
     @torch.no_grad()
@@ -227,8 +254,38 @@ class ShardedSparta:
             delta = tensors[f"{name}.delta"]
             if delta.numel() != layer.sparta_indices.numel():
                 raise SpartaError(f"adapter delta for `{name}` has {delta.numel()} values for {layer.sparta_indices.numel()} indices: the adapter file is corrupted")
-            lo, hi = layer.slices[layer.rank]
-            layer.sparta_delta.copy_(delta[lo:hi])
+            layer.sparta_delta.copy_(self.local_part(layer.sparta_delta, delta))
+        self.write_weights()
+
+    @torch.no_grad()
+    def load_full(self, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Copy full tensors (as `gather` made them, e.g. a checkpoint's) into this rank's parts of `params`."""
+        for name, param in params.items():
+            part = self.local_part(param, tensors[name])
+            (param.to_local() if hasattr(param, "to_local") else param).copy_(part.to_local() if hasattr(part, "to_local") else part)
+        self.write_weights()
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()` as one process training the whole adapter would hold it, so a
+        checkpoint has today's format. Every rank calls it (collectives); the live state is untouched."""
+        saved = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved["state"] = {index: {key: self.gather(params[index], value) if _shaped_like(value, params[index]) else value
+                                  for key, value in entry.items()}
+                          for index, entry in saved["state"].items()}
+        return saved
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+        """The inverse of `full_optimizer_state`: each rank keeps its parts of the per-entry state."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        local = {**saved, "state": {index: {key: self.local_part(params[index], value) if torch.is_tensor(value) and value.dim() else value
+                                            for key, value in entry.items()}
+                                    for index, entry in saved["state"].items()}}
+        optimizer.load_state_dict(local)
+
+
+def _shaped_like(value, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""The shell scripts right after `scripts/setup.sh`: no activated virtualenv, so `python` and
+`sparta` on PATH are not sparta's; the scripts must find the checkout's .venv themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from conftest import REPO
+
+RECIPE = str(REPO / "configs" / "quickstart.yaml")
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """The environment of a new shell after setup.sh: system PATH only, no venv activated, no $PYTHON."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "LAUNCHER")}
+    return {**env, "PATH": "/usr/bin:/bin", **extra}
+
+
+def tiny_run_overrides(model: Path, data_dir: Path) -> list[str]:
+    return [f"model.name_or_path={model}", f"data.dir={data_dir}", "data.max_train_samples=16", "data.max_eval_samples=16",
+            "data.max_length=32", "training.max_steps=1", "training.batch_size=8", "training.eval_every=null"]
+
+
+def test_sweep_runs_without_an_activated_venv(tmp_path, tiny_bert_nodropout_dir, data_dir):
+    out = tmp_path / "runs"
+    command = ["bash", str(REPO / "scripts" / "sweep_density.sh"), RECIPE, "0.001 0.01", "--",
+               *tiny_run_overrides(tiny_bert_nodropout_dir, data_dir), f"output_dir={out}/d${{adapter.density}}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=bare_env(), cwd=tmp_path, timeout=600, check=False)
+    logs = "".join(p.read_text() for p in out.glob("*.log")) if out.exists() else ""
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    assert "No module named" not in logs
+    for density in ("0.001", "0.01"):
+        assert json.loads((out / f"d{density}" / "all_results.json").read_text())["train_steps"] == 1
+
+
+def test_scripts_without_sparta_anywhere_say_how_to_install(tmp_path):
+    """A copy of the scripts with no .venv beside them, and no sparta on PATH: one line naming setup.sh."""
+    scripts = tmp_path / "clone" / "scripts"
+    shutil.copytree(REPO / "scripts", scripts)
+    for name in ("sweep_density.sh", "compare_methods.sh", "glue_table.sh"):
+        args = {"sweep_density.sh": [RECIPE, "0.01"], "compare_methods.sh": [RECIPE], "glue_table.sh": [str(tmp_path)]}[name]
+        result = subprocess.run(["bash", str(scripts / name), *args], capture_output=True, text=True,
+                                env=bare_env(SPARTA_DATA_DIR=str(tmp_path)), cwd=tmp_path, timeout=60, check=False)
+        assert result.returncode == 2, (name, result.stderr)
+        assert "no Python with sparta installed" in result.stderr and "scripts/setup.sh" in result.stderr, (name, result.stderr)
+
+
+def test_glue_table_prints_its_table_without_an_activated_venv(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "glue_table.sh"), str(tmp_path)], capture_output=True, text=True,
+                            env=bare_env(TABLE_ONLY="1", SPARTA_DATA_DIR=str(tmp_path)), cwd=tmp_path, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "| sst2 | not run |" in result.stdout
