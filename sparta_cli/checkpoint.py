@@ -232,7 +232,9 @@ def read_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
 
 
 def usable_checkpoint(run_dir: Path, world_size: int, warn) -> Path | None:
-    """The newest checkpoint that reads back whole; each damaged newer one is named in a warning."""
+    """The newest checkpoint that reads back whole; each damaged newer one is named in a warning.
+    None when there is no checkpoint; SpartaError naming the newest's damage when none is usable."""
+    problems = []
     for path in reversed(checkpoints(run_dir)):
         try:
             read_checkpoint(path, world_size)
@@ -240,8 +242,11 @@ def usable_checkpoint(run_dir: Path, world_size: int, warn) -> Path | None:
             if "processes" in str(exc) or "pickle" in str(exc):
                 raise  # every checkpoint of the run has the same problem
             warn(f"skipping {path}: {exc}")
+            problems.append(str(exc))
             continue
         return path
+    if problems:
+        raise SpartaError(f"every checkpoint in {run_dir} is damaged (newest: {problems[0]}): retrain with --overwrite")
     return None
 
 

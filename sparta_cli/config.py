@@ -22,7 +22,11 @@ Method = Literal["sparta", "lora", "dora", "full", "head"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf/NaN anywhere: `training.epochs: .inf` would never end, `lr: .nan` never learn
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED_LIMIT = 2**32  # numpy's seeds (set by accelerate's set_seed) are below 2**32
 
 
 class ModelConfig(_Strict):
@@ -38,7 +42,7 @@ class AdapterConfig(_Strict):
     method: Method = "sparta"
     density: float = Field(0.01, gt=0.0, le=1.0)
     targets: list[str] = Field(default_factory=lambda: ["v", "o"], min_length=1)
-    seed: int | None = None  # null: the run's seed
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # null: the run's seed
     # LoRA / DoRA (through PEFT)
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
@@ -166,7 +170,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT)
     output_dir: str = DEFAULT_OUTPUT_DIR
 
     @model_validator(mode="after")
@@ -278,6 +282,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+MAX_OVERRIDE_CHARS = 10_000
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
 
 
@@ -287,10 +292,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not match:
         raise SpartaError(f"malformed override `{text}`: write dotted key=value, e.g. adapter.density=0.005")
     key, raw = match.groups()
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise SpartaError(f"override `{key}` has a value of {len(raw):,} characters: at most {MAX_OVERRIDE_CHARS:,}; "
+                          "put long values in the recipe file")
     try:
         value = parse_yaml(raw) if raw.strip() else None
     except YamlRefused as exc:
         raise SpartaError(f"override `{key}`: {exc}") from None
+    except RecursionError:
+        raise SpartaError(f"override `{key}` is nested too deeply to read: give a plain value or a short list") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):

@@ -36,6 +36,9 @@ def target_kind(target: str) -> str:
     path = Path(target).expanduser()
     if (path / "adapter_config.json").is_file():
         return RUN
+    if (path / "trainer_state.json").is_file():
+        raise SpartaError(f"{target} is a training checkpoint (what --resume continues from), not an adapter: finish the run with "
+                          f"`sparta train {path.parent}/config.yaml --resume`, then evaluate the run folder {path.parent}")
     if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
         return RUN  # an unfinished run: loading its adapter says how to finish it
     if not path.exists() and target.startswith((".", "/", "~")):
@@ -154,6 +157,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.data import make_loader, tokenize_split
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
+    from sparta_cli.models import check_max_length
     from sparta_cli.train import mixed_precision
 
     kind = target_kind(target)
@@ -162,6 +166,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     splits = eval_splits(task_obj, split)
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
+    check_max_length(model, recipe.data.max_length)
 
     accelerator = Accelerator(mixed_precision=mixed_precision(recipe, next(model.parameters()).dtype), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process

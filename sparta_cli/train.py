@@ -25,7 +25,7 @@ from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import load_for_classification
+from sparta_cli.models import check_max_length, load_for_classification
 from sparta_cli.outputs import release_run_dir
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
@@ -161,8 +161,6 @@ def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Pa
             raise SpartaError(f"{run_dir} already holds a finished run: nothing to resume (use --overwrite to retrain)")
         return None
     usable = usable_checkpoint(run_dir, world_size, lambda text: say(f"[yellow]warning[/]: {escape(text)}"))
-    if usable is None:
-        raise SpartaError(f"every checkpoint in {run_dir} is damaged (see the warnings): retrain with --overwrite")
     saved = read_json(usable / "recipe.json")
     now = recipe.to_dict()
     changed = sorted(f"{section}.{key}" for section in now if isinstance(now[section], dict)
@@ -206,6 +204,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         problem_type="regression" if task.is_regression else "single_label_classification",
     )
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_max_length(model, recipe.data.max_length)
     model_dtype = next(model.parameters()).dtype
     for name in loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
         model.get_submodule(name).float()

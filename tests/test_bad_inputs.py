@@ -148,7 +148,8 @@ SETUPS = {"negative_index": _tamper_adapter(_set_index(0, -5)), "index_past_the_
 def _prepare(case: dict[str, Any], tmp: Path, finished_run) -> list[str]:
     """Write the case's files under `tmp` and return its filled-in command line."""
     values = {"tmp": str(tmp), "recipe": str(tmp / "recipe.yaml"), "data": str(DATA_DIR),
-              "minilm": _minilm() or f"pkg:{MINILM_PKG}/model", "run": str(tmp / "run")}
+              "minilm": _minilm() or f"pkg:{MINILM_PKG}/model", "run": str(tmp / "run"),
+              "digits5000": "9" * 5000, "nested3000": "[" * 3000 + "]" * 3000}
     case = _fill(case, values)
     if case.get("run"):
         shutil.copytree(finished_run(), tmp / "run")

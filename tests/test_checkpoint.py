@@ -53,13 +53,13 @@ def _training(steps: int = 3):
 def _save(run: Path, step: int, masks=None) -> Path:
     params, optimizer, scheduler = _training(step)
     return save_checkpoint(run, TrainerState(step=step), params, optimizer, scheduler, OneProcess(), None, {"seed": 1},
-                           masks if masks is not None else {"layer.0.v": "abc"})
+                           masks=masks if masks is not None else {"layer.0.v": "abc"})
 
 
 def test_a_checkpoint_restores_optimizer_scheduler_and_every_rng_exactly(tmp_path):
     params, optimizer, scheduler = _training()
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
-    path = save_checkpoint(tmp_path, TrainerState(step=3, loss_sum=1.5), params, optimizer, scheduler, OneProcess(), None, {}, {})
+    path = save_checkpoint(tmp_path, TrainerState(step=3, loss_sum=1.5), params, optimizer, scheduler, OneProcess(), None, {}, masks={})
     expected = (random.random(), np.random.rand(), torch.rand(1))
     assert sorted(p.name for p in path.iterdir()) == sorted(
         ["masks.json", "optimizer.json", "optimizer.safetensors", "recipe.json", rng_file(0), "scheduler.json", STATE_FILE, TENSORS_FILE])
