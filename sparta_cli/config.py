@@ -6,6 +6,7 @@ with the closest valid key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -389,7 +390,7 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
 
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
     records where it came from and is not part of the recipe."""
-    tree = dict(raw)
+    tree = copy.deepcopy(raw)  # overrides edit nested sections: never the caller's mapping
     from_run = tree.pop("run", None) is not None
     overridden: set[str] = set()
     for text in overrides:
