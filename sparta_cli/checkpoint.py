@@ -162,8 +162,6 @@ def read_trainer_state(path: Path) -> TrainerState:
     """trainer_state.json with exactly TrainerState's keys, each of its type."""
     data = read_json(path)
     fields = {field.name: field for field in dataclasses.fields(TrainerState)}
-    if not isinstance(data, dict):
-        raise SpartaError(f"{path} is not a trainer state (a JSON object): the checkpoint is damaged; resume from another one")
     missing, extra = sorted(set(fields) - set(data)), sorted(set(data) - set(fields))
     if missing or extra:
         what = f"lacks `{missing[0]}`" if missing else f"has an unknown key `{extra[0]}`"

@@ -187,14 +187,20 @@ def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file sparta or transformers wrote; anything else is one line naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpartaError(f"{path} does not exist: is this a sparta run directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpartaError(f"{path} is not valid JSON ({exc}): the file is damaged; rerun or restore it") from None
+    except IsADirectoryError:
+        raise SpartaError(f"{path} is a folder, not a JSON file: the folder is damaged; rerun or restore it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SpartaError(f"{path} is not valid JSON ({str(exc)[:80]}): the file is damaged; rerun or restore it") from None
+    if not isinstance(data, dict):
+        raise SpartaError(f"{path} holds a JSON {type(data).__name__}, not an object: the file is damaged; rerun or restore it")
+    return data
 
 
 # ---------------------------------------------------------------- YAML

@@ -275,9 +275,14 @@ class ShardWriter:
 
 def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """A safetensors file's tensor table and where its data starts."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(size, 100_000_000)))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a table")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SpartaError(f"{path} is not a readable safetensors file ({str(exc)[:60]}): restore the base or pass another --base") from None
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -296,7 +301,10 @@ def checkpoint_files(folder: Path) -> list[Path] | None:
     """The safetensors files of a local checkpoint, or None when it has none."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return [folder / name for name in dict.fromkeys(read_json(index)["weight_map"].values())]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise SpartaError(f"{index} has no weight_map of file names: the checkpoint is damaged; restore it or pass another --base")
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
     single = folder / "model.safetensors"
     return [single] if single.is_file() else None
 

@@ -176,9 +176,10 @@ def release_run_dir(run_dir: Path) -> None:
 
 
 def check_not_locked(run_dir: Path) -> None:
-    """Refuse early (before loading a model) when another process holds the run folder."""
+    """Refuse early (before loading a model) when another process holds the run folder. Only the main
+    process of a distributed launch looks (RANK 0): the lock it takes later must not stop its own ranks."""
     lock_path = run_dir / LOCK_FILE
-    if not lock_path.is_file() or lock_path.resolve() in _held:
+    if os.environ.get("RANK", "0") != "0" or not lock_path.is_file() or lock_path.resolve() in _held:
         return
     _lock(lock_path, f"output_dir {run_dir}")
     _release(lock_path)
