@@ -160,6 +160,10 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.models import check_max_length
     from sparta_cli.train import mixed_precision
 
+    if output is not None:
+        from sparta_cli.outputs import check_replaceable_file
+
+        check_replaceable_file(output, command="eval", keys=("target", "metrics"))
     kind = target_kind(target)
     recipe = eval_recipe(target, kind, task, overrides, trust_remote_code)
     task_obj = resolve_task(recipe.task)

@@ -33,6 +33,8 @@ def _explain(exc: OSError, path: Path) -> SpartaError:
         return SpartaError(f"cannot write to {path}: the file system is read-only; write elsewhere")
     if exc.errno in (errno.EACCES, errno.EPERM):
         return SpartaError(f"no permission to write {path}: choose a place you can write to")
+    if exc.errno == errno.EISDIR:
+        return SpartaError(f"cannot write {path}: it is a folder; name a file")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = next((str(p) for p in (path, *path.parents) if p.is_file()), "a part of the path")
         return SpartaError(f"cannot create {path}: {blocker} is a file, not a folder: choose another output_dir")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -125,6 +126,22 @@ def _written_by(folder: Path, command: str) -> bool:
         return card.is_file() and EXPORT_CARD_TAG in card.read_text(encoding="utf-8", errors="replace")[:2000]
     except OSError:
         return False
+
+
+def check_replaceable_file(path: Path, *, command: str, keys: Sequence[str]) -> None:
+    """An output file may replace only an earlier output of the same command (a JSON object with `keys`),
+    never a file of the user's (`sparta eval RUN --output recipe.yaml`)."""
+    if path.is_dir():
+        raise SpartaError(f"--output {path} is a folder: name a file, e.g. {path / 'eval_results.json'}")
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (ValueError, OSError):
+        data = None
+    if not isinstance(data, dict) or not set(keys) <= set(data):
+        raise SpartaError(f"--output {path} exists and is not an earlier `sparta {command}` result: sparta replaces only "
+                          "its own files; choose a new file name")
 
 
 # ---------------------------------------------------------------- one process per output
