@@ -232,6 +232,7 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         raise SpartaError(f"--format {format} is not one sparta writes: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     if values not in VALUE_DTYPES:
         raise SpartaError(f"--values {values} is not supported: use fp32 or bf16")
+    output = Path(output)
     check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
     if run.method not in ("sparta", "lora", "dora") or (run.method != "sparta" and format != "peft"):

@@ -456,6 +456,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
                weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB",
                trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write a Hugging Face checkpoint of the base with every run's deltas added; returns the report."""
+    output = Path(output)
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
     runs = [read_run(d) for d in run_dirs]

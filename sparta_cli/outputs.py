@@ -97,8 +97,9 @@ def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], ove
     """Refuse an --output that would lose files: an existing one without --overwrite, and even with it
     a folder that is not a previous `sparta <command>` output, or that is or holds an input, the
     current folder, the home folder or a filesystem root."""
+    output = Path(output)
     resolved = output.expanduser().resolve()
-    protected = [(path.expanduser().resolve(), f"the input {path}") for path in inputs]
+    protected = [(Path(path).expanduser().resolve(), f"the input {path}") for path in inputs]
     protected += [(Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")]
     for path, what in sorted(protected, key=lambda item: item[0] != resolved):  # "is" before "holds"
         if _same_or_inside(path, resolved):
@@ -205,6 +206,7 @@ def check_not_locked(run_dir: Path) -> None:
 @contextmanager
 def locked_output(output: Path) -> Iterator[None]:
     """Hold `.NAME.lock` beside a merge/export output while it is built and swapped in; removed after."""
+    output = Path(output)
     parent = output.expanduser().absolute().parent
     make_dir(parent)
     lock_path = parent / f".{output.name}.lock"
