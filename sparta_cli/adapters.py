@@ -134,6 +134,10 @@ def _apply_peft(model: nn.Module, cfg: AdapterConfig, head_modules: list[str], b
 
 def read_adapter_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
+    if not run_dir.exists():
+        raise SpartaError(f"{run_dir} does not exist: give the folder of a run that `sparta train` wrote (check for a typo)")
+    if not run_dir.is_dir():
+        raise SpartaError(f"{run_dir} is a file: give the folder of a run that `sparta train` wrote")
     if not path.is_file():
         hint = " (it holds checkpoints: finish it with `sparta train RECIPE --resume`)" if any(run_dir.glob("checkpoint-*")) else ""
         raise SpartaError(f"{run_dir} has no {CONFIG_FILE}: not a finished sparta run{hint}")

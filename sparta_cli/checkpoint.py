@@ -50,6 +50,7 @@ class TrainerState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
     seen: int = 0  # training examples seen, all processes
+    tokens: int = 0  # non-pad training tokens seen, all processes
     loss_sum: float = 0.0  # sum of per-step losses, for train_loss
     elapsed: float = 0.0  # seconds of training before this session
     world_size: int = 1

@@ -135,6 +135,27 @@ def report(
     write_report(runs, output=output, metric=metric, x=x)
 
 
+@app.command()
+def tune(
+    recipe: Path,
+    overrides: Overrides = None,
+    trials: Annotated[int | None, typer.Option(help="trials in the study (default: tune.trials, else 20)")] = None,
+    workers: Annotated[int | None, typer.Option(help="trials at once on this machine, one GPU each when there are GPUs")] = None,
+    storage: Annotated[str | None, typer.Option(help="shared study storage: an RDB URL or a journal file path (default: the study folder's journal)")] = None,
+    study: Annotated[str | None, typer.Option(help="study name in the storage (default: the recipe file's name)")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="study folder (default: tunes/<study>)")] = None,
+    pruner: Annotated[str | None, typer.Option(help="median, halving, hyperband or none")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, random or grid")] = None,
+    space: Annotated[list[str] | None, typer.Option(help="KEY=SPEC searched key, e.g. adapter.density=log:1e-3..0.2 (repeatable)")] = None,
+) -> None:
+    """Search density, learning rate or any recipe key on a held-out validation set (Optuna); resumable."""
+    from sparta_cli.tune.run import tune as run_tune
+
+    flags = {"trials": trials, "workers": workers, "storage": storage, "study": study, "output_dir": output,
+             "pruner": pruner, "sampler": sampler}
+    run_tune(recipe, overrides or [], flags=flags, space=space or [])
+
+
 def one_line(text: str) -> str:
     """Messages quote user input (an override, a file's cell): escape anything that would break the line."""
     return "".join(repr(c)[1:-1] if c.splitlines() != [c] else c for c in text)

@@ -246,10 +246,76 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+# Names from the Hugging Face Trainer / PEFT that users bring along, and sparta's key for each.
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "training.lr",
+    "per_device_train_batch_size": "training.batch_size",
+    "train_batch_size": "training.batch_size",
+    "per_device_eval_batch_size": "training.eval_batch_size",
+    "num_train_epochs": "training.epochs",
+    "warmup_ratio": "training.warmup_steps (a number of steps, not a ratio)",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "lr_scheduler_type": "training.scheduler",
+    "logging_steps": "training.log_every",
+    "eval_steps": "training.eval_every",
+    "evaluation_strategy": "training.eval_every (steps between evaluations)",
+    "eval_strategy": "training.eval_every (steps between evaluations)",
+    "save_steps": "training.save_every",
+    "save_total_limit": "training.keep_checkpoints",
+    "bf16": "training.mixed_precision=bf16",
+    "fp16": "training.mixed_precision=fp16",
+    "model_name_or_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "max_seq_length": "data.max_length",
+    "dataset_name": "task.name",
+    "target_modules": "adapter.targets",
+    "lora_r": "adapter.r",
+    "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout",
+    "report_to": "logging.tensorboard or logging.wandb",
+}
+# Keys that live in another section than the one written (`lr:` at the top, `density:` under training).
+_SECTION_OF = {name: section for section, model in (("model", ModelConfig), ("adapter", AdapterConfig), ("task", TaskConfig),
+                                                    ("data", DataConfig), ("training", TrainingConfig), ("logging", LoggingConfig))
+               for name in model.model_fields}
+
+
+def _example(loc: tuple[Any, ...], given: Any, kind: str) -> str:
+    """An example of the form a key takes, written as an override: `adapter.targets=[v,o]`."""
+    where = ".".join(str(p) for p in loc)
+    if kind == "list_type":
+        items = [part.strip() for part in given.split(",")] if isinstance(given, str) else [str(given)]
+        return f"write a list, e.g. {where}=[{','.join(items)}] (in YAML: `{loc[-1]}: [{', '.join(items)}]`)"
+    field = _field_at(loc)
+    default = getattr(field, "default", None)
+    if default is None or isinstance(default, (dict, list)) or not isinstance(default, (bool, int, float, str)):
+        return ""
+    form = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[type(default)]
+    return f"write {form}, e.g. {where}={str(default).lower() if isinstance(default, bool) else default}"
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    model: Any = Recipe
+    field = None
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+    return field
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     where = ".".join(str(p) for p in loc) or "recipe"
     if error["type"] == "extra_forbidden":
+        if str(loc[-1]) in HF_NAMES:
+            return f"unknown key `{where}` in the recipe: `{loc[-1]}` is the Hugging Face Trainer's name; sparta's is {HF_NAMES[str(loc[-1])]}"
+        if len(loc) > 1 and str(loc[-1]) in Recipe.model_fields:
+            return f"unknown key `{where}` in the recipe: `{loc[-1]}` belongs at the top level of the recipe, not under `{loc[0]}`"
+        section = _SECTION_OF.get(str(loc[-1]))
+        if section and (len(loc) == 1 or str(loc[0]) != section):
+            return f"unknown key `{where}` in the recipe: did you mean `{section}.{loc[-1]}`?"
         hint = _closest(str(loc[-1]), _fields_at(loc))
         valid = ", ".join(_fields_at(loc))
         fix = f"did you mean `{hint}`?" if hint else f"valid keys: {valid}"
@@ -263,6 +329,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"`{where}` in the recipe must be a section of `key: value` lines, not {shown}: see configs/ for examples"
     if error["type"] == "value_error" and isinstance(given, dict):  # a section's own check names its keys
         return message
+    if error["type"].endswith(("_type", "_parsing")):
+        example = _example(loc, given, error["type"])
+        return f"invalid `{where}` = {shown}: {message}" + (f"; {example}" if example else "")
     return f"invalid `{where}` = {shown}: {message}"
 
 
@@ -270,7 +339,7 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -389,13 +458,15 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     """Validate a raw recipe mapping after applying `key=value` overrides.
 
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
-    records where it came from and is not part of the recipe."""
+    records where it came from and is not part of the recipe; a `tune:` section is `sparta tune`'s
+    search over the recipe, so the same file also trains as is."""
     tree = copy.deepcopy(raw)  # overrides edit nested sections: never the caller's mapping
     from_run = tree.pop("run", None) is not None
+    tree.pop("tune", None)
     overridden: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
         overridden.add(key)
     _refuse_keys_of_other_methods(tree, overridden, from_run)
     _drop_trust_remote_code(tree, trust_remote_code)

@@ -41,14 +41,22 @@ def target_kind(target: str) -> str:
                           f"`sparta train {path.parent}/config.yaml --resume`, then evaluate the run folder {path.parent}")
     if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
         return RUN  # an unfinished run: loading its adapter says how to finish it
-    if not path.exists() and target.startswith((".", "/", "~")):
-        raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model")
+    if not path.exists() and _looks_local(target):
+        raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model (a Hub name is org/model)")
     config = path / "config.json"
     if config.is_file():
         architectures = read_json(config).get("architectures") or []
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return MERGED
     return BASE
+
+
+def _looks_local(target: str) -> bool:
+    """A path, not a Hub name (`org/model`): it starts like a path, has more than one `/`, ends in
+    one, or its first part is a folder here (`runs/sst2-typo` when ./runs exists)."""
+    if target.startswith((".", "/", "~")) or target.count("/") > 1 or target.endswith("/"):
+        return True
+    return "/" in target and Path(target.split("/")[0]).is_dir()
 
 
 def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], trust_remote_code: bool = False) -> Recipe:

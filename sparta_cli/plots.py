@@ -101,15 +101,16 @@ def write_training_loss_png(run_dir: str | Path) -> Path | None:
     return _save(fig, run_dir / TRAINING_LOSS_PNG)
 
 
-def loss_curves_png(runs: Sequence[Run], path: Path) -> Path:
-    """Every run's training loss (lines) and evaluation loss (dots) on one axes, one colour per run."""
+def loss_curves_png(runs: Sequence[tuple[str, Run]], path: Path) -> Path:
+    """Every run's training loss (lines) and evaluation loss (dots) on one axes, one colour per run,
+    each labelled (by the report: its settings that differ from the other runs' and its seed)."""
     from matplotlib import colormaps
 
     fig = _figure(9.0, 5.0)
     ax = fig.add_subplot()
     colors = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
-    for i, run in enumerate(runs):
-        _plot_losses(ax, read_loss_log(run.path), colors[i % len(colors)], run.path.name)
+    for i, (label, run) in enumerate(runs):
+        _plot_losses(ax, read_loss_log(run.path), colors[i % len(colors)], label)
     _loss_axes(ax)
     ax.set_title("training loss (lines) and evaluation loss (dots)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)

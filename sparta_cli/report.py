@@ -1,8 +1,10 @@
 """`sparta report`: many runs in, one comparison out (table, CSV, Markdown, plots).
 
 A run is a folder with config.yaml; it is finished when all_results.json exists. Runs are
-grouped by task, model, method and setting (density for SpaRTA, r for LoRA/DoRA), and each
-group's metric is averaged over its seeds. Unfinished runs are listed, never dropped silently.
+grouped by every recipe setting except the seed (so 20-step and 125-step runs never share a
+mean), and each group's metric is averaged over its seeds: only different seeds make a ±. The
+settings that differ between groups are named in the table, the CSV and the plots' legends.
+Unfinished runs are listed, never dropped silently.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from typing import Any
 import yaml
 
 from sparta_cli.adapters import CONFIG_FILE
-from sparta_cli.config import TaskConfig
+from sparta_cli.config import TaskConfig, applies
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
 METHOD_ORDER = ("sparta", "lora", "dora", "full", "head")
-CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "trainable_params", "n_seeds", "seeds", "metric", "mean", "std")
+CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "settings", "trainable_params", "n_seeds", "seeds", "metric",
+               "mean", "std")
+# Recipe keys that may differ between the seeds of one group; every other setting splits groups.
+PER_SEED_KEYS = ("seed", "adapter.seed", "output_dir")
+# Settings the table shows in columns of their own (not again under `settings`).
+SHOWN_KEYS = ("task.name", "model.name_or_path", "adapter.method", "adapter.density", "adapter.r")
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class Run:
 
     @property
     def task(self) -> str:
-        return str(self.config["task"].get("name") or "custom")
+        return task_key(self.config["task"].get("name"))
 
     @property
     def model(self) -> str:
@@ -60,10 +67,36 @@ class Run:
     def seed(self) -> int:
         return int(self.config["seed"])
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """Every recipe setting but the per-seed ones, as dotted key -> YAML text, the task's name
+        written one way (SST2, SST-2 and sst2 are one task), adapter keys its method does not read
+        left out (older runs recorded them all)."""
+        from sparta_cli.sweep import flatten
+
+        recipe = {key: value for key, value in self.config.items() if key != "run"}
+        flat = flatten(recipe)
+        flat["task.name"] = self.task
+        return {key: _text(value) for key, value in sorted(flat.items())
+                if not key.startswith(PER_SEED_KEYS) and not (key.startswith("adapter.") and not applies(key[8:], self.method))}
+
+
+def task_key(name: str | None) -> str:
+    """One spelling per task: a known task by its canonical name (SST2, SST-2 -> sst2)."""
+    from sparta_cli.tasks import KNOWN_TASKS, _normalise
+
+    if not name:
+        return "custom"
+    return _normalise(str(name)) if _normalise(str(name)) in KNOWN_TASKS else str(name)
+
+
+def _text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
 
 @dataclass
 class Group:
-    """The runs of one task, model, method and setting, differing only in seed."""
+    """Runs with the same settings (all of them but the seed) and distinct seeds."""
 
     task: str
     model: str
@@ -72,6 +105,7 @@ class Group:
     lora_r: int | None
     metric: str
     runs: list[Run] = field(default_factory=list)
+    differing: dict[str, str] = field(default_factory=dict)  # this group's values of the settings that differ between groups
 
     @property
     def values(self) -> list[float]:
@@ -95,10 +129,21 @@ class Group:
         counts = [run.trainable_params for run in self.runs if run.trainable_params is not None]
         return round(statistics.fmean(counts)) if counts else None
 
+    @property
+    def extra(self) -> str:
+        """The differing settings the table has no column for, e.g. `max_steps=20 lr=0.002`."""
+        return " ".join(f"{key.split('.')[-1]}={value}" for key, value in self.differing.items() if key not in SHOWN_KEYS)
+
     def label(self, with_model: bool = False) -> str:
         name = {"sparta": "SpaRTA", "lora": "LoRA", "dora": "DoRA"}.get(self.method, self.method)
         name = f"{name} r={self.lora_r}" if self.lora_r else name
+        name = f"{name} · {self.extra}" if self.extra else name
         return f"{name} · {short_model_name(self.model)}" if with_model else name
+
+    def run_label(self, run: Run) -> str:
+        """A loss curve's legend entry: the group's differing settings and the run's seed."""
+        density = f" d={self.density:g}" if self.density is not None else ""
+        return f"{self.label()}{density} · seed {run.seed}"
 
 
 def result_key(metric: str) -> str:
@@ -175,7 +220,10 @@ def main_metric(run: Run) -> str:
 
 
 def group_runs(runs: list[Run], metric: str | None = None) -> tuple[list[Group], list[tuple[Path, str]]]:
-    """Groups of finished runs (sorted by task, model, method, setting) and the runs left out, with why."""
+    """Groups of finished runs (sorted by task, model, method, setting) and the runs left out, with why.
+
+    Runs that share every setting *and* the seed are repeats, not a spread over seeds: each
+    becomes a group of its own (no ±), and `repeated_seeds` names them."""
     groups: dict[tuple, Group] = {}
     left_out: list[tuple[Path, str]] = []
     metric_of_task: dict[str, str] = {}
@@ -190,9 +238,43 @@ def group_runs(runs: list[Run], metric: str | None = None) -> tuple[list[Group],
             left_out.append((run.path, f"no {result_key(name)} in {ALL_RESULTS} (it has: {found})"))
             continue
         key = (run.task, run.model, run.method, run.density, run.lora_r, name)
-        groups.setdefault(key, Group(*key)).runs.append(run)
-    ordered = sorted(groups.values(), key=lambda g: (g.task, g.model, _method_rank(g.method), g.density or 0.0, g.lora_r or 0))
+        settings = tuple(run.settings.items())
+        group = groups.setdefault((*key, settings), Group(*key))
+        group.runs.append(run)
+    split: list[Group] = []
+    for group in groups.values():
+        group.runs.sort(key=lambda run: (run.seed, str(run.path)))
+        seeds = group.seeds
+        if len(set(seeds)) == len(seeds):
+            split.append(group)
+        else:  # repeats of one seed: one row each
+            split += [Group(group.task, group.model, group.method, group.density, group.lora_r, group.metric, [run])
+                      for run in group.runs]
+    differing = differing_settings(split)
+    for group in split:
+        mine = group.runs[0].settings
+        group.differing = {key: mine[key] for key in differing if key in mine}
+    ordered = sorted(split, key=lambda g: (g.task, g.model, _method_rank(g.method), g.density or 0.0, g.lora_r or 0,
+                                           g.extra, str(g.runs[0].path)))
     return ordered, left_out
+
+
+def differing_settings(groups: list[Group]) -> list[str]:
+    """Settings with more than one value among the groups that have them (all of them, in key order;
+    a key only some methods read, like adapter.r, differs only between groups of those methods)."""
+    keys = sorted({key for g in groups for key in g.runs[0].settings})
+    return [key for key in keys if len({g.runs[0].settings[key] for g in groups if key in g.runs[0].settings}) > 1]
+
+
+def repeated_seeds(groups: list[Group]) -> list[str]:
+    """Lines naming runs that share every setting and the seed: they are shown one per row, never averaged."""
+    repeats: dict[tuple, list[Run]] = {}
+    for g in groups:
+        for run in g.runs:
+            repeats.setdefault((g.task, g.metric, run.seed, tuple(run.settings.items())), []).append(run)
+    return [f"{len(runs)} runs share every setting and seed {runs[0].seed} ({', '.join(r.path.name for r in runs)}): "
+            "shown one per row without ± (only different seeds make a spread); give them different seeds to average them"
+            for runs in repeats.values() if len(runs) > 1]
 
 
 def _method_rank(method: str) -> int:
@@ -221,6 +303,7 @@ def to_csv(groups: list[Group]) -> str:
     writer.writerow(CSV_COLUMNS)
     for g in groups:
         writer.writerow([g.task, g.model, g.method, "" if g.density is None else repr(g.density), g.lora_r or "",
+                         " ".join(f"{key}={value}" for key, value in g.differing.items() if key not in SHOWN_KEYS),
                          g.trainable_params or "", len(g.runs), " ".join(map(str, g.seeds)), g.metric,
                          repr(g.mean), "" if math.isnan(g.std) else repr(g.std)])
     return buffer.getvalue()
@@ -234,32 +317,18 @@ def _rows(groups: list[Group]) -> list[list[str]]:
 
 HEADER = ["task", "model", "method", "density", "trainable params", "seeds", "metric", "mean", "std"]
 
-# Recipe keys that may differ between the seeds of one group.
-PER_SEED_KEYS = ("seed", "adapter.seed", "output_dir", "run")
 
-
-def mixed_settings(groups: list[Group]) -> list[str]:
-    """Warnings for groups whose runs differ in more than the seed (say, lr or data size):
-    their mean would compare unlike with like."""
-    from sparta_cli.sweep import differences
-
-    warnings = []
-    for g in groups:
-        first = g.runs[0].config
-        differ = sorted({d for run in g.runs[1:] for d in differences(first, run.config)
-                         if not d.startswith(PER_SEED_KEYS)})
-        seeds = g.seeds
-        if differ or len(set(seeds)) < len(seeds):
-            why = f"differ in {', '.join(differ[:4])}" if differ else f"repeat a seed ({' '.join(map(str, seeds))})"
-            warnings.append(f"{g.task} {g.label()}{f' d={g.density:g}' if g.density else ''}: its runs {why}; "
-                            "report them separately (e.g. one folder per setting)")
-    return warnings
+def notes(groups: list[Group]) -> list[str]:
+    """What the reader must know to compare the rows: the settings that differ, and repeated seeds."""
+    differ = differing_settings(groups)
+    lines = [f"settings that differ between rows: {', '.join(differ)}"] if differ else []
+    return lines + repeated_seeds(groups)
 
 
 def to_markdown(groups: list[Group], left_out: list[tuple[Path, str]], images: list[str]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(groups)]
-    lines += [f"\nWarning: {w}" for w in mixed_settings(groups)]
+    lines += [f"\nNote: {line}" for line in notes(groups)]
     lines += [""] + [f"![{Path(image).stem}]({image})" for image in images]
     if left_out:
         lines += ["", f"Left out ({len(left_out)}):", ""] + [f"- `{path}`: {why}" for path, why in left_out]
@@ -277,8 +346,8 @@ def print_table(groups: list[Group], left_out: list[tuple[Path, str]]) -> None:
     for row in rows:
         table.add_row(*(row[i] for i in keep))
     console.print(table)
-    for warning in mixed_settings(groups):
-        console.print(f"[yellow]warning[/]: {warning}")
+    for line in notes(groups):
+        console.print(f"[yellow]note[/]: {line}", markup=True, highlight=False)
     for path, why in left_out:
         console.print(f"[yellow]left out[/] {path}: {why}")
 
@@ -294,6 +363,12 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
     groups, unfinished = group_runs(runs, metric)
     left_out += unfinished
     if not groups:
+        finished = [run for run in runs if run.results is not None]
+        if finished and metric:
+            have = sorted({key.removeprefix("eval_") for run in finished for key in run.results
+                           if key.startswith("eval_") and key != "eval_num_examples"})
+            raise SpartaError(f"none of the {len(finished)} finished runs among {', '.join(patterns)} has metric {metric}: "
+                              f"they have {', '.join(have) or 'no evaluation metrics'}; pass e.g. --metric {have[0] if have else 'accuracy'}")
         raise SpartaError(f"no finished runs among {', '.join(patterns)} ({len(left_out)} unfinished): "
                           "point `sparta report` at run directories holding all_results.json")
     if output.exists() and not output.is_dir():
@@ -301,7 +376,7 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
     make_dir(output)
     images = [f"metric_vs_{x}.png", "loss_curves.png"]
     metric_vs_x_png(groups, output / images[0], x=x)
-    loss_curves_png([run for g in groups for run in g.runs], output / images[1])
+    loss_curves_png([(g.run_label(run), run) for g in groups for run in g.runs], output / images[1])
     write_text(output / "report.csv", to_csv(groups))
     write_text(output / "report.md", to_markdown(groups, left_out, images))
     print_table(groups, left_out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from sparta_cli.config import Recipe, load_recipe, read_yaml
 from sparta_cli.errors import SpartaError
@@ -49,6 +50,17 @@ def plan_sweep(recipe: str | Path, densities: list[str], seeds: list[str], overr
             )
         seen.add(out)
     return planned
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted key -> leaf value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:

@@ -19,7 +19,7 @@ from rich.markup import escape
 from sparta_cli.adapters import apply_adapter
 from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_checkpoint, save_checkpoint, usable_checkpoint
 from sparta_cli.config import Recipe
-from sparta_cli.console import Progress, console
+from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import make_loader, tokenize_split, validation_indices
 from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
@@ -186,218 +186,407 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     `test_` scoring. If it raises, training stops at once and the exception propagates unchanged
     (trackers are released; the run folder is left unfinished, resumable from its checkpoints).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+    return Trainer(recipe, overwrite=overwrite, resume=resume, on_evaluate=on_evaluate).run()
 
-    cfg = recipe.training
-    run_dir = Path(recipe.output_dir)
-    task = resolve_task(recipe.task)
-    selecting = recipe.data.validation_size is not None
-    metric = selection_metric(recipe, task) if selecting else None
-    check_output_dir(run_dir, overwrite=overwrite, resume=resume)
-    set_seed(recipe.seed)
 
-    # model and adapter, before touching the output folder: a bad model name loses nothing
-    loaded = load_for_classification(
-        recipe.model, task.num_labels, list(task.label_names or []) or None,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-    )
-    model, tokenizer = loaded.model, loaded.tokenizer
-    check_max_length(model, recipe.data.max_length)
-    model_dtype = next(model.parameters()).dtype
-    for name in loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
-        model.get_submodule(name).float()
-    adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, loaded.head_modules)
-    if cfg.gradient_checkpointing:
-        adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+class Trainer:
+    """One run. `__init__` is the setup, one step per method in the order they run; `run` is the
+    loop: micro-batches go forward and backward, and every optimizer step takes the one path in
+    `optimizer_step` (clip, step, schedule, log, evaluate, checkpoint)."""
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(recipe, model_dtype), gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run gloo DDP on CPUs
-                              **accelerator_kwargs(recipe, run_dir))
-    main = accelerator.is_main_process
-    say = console.print if main else (lambda *a, **k: None)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
-        raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
-                          "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
-    if main:
-        prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
-    accelerator.wait_for_everyone()
-    resume_from = _resume_point(run_dir, recipe, say, accelerator.num_processes) if resume else None
-    if resume and resume_from is None and main:
-        truncate_log(run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
-    say(f"[bold]sparta train[/] {task.name} · {recipe.adapter.method} · {loaded.source}")
-    say(adapter.summary_line())
+    def __init__(self, recipe: Recipe, *, overwrite: bool, resume: bool,
+                 on_evaluate: Callable[[int, dict[str, float]], None] | None) -> None:
+        from accelerate.utils import set_seed
 
-    # data
-    with accelerator.main_process_first():
-        train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
-        test_splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
-    for split in [train_split, *test_splits.values()]:
-        if split.truncated or split.dropped:
-            say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped at max_length={recipe.data.max_length}")
-    train_data = train_split.dataset
-    eval_data = {s: t.dataset for s, t in test_splits.items()}
-    if selecting:  # evaluations score held-out training rows; the evaluation splits are scored once, at the end
-        kept, held_out = validation_indices(len(train_data), recipe.data.validation_size, recipe.seed)
-        train_data, test_data, eval_data = train_data.select(kept), eval_data, {"heldout": train_data.select(held_out)}
-        say(f"model selection: {len(held_out):,} training rows held out as the validation set, best by {metric}")
-    train_loader = make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
+        self.recipe, self.cfg, self.on_evaluate = recipe, recipe.training, on_evaluate
+        self.run_dir = Path(recipe.output_dir)
+        self.task = resolve_task(recipe.task)
+        self.metric = selection_metric(recipe, self.task) if recipe.data.validation_size is not None else None
+        check_output_dir(self.run_dir, overwrite=overwrite, resume=resume)
+        set_seed(recipe.seed)
+        self._load_model()  # before touching the output folder: a bad model name loses nothing
+        self._start_accelerator(overwrite, resume)
+        self._load_data()
+        self._build_optimizer()
+        self._restore_or_start(resume)
 
-    def loaders(datasets: dict) -> dict:
-        return {s: make_loader(d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in datasets.items()}
+    # ------------------------------------------------------------ setup
 
-    eval_loaders = loaders(eval_data)
+    def _load_model(self) -> None:
+        recipe, task = self.recipe, self.task
+        self.loaded = load_for_classification(
+            recipe.model, task.num_labels, list(task.label_names or []) or None,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+        )
+        model = self.loaded.model
+        check_max_length(model, recipe.data.max_length)
+        self.model_dtype = next(model.parameters()).dtype
+        for name in self.loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
+            model.get_submodule(name).float()
+        self.adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, self.loaded.head_modules)
+        if self.cfg.gradient_checkpointing:
+            self.adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    optimizer = build_optimizer(adapter, recipe)
-    run_model, optimizer, train_loader = accelerator.prepare(adapter.model, optimizer, train_loader)
-    eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
-    test_loaders = {s: accelerator.prepare(loader) for s, loader in loaders(test_data).items()} if selecting else {}
-    steps = total_steps(recipe, len(train_loader))
-    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer,
-                              num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    trainable = dict(adapter.trainable())
-    masks = adapter.sparta.mask_digests() if adapter.sparta else {}  # resume checks the checkpoint trained these entries
-    selection = ModelSelection(metric, cfg.early_stopping_patience, trainable) if selecting else None
-    world = accelerator.num_processes
-    effective_batch = cfg.batch_size * cfg.grad_accum * world
+    def _start_accelerator(self, overwrite: bool, resume: bool) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
-    state = TrainerState(world_size=world)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, trainable, optimizer, scheduler, accelerator, masks)
-        if selection is not None:
-            selection.load(state.selection, load_best(resume_from))
-        if main:
-            truncate_log(run_dir / TRAINER_LOG, state.step)
-    elif main:
-        write_run_config(run_dir, recipe, {"world_size": world, "effective_batch_size": effective_batch, "total_steps": steps,
-                                           "trainable_params": adapter.num_trainable(), "base_params": adapter.base_params,
-                                           "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
-    if world > 1:
-        say(f"[yellow]note[/]: {world} processes make the effective batch {effective_batch}; the same recipe on another "
-            "number of processes trains with another batch, so its results will differ")
-    start_trackers(accelerator, recipe, run_dir)
-    say(f"{len(train_data):,} training examples · {steps} steps · effective batch {effective_batch} "
-        f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
+        recipe = self.recipe
+        # every rank already holds the same buffers (SpaRTA's indices and original values): broadcasting
+        # them on every forward would move O(k) bytes per step for nothing
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=mixed_precision(recipe, self.model_dtype), gradient_accumulation_steps=self.cfg.grad_accum,
+            cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run gloo DDP on CPUs
+            kwargs_handlers=[ddp], **accelerator_kwargs(recipe, self.run_dir))
+        self.main = accelerator.is_main_process
+        self.say = console.print if self.main else (lambda *a, **k: None)
+        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
+            raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
+                              "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
+        if self.main:
+            prepare_output_dir(self.run_dir, overwrite=overwrite, resume=resume)
+        accelerator.wait_for_everyone()
+        self.resume_from = _resume_point(self.run_dir, recipe, self.say, accelerator.num_processes) if resume else None
+        if resume and self.resume_from is None and self.main:
+            truncate_log(self.run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
+        self.say(f"[bold]sparta train[/] {self.task.name} · {recipe.adapter.method} · {self.loaded.source}")
+        self.say(self.adapter.summary_line())
 
-    scorer = classifier_scorer(task.is_regression)
+    def _load_data(self) -> None:
+        """The training rows, the evaluation loaders (held-out rows when selecting) and the test loaders."""
+        recipe, task, tokenizer, cfg = self.recipe, self.task, self.loaded.tokenizer, self.cfg
+        with self.accelerator.main_process_first():
+            train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
+            splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
+        for split in [train_split, *splits.values()]:
+            if split.truncated or split.dropped:
+                self.say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped "
+                         f"at max_length={recipe.data.max_length}")
+        train_data = train_split.dataset
+        eval_data, test_data = {s: t.dataset for s, t in splits.items()}, {}
+        if self.metric is not None:  # evaluations score held-out training rows; the evaluation splits are scored once, at the end
+            kept, held_out = validation_indices(len(train_data), recipe.data.validation_size, recipe.seed)
+            train_data, test_data, eval_data = train_data.select(kept), eval_data, {"heldout": train_data.select(held_out)}
+            self.say(f"model selection: {len(held_out):,} training rows held out as the validation set, best by {self.metric}")
+        self.train_rows = len(train_data)
+        self.train_loader = make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
+        self.eval_loaders, self.test_loaders = (
+            {s: make_loader(d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in data.items()}
+            for data in (eval_data, test_data))
 
-    def score(split_loaders: dict, prefix: str, step: int, extra: dict | None = None) -> dict[str, float]:
-        results: dict[str, float] = {}
-        for split, loader in split_loaders.items():
-            results.update(evaluate_split(run_model, loader, accelerator, task, split, scorer))
-        results = {f"{prefix}{k}": v for k, v in results.items()}
-        log_record(accelerator, {"step": step, **results})
-        if main:
-            append_jsonl(run_dir / TRAINER_LOG, {"step": step, **(extra or {}), **results})
-            say(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "num_examples" not in k))
-        return results
+    def _build_optimizer(self) -> None:
+        from transformers import get_scheduler
 
-    last_evaluation: dict = {"step": None, "results": {}}
+        accelerator, cfg = self.accelerator, self.cfg
+        optimizer = build_optimizer(self.adapter, self.recipe)
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(self.adapter.model, optimizer, self.train_loader)
+        self.eval_loaders = {s: accelerator.prepare(loader) for s, loader in self.eval_loaders.items()}
+        self.test_loaders = {s: accelerator.prepare(loader) for s, loader in self.test_loaders.items()}
+        self.steps = total_steps(self.recipe, len(self.train_loader))
+        # stepped once per optimizer step, by this loop (Accelerate is not given it, so it never steps it per process)
+        self.scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", self.optimizer,
+                                       num_warmup_steps=cfg.warmup_steps, num_training_steps=self.steps)
+        self.trainable = dict(self.adapter.trainable())
+        sparta = self.adapter.sparta
+        self.masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
+        self.selection = ModelSelection(self.metric, cfg.early_stopping_patience, self.trainable) if self.metric else None
 
-    def run_evaluation(step: int) -> dict[str, float]:
+    def _restore_or_start(self, resume: bool) -> None:
+        accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
+        world = accelerator.num_processes
+        effective_batch = cfg.batch_size * cfg.grad_accum * world
+        self.state = TrainerState(world_size=world)
+        if self.resume_from is not None:
+            self.state = load_checkpoint(self.resume_from, self.trainable, self.optimizer, self.scheduler, accelerator, self.masks)
+            if self.selection is not None:
+                self.selection.load(self.state.selection, load_best(self.resume_from))
+            if self.main:
+                truncate_log(self.run_dir / TRAINER_LOG, self.state.step)
+        elif self.main:
+            write_run_config(self.run_dir, recipe, {
+                "world_size": world, "effective_batch_size": effective_batch, "total_steps": self.steps,
+                "trainable_params": self.adapter.num_trainable(), "base_params": self.adapter.base_params,
+                "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
+        if world > 1:
+            self.say(f"[yellow]note[/]: {world} processes make the effective batch {effective_batch}; the same recipe on another "
+                     "number of processes trains with another batch, so its results will differ")
+        start_trackers(accelerator, recipe, self.run_dir)
+        self.say(f"{self.train_rows:,} training examples · {self.steps} steps · effective batch {effective_batch} "
+                 f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
+        self.scorer = classifier_scorer(self.task.is_regression)
+        self.window = LossWindow(accelerator.device)
+        self.logged = LogWindow()
+        self.last_evaluation: tuple[int | None, dict[str, float]] = (None, {})
+        self.stopped_early = False
+        self.session_start, self.start_elapsed = time.perf_counter(), self.state.elapsed
+        self.session_seen = self.session_tokens = 0
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> Path:
+        try:
+            self.model.train()
+            with TrainingProgress(self.steps, self.state.step, enabled=self.main) as progress, StopFlag() as stop:
+                self.progress, self.stop = progress, stop
+                for batch in self.micro_batches() if self.state.step < self.steps else ():
+                    with self.accelerator.accumulate(self.model):
+                        loss = self.model(**batch).loss
+                        self.accelerator.backward(loss)
+                    self.window.add(loss, batch)
+                    examples = batch["input_ids"].shape[0] * self.accelerator.num_processes
+                    self.state.seen += examples
+                    self.session_seen += examples
+                    if self.accelerator.sync_gradients:
+                        self.optimizer_step()
+                        if self.state.step >= self.steps or self.stopped_early:
+                            break
+            self.finish()
+        finally:
+            self.accelerator.end_training()
+            release_run_dir(self.run_dir)
+        return self.run_dir
+
+    def micro_batches(self):
+        """The training batches from where the state says, epoch after epoch (the caller stops)."""
+        while True:
+            self.train_loader.set_epoch(self.state.epoch)  # Accelerate passes it on to the EpochShuffleSampler
+            for index, batch in enumerate(self.train_loader):
+                if index < self.state.batches_in_epoch:
+                    continue  # resumed mid-epoch: these batches were already trained on
+                self.state.batches_in_epoch = index + 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def optimizer_step(self) -> None:
+        """The one path every optimizer step takes."""
+        cfg, state = self.cfg, self.state
+        if cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.window.end_step()
+        last = state.step == self.steps
+        loss = self.log() if state.step % cfg.log_every == 0 or last else None
+        self.progress.update(state.step, lr=self.lr, rate=self.samples_per_s, loss=loss)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+            self.evaluate()
+            if self.selection is not None and self.selection.should_stop:
+                self.say(f"early stopping at step {state.step}: no better {self.selection.key} in {self.selection.patience} evaluations")
+                self.stopped_early = True
+        if cfg.save_every and state.step % cfg.save_every == 0 and not last:
+            self.checkpoint()
+        if _agree(self.stop.signal is not None, self.accelerator):
+            self.checkpoint()
+            raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} at step {state.step}; checkpoint saved: "
+                              f"continue with `sparta train RECIPE --resume` (output_dir={self.run_dir})")
+
+    def log(self) -> float:
+        """A trainer_log record of the steps since the last one; returns their mean loss."""
+        state = self.state
+        self.sync_losses()
+        loss = self.logged.mean()
+        record = {"step": state.step, "loss": loss, "lr": self.lr,
+                  "epoch": round(state.epoch + state.batches_in_epoch / len(self.train_loader), 4),
+                  "elapsed": round(self.elapsed(), 3), **self.throughput()}
+        log_record(self.accelerator, record)
+        if self.main:
+            append_jsonl(self.run_dir / TRAINER_LOG, record)
+        return loss
+
+    def throughput(self) -> dict[str, float]:
+        """This session's samples and non-pad tokens per second, and the peak GPU memory so far."""
+        seconds = max(1e-9, time.perf_counter() - self.session_start)
+        numbers = {"samples_per_s": round(self.session_seen / seconds, 2), "tokens_per_s": round(self.session_tokens / seconds, 1)}
+        peak = peak_gpu_memory_gib(self.accelerator.device)
+        return {**numbers, "peak_gpu_memory_gib": peak} if peak is not None else numbers
+
+    def sync_losses(self) -> None:
+        """Read the device-side loss window: the loop's one host sync, at log steps and before an
+        evaluation or checkpoint; a non-finite loss fails the run before anything is saved from it."""
+        if not self.window.steps:
+            return
+        first = self.state.step - self.window.steps + 1
+        loss_sum, tokens, nonfinite = self.window.read(self.accelerator)
+        if nonfinite:
+            kept = checkpoints(self.run_dir)
+            where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was kept"
+            steps = f"step {first}" if first == self.state.step else f"steps {first}-{self.state.step}"
+            shown = loss_sum if not math.isfinite(loss_sum) else float("nan")
+            raise RunFailure(f"the loss became {shown} at {steps}: lower training.lr or check the data; {where}")
+        self.state.loss_sum += loss_sum
+        self.state.tokens += tokens
+        self.session_tokens += tokens
+        self.logged.add(loss_sum, self.window.steps)
+        self.window.reset()
+
+    def evaluate(self) -> dict[str, float]:
         """Score the evaluation set (held-out rows when selecting), track the best, tell the caller."""
-        results = score(eval_loaders, "eval_", step)
-        last_evaluation.update(step=step, results=results)
-        if selection is not None:
-            selection.update(step, results)
-        if main and on_evaluate is not None:
-            on_evaluate(step, results)
+        self.sync_losses()
+        step = self.state.step
+        results = self.score(self.eval_loaders, "eval_")
+        self.last_evaluation = (step, results)
+        if self.selection is not None:
+            self.selection.update(step, results)
+        if self.main and self.on_evaluate is not None:
+            self.on_evaluate(step, results)
         return results
 
-    def checkpoint() -> None:
-        state.elapsed = elapsed()
+    def score(self, loaders: dict, prefix: str, extra: dict | None = None) -> dict[str, float]:
+        results: dict[str, float] = {}
+        for split, loader in loaders.items():
+            results.update(evaluate_split(self.model, loader, self.accelerator, self.task, split, self.scorer))
+        results = {f"{prefix}{k}": v for k, v in results.items()}
+        step = self.state.step
+        log_record(self.accelerator, {"step": step, **results})
+        if self.main:
+            append_jsonl(self.run_dir / TRAINER_LOG, {"step": step, **(extra or {}), **results})
+            self.say(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "num_examples" not in k))
+        return results
+
+    def checkpoint(self) -> None:
+        self.sync_losses()
+        state, selection = self.state, self.selection
+        state.elapsed = self.elapsed()
         state.selection = selection.state() if selection is not None else None
-        save_checkpoint(run_dir, state, trainable, optimizer, scheduler, accelerator, cfg.keep_checkpoints, recipe.to_dict(),
-                        best=selection.best_tensors if selection is not None else None, masks=masks)
+        save_checkpoint(self.run_dir, state, self.trainable, self.optimizer, self.scheduler, self.accelerator,
+                        self.cfg.keep_checkpoints, self.recipe.to_dict(), best=selection.best_tensors if selection is not None else None,
+                        masks=self.masks)
 
-    session_start = time.perf_counter()
-    start_elapsed = state.elapsed
+    def elapsed(self) -> float:
+        return self.start_elapsed + time.perf_counter() - self.session_start
 
-    def elapsed() -> float:
-        return start_elapsed + time.perf_counter() - session_start
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
 
-    try:
-        # the loop
-        session_seen = 0
-        stopped_early = False
-        window_loss, window_batches = 0.0, 0
-        run_model.train()
-        with Progress(disable=not main) as progress, StopFlag() as stop:
-            bar = progress.add_task("training", total=steps, completed=state.step, loss=float("nan"), lr=0.0, rate=0.0)
-            while state.step < steps and not stopped_early:
-                train_loader.set_epoch(state.epoch)  # Accelerate passes it on to the EpochShuffleSampler
-                for batch_index, batch in enumerate(train_loader):
-                    if batch_index < state.batches_in_epoch:
-                        continue  # resumed mid-epoch: these batches were already trained on
-                    with accelerator.accumulate(run_model):
-                        loss = run_model(**batch).loss
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.max_grad_norm:
-                            accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    state.batches_in_epoch = batch_index + 1
-                    examples = batch["input_ids"].shape[0] * world
-                    state.seen += examples
-                    session_seen += examples
-                    value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-                    if not math.isfinite(value):
-                        kept = checkpoints(run_dir)
-                        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was kept"
-                        raise RunFailure(f"the loss became {value} at step {state.step + 1}: lower training.lr or check the data; {where}")
-                    window_loss += value
-                    window_batches += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    state.step += 1
-                    step_loss = window_loss / window_batches
-                    state.loss_sum += step_loss
-                    window_loss, window_batches = 0.0, 0
-                    rate = session_seen / max(1e-9, time.perf_counter() - session_start)
-                    record = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                              "epoch": round(state.epoch + state.batches_in_epoch / len(train_loader), 4),
-                              "elapsed": round(elapsed(), 3), "samples_per_s": round(rate, 2)}
-                    progress.update(bar, completed=state.step, loss=step_loss, lr=record["lr"], rate=rate)
-                    if state.step % cfg.log_every == 0 or state.step == steps:
-                        log_record(accelerator, record)
-                        if main:
-                            append_jsonl(run_dir / TRAINER_LOG, record)
-                    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
-                        run_evaluation(state.step)
-                        if selection is not None and selection.should_stop:
-                            say(f"early stopping at step {state.step}: no better {selection.key} in {selection.patience} evaluations")
-                            stopped_early = True
-                    if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
-                        checkpoint()
-                    if _agree(stop.signal is not None, accelerator):
-                        checkpoint()
-                        raise Interrupted(f"stopped by {stop.signal or 'a signal'} at step {state.step}; checkpoint saved: "
-                                          f"continue with `sparta train RECIPE --resume` (output_dir={run_dir})")
-                    if state.step >= steps or stopped_early:
-                        break
-                else:
-                    state.epoch += 1
-                    state.batches_in_epoch = 0
+    @property
+    def samples_per_s(self) -> float:
+        return self.session_seen / max(1e-9, time.perf_counter() - self.session_start)
 
-        eval_results = run_evaluation(state.step) if last_evaluation["step"] != state.step else last_evaluation["results"]
+    # ------------------------------------------------------------ the end
+
+    def finish(self) -> None:
+        """The final evaluation, the best adapter's test scores when selecting, and the results files."""
+        self.sync_losses()
+        state, selection = self.state, self.selection
+        step, results = self.last_evaluation
+        eval_results = results if step == state.step else self.evaluate()
         if selection is not None:  # the best evaluation's adapter is the run's result; the evaluation splits score it once
             selection.restore_best()
-            test_results = score(test_loaders, "test_", state.step, {"best_step": selection.best_step})
+            test_results = self.score(self.test_loaders, "test_", {"best_step": selection.best_step})
             eval_results = {"best_step": selection.best_step, **selection.best_metrics, **test_results}
-        _check_in_sync(trainable, accelerator)
-        if main:
-            epochs_done = state.epoch + state.batches_in_epoch / len(train_loader)
-            _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype, state, epochs_done, elapsed(),
-                         len(train_data), eval_results)
-            write_training_loss_png(run_dir)
-            say(f"[green]done[/] in {elapsed():.1f}s → {run_dir}")
-        accelerator.wait_for_everyone()
-    finally:
-        accelerator.end_training()
-        release_run_dir(run_dir)
-    return run_dir
+        _check_in_sync(self.trainable, self.accelerator)
+        if self.main:
+            runtime = self.elapsed()
+            train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
+                             "train_samples": self.train_rows,
+                             "train_samples_per_second": round(state.seen / max(runtime, 1e-9), 3),
+                             "train_tokens_per_second": round(state.tokens / max(runtime, 1e-9), 1),
+                             "train_steps": state.step,
+                             "epoch": round(state.epoch + state.batches_in_epoch / len(self.train_loader), 4),
+                             "peak_gpu_memory_gib": peak_gpu_memory_gib(self.accelerator.device),
+                             "device": device_name(self.accelerator.device)}
+            self._save_adapter()
+            append_jsonl(self.run_dir / TRAINER_LOG, {"step": state.step, **train_results})
+            write_json(self.run_dir / TRAIN_RESULTS, train_results)
+            write_json(self.run_dir / EVAL_RESULTS, eval_results)
+            write_json(self.run_dir / ALL_RESULTS, {**train_results, **eval_results})
+            write_training_loss_png(self.run_dir)
+            peak = train_results["peak_gpu_memory_gib"]
+            memory = f" · peak GPU memory {peak:.2f} GiB" if peak is not None else ""
+            self.say(f"[green]done[/] in {runtime:.1f}s · {train_results['train_samples_per_second']:.1f} samples/s · "
+                     f"{train_results['train_tokens_per_second']:,.0f} tokens/s{memory} on {train_results['device']} → {self.run_dir}")
+        self.accelerator.wait_for_everyone()
+
+    def _save_adapter(self) -> None:
+        recipe, task, adapter, loaded = self.recipe, self.task, self.adapter, self.loaded
+        metadata = {
+            "base_model": {"name_or_path": recipe.model.name_or_path, "resolved_path": loaded.source,
+                           "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
+                           "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
+                           "dtype": str(self.model_dtype).removeprefix("torch.")},
+            "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
+            "targets": recipe.adapter.targets,
+            "seed": recipe.adapter_seed,
+            "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
+                     "num_labels": task.num_labels, "is_regression": task.is_regression},
+            "pad_token_id": adapter.base.config.pad_token_id,
+            "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
+        }
+        adapter.save(self.run_dir, metadata)
+
+
+class LossWindow:
+    """The training loss of the optimizer steps since the last read, kept on the device so the loop
+    never waits for it; read (reduced across processes) every log_every steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+        self._micro_sum = torch.zeros((), device=device)
+        self._micro_batches = 0
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._step_sum = torch.zeros((), device=self.device)
+        self._tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        loss = loss.detach().float()
+        self._micro_sum += loss
+        self._micro_batches += 1
+        self._nonfinite |= ~torch.isfinite(loss)
+        mask = batch.get("attention_mask")
+        self._tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+
+    def end_step(self) -> None:
+        """A step's loss is the mean over its micro-batches."""
+        self._step_sum += self._micro_sum / max(1, self._micro_batches)
+        self._micro_sum.zero_()
+        self._micro_batches = 0
+        self.steps += 1
+
+    def read(self, accelerator) -> tuple[float, int, bool]:
+        """(sum of the steps' losses averaged over processes, non-pad tokens of all processes, any non-finite loss)."""
+        packed = torch.stack([self._step_sum.double(), self._tokens.double(), self._nonfinite.double()])
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        loss_sum, tokens, nonfinite = packed.tolist()
+        return loss_sum / accelerator.num_processes, int(tokens), nonfinite > 0
+
+
+class LogWindow:
+    """The mean loss over the steps since the last log line (the host side of LossWindow)."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.steps = 0.0, 0
+
+    def add(self, loss_sum: float, steps: int) -> None:
+        self.loss_sum += loss_sum
+        self.steps += steps
+
+    def mean(self) -> float:
+        mean = self.loss_sum / max(1, self.steps)
+        self.loss_sum, self.steps = 0.0, 0
+        return mean
+
+
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """torch.cuda.max_memory_allocated in GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
 
 
 def _agree(flag: bool, accelerator) -> bool:
@@ -415,27 +604,3 @@ def _check_in_sync(trainable: dict[str, torch.Tensor], accelerator) -> None:
     gathered = accelerator.gather(checksum.reshape(1))
     if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=0):
         raise RunFailure("trainable parameters differ across processes: check that every rank runs the same recipe and sparta version")
-
-
-def _write_final(run_dir, recipe, adapter, loaded, tokenizer, task, model_dtype, state, epochs_done, runtime, train_samples,
-                 eval_results) -> None:
-    metadata = {
-        "base_model": {"name_or_path": recipe.model.name_or_path, "resolved_path": loaded.source,
-                       "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
-                       "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
-                       "dtype": str(model_dtype).removeprefix("torch.")},
-        "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
-        "targets": recipe.adapter.targets,
-        "seed": recipe.adapter_seed,
-        "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
-                 "num_labels": task.num_labels, "is_regression": task.is_regression},
-        "pad_token_id": adapter.base.config.pad_token_id,
-        "tokenizer": {"pad_token": tokenizer.pad_token},
-    }
-    adapter.save(run_dir, metadata)
-    train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
-                     "train_samples": train_samples, "train_samples_per_second": round(state.seen / max(runtime, 1e-9), 3),
-                     "train_steps": state.step, "epoch": round(epochs_done, 4)}
-    write_json(run_dir / TRAIN_RESULTS, train_results)
-    write_json(run_dir / EVAL_RESULTS, eval_results)
-    write_json(run_dir / ALL_RESULTS, {**train_results, **eval_results})

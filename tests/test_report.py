@@ -174,3 +174,86 @@ def test_parameter_axis_plot(runs, tmp_path):
     result = CliRunner().invoke(app, ["report", f"{runs}/*", "--output", str(tmp_path), "--x", "trainable_params"])
     assert result.exit_code == 0, result.output
     assert imread(tmp_path / "metric_vs_trainable_params.png")[..., :3].std() > 0.05
+
+
+# ---------------------------------------------------------------- grouping (runs written by hand: no training)
+
+
+def fake_run(root: Path, name: str, overrides: list[str], accuracy: float) -> Path:
+    """A finished run folder as `sparta train` leaves it: config.yaml, all_results.json, a loss log."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    recipe = load_recipe(RECIPE, [*overrides, f"output_dir={folder}"])
+    write_yaml(folder / "config.yaml", {**recipe.to_dict(), "run": {"world_size": 1, "trainable_params": 1000}})
+    (folder / "all_results.json").write_text(json.dumps({"eval_accuracy": accuracy, "eval_loss": 0.5, "train_loss": 0.6}))
+    (folder / "trainer_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    return folder
+
+
+def run_report(tmp_path: Path, *args: str, monkeypatch=None) -> tuple[list[dict[str, str]], str]:
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out"), *args])
+    assert result.exit_code == 0, result.output
+    return list(csv.DictReader((tmp_path / "out" / "report.csv").open())), result.output
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_never_averaged(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, acc in ((1, 0.8), (2, 0.82)):
+        fake_run(runs, f"long-s{seed}", [f"seed={seed}", "training.max_steps=125"], acc)
+        fake_run(runs, f"short-s{seed}", [f"seed={seed}", "training.max_steps=20"], acc - 0.2)
+    rows, output = run_report(tmp_path)
+    assert [(r["settings"], r["seeds"], r["mean"]) for r in rows] == [
+        ("training.max_steps=125", "1 2", repr(statistics.fmean([0.8, 0.82]))),
+        ("training.max_steps=20", "1 2", repr(statistics.fmean([0.6, 0.62]))),
+    ]
+    assert "settings that differ between rows: training.max_steps" in output
+    assert "SpaRTA · max_steps=20" in output
+
+
+def test_every_differing_setting_is_named(tmp_path):
+    changes = ["training.max_steps=20", "training.lr=0.01", "data.max_length=32", "training.batch_size=8", "training.warmup_steps=0",
+               "data.max_train_samples=100"]
+    fake_run(tmp_path / "runs", "base", [], 0.8)
+    fake_run(tmp_path / "runs", "changed", changes, 0.7)
+    rows, output = run_report(tmp_path)
+    named = output.split("settings that differ between rows: ")[1].splitlines()[0]
+    assert named.split(", ") == sorted(change.split("=")[0] for change in changes)
+    assert len(rows) == 2
+
+
+def test_runs_with_one_seed_are_not_a_mean_and_std(tmp_path):
+    for i in range(7):
+        fake_run(tmp_path / "runs", f"again-{i}", [], 0.7 + i / 100)
+    rows, output = run_report(tmp_path)
+    assert len(rows) == 7 and all(r["seeds"] == "42" and r["std"] == "" and r["n_seeds"] == "1" for r in rows)
+    assert sorted(float(r["mean"]) for r in rows) == pytest.approx([0.7 + i / 100 for i in range(7)])
+    assert "7 runs share every setting and seed 42" in output and "without ±" in output
+
+
+def test_task_names_are_case_insensitive(tmp_path):
+    fake_run(tmp_path / "runs", "upper", ["task.name=SST2", "seed=1"], 0.8)
+    fake_run(tmp_path / "runs", "lower", ["task.name=sst2", "seed=2"], 0.9)
+    rows, output = run_report(tmp_path)
+    assert [(r["task"], r["seeds"]) for r in rows] == [("sst2", "1 2")]
+    assert "differ" not in output
+
+
+def test_loss_curves_are_labelled_by_their_settings(tmp_path, monkeypatch):
+    import sparta_cli.plots
+
+    drawn: list[str] = []
+    monkeypatch.setattr(sparta_cli.plots, "loss_curves_png", lambda runs, path: drawn.extend(label for label, _ in runs))
+    fake_run(tmp_path / "runs", "folder-a", ["seed=1", "training.lr=0.01"], 0.8)
+    fake_run(tmp_path / "runs", "folder-b", ["seed=2", "training.lr=0.002", "adapter.density=0.001"], 0.8)
+    fake_run(tmp_path / "runs", "folder-c", ["seed=3", "adapter.method=lora", "adapter.r=4", "training.lr=0.002"], 0.8)
+    run_report(tmp_path)
+    assert sorted(drawn) == ["LoRA r=4 · lr=0.002 · seed 3", "SpaRTA · lr=0.002 d=0.001 · seed 2", "SpaRTA · lr=0.01 d=0.05 · seed 1"]
+
+
+def test_a_metric_no_finished_run_has_names_the_ones_they_have(tmp_path):
+    fake_run(tmp_path / "runs", "a", [], 0.8)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out"), "--metric", "f1"])
+    assert result.exit_code != 0
+    message = str(result.exception)
+    assert "none of the 1 finished runs" in message and "has metric f1" in message and "they have accuracy, loss" in message
+    assert "unfinished" not in message

@@ -89,3 +89,43 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_bert_
     assert list(run.glob("checkpoint-*"))
     _train(recipe, "--resume")
     assert (run / "all_results.json").is_file()
+
+
+def test_sigterm_during_the_final_evaluation_resumes_without_training(tmp_path, tiny_bert_dir, data_dir):
+    reference = tmp_path / "reference"
+    _train(_recipe(tmp_path, tiny_bert_dir, data_dir, reference))
+    assert not list(reference.glob("checkpoint-*")), "the checkpoint guarding the final evaluation is left behind"
+
+    run = tmp_path / "stopped"
+    recipe = _recipe(tmp_path, tiny_bert_dir, data_dir, run)
+    slow = yaml.safe_load(recipe.read_text())  # the whole dev set one example at a time: a few seconds of evaluation
+    slow["data"]["max_eval_samples"] = None
+    slow["training"]["eval_batch_size"] = 1
+    recipe.write_text(yaml.safe_dump(slow))
+    proc = _start(recipe)
+    _wait_for(run / f"checkpoint-{STEPS}", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "after training" in err and "--resume" in err and "Traceback" not in err
+    assert not (run / "all_results.json").exists()
+
+    resumed = _train(recipe, "--resume")
+    assert "resuming from" in resumed.stdout and f"/{STEPS} · loss" not in resumed.stdout  # no progress line: nothing trained
+    assert _steps(run) == list(range(1, STEPS + 1))
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    assert sum("eval_accuracy" in r for r in log) == 1 and sum("train_runtime" in r for r in log) == 1
+    assert json.loads((run / "all_results.json").read_text())["eval_num_examples"] == 872
+    assert (run / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
+    assert not list(run.glob("checkpoint-*"))
+
+
+def test_resume_of_a_finished_run_that_kept_checkpoints_is_refused(tmp_path, tiny_bert_dir, data_dir):
+    run = tmp_path / "finished"
+    recipe = _recipe(tmp_path, tiny_bert_dir, data_dir, run, max_steps=4, save_every=2)
+    _train(recipe)
+    assert [p.name for p in sorted(run.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    before = (run / "all_results.json").read_bytes()
+    refused = _train(recipe, "--resume", check=False)
+    assert refused.returncode == 2 and "already holds a finished run" in refused.stderr
+    assert (run / "all_results.json").read_bytes() == before

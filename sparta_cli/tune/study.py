@@ -1,0 +1,240 @@
+"""The study: what it searches (the plan), where it lives (the storage), how many trials it has left,
+and what happens to trials whose process died.
+
+Every `sparta tune` process (and every worker it starts) opens the same storage by URL, so a study
+resumes after a kill and several machines share one. A trial counts against the budget once it is
+asked for; a trial whose process died (a kill -9, a lost machine, Ctrl-C) is marked FAIL with
+`retried_as` and its parameters are enqueued again, so the retry takes its place in the budget (and
+continues in its run folder) and finished trials are never rerun.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparta_cli.config import Recipe, build_recipe
+from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import make_dir, read_json, write_json
+from sparta_cli.sweep import differences
+from sparta_cli.tune.space import Param, as_override, decode, parse_space
+
+PLAN_FILE = "study.json"
+JOURNAL_FILE = "study.journal"
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 600  # a RUNNING trial of another machine silent this long is taken as dead
+INSTALL_HINT = "pip install 'sparta[tune]' (or: python -m pip install optuna)"
+
+
+def require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise SpartaError(f"sparta tune needs Optuna, which is not installed: {INSTALL_HINT}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs to run trials of a study, written to the study folder as study.json."""
+
+    study: str
+    study_dir: str
+    storage: str  # an SQLAlchemy URL (RDB) or the path of a journal file
+    base: dict[str, Any]  # the recipe without `tune:`, overrides applied
+    space: dict[str, Any]  # key -> spec, as given
+    metric: str  # the validation metric, without the eval_ prefix
+    direction: str  # maximize or minimize
+    trials: int
+    sampler: str
+    pruner: str
+    sampler_startup_trials: int
+    pruner_startup_trials: int
+    seed: int
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, Param]:
+        return parse_space(self.space)
+
+    def trial_dir(self, number: int) -> Path:
+        return Path(self.study_dir) / "trials" / f"trial-{number:04d}"
+
+    def recipe(self, values: dict[str, Any], output_dir: str | Path) -> Recipe:
+        """The recipe of one point of the space: the base with `values` (recipe values) set."""
+        return build_recipe(self.base, [*(as_override(k, v) for k, v in values.items()), as_override("output_dir", str(output_dir))])
+
+    def trial_recipe(self, number: int, stored: dict[str, Any], output_dir: str | Path | None = None) -> Recipe:
+        """A trial's recipe from its stored parameters, in its own folder unless told another."""
+        params = self.params
+        return self.recipe({k: decode(params[k], v) for k, v in stored.items()}, output_dir or self.trial_dir(number))
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a stored study to be this one: same recipe, space and objective."""
+        base = {k: v for k, v in self.base.items() if k != "output_dir"}
+        return {"recipe": base, "space": self.space, "metric": self.metric, "direction": self.direction}
+
+
+def write_plan(plan: Plan) -> None:
+    make_dir(plan.study_dir)
+    write_json(Path(plan.study_dir) / PLAN_FILE, plan.__dict__)
+
+
+def read_plan(study_dir: str | Path) -> Plan:
+    return Plan(**read_json(Path(study_dir) / PLAN_FILE))
+
+
+def open_storage(url: str):
+    """An RDB for URLs (`sqlite:///…`, `postgresql://…`, `mysql://…`), else Optuna's journal file,
+    which it recommends for several processes on one machine and which works on NFS (symlink lock)."""
+    optuna = require_optuna()
+    if "://" in url:
+        if url.startswith("sqlite"):  # several writers wait for each other instead of failing at once
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend
+
+    make_dir(Path(url).parent)
+    return optuna.storages.JournalStorage(JournalFileBackend(url))
+
+
+def make_sampler(plan: Plan, worker_index: int, shared: bool, trials_so_far: int):
+    """TPE (or random, or grid) seeded by the recipe's seed and the study's length: one worker draws the
+    same trials every time, a resumed study does not redraw its first trials, parallel workers get
+    distinct seeds, and TPE's constant liar keeps them off each other's running points."""
+    optuna = require_optuna()
+    seed = plan.seed + 1000 * worker_index + trials_so_far
+    if shared:  # other machines run workers with the same indices
+        seed += zlib.crc32(socket.gethostname().encode()) % 1_000_000
+    if plan.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if plan.sampler == "grid":
+        params = plan.params
+        return optuna.samplers.GridSampler({k: list(p.distribution().choices) for k, p in params.items()}, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.sampler_startup_trials, constant_liar=True)
+
+
+def make_pruner(plan: Plan):
+    """Decisions are made at each validation evaluation, indexed by optimizer step."""
+    optuna = require_optuna()
+    if plan.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=plan.pruner_startup_trials, n_warmup_steps=0)
+    if plan.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if plan.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def open_study(plan: Plan, *, worker_index: int = 0, shared: bool = False, create: bool = False):
+    """The study in its storage; created (with its identity) by `sparta tune`, loaded by workers.
+    A stored study of another recipe, space or objective is refused rather than mixed with this one."""
+    optuna = require_optuna()
+    storage = open_storage(plan.storage)
+    pruner = make_pruner(plan)
+    try:
+        study = optuna.load_study(study_name=plan.study, storage=storage, pruner=pruner)
+    except KeyError:
+        if not create:
+            raise SpartaError(f"study {plan.study} is not in storage {plan.storage}: start it with `sparta tune`") from None
+        study = optuna.create_study(study_name=plan.study, storage=storage, pruner=pruner, direction=plan.direction,
+                                    load_if_exists=True)
+        if "sparta" not in study.user_attrs:
+            study.set_user_attr("sparta", plan.identity())
+    stored = study.user_attrs.get("sparta")
+    if stored is not None and stored != plan.identity():
+        differ = differences(plan.identity(), stored)
+        raise SpartaError(f"study {plan.study} in {plan.storage} was started with another recipe, space or objective "
+                          f"({', '.join(differ[:3])} differ): give another --study, or rerun with the same recipe and overrides")
+    study.sampler = make_sampler(plan, worker_index, shared, len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def counts_against_budget(trial) -> bool:
+    """Asked-for trials count once; a failed trial that was retried is replaced by its retry."""
+    from optuna.trial import TrialState
+
+    return trial.state != TrialState.WAITING and "retried_as" not in trial.user_attrs
+
+
+def trials_left(study, budget: int) -> int:
+    return budget - sum(counts_against_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+@contextmanager
+def ask_lock(study_dir: str | Path) -> Iterator[None]:
+    """Local workers check the budget and ask for a trial one at a time, so they never overshoot it.
+    (Machines sharing only the storage may overshoot by one trial each; see docs/tune.md.)"""
+    path = Path(study_dir) / ".ask.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def owner_attrs() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (dead, not yet reaped: its parent was killed too) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): trust kill
+        return True
+
+
+def is_stale(trial, now: float | None = None) -> bool:
+    """A RUNNING trial nobody runs any more: its process on this host is gone, or (any host) its
+    heartbeat stopped long ago. Trials of a live `sparta tune` elsewhere are left alone."""
+    attrs = trial.user_attrs
+    if attrs.get("host") == socket.gethostname() and isinstance(attrs.get("pid"), int) and not _alive(attrs["pid"]):
+        return True
+    beat = attrs.get("heartbeat", trial.datetime_start.timestamp() if trial.datetime_start else None)
+    return beat is not None and (now or time.time()) - beat > STALE_AFTER_SECONDS
+
+
+def retire(study, trial, reason: str) -> int | None:
+    """Mark a trial that will not finish FAIL and enqueue its parameters again; returns the retry's
+    number (None when the trial finished meanwhile). The retry continues in the old trial's run folder
+    from its newest checkpoint, if any (worker.retried_folder). Attributes go first: a finished trial is frozen."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage  # the public Study API cannot fail another process's trial
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        number = max(t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == trial.number)
+        storage.set_trial_user_attr(trial._trial_id, "retried_as", number)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return None
+    return number
+
+
+def retire_stale(study) -> list[tuple[int, int]]:
+    """(old, retry) trial numbers for every stale RUNNING trial."""
+    from optuna.trial import TrialState
+
+    retired = [(t.number, retire(study, t, "its process died (killed, or the machine went away)"))
+               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if is_stale(t)]
+    return [(old, new) for old, new in retired if new is not None]

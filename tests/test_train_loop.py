@@ -1,0 +1,56 @@
+"""The training loop's bookkeeping: the schedule steps once per optimizer step whatever the
+accumulation, and the loop reports throughput."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sparta_cli.config import build_recipe
+from sparta_cli.train import train
+
+
+def _recipe(model_dir: Path, data_dir: Path, out: Path, **training):
+    return build_recipe({
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"density": 0.1, "targets": ["v", "o"]},
+        "task": {"name": "sst2"},
+        "data": {"dir": str(data_dir), "max_length": 32, "max_train_samples": 128, "max_eval_samples": 16},
+        "training": {"max_steps": 4, "lr": 1e-2, "warmup_steps": 2, "scheduler": "linear", "log_every": 1, **training},
+        "seed": 3,
+        "output_dir": str(out),
+    })
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_keeps_the_schedule_and_the_result(tmp_path, tiny_bert_nodropout_dir, data_dir):
+    accumulated = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "accum", batch_size=8, grad_accum=4))
+    single = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "single", batch_size=32, grad_accum=1))
+    lrs = [[r["lr"] for r in _log(run) if "loss" in r] for run in (accumulated, single)]
+    # warmup over 2 steps to 1e-2, then linear decay to 0 at step 4
+    assert lrs[0] == lrs[1] == [5e-3, 1e-2, 5e-3, 0.0]
+    a, b = (load_file(str(run / "adapter_model.safetensors")) for run in (accumulated, single))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert abs(a[next(k for k in a if "delta" in k or "values" in k)]).max() > 1e-4, "nothing trained"
+    losses = [[r["loss"] for r in _log(run) if "loss" in r] for run in (accumulated, single)]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_results_report_throughput_and_device(tmp_path, tiny_bert_nodropout_dir, data_dir):
+    run = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "run", batch_size=8, log_every=2))
+    results = json.loads((run / "train_results.json").read_text())
+    assert results["device"] == "cpu" and results["peak_gpu_memory_gib"] is None
+    assert results["train_samples_per_second"] > 0
+    # 32 examples of at most 32 tokens: fewer non-pad tokens than padded slots
+    assert 0 < results["train_tokens_per_second"] * results["train_runtime"] <= 32 * 32 + 1
+    steps = [r for r in _log(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4] and all(r["tokens_per_s"] > 0 for r in steps)
+    assert _log(run)[-1]["train_steps"] == 4

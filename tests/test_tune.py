@@ -1,0 +1,242 @@
+"""`sparta tune`: the search space, the plan's refusals, and real studies on a tiny BERT (a few
+optimizer steps per trial): pruning, the study folder, best.yaml's exact rerun, resuming after
+kill -9, and two workers on one storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparta_cli.errors import SpartaError
+from sparta_cli.tune.space import as_override, decode, parse_param, parse_space_flag
+from sparta_cli.tune.study import is_stale, read_plan, require_optuna
+
+optuna = pytest.importorskip("optuna")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- the space and the plan (no training)
+
+
+def test_space_specs_parse_to_the_distributions_they_name():
+    density = parse_param("adapter.density", "log:1e-3..0.2")
+    assert (density.low, density.high, density.log, density.integer) == (1e-3, 0.2, True, False)
+    epochs = parse_param("training.epochs", "1..3")
+    assert epochs.integer and epochs.distribution().high == 3
+    targets = parse_param("adapter.targets", [["v", "o"], ["q", "k", "v", "o"]])
+    stored = targets.distribution().choices
+    assert stored == ("[v, o]", "[q, k, v, o]")  # Optuna's choices are scalars: lists travel as YAML
+    assert decode(targets, stored[1]) == ["q", "k", "v", "o"]
+    assert parse_param("training.lr", {"low": 1e-5, "high": 1e-2, "log": True}).log
+    assert parse_space_flag("adapter.targets=[[v, o], [q, v]]") == ("adapter.targets", [["v", "o"], ["q", "v"]])
+    assert as_override("adapter.targets", ["v", "o"]) == "adapter.targets=[v, o]"
+    assert as_override("training.lr", 1e-05) in ("training.lr=1.0e-05", "training.lr=1e-05")
+
+
+@pytest.mark.parametrize("spec, fragment", [("0.2..1e-3", "low end must be below"), ("log:0..1", "above 0"),
+                                            ("lots", "give a range"), ([], "empty"), ({"low": 1}, "numbers")])
+def test_malformed_specs_are_one_line_errors_naming_the_fix(spec, fragment):
+    with pytest.raises(SpartaError, match=fragment):
+        parse_param("adapter.density", spec)
+
+
+def _recipe(tmp_path: Path, model: str, data_dir: Path, **tune) -> Path:
+    """SST-2, 48 training rows of which 16 held out for validation: 4 steps of 8, evaluated every 2."""
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "adapter": {"method": "sparta", "density": 0.05, "targets": ["v", "o"]},
+        "task": {"name": "sst2"},
+        "data": {"dir": str(data_dir), "max_length": 32, "max_train_samples": 48, "max_eval_samples": 16, "validation_size": 16},
+        "training": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1,
+                     "best_metric": "loss"},
+        "seed": 3,
+        "tune": {"output_dir": str(tmp_path / "study"), **tune},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_study_without_a_validation_set_is_refused_with_the_fix(tmp_path, data_dir):
+    from sparta_cli.tune.settings import plan_study
+
+    path = _recipe(tmp_path, "unused", data_dir)
+    with pytest.raises(SpartaError, match="data.validation_size=0.1"):
+        plan_study(path, ["data.validation_size=null", "training.best_metric=null"])
+
+
+def test_bad_tune_settings_fail_before_any_trial(tmp_path, data_dir):
+    from sparta_cli.tune.settings import plan_study
+
+    path = _recipe(tmp_path, "unused", data_dir)
+    with pytest.raises(SpartaError, match="did you mean `tune.trials`"):
+        plan_study(path, ["tune.trails=3"])
+    with pytest.raises(SpartaError, match="unknown key `adapter.densty`"):  # every searched key must be a recipe key
+        plan_study(path, [], space_flags=["adapter.densty=log:1e-3..0.1"])
+    with pytest.raises(SpartaError, match="adapter.density"):  # the high end must be a valid density
+        plan_study(path, [], space_flags=["adapter.density=0.1..2.0"])
+    with pytest.raises(SpartaError, match="grid needs a list of choices"):
+        plan_study(path, ["tune.sampler=grid"])
+    plan, workers = plan_study(path, ["tune.trials=4"], {"workers": 2})
+    assert (plan.trials, workers, plan.metric, plan.direction) == (4, 2, "loss", "minimize")
+    assert set(plan.space) == {"adapter.density", "training.lr"}  # SpaRTA's defaults
+
+
+def test_missing_optuna_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(SpartaError, match=r"pip install 'sparta\[tune\]'"):
+        require_optuna()
+
+
+def test_a_running_trial_whose_process_is_gone_is_stale():
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                      user_attrs={"host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()})
+    assert is_stale(trial)
+    trial.user_attrs["pid"] = os.getpid()
+    assert not is_stale(trial)
+    trial.user_attrs.update(host="elsewhere", heartbeat=time.time() - 3600)  # another machine, silent for an hour
+    assert is_stale(trial)
+
+
+def test_workers_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from sparta_cli.tune.run import worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [worker_env(i, 3, ["4", "6"])["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4", "6", "4"]
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = worker_env(0, 2, [])
+    assert env["OMP_NUM_THREADS"] == "4" and env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_env(0, 2, [])["OMP_NUM_THREADS"] == "1"  # the user's setting wins
+
+
+# ---------------------------------------------------------------- real studies
+
+
+def _study(plan_dir: Path):
+    from sparta_cli.tune.study import open_study
+
+    return open_study(read_plan(plan_dir))
+
+
+def _states(study) -> dict[int, str]:
+    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+
+def test_a_study_prunes_a_bad_region_writes_its_folder_and_best_yaml_reruns_the_best_trial(tmp_path, data_dir, tiny_bert_dir):
+    """Two good rates first, then lr 10 and 12: once two trials finished, the median pruner stops the
+    bad ones at their first evaluation (validation loss far above the others')."""
+    from sparta_cli.config import load_recipe
+    from sparta_cli.fileio import read_json
+    from sparta_cli.train import train
+    from sparta_cli.tune.run import tune
+
+    path = _recipe(tmp_path, tiny_bert_dir, data_dir, trials=4, pruner_startup_trials=2, space={"training.lr": "log:1e-4..20"},
+                   enqueue=[{"training.lr": 1e-3}, {"training.lr": 3e-3}, {"training.lr": 10.0}, {"training.lr": 12.0}])
+    summary = tune(path)
+    folder = tmp_path / "study"
+    study = _study(folder)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.params["training.lr"] for t in trials] == [1e-3, 3e-3, 10.0, 12.0]
+    assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
+    for bad in trials[2:]:  # stopped by the pruner at its first evaluation, not by a diverged loss
+        assert bad.state.name == "PRUNED" and bad.user_attrs["pruned_at_step"] == 2 and "failure" not in bad.user_attrs
+        assert not (Path(bad.user_attrs["run_dir"]) / "all_results.json").exists()
+    assert summary["trials"] == {"complete": 2, "pruned": 2, "fail": 0, "running": 0}
+
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("trial,state,validation_loss,training.lr")
+    assert not [c for c in rows[0].split(",") if c.startswith("test_")]  # test scores never sit beside the candidates
+    for name in ("trials.md", "history.png", "params.png", "summary.json"):
+        assert (folder / name).is_file(), name
+    best = min(trials[:2], key=lambda t: t.value)
+    assert summary["best"]["trial"] == best.number and set(summary["best"]["test"]) >= {"test_loss", "test_accuracy"}
+
+    # best.yaml is a recipe `sparta train` runs as is, and it reproduces the best trial's validation score exactly
+    rerun = train(load_recipe(folder / "best.yaml"))
+    assert rerun == folder / "best"
+    assert read_json(rerun / "all_results.json")["eval_loss"] == best.value
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data_dir, tiny_bert_dir):
+    """kill -9 of `sparta tune` and its worker mid-trial; the rerun fails the orphaned trial, runs its
+    parameters again as a new trial in its folder, and leaves the finished ones untouched."""
+    from sparta_cli.tune.run import tune
+    from sparta_cli.tune.study import open_study
+
+    path = _recipe(tmp_path, tiny_bert_dir, data_dir, trials=3, pruner="none")
+    folder = tmp_path / "study"
+    process = subprocess.Popen([sys.executable, "-m", "sparta_cli", "tune", str(path)], cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    study = None
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if study is None and (folder / "study.json").is_file() and (folder / "study.journal").is_file():
+                study = open_study(read_plan(folder))
+            if study is not None:
+                trials = study.get_trials(deepcopy=False)
+                if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and "run_dir" in t.user_attrs for t in trials):
+                    break
+        else:
+            pytest.fail("the study never had a finished and a running trial at once")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    time.sleep(0.5)
+    before = {t.number: t for t in study.get_trials(deepcopy=True)}
+    finished = {n: t for n, t in before.items() if t.state.name == "COMPLETE"}
+    killed = [t for t in before.values() if t.state.name == "RUNNING"]
+    stamps = {n: (Path(t.user_attrs["run_dir"]) / "all_results.json").stat().st_mtime_ns for n, t in finished.items()}
+
+    tune(path)
+    after = _study(folder).get_trials(deepcopy=False)
+    for number, trial in finished.items():  # untouched: same value, same files
+        assert after[number].state.name == "COMPLETE" and after[number].value == trial.value
+        assert (Path(trial.user_attrs["run_dir"]) / "all_results.json").stat().st_mtime_ns == stamps[number]
+    for trial in killed:
+        old = after[trial.number]
+        assert old.state.name == "FAIL"
+        retry = after[old.user_attrs["retried_as"]]
+        assert retry.state.name == "COMPLETE" and retry.params == trial.params and retry.user_attrs["retry_of"] == trial.number
+        assert retry.user_attrs["run_dir"] == trial.user_attrs["run_dir"]  # continued in its folder (no checkpoint: from the start)
+    counted = [t for t in after if "retried_as" not in t.user_attrs]
+    assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted)
+
+
+def test_two_workers_share_one_storage_and_never_run_a_trial_twice(tmp_path, data_dir, tiny_bert_dir):
+    from sparta_cli.tune.run import tune
+
+    path = _recipe(tmp_path, tiny_bert_dir, data_dir, trials=4, workers=2, pruner="none")
+    tune(path)
+    folder = tmp_path / "study"
+    trials = _study(folder).get_trials(deepcopy=False)
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)  # the budget, not one more
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 4
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4
+    for trial in trials:  # each trial trained once, in one process
+        log = (folder / "logs" / f"trial-{trial.number:04d}.log").read_text()
+        assert log.count("done in") == 1
+    assert {t.user_attrs["pid"] for t in trials} <= {int(p) for p in _worker_pids(folder)}
+
+
+def _worker_pids(folder: Path) -> set[str]:
+    """Every pid a trial was run by, as the workers logged it."""
+    pids = set()
+    for log in (folder / "logs").glob("worker-*.log"):
+        pids |= {line.split()[1] for line in log.read_text().splitlines() if line.startswith("pid ")}
+    return pids
