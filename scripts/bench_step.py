@@ -6,7 +6,7 @@ Rows (each a fresh copy of the same random- or real-weight model, the same batch
                made to require grad, so the backward runs through every layer to the input
                but computes no weight gradient in the body: the cheapest any method that
                adapts the body can be (forward + activation-gradient backward + head step).
-  sparta:D     ours (sparta_cli.adapters.apply_adapter) at density D on --targets (default v,o).
+  sparta:D     ours (sparta_cli.tuners.apply_adapter) at density D on --targets (default v,o).
   peft-sparta:D  the paper authors' package (peft_sparta.SpaRTA) on the same matrices, with its
                sparsity set so that it trains the same number of parameters (in expectation:
                it draws its entries by Bernoulli sampling) as sparta:D.
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
 from sparta_cli.targets import HEAD_NAMES, resolve_targets
+from sparta_cli.tuners import apply_adapter
 
 GIB = 2**30
 NUM_LABELS = 2

@@ -14,7 +14,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners.sparta.mask import num_selected
 
 
 class _BaseModelRecord(BaseModel):
@@ -61,7 +60,8 @@ def check_adapter_config(config: Any, path: Path) -> None:
 def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
     """Indices strictly increasing (so unique), inside their matrix; one finite value per index;
     the modules, their sizes and the density the config declares."""
-    from sparta_cli.adapters import TRAINED_PREFIX
+    from sparta_cli.tuners.base import TRAINED_PREFIX  # here, not above: tuners.base imports this module
+    from sparta_cli.tuners.sparta.mask import num_selected
 
     def refuse(problem: str) -> SpartaError:
         return SpartaError(f"{path}: {problem}: the adapter is damaged or was edited; retrain or restore it")

@@ -144,24 +144,17 @@ class LoggingConfig(_Strict):
 # full-s42), so runs that differ in that setting never share a folder.
 DEFAULT_OUTPUT_DIR = "runs/${task.name}/${name}"
 
-# The adapter keys that only some methods read; any other method refuses them (a density given to
-# LoRA used to be ignored without a word). Keys not listed here apply to every method.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "density": ("sparta",),
-    "targets": ("sparta", "lora", "dora"),
-    "r": ("lora", "dora"),
-    "alpha": ("lora", "dora"),
-    "dropout": ("lora", "dora"),
-}
 _KEY_USE = {"density": "SpaRTA's fraction of each target matrix", "targets": "the matrices an adapter trains",
             "r": "the LoRA/DoRA rank", "alpha": "the LoRA/DoRA scale", "dropout": "the LoRA/DoRA dropout"}
-_METHOD_SIZE = {"sparta": "its size is adapter.density", "lora": "its size is adapter.r", "dora": "its size is adapter.r",
-                "full": "it trains every weight", "head": "it trains only the classification head"}
 
 
 def applies(key: str, method: str) -> bool:
-    """Whether adapter.<key> means anything to `method`."""
-    return method in METHOD_KEYS.get(key, (method,))
+    """Whether adapter.<key> means anything to `method`: the adapter keys that only some methods read
+    (each method's `config_keys`, sparta_cli/tuners/) are refused by the others (a density given to
+    LoRA used to be ignored without a word); every other key applies to every method."""
+    from sparta_cli.tuners import METHOD_SPECIFIC_KEYS, get_tuner
+
+    return key not in METHOD_SPECIFIC_KEYS or get_tuner(method).applies(key)
 
 
 class Recipe(_Strict):
@@ -213,9 +206,9 @@ class Recipe(_Strict):
     @property
     def run_name(self) -> str:
         """The method, the setting that sizes it, and the seed: sparta-d0.01-s42, lora-r16-s42, full-s42."""
-        a = self.adapter
-        setting = {"sparta": f"-d{a.density}", "lora": f"-r{a.r}", "dora": f"-r{a.r}"}.get(a.method, "")
-        return f"{a.method}{setting}-s{self.seed}"
+        from sparta_cli.tuners import get_tuner
+
+        return f"{self.adapter.method}{get_tuner(self.adapter.method).name_setting(self.adapter)}-s{self.seed}"
 
 
 # ---------------------------------------------------------------- loading
@@ -503,7 +496,9 @@ def _refuse_keys_of_other_methods(tree: dict[str, Any], overridden: set[str], fr
         elif switched and f"adapter.{key}" not in overridden:
             continue
         else:
-            size = f" ({_METHOD_SIZE[method]})" if method in _METHOD_SIZE else ""
+            from sparta_cli.tuners import get_tuner
+
+            size = f" ({get_tuner(method).size_text})"
             raise SpartaError(f"adapter.{key} ({_KEY_USE[key]}) does not apply to adapter.method={method}: remove it{size}")
     tree["adapter"] = kept
 

@@ -83,7 +83,7 @@ def _run_recipe(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml (build_recipe drops its `run` record); without one, adapter_config.json."""
     if (run_dir / "config.yaml").is_file():
         return read_yaml(run_dir / "config.yaml")
-    from sparta_cli.adapters import read_adapter_config
+    from sparta_cli.tuners import read_adapter_config
 
     config = read_adapter_config(run_dir)
     base = config.get("base_model", {})
@@ -142,7 +142,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     )
     model = loaded.model
     if kind == RUN:
-        from sparta_cli.adapters import load_adapter, read_adapter_config
+        from sparta_cli.tuners import load_adapter, read_adapter_config
 
         config = read_adapter_config(Path(target).expanduser())
         trained = config.get("task", {}).get("num_labels")

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from sparta_cli import FORMAT_VERSION
-from sparta_cli.adapters import ADAPTER_FILE, CONFIG_FILE, PEFT_DIR, TRAINED_PREFIX
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
@@ -34,6 +33,7 @@ from sparta_cli.merge import SavedRun, classifier_config, meta_classifier, read_
 from sparta_cli.models import resolve_model_path
 from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
+from sparta_cli.tuners import ADAPTER_FILE, CONFIG_FILE, PEFT_DIR, TRAINED_PREFIX
 
 FORMATS = ("sparta", "peft", "peft-sparta")
 VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -124,7 +124,7 @@ def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str,
         from peft import ShiraConfig
     except ImportError:
         raise SpartaError("--format peft needs PEFT: pip install 'sparta[peft]'") from None
-    if run.method in ("lora", "dora"):  # already a PEFT adapter
+    if run.tuner.peft_native:  # already a PEFT adapter
         from safetensors.torch import load_file
 
         tensors = load_file(str(run.path / PEFT_DIR / PEFT_WEIGHTS))
@@ -235,7 +235,7 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
     output = Path(output)
     check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
-    if run.method not in ("sparta", "lora", "dora") or (run.method != "sparta" and format != "peft"):
+    if format not in run.tuner.export_formats:
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")
     value_dtype = VALUE_DTYPES[values]

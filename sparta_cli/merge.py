@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from sparta_cli.adapters import TRAINED_PREFIX, read_adapter_config, read_adapter_tensors
 from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
 from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer, resolve_model_path
 from sparta_cli.outputs import check_replaceable, locked_output
+from sparta_cli.tuners import TRAINED_PREFIX, Tuner, get_tuner, read_adapter_config
 from sparta_cli.tuners.sparta.model import split_indices
 
 REPORT_FILE = "merge_report.json"
@@ -51,6 +51,10 @@ class SavedRun:
         return self.config["method"]
 
     @property
+    def tuner(self) -> Tuner:
+        return get_tuner(self.method)
+
+    @property
     def base(self) -> dict[str, Any]:
         return self.config.get("base_model") or {}
 
@@ -63,7 +67,7 @@ class SavedRun:
 def read_run(run_dir: str | Path) -> SavedRun:
     run_dir = Path(run_dir)
     config = read_adapter_config(run_dir)
-    tensors = {} if config["method"] in ("lora", "dora") else read_adapter_tensors(run_dir)
+    tensors = get_tuner(config["method"]).read_tensors(run_dir)
     indices = split_indices(tensors)
     deltas = {module: tensors[f"{module}.delta"].float() for module in indices}
     trained = {key.removeprefix(TRAINED_PREFIX): value for key, value in tensors.items() if key.startswith(TRAINED_PREFIX)}
@@ -190,7 +194,7 @@ def check_same_base(runs: list[SavedRun]) -> None:
                 raise SpartaError(f"`{module}` is {shape} in {run.path} but {theirs[module]} in {first.path}: merge only runs on the same base")
     if len(runs) > 1:
         for run in runs:
-            if run.method not in ("sparta", "head"):
+            if not run.tuner.adds_up:
                 raise SpartaError(f"{run.path} is a {run.method} run: only sparta adapters add up; merge it on its own")
 
 
@@ -420,14 +424,12 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
 
 def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head_run: SavedRun, dtype: torch.dtype, out: Path, max_shard_size: int) -> None:
     """Load the whole base through transformers (GGUF files, .bin checkpoints, LoRA/DoRA), merge, save."""
-    from sparta_cli.adapters import load_adapter
-
     task = head_run.config.get("task") or {}
     loaded = load_for_classification(cfg, task.get("num_labels", 2), task.get("label_names"),
                                      problem_type="regression" if task.get("is_regression") else "single_label_classification")
     model = loaded.model
-    if runs[0].method in ("lora", "dora"):
-        model = load_adapter(runs[0].path, model, runs[0].config).model.merge_and_unload()
+    if runs[0].tuner.peft_native:
+        model = runs[0].tuner.merge_into(runs[0].path, model, runs[0].config)
     else:
         check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source, trained)
         params = dict(model.named_parameters())
@@ -465,7 +467,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))
-    if runs[0].method in ("lora", "dora") and run_weights != [1.0]:
+    if runs[0].tuner.peft_native and run_weights != [1.0]:
         raise SpartaError(f"--weights scales sparse deltas only; {runs[0].path} is a {runs[0].method} run: drop --weights")
     max_bytes = parse_size(max_shard_size)
     head_run = pick_head(runs, head_from)
@@ -485,10 +487,10 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         notes.append(f"{folder} has no safetensors files: loaded whole through transformers (no streaming)")
     else:
         own = base_dtype(folder, files)
-    if runs[0].method in ("lora", "dora"):
-        notes.append("LoRA/DoRA weights merged by PEFT's merge_and_unload, with the base loaded whole")
+    if runs[0].tuner.peft_native:
+        notes.append(f"{runs[0].tuner.display_name} weights merged by PEFT's merge_and_unload, with the base loaded whole")
     out_dtype = parse_dtype(dtype) or own
-    streaming = files is not None and runs[0].method not in ("lora", "dora")
+    streaming = files is not None and not runs[0].tuner.peft_native
     collisions = collision_report(runs)
     for pair in collisions:
         seeds = [run.config.get("seed") for run in runs if str(run.path) in pair["runs"]]

@@ -131,9 +131,9 @@ def metric_vs_x_png(groups: Sequence[Group], path: Path, x: str = "density") -> 
         mine = [g for g in groups if g.task == task]
         sparta_lines: dict[str, list[Group]] = {}
         for g in mine:
-            if g.method == "sparta" or x == "trainable_params":
+            if g.density is not None or x == "trainable_params":
                 sparta_lines.setdefault(g.label(with_model=many_models), []).append(g)
-        refs = [g for g in mine if g.method != "sparta"] if x == "density" else []
+        refs = [g for g in mine if g.density is None] if x == "density" else []
         for label, line in sparta_lines.items():
             xs = [g.density if x == "density" else g.trainable_params for g in line]
             ys = [g.mean for g in line]

@@ -20,14 +20,14 @@ from typing import Any
 
 import yaml
 
-from sparta_cli.adapters import CONFIG_FILE
 from sparta_cli.config import TaskConfig, applies
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
+from sparta_cli.tuners import CONFIG_FILE, TUNERS, Tuner, get_tuner
 
-METHOD_ORDER = ("sparta", "lora", "dora", "full", "head")
+METHOD_ORDER = tuple(TUNERS)
 CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "settings", "trainable_params", "n_seeds", "seeds", "metric",
                "mean", "std")
 # Recipe keys that may differ between the seeds of one group; every other setting splits groups.
@@ -56,12 +56,16 @@ class Run:
         return str(self.config["adapter"]["method"])
 
     @property
+    def tuner(self) -> Tuner:
+        return get_tuner(self.method)
+
+    @property
     def density(self) -> float | None:
-        return float(self.config["adapter"]["density"]) if self.method == "sparta" else None
+        return float(self.config["adapter"]["density"]) if self.tuner.applies("density") else None
 
     @property
     def lora_r(self) -> int | None:
-        return int(self.config["adapter"]["r"]) if self.method in ("lora", "dora") else None
+        return int(self.config["adapter"]["r"]) if self.tuner.applies("r") else None
 
     @property
     def seed(self) -> int:
@@ -135,7 +139,7 @@ class Group:
         return " ".join(f"{key.split('.')[-1]}={value}" for key, value in self.differing.items() if key not in SHOWN_KEYS)
 
     def label(self, with_model: bool = False) -> str:
-        name = {"sparta": "SpaRTA", "lora": "LoRA", "dora": "DoRA"}.get(self.method, self.method)
+        name = get_tuner(self.method).display_name
         name = f"{name} r={self.lora_r}" if self.lora_r else name
         name = f"{name} · {self.extra}" if self.extra else name
         return f"{name} · {short_model_name(self.model)}" if with_model else name

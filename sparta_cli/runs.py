@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,9 @@ def write_run_config(run_dir: Path, recipe: Recipe, extra: dict[str, Any]) -> No
     write_yaml(run_dir / CONFIG_YAML, data)
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Keep only log records up to `last_step` (a resumed run logs later steps again);
-    a line cut short by a kill is dropped too."""
+def truncate_log(path: Path, last_step: int, drop: Callable[[dict[str, Any]], bool] = lambda record: False) -> None:
+    """Keep only log records up to `last_step` (a resumed run logs later steps again), less those
+    `drop` names; a line cut short by a kill is dropped too."""
     if not path.is_file():
         return
     kept = []
@@ -80,6 +81,6 @@ def truncate_log(path: Path, last_step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if int(record.get("step", 0)) <= last_step:
+        if int(record.get("step", 0)) <= last_step and not drop(record):
             kept.append(line + "\n")
     write_text(path, "".join(kept))

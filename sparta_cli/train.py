@@ -1,13 +1,16 @@
-"""`sparta train`: the one training loop, readable top to bottom (nanoGPT-style).
+"""`sparta train`: the one training loop, readable top to bottom (as torchtune's recipes are).
 
-Accelerate handles devices, DDP, mixed precision and gradient accumulation; this file
-handles the recipe: data, adapter, optimizer, schedule, evaluation, checkpoints and
-the run directory. Only the main process writes files or prints.
+`Trainer.__init__` is the setup, one method per step; `Trainer.run` is a flat loop over
+micro-batches, and every optimizer step takes the one path in `optimizer_step` (clip, step,
+schedule, log, evaluate, checkpoint); `finish` checkpoints the finished training before the
+final evaluation and the results files. Accelerate handles devices, DDP, mixed precision and
+gradient accumulation. Only the main process writes files or prints.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -16,7 +19,6 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_checkpoint, save_checkpoint, usable_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import TrainingProgress, console
@@ -40,6 +42,7 @@ from sparta_cli.runs import (
 )
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
+from sparta_cli.tuners import apply_adapter
 
 
 class Interrupted(RunFailure):
@@ -79,10 +82,13 @@ def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step and exits cleanly."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step and exits cleanly.
+    With `raise_now` (a message with `{signal}`), they raise Interrupted at once instead: for the
+    final evaluation, which starts only once a checkpoint holds the finished training."""
 
-    def __init__(self) -> None:
+    def __init__(self, raise_now: str | None = None) -> None:
         self.signal: str | None = None
+        self.raise_now = raise_now
         self._previous: dict[int, object] = {}
 
     def __enter__(self):
@@ -95,6 +101,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
+        if self.raise_now is not None:
+            raise Interrupted(self.raise_now.format(signal=self.signal))
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -111,8 +119,10 @@ class ModelSelection:
         self.best_metrics: dict[str, float] = {}
         self.evals_since_best = 0
         self.best_tensors: dict[str, torch.Tensor] | None = None
+        self.evaluated_step: int | None = None
 
     def update(self, step: int, results: dict[str, float]) -> None:
+        self.evaluated_step = step
         if self._improves(results[self.key]):
             self.best_step, self.best_metrics, self.evals_since_best = step, dict(results), 0
             self.best_tensors = {name: t.detach().to("cpu", copy=True) for name, t in self.trainable.items()}
@@ -135,12 +145,14 @@ class ModelSelection:
                 tensor.copy_(self.best_tensors[name])
 
     def state(self) -> dict:
-        return {"best_step": self.best_step, "best_metrics": self.best_metrics, "evals_since_best": self.evals_since_best}
+        return {"best_step": self.best_step, "best_metrics": self.best_metrics, "evals_since_best": self.evals_since_best,
+                "evaluated_step": self.evaluated_step}
 
     def load(self, state: dict | None, tensors: dict[str, torch.Tensor] | None) -> None:
         if state and state.get("best_step") is not None:
             self.best_step, self.best_metrics = state["best_step"], state["best_metrics"]
             self.evals_since_best, self.best_tensors = state["evals_since_best"], tensors
+            self.evaluated_step = state.get("evaluated_step")
 
 
 def selection_metric(recipe: Recipe, task: Task) -> str:
@@ -155,10 +167,10 @@ def selection_metric(recipe: Recipe, task: Task) -> str:
 def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Path | None:
     """The newest checkpoint that reads back whole (a damaged newer one is skipped with a warning),
     after checking it belongs to this recipe."""
+    if (run_dir / ALL_RESULTS).is_file():
+        raise SpartaError(f"{run_dir} already holds a finished run: nothing to resume (use --overwrite to retrain)")
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if not found:
-        if (run_dir / ALL_RESULTS).is_file():
-            raise SpartaError(f"{run_dir} already holds a finished run: nothing to resume (use --overwrite to retrain)")
         return None
     usable = usable_checkpoint(run_dir, world_size, lambda text: say(f"[yellow]warning[/]: {escape(text)}"))
     saved = read_json(usable / "recipe.json")
@@ -241,7 +253,7 @@ class Trainer:
             kwargs_handlers=[ddp], **accelerator_kwargs(recipe, self.run_dir))
         self.main = accelerator.is_main_process
         self.say = console.print if self.main else (lambda *a, **k: None)
-        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and recipe.adapter.method == "sparta":
+        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and not self.adapter.tuner.shardable:
             raise SpartaError("FSDP / DeepSpeed ZeRO-3 sharding is not supported yet (see docs/scaling.md): use DDP with a model "
                               "that fits one GPU, or gradient_checkpointing and bf16 to fit it")
         if self.main:
@@ -302,7 +314,7 @@ class Trainer:
             if self.selection is not None:
                 self.selection.load(self.state.selection, load_best(self.resume_from))
             if self.main:
-                truncate_log(self.run_dir / TRAINER_LOG, self.state.step)
+                truncate_log(self.run_dir / TRAINER_LOG, self.state.step, drop=self._after_final_checkpoint)
         elif self.main:
             write_run_config(self.run_dir, recipe, {
                 "world_size": world, "effective_batch_size": effective_batch, "total_steps": self.steps,
@@ -317,10 +329,17 @@ class Trainer:
         self.scorer = classifier_scorer(self.task.is_regression)
         self.window = LossWindow(accelerator.device)
         self.logged = LogWindow()
-        self.last_evaluation: tuple[int | None, dict[str, float]] = (None, {})
-        self.stopped_early = False
+        self.stopped_early = self.selection is not None and self.selection.should_stop  # resumed after it stopped
         self.session_start, self.start_elapsed = time.perf_counter(), self.state.elapsed
         self.session_seen = self.session_tokens = 0
+
+    def _after_final_checkpoint(self, record: dict) -> bool:
+        """A log record that a finished training's checkpoint does not cover: the final evaluation,
+        test scores and summary of a run killed after that checkpoint; its resume writes them again."""
+        step, selection = self.state.step, self.selection
+        finished = step >= self.steps or (selection is not None and selection.should_stop)
+        evaluated_before = selection is not None and selection.evaluated_step == step and any(k.startswith("eval_") for k in record)
+        return finished and record.get("step") == step and "loss" not in record and not evaluated_before
 
     # ------------------------------------------------------------ the loop
 
@@ -329,7 +348,7 @@ class Trainer:
             self.model.train()
             with TrainingProgress(self.steps, self.state.step, enabled=self.main) as progress, StopFlag() as stop:
                 self.progress, self.stop = progress, stop
-                for batch in self.micro_batches() if self.state.step < self.steps else ():
+                for batch in self.micro_batches() if self.state.step < self.steps and not self.stopped_early else ():
                     with self.accelerator.accumulate(self.model):
                         loss = self.model(**batch).loss
                         self.accelerator.backward(loss)
@@ -428,7 +447,6 @@ class Trainer:
         self.sync_losses()
         step = self.state.step
         results = self.score(self.eval_loaders, "eval_")
-        self.last_evaluation = (step, results)
         if self.selection is not None:
             self.selection.update(step, results)
         if self.main and self.on_evaluate is not None:
@@ -447,14 +465,14 @@ class Trainer:
             self.say(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "num_examples" not in k))
         return results
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         self.sync_losses()
         state, selection = self.state, self.selection
         state.elapsed = self.elapsed()
         state.selection = selection.state() if selection is not None else None
-        save_checkpoint(self.run_dir, state, self.trainable, self.optimizer, self.scheduler, self.accelerator,
-                        self.cfg.keep_checkpoints, self.recipe.to_dict(), best=selection.best_tensors if selection is not None else None,
-                        masks=self.masks)
+        return save_checkpoint(self.run_dir, state, self.trainable, self.optimizer, self.scheduler, self.accelerator,
+                               self.cfg.keep_checkpoints, self.recipe.to_dict(),
+                               best=selection.best_tensors if selection is not None else None, masks=self.masks)
 
     def elapsed(self) -> float:
         return self.start_elapsed + time.perf_counter() - self.session_start
@@ -470,12 +488,25 @@ class Trainer:
     # ------------------------------------------------------------ the end
 
     def finish(self) -> None:
-        """The final evaluation, the best adapter's test scores when selecting, and the results files."""
-        self.sync_losses()
+        """A checkpoint of the finished training first, so that an interruption from here on loses
+        nothing (`--resume` only evaluates); then the final evaluation, the best adapter's test scores
+        when selecting, and the results files."""
+        final = self.checkpoint()
+        interrupted = (f"stopped by {{signal}} after training: {final} holds it; `sparta train RECIPE --resume` "
+                       f"evaluates it and writes the results without training again (output_dir={self.run_dir})")
+        with StopFlag(raise_now=interrupted):
+            self._evaluate_and_write()
+        if self.main and not self.cfg.save_every:  # no checkpoints were asked for: this one only guarded the end
+            shutil.rmtree(final, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _evaluate_and_write(self) -> None:
         state, selection = self.state, self.selection
-        step, results = self.last_evaluation
-        eval_results = results if step == state.step else self.evaluate()
-        if selection is not None:  # the best evaluation's adapter is the run's result; the evaluation splits score it once
+        if selection is None:
+            eval_results = self.evaluate()
+        else:  # the best evaluation's adapter is the run's result; the evaluation splits score it once
+            if selection.evaluated_step != state.step:
+                self.evaluate()
             selection.restore_best()
             test_results = self.score(self.test_loaders, "test_", {"best_step": selection.best_step})
             eval_results = {"best_step": selection.best_step, **selection.best_metrics, **test_results}
@@ -500,7 +531,6 @@ class Trainer:
             memory = f" · peak GPU memory {peak:.2f} GiB" if peak is not None else ""
             self.say(f"[green]done[/] in {runtime:.1f}s · {train_results['train_samples_per_second']:.1f} samples/s · "
                      f"{train_results['train_tokens_per_second']:,.0f} tokens/s{memory} on {train_results['device']} → {self.run_dir}")
-        self.accelerator.wait_for_everyone()
 
     def _save_adapter(self) -> None:
         recipe, task, adapter, loaded = self.recipe, self.task, self.adapter, self.loaded
@@ -509,7 +539,7 @@ class Trainer:
                            "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
                            "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
                            "dtype": str(self.model_dtype).removeprefix("torch.")},
-            "density": recipe.adapter.density if recipe.adapter.method == "sparta" else None,
+            "density": recipe.adapter.density if adapter.tuner.applies("density") else None,
             "targets": recipe.adapter.targets,
             "seed": recipe.adapter_seed,
             "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,

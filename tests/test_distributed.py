@@ -15,8 +15,8 @@ import yaml
 from conftest import tiny_batch, tiny_model
 from safetensors.torch import load_file
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
+from sparta_cli.tuners import apply_adapter
 
 
 def _recipe(tmp: Path, model_dir: Path, data_dir: Path, out: Path, batch_size: int) -> Path:

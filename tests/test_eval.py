@@ -59,9 +59,9 @@ def test_eval_of_a_run_on_its_train_split(sst2_run, tmp_path):
 
 
 def test_eval_of_a_merged_checkpoint_matches_the_run(sst2_run, data_dir, tmp_path):
-    from sparta_cli.adapters import load_adapter, read_adapter_config
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_classification
+    from sparta_cli.tuners import load_adapter, read_adapter_config
 
     config = read_adapter_config(sst2_run)
     loaded = load_for_classification(ModelConfig(name_or_path=config["base_model"]["name_or_path"]), 2, ["negative", "positive"])

@@ -72,9 +72,9 @@ def test_peft_shira_pads_mixed_shapes_and_stays_exact(tmp_path, llama_run):
 def test_peft_sparta_loader_rebuilds_our_weights_and_logits(tmp_path, llama_run):
     from peft_sparta import SpaRTAforSequenceClassification
 
-    from sparta_cli.adapters import load_adapter, read_adapter_config
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_classification
+    from sparta_cli.tuners import load_adapter, read_adapter_config
 
     result = export_run(llama_run, format="peft-sparta", output=tmp_path / "ps")
     assert result["kind"] == "SpaRTA"

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_batch, tiny_model
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
+from sparta_cli.tuners import apply_adapter
 from sparta_cli.tuners.sparta.mask import select_indices
 from sparta_cli.tuners.sparta.sharded import ShardedSparta, clip_grad_norm_, full_tensor, owned_slices, row_split
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from sparta_cli.adapters import apply_adapter, load_adapter, read_adapter_config
 from sparta_cli.config import AdapterConfig
+from sparta_cli.tuners import apply_adapter, load_adapter, read_adapter_config
 
 METHODS = ["sparta", "lora", "dora", "full", "head"]
 EXACT = {"sparta", "full", "head"}  # lora/dora reload through PEFT: equal up to float rounding

@@ -71,6 +71,19 @@ def test_the_best_step_is_kept_scored_on_test_and_stops_early(tmp_path, tiny_ber
         row = next(csv.DictReader((tmp_path / metric / "report.csv").open()))
         assert row["metric"] == metric and float(row["mean"]) == pytest.approx(results[key], abs=1e-12)
 
+    # stopped after the checkpoint of the best step (a callback raising at the next evaluation), a
+    # resumed run restores the best tensors and the count of evaluations since, and ends the same
+    def stop_at_20(step: int, metrics: dict[str, float]) -> None:
+        if step == 20:
+            raise KeyboardInterrupt
+
+    stopped = _recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "stopped", early_stopping_patience=1, save_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, on_evaluate=stop_at_20)
+    resumed = json.loads((train(stopped, resume=True) / "all_results.json").read_text())
+    assert {k: v for k, v in resumed.items() if not k.startswith("train_")} == {k: v for k, v in results.items() if not k.startswith("train_")}
+    assert [r["step"] for r in _log(tmp_path / "stopped") if "eval_loss" in r] == [r["step"] for r in evaluations]
+
     # the saved adapter is the best step's: the same recipe trained to exactly that step (constant lr, no
     # dropout, same held-out rows and data order) scores the same on the evaluation split
     short = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "short", max_steps=best["step"], eval_every=None,

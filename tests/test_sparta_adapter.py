@@ -10,9 +10,9 @@ import torch
 from conftest import ARCHS, tiny_batch, tiny_model
 from torch import nn
 
-from sparta_cli.adapters import apply_adapter
 from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
+from sparta_cli.tuners import apply_adapter
 from sparta_cli.tuners.sparta import SpartaLinear, SpartaModel, num_selected, select_indices
 from sparta_cli.tuners.sparta.layer import sparse_weight_grad
 

@@ -36,7 +36,11 @@ def history_png(study, plan: Plan, path: Path) -> Path:
             best = t.value if better else best
             xs.append(t.number)
             ys.append(best)
-        ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+        last = max(t.number for t in trials)
+        ax.step([*xs, last], [*ys, ys[-1]], where="post", color="tab:green", label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {plan.metric}")
     ax.set_title(f"study {plan.study}: optimisation history")
@@ -61,8 +65,14 @@ def params_png(study, plan: Plan, path: Path) -> Path:
             ax.scatter(xs, [t.value for t in mine], **style)
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels=labels, rotation=20, fontsize="small")
-        elif param.log:
-            ax.set_xscale("log")
+        else:  # the whole searched range, so the picture shows where the search did not go
+            if param.log:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter("")
+                ax.set_xlim(param.low / 1.2, param.high * 1.2)
+            else:
+                pad = (param.high - param.low) * 0.05
+                ax.set_xlim(param.low - pad, param.high + pad)
         ax.set_xlabel(key)
         ax.set_ylabel(f"validation {plan.metric}")
         ax.grid(alpha=0.3, which="both")

@@ -1,7 +1,7 @@
-"""One interface over every training method: which parameters train, and how they are saved.
+"""What every method shares: the `Tuner` interface, the `Adapter` it returns, and the run files.
 
-`sparta` trains fp32 deltas at random entries of the target matrices; `lora`/`dora`
-go through Hugging Face PEFT; `full` trains everything; `head` only the head. Every
+A `Tuner` is one method (sparta, lora, dora, full, head) and says what it can do, so train,
+merge, export, eval and report ask it instead of branching on the method's name. Every
 method trains the classification head fully, as SpaRTA does.
 """
 
@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from sparta_cli import FORMAT_VERSION, __version__
 from sparta_cli.adapter_checks import check_adapter_config, check_adapter_tensors
-from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
-from sparta_cli.targets import resolve_targets
-from sparta_cli.tuners.sparta.model import SpartaModel, split_indices
+from sparta_cli.fileio import read_json, write_json, write_safetensors
+
+if TYPE_CHECKING:  # config.py asks the tuners which keys apply: no import cycle at run time
+    from sparta_cli.config import AdapterConfig
+    from sparta_cli.tuners.sparta.model import SpartaModel
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -28,14 +29,68 @@ PEFT_DIR = "peft"  # LoRA/DoRA runs keep PEFT's own adapter files here
 TRAINED_PREFIX = "trained."  # fully trained parameters (the head; everything for `full`)
 
 
+class Tuner:
+    """One training method: which parameters train, how they are saved, loaded, merged, exported."""
+
+    name: ClassVar[str]
+    display_name: ClassVar[str]  # how reports and plots name it
+    config_keys: ClassVar[tuple[str, ...]] = ()  # the method-specific `adapter.*` keys it reads
+    size_text: ClassVar[str]  # what sizes it, for messages
+    export_formats: ClassVar[tuple[str, ...]] = ()  # `sparta export --format` values it supports
+    adds_up: ClassVar[bool] = False  # its saved deltas add up with other runs' in one `sparta merge`
+    peft_native: ClassVar[bool] = False  # saved as PEFT's own adapter files (under peft/)
+    shardable: ClassVar[bool] = True  # trains under FSDP / DeepSpeed ZeRO-3 sharding
+
+    def applies(self, key: str) -> bool:
+        """Whether the method-specific key `adapter.<key>` means something for this method."""
+        return key in self.config_keys
+
+    def name_setting(self, cfg: AdapterConfig) -> str:
+        """The setting that sizes it, as it appears in default run names (`-d0.01`, `-r16`; none for full/head)."""
+        return ""
+
+    def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
+        """Freeze `model` and make the method's parameters trainable, in place."""
+        raise NotImplementedError
+
+    def load(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Adapter:
+        """Put a saved adapter onto a freshly loaded base model (same head size), for inference."""
+        check_base_matches(config, model)
+        base_params = count_params(model)
+        load_trained(model, read_adapter_tensors(run_dir))
+        return self._loaded(model, config, base_params)
+
+    def _loaded(self, model: nn.Module, config: dict[str, Any], base_params: int, sparta: SpartaModel | None = None) -> Adapter:
+        """A loaded adapter is for inference: nothing trains."""
+        model.requires_grad_(False)
+        return Adapter(self, model, model, list(config.get("head_modules", [])), base_params, sparta)
+
+    def save_weights(self, adapter: Adapter, run_dir: Path) -> None:
+        """The trained tensors, atomically: deltas and fully trained parameters in one safetensors file."""
+        write_safetensors(run_dir / ADAPTER_FILE, adapter.saved_tensors(), {"format": "pt"})
+
+    def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
+        """The saved deltas (`<module>.indices/.delta`) and trained tensors (`trained.<name>`) that merge
+        and export read; empty for a method that keeps another library's format."""
+        return read_adapter_tensors(run_dir)
+
+    def merge_into(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        """The base `model` with this run merged in, for methods whose saved tensors are not plain deltas."""
+        raise SpartaError(f"{self.name} runs merge from their saved tensors, not through merge_into")
+
+
 @dataclass
 class Adapter:
-    method: str
+    tuner: Tuner
     model: nn.Module  # the model to run (a PeftModel for lora/dora)
     base: nn.Module  # the transformers model underneath
     head_modules: list[str]
     base_params: int  # parameters of the base model before adaptation
     sparta: SpartaModel | None = None
+
+    @property
+    def method(self) -> str:
+        return self.tuner.name
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
@@ -46,7 +101,7 @@ class Adapter:
     def counts(self) -> dict[str, int]:
         """Trainable parameters per kind: each SpaRTA target, the head, the rest."""
         counts: dict[str, int] = dict(self.sparta.counts_by_target()) if self.sparta else {}
-        head = sum(p.numel() for name, p in self.base.named_parameters() if p.requires_grad and _in_modules(name, self.head_modules))
+        head = sum(p.numel() for name, p in self.base.named_parameters() if p.requires_grad and in_modules(name, self.head_modules))
         counts["head"] = head
         other = self.num_trainable() - sum(counts.values())
         if other:
@@ -67,11 +122,8 @@ class Adapter:
         return tensors
 
     def save(self, run_dir: Path, metadata: dict[str, Any]) -> None:
-        """adapter_model.safetensors (+ PEFT's files for lora/dora) and adapter_config.json, each atomic."""
-        if self.method in ("lora", "dora"):
-            replace_dir(lambda tmp: self.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
-        else:
-            write_safetensors(run_dir / ADAPTER_FILE, self.saved_tensors(), {"format": "pt"})
+        """The method's weight files and adapter_config.json, each atomic."""
+        self.tuner.save_weights(self, run_dir)
         config = {
             "format_version": FORMAT_VERSION,
             "sparta_version": __version__,
@@ -86,50 +138,20 @@ class Adapter:
         write_json(run_dir / CONFIG_FILE, config)
 
 
-def _in_modules(param_name: str, modules: list[str]) -> bool:
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def in_modules(param_name: str, modules: list[str]) -> bool:
     return any(param_name == m or param_name.startswith(m + ".") for m in modules)
 
 
-def _freeze_all_but_heads(model: nn.Module, head_modules: list[str]) -> None:
+def freeze_all_but_heads(model: nn.Module, head_modules: list[str]) -> None:
     for name, param in model.named_parameters():
-        param.requires_grad_(_in_modules(name, head_modules))
+        param.requires_grad_(in_modules(name, head_modules))
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
-    """Freeze `model` and make the method's parameters trainable, in place."""
-    base_params = sum(p.numel() for p in model.parameters())
-    method = cfg.method
-    if method == "full":
-        model.requires_grad_(True)
-        return Adapter(method, model, model, head_modules, base_params)
-    _freeze_all_but_heads(model, head_modules)
-    if method == "head":
-        return Adapter(method, model, model, head_modules, base_params)
-    if method == "sparta":
-        sparta = SpartaModel.inject(model, cfg.targets, cfg.density, seed)
-        return Adapter(method, model, model, head_modules, base_params, sparta)
-    return _apply_peft(model, cfg, head_modules, base_params)
-
-
-def _apply_peft(model: nn.Module, cfg: AdapterConfig, head_modules: list[str], base_params: int) -> Adapter:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise SpartaError(f"adapter.method={cfg.method} needs PEFT: pip install 'sparta[peft]'") from None
-    targets = list(resolve_targets(model, cfg.targets))
-    peft_config = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        use_dora=cfg.method == "dora",
-        modules_to_save=head_modules,
-    )
-    peft_model = get_peft_model(model, peft_config)
-    return Adapter(cfg.method, peft_model, model, head_modules, base_params)
-
-
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- reading a run
 
 
 def read_adapter_config(run_dir: Path) -> dict[str, Any]:
@@ -142,7 +164,7 @@ def read_adapter_config(run_dir: Path) -> dict[str, Any]:
         hint = " (it holds checkpoints: finish it with `sparta train RECIPE --resume`)" if any(run_dir.glob("checkpoint-*")) else ""
         raise SpartaError(f"{run_dir} has no {CONFIG_FILE}: not a finished sparta run{hint}")
     config = read_json(path)
-    version = config.get("format_version") if isinstance(config, dict) else None
+    version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise SpartaError(
             f"{path} has format version {version}, newer than this sparta understands ({FORMAT_VERSION}): upgrade sparta"
@@ -190,30 +212,14 @@ def check_base_matches(config: dict[str, Any], model: nn.Module) -> None:
             )
 
 
-def load_adapter(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Adapter:
-    """Put a saved adapter onto a freshly loaded base model (same head size)."""
-    method = config["method"]
-    head_modules = list(config.get("head_modules", []))
-    base_params = sum(p.numel() for p in model.parameters())
-    if method in ("lora", "dora"):
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(run_dir / PEFT_DIR))
-        return Adapter(method, peft_model, model, head_modules, base_params)
-    check_base_matches(config, model)
-    tensors = read_adapter_tensors(run_dir)
-    sparta = None
-    if method == "sparta":
-        sparta = SpartaModel.attach(model, split_indices(tensors))
-        sparta.load_deltas(tensors)
+@torch.no_grad()
+def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the saved `trained.<name>` tensors into the model's parameters of the same name and shape."""
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if not key.startswith(TRAINED_PREFIX):
-                continue
-            name = key.removeprefix(TRAINED_PREFIX)
-            if name not in params or params[name].shape != value.shape:
-                raise SpartaError(f"adapter parameter `{name}` {list(value.shape)} does not fit this base model: load it on its own base")
-            params[name].copy_(value)
-    model.requires_grad_(False)
-    return Adapter(method, model, model, head_modules, base_params, sparta)
+    for key, value in tensors.items():
+        if not key.startswith(TRAINED_PREFIX):
+            continue
+        name = key.removeprefix(TRAINED_PREFIX)
+        if name not in params or params[name].shape != value.shape:
+            raise SpartaError(f"adapter parameter `{name}` {list(value.shape)} does not fit this base model: load it on its own base")
+        params[name].copy_(value)

@@ -1,0 +1,68 @@
+"""LoRA / DoRA: PEFT's low-rank adapters on the target matrices, plus the head (PEFT's modules_to_save)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import replace_dir
+from sparta_cli.targets import resolve_targets
+from sparta_cli.tuners.base import PEFT_DIR, Adapter, Tuner, count_params, freeze_all_but_heads
+
+if TYPE_CHECKING:
+    from sparta_cli.config import AdapterConfig
+
+
+class LoraTuner(Tuner):
+    name = "lora"
+    display_name = "LoRA"
+    config_keys = ("targets", "r", "alpha", "dropout")
+    size_text = "its size is adapter.r"
+    export_formats = ("peft",)
+    peft_native = True
+
+    def name_setting(self, cfg: AdapterConfig) -> str:
+        return f"-r{cfg.r}"
+
+    def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
+        base_params = count_params(model)
+        freeze_all_but_heads(model, head_modules)
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise SpartaError(f"adapter.method={cfg.method} needs PEFT: pip install 'sparta[peft]'") from None
+        peft_config = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(resolve_targets(model, cfg.targets)),
+            use_dora=self.name == "dora",
+            modules_to_save=head_modules,
+        )
+        return Adapter(self, get_peft_model(model, peft_config), model, head_modules, base_params)
+
+    def load(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Adapter:
+        from peft import PeftModel
+
+        base_params = count_params(model)
+        peft_model = PeftModel.from_pretrained(model, str(run_dir / PEFT_DIR))
+        return Adapter(self, peft_model, model, list(config.get("head_modules", [])), base_params)
+
+    def save_weights(self, adapter: Adapter, run_dir: Path) -> None:
+        replace_dir(lambda tmp: adapter.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
+
+    def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
+        return {}  # PEFT's own files: merge goes through merge_into, export copies them
+
+    def merge_into(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        """PEFT's merge_and_unload of the saved adapter into the loaded base."""
+        return self.load(run_dir, model, config).model.merge_and_unload()
+
+
+class DoraTuner(LoraTuner):
+    name = "dora"
+    display_name = "DoRA"
