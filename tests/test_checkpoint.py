@@ -151,7 +151,7 @@ def _edit_state(path: Path, edit) -> None:
 
 
 def _interrupted_run(tmp_path: Path, tiny_bert_dir: Path, data_dir: Path) -> tuple[Path, list[str]]:
-    """A real run with checkpoints at steps 1 and 2 whose final outputs are gone (as after a kill at step 3)."""
+    """A real run with a checkpoint at every step whose final outputs are gone (as after a kill in the final evaluation)."""
     from sparta_cli.runs import ALL_RESULTS
 
     run = tmp_path / "run"
@@ -176,19 +176,22 @@ def _cli(args: list[str]) -> str:
 
 
 def test_resume_checks_the_masks_and_skips_a_damaged_newest_checkpoint(tmp_path, tiny_bert_dir, data_dir):
+    from sparta_cli.checkpoint import checkpoints
+
     run, args = _interrupted_run(tmp_path, tiny_bert_dir, data_dir)
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
-    masks = json.loads((run / "checkpoint-2" / MASKS_FILE).read_text())
+    *_, previous, newest = checkpoints(run)
+    masks = json.loads((newest / MASKS_FILE).read_text())
     assert masks and all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in masks.values())
 
     tampered = dict(masks)
     tampered[next(iter(tampered))] = "0" * 64
-    (run / "checkpoint-2" / MASKS_FILE).write_text(json.dumps(tampered))
-    with pytest.raises(SpartaError, match="checkpoint-2 trained other SpaRTA entries"):
+    (newest / MASKS_FILE).write_text(json.dumps(tampered))
+    with pytest.raises(SpartaError, match=f"{newest.name} trained other SpaRTA entries"):
         _cli(["train", recipe, *args, "--resume"])
 
-    with open(run / "checkpoint-2" / TENSORS_FILE, "r+b") as handle:  # now damaged too: resume falls back to step 1
+    with open(newest / TENSORS_FILE, "r+b") as handle:  # now damaged too: resume falls back to the one before
         handle.truncate(10)
     output = _cli(["train", recipe, *args, "--resume"])
-    assert "skipping" in output and "checkpoint-2" in output and "resuming from" in output and "checkpoint-1" in output
+    assert "skipping" in output and newest.name in output and "resuming from" in output and previous.name in output
     assert (run / "all_results.json").is_file()
