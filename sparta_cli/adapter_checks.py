@@ -34,8 +34,8 @@ class AdapterConfigFile(BaseModel):
     method: str
     head_modules: list[str]
     target_shapes: dict[str, tuple[int, int]] = Field(default_factory=dict)
-    base_model: _BaseModelRecord
-    task: _TaskRecord
+    base_model: _BaseModelRecord | None = None  # what `sparta train` records; a hand-made adapter may lack it
+    task: _TaskRecord | None = None
     density: float | None = Field(None, gt=0.0, le=1.0)
     trainable_params: int | None = Field(None, ge=0)
 

@@ -77,6 +77,8 @@ def read_run(run_dir: str | Path) -> SavedRun:
 def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> ModelConfig:
     """The ModelConfig that loads a run's base (or `--base`, when it has moved)."""
     recorded = run.base
+    if not base and not recorded.get("name_or_path"):
+        raise SpartaError(f"{run.path}/adapter_config.json records no base model: pass --base with the model it was trained on")
     return ModelConfig(name_or_path=base or recorded["name_or_path"], gguf_file=recorded.get("gguf_file"),
                        revision=None if base else recorded.get("revision"), dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -462,8 +464,9 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
     runs = [read_run(d) for d in run_dirs]
-    local_base = Path(resolve_model_path(base or runs[0].base.get("name_or_path") or ""))
-    inputs = [*run_dirs, *([head_from] if head_from else []), *([local_base] if local_base.exists() else [])]
+    base_name = base or runs[0].base.get("name_or_path")
+    local_base = Path(resolve_model_path(base_name)) if base_name else None
+    inputs = [*run_dirs, *([head_from] if head_from else []), *([local_base] if local_base and local_base.exists() else [])]
     check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))

@@ -72,7 +72,7 @@ def test_the_declared_density_and_shapes_must_fit_the_tensors():
 @pytest.mark.parametrize("config,phrase", [
     (_config(method=None), "`method`"),
     ({k: v for k, v in _config().items() if k != "head_modules"}, "lacks `head_modules`"),
-    ({k: v for k, v in _config().items() if k != "base_model"}, "lacks `base_model`"),
+    (_config(base_model={"dtype": "float32"}), "lacks `base_model.name_or_path`"),
     (_config(task={"name": "sst2"}), "lacks `task.num_labels`"),
     (_config(target_shapes={"layer.v": [4]}), "target_shapes.layer.v"),
     (_config(density=7), "`density`"),
