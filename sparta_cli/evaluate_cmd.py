@@ -12,7 +12,9 @@ TARGET is one of
 Scores come from `evaluation.evaluate_split`, the code `sparta train` evaluates with.
 
 Results go to --output, else `<run or checkpoint>/eval_results_<task>_<split>.json`, else (a base
-model) `./eval_results_<task>_<split>.json`. A run's own eval_results.json, written by training,
+model) `runs/eval/<model>/eval_results_<task>_<split>.json`. A run is scored on the whole evaluation
+split, whatever subset (`data.max_eval_samples`) it evaluated on while training, unless an override
+asks for one. A run's own eval_results.json, written by training,
 is never overwritten: it records what training saw, and an eval may use other data or splits.
 """
 
@@ -166,6 +168,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
     from sparta_cli.models import check_max_length
+    from sparta_cli.preflight import preflight
     from sparta_cli.train import mixed_precision
 
     if output is not None:
@@ -174,8 +177,12 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
         check_replaceable_file(output, command="eval", keys=("target", "metrics"))
     kind = target_kind(target)
     recipe = eval_recipe(target, kind, task, overrides, trust_remote_code)
+    trained_limit = recipe.data.max_eval_samples
+    if kind == RUN and trained_limit is not None and not any(o.startswith("data.max_eval_samples=") for o in overrides):
+        recipe.data.max_eval_samples = None
     task_obj = resolve_task(recipe.task)
     splits = eval_splits(task_obj, split)
+    preflight(recipe, targets=False, splits=splits)  # paths and data before the model loads; a run's adapter names its own layers
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
     check_max_length(model, recipe.data.max_length)
@@ -192,6 +199,9 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
             raise SpartaError(f"split {name} has no labels: score {instead} instead")
 
     say(f"[bold]sparta eval[/] {target} ({kind}) · {task_obj.name} · {', '.join(splits)}")
+    if recipe.data.max_eval_samples is None and trained_limit is not None and kind == RUN:
+        say(f"scoring every row of {', '.join(splits)} (training evaluated on the first {trained_limit}: "
+            f"pass data.max_eval_samples={trained_limit} for the same rows)")
     if head == "untrained":
         say(f"[yellow]note[/]: {target} has no trained head for {task_obj.name}: its head is random, so these scores are a chance baseline")
     metrics: dict[str, float] = {}
@@ -224,7 +234,13 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
 
 
 def _default_output(target: str, kind: str, task: str, label: str) -> Path:
-    folder = Path(target).expanduser() if kind in (RUN, MERGED) else Path.cwd()
+    """Beside a run or checkpoint; a base model's under runs/eval/<model>/ (never into the current folder)."""
+    if kind in (RUN, MERGED):
+        folder = Path(target).expanduser()
+    else:
+        from sparta_cli.report import short_model_name
+
+        folder = Path("runs") / "eval" / short_model_name(target)
     return folder / f"eval_results_{task}_{label}.json"
 
 

@@ -248,7 +248,9 @@ def _named_task(name: str) -> Task:
             metric_suffixes={"validation_mismatched": "_mm"} if mnli else {},
             splits=_MNLI_SPLITS if mnli else ("train", "validation", "test"),
             source="glue",
-            aliases={"validation": "validation_matched", "test": "test_matched"} if mnli else {},
+            # GLUE's own files call the validation split dev (dev.tsv, dev_matched.tsv)
+            aliases={"validation": "validation_matched", "test": "test_matched", "dev": "validation_matched",
+                     "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"} if mnli else {"dev": "validation"},
         )
     if key == "imdb":
         return Task("imdb", ("text",), ("neg", "pos"), "accuracy", ("test",), splits=("train", "test"),
@@ -324,6 +326,23 @@ def _canonical_split(task: Task, split: str) -> str:
 
 
 # ---------------------------------------------------------------- loading
+
+
+def check_split_files(task: Task, task_cfg: TaskConfig, splits: Sequence[str], data_dir: Path | None) -> None:
+    """The files the splits are read from exist (the same lookups as load_split, without reading
+    them), so a missing GLUE folder fails before a model loads. The Hub is not checked offline."""
+    for split in splits:
+        split = _canonical_split(task, split)
+        if task.source == "custom":
+            _custom_path(split, task.files[split])
+        elif data_dir is None:
+            continue
+        elif task.source == "mmlu":
+            _local_folder(data_dir, (data_dir / "mmlu",), "MMLU folder mmlu/")
+        elif task.source == "glue":
+            _glue_path(task, split, data_dir)
+        else:
+            _imdb_path(split, data_dir)
 
 
 def load_split(task: Task, task_cfg: TaskConfig, split: str, data_dir: Path | None) -> datasets.Dataset:
@@ -455,15 +474,20 @@ def _label_parser(task: Task, path: Path, keys: Mapping[str, int] | None, requir
 # ---------------------------------------------------------------- GLUE
 
 
-def _glue_columns(task: Task, split: str, data_dir: Path) -> dict[str, list[Any]]:
+def _glue_path(task: Task, split: str, data_dir: Path) -> Path:
     spec = _GLUE[task.name]
     folder = _local_folder(data_dir, (data_dir / spec.folder, data_dir / "glue" / spec.folder),
                            f"GLUE folder {spec.folder}/")
-    path = _require_file(
+    return _require_file(
         folder / _GLUE_FILES[split],
         f"copy GLUE's {_GLUE_FILES[split]} into {folder}, or unset data.dir and $SPARTA_DATA_DIR "
         f"to download {task.name} from the Hugging Face Hub",
     )
+
+
+def _glue_columns(task: Task, split: str, data_dir: Path) -> dict[str, list[Any]]:
+    spec = _GLUE[task.name]
+    path = _glue_path(task, split, data_dir)
     test = split.startswith("test")
     cols = spec.test_cols if test else spec.text_cols
     needed = _fields_needed(spec, test)
@@ -590,10 +614,13 @@ def _table_columns(task: Task, path: Path, label_field: str, keys: Mapping[str, 
     return columns
 
 
-def _imdb_columns(task: Task, split: str, data_dir: Path) -> dict[str, list[Any]]:
+def _imdb_path(split: str, data_dir: Path) -> Path:
     folder = _local_folder(data_dir, (data_dir / "imdb",), "IMDB folder imdb/")
-    path = _require_file(folder / f"{split}.csv", "copy the IMDB train.csv/test.csv (text,label) there")
-    return _table_columns(task, path, "label", {"0": 0, "1": 1}, required=True)
+    return _require_file(folder / f"{split}.csv", "copy the IMDB train.csv/test.csv (text,label) there")
+
+
+def _imdb_columns(task: Task, split: str, data_dir: Path) -> dict[str, list[Any]]:
+    return _table_columns(task, _imdb_path(split, data_dir), "label", {"0": 0, "1": 1}, required=True)
 
 
 def _custom_path(split: str, given: str) -> Path:

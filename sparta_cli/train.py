@@ -396,6 +396,8 @@ class Trainer:
             if self.selection is not None and self.selection.should_stop:
                 self.say(f"early stopping at step {state.step}: no better {self.selection.key} in {self.selection.patience} evaluations")
                 self.stopped_early = True
+                if loss is None:  # the last steps' losses still get their log record
+                    self.log()
         if cfg.save_every and state.step % cfg.save_every == 0 and not last:
             self.checkpoint()
         if _agree(self.stop.signal is not None, self.accelerator):

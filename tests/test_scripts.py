@@ -54,3 +54,22 @@ def test_glue_table_prints_its_table_without_an_activated_venv(tmp_path):
                             env=bare_env(TABLE_ONLY="1", SPARTA_DATA_DIR=str(tmp_path)), cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "| sst2 | not run |" in result.stdout
+
+
+def test_setup_says_what_it_is_doing(tmp_path):
+    """setup.sh keeps pip quiet but prints a line per step (it was silent for 85 s). A stand-in
+    .venv/bin/python records the pip calls instead of installing anything."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "scripts", clone / "scripts")
+    fake = clone / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/pip_calls\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", str(clone / "scripts" / "setup.sh"), "--dev"], capture_output=True, text=True,
+                            env=bare_env(), cwd=tmp_path, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("[setup ")]
+    calls = (tmp_path / "pip_calls").read_text().splitlines()
+    assert len(calls) == 4 and all(" -q " in call for call in calls)  # torch, sparta, the models, peft-sparta
+    assert len(steps) == 6, result.stdout  # the venv, four installs, done
+    assert "torch" in steps[1] and "extras" in steps[2] and "models" in steps[3] and "done" in steps[5]

@@ -110,3 +110,9 @@ def test_a_raising_callback_stops_the_run_and_propagates(tmp_path, tiny_bert_nod
     assert seen == [(4, ["eval_accuracy", "eval_loss", "eval_num_examples"])]
     assert not (out / "all_results.json").exists()
     assert max(r["step"] for r in _log(out)) == 4, "training went on after the callback raised"
+
+
+def test_an_early_stop_between_log_steps_still_logs_its_last_losses(tmp_path, tiny_bert_nodropout_dir, data_dir):
+    # the same run as above stops at step 20 (patience 1); with log_every 3 step 20 is no log step
+    run = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "run", early_stopping_patience=1, log_every=3))
+    assert [r["step"] for r in _log(run) if "loss" in r] == [3, 6, 9, 12, 15, 18, 20]

@@ -346,7 +346,7 @@ def test_unknown_task_suggests_closest() -> None:
 
 
 def test_unknown_split() -> None:
-    one_line_error(lambda: load("rte", "dev", None), "rte", "train, validation, test")
+    one_line_error(lambda: load("rte", "dev_set", None), "rte", "train, validation, test")
 
 
 def test_hub_without_internet_says_what_to_do(tmp_path: Path) -> None:

@@ -54,3 +54,25 @@ def test_results_report_throughput_and_device(tmp_path, tiny_bert_nodropout_dir,
     steps = [r for r in _log(run) if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4] and all(r["tokens_per_s"] > 0 for r in steps)
     assert _log(run)[-1]["train_steps"] == 4
+
+
+def test_the_loss_window_gives_step_means_tokens_and_a_nonfinite_flag():
+    from types import SimpleNamespace
+
+    from sparta_cli.train import LossWindow
+
+    one_process = SimpleNamespace(num_processes=1)
+    window = LossWindow(torch.device("cpu"))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    for loss in (1.0, 3.0):  # one step of two micro-batches: its loss is their mean
+        window.add(torch.tensor(loss), {"attention_mask": mask, "input_ids": mask})
+    window.end_step()
+    window.add(torch.tensor(4.0), {"attention_mask": mask, "input_ids": mask})
+    window.end_step()
+    assert window.steps == 2 and window.read(one_process) == (6.0, 9, False)
+    window.reset()
+    window.add(torch.tensor(float("nan")), {"attention_mask": mask, "input_ids": mask})
+    window.add(torch.tensor(1.0), {"attention_mask": mask, "input_ids": mask})
+    window.end_step()
+    loss_sum, _, nonfinite = window.read(one_process)
+    assert nonfinite and loss_sum != loss_sum

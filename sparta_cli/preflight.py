@@ -1,0 +1,68 @@
+"""Checks that need no weights, run before any command loads a model: the model folder and its
+config.json, the data folder, the adapter's targets (on a skeleton of the model built from
+config.json on the meta device), and the trackers the recipe turns on. `sparta validate` runs them
+all; `train` and `eval` run them first, so a typo fails in a second instead of after the load."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sparta_cli.config import Recipe
+from sparta_cli.errors import SpartaError
+
+ADAPTER_METHODS_WITH_TARGETS = ("sparta", "lora", "dora")
+
+
+def check_data_dir(recipe: Recipe) -> Path | None:
+    """`data.dir` (or $SPARTA_DATA_DIR) exists when given; None means the Hub."""
+    folder = recipe.data_dir()
+    if folder is None or recipe.task.type is not None:  # a custom task names its own files
+        return folder
+    setting = "data.dir" if recipe.data.dir else "$SPARTA_DATA_DIR"
+    if not folder.exists():
+        raise SpartaError(f"data dir {folder} ({setting}) does not exist: point {setting} at the data root (glue/, imdb/, mmlu/) "
+                          "or unset it to read from the Hub")
+    if not folder.is_dir():
+        raise SpartaError(f"data dir {folder} ({setting}) is a file: point {setting} at the data root folder (glue/, imdb/, mmlu/)")
+    return folder
+
+
+def check_targets(recipe: Recipe, source: str) -> None:
+    """adapter.targets exist in the model, read from config.json alone (no weights). Says nothing
+    for a Hub name (no config.json here to read offline) or a GGUF file (its config is in the weights)."""
+    if recipe.adapter.method not in ADAPTER_METHODS_WITH_TARGETS or recipe.model.gguf_file:
+        return
+    if not (Path(source) / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from sparta_cli.targets import resolve_targets
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, OSError, KeyError):
+        return  # the model load names these (an architecture without a classifier, a damaged config)
+    resolve_targets(skeleton, recipe.adapter.targets)
+
+
+def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:
+    """Every check that needs no weights; returns the model's folder or Hub name. `splits`: the
+    ones the command reads (default: train and the task's evaluation splits)."""
+    from sparta_cli.models import check_model_source
+    from sparta_cli.tasks import check_split_files, resolve_task
+    from sparta_cli.trackers import enabled_trackers
+
+    source = check_model_source(recipe.model)
+    data_dir = check_data_dir(recipe)
+    task = resolve_task(recipe.task)
+    if splits is None:
+        splits = [s for s in ("train", *task.eval_splits) if s in task.splits or s in task.aliases]
+    check_split_files(task, recipe.task, splits, data_dir)
+    enabled_trackers(recipe)
+    if targets:
+        check_targets(recipe, source)
+    return source
