@@ -12,7 +12,7 @@ Rows (each a fresh copy of the same random- or real-weight model, the same batch
                it draws its entries by Bernoulli sampling) as sparta:D.
   lora, dora   r=8, alpha=16 on q,v through PEFT (apply_adapter), head trained fully.
   full, head   everything; only the head.
-One step = forward, loss, backward, AdamW step, zero_grad (as `sparta train` runs it; weights
+One step = forward, loss, backward, optimizer step (--optimizer), zero_grad (as `sparta train` runs it; weights
 in --dtype, head in fp32 under autocast when the body is half precision).
 
 Timing: all rows in this one process, after --warmup steps; on CPU the rows' steps interleave
@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from sparta_cli.config import AdapterConfig
+from sparta_cli.optim import OPTIMIZERS, build_optimizer, make_optimizer, resolve_optimizer
 from sparta_cli.targets import HEAD_NAMES, resolve_targets
 from sparta_cli.tuners import apply_adapter
 
@@ -74,12 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto", help="as training.optimizer (auto: fused AdamW on CUDA)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadiest on a busy machine")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    p.add_argument("--no-memory", action="store_true", help="on CPU, skip the per-row peak-RSS subprocesses (timing only)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row's peak RSS, print it
     args = p.parse_args(argv)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.optimizer = resolve_optimizer(args.optimizer, args.device)
     return args
 
 
@@ -157,6 +161,7 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
     if method == "peft-sparta":
         run = peft_sparta_model(model, args, float(density))
         params = list(run.parameters())
+        optimizer = make_optimizer([{"params": params}], args.optimizer, lr=1e-5)
     else:
         cfg = {
             "limit": AdapterConfig(method="head"),
@@ -169,8 +174,8 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
         adapter = apply_adapter(model, cfg, seed=0, head_modules=heads)
         run = adapter.model
         params = [p for _, p in adapter.trainable()]
+        optimizer = build_optimizer(adapter, args.optimizer, lr=1e-5, head_lr=None, weight_decay=0.0)
     embed = model.get_input_embeddings()
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     half = DTYPES[args.dtype] != torch.float32
     device_type = torch.device(args.device).type
 
@@ -280,7 +285,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     trainable = {spec: row.trainable for spec, row in built.items()}
     params = built[specs[0]].params
     del built
-    if not args.device.startswith("cuda"):
+    if not args.device.startswith("cuda") and not args.no_memory:
         peaks = peak_rss_bytes(specs, argv)
     limit_times = times.get("limit")
     limit_peak = peaks.get("limit")
@@ -288,7 +293,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     for spec in specs:
         method, _, density = spec.partition(":")
         step_s = statistics.median(times[spec])
-        extra = (peaks[spec] - limit_peak) / trainable[spec] if limit_peak is not None and trainable[spec] else None
+        peak = peaks.get(spec)
+        extra = (peak - limit_peak) / trainable[spec] if peak is not None and limit_peak is not None and trainable[spec] else None
         rows.append({
             "method": method,
             "density": float(density) if density else None,
@@ -298,7 +304,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> list[dict]:
             "step_s_min": round(min(times[spec]), 4),
             "step_s_max": round(max(times[spec]), 4),
             "ratio_to_limit": round(paired_ratio(times[spec], limit_times), 3) if limit_times else None,
-            "peak_mem_gib": round(peaks[spec] / GIB, 3),
+            "peak_mem_gib": round(peak / GIB, 3) if peak is not None else None,
             "extra_bytes_per_trainable": round(extra, 2) if extra is not None else None,
             "memory": "cuda_max_allocated" if args.device.startswith("cuda") else "peak_rss",
             "model": args.model or args.size, "params": params, "batch": args.batch, "seq": args.seq,
@@ -316,10 +322,14 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print("-" * len(header))
     for row in rows:
         name = row["method"] + (f" {row['density']:g}" if row["density"] else "")
-        extra = f"{row['extra_bytes_per_trainable']:.1f}" if row["extra_bytes_per_trainable"] is not None else "-"
-        ratio = f"{row['ratio_to_limit']:.3f}" if row["ratio_to_limit"] is not None else "-"
+        extra = _or_dash(row["extra_bytes_per_trainable"], ".1f")
+        ratio = _or_dash(row["ratio_to_limit"], ".3f")
         print(f"{name:<20} {row['trainable_params']:>12,} {row['step_s']:>8.4f} {row['step_s_min']:>8.4f} {row['step_s_max']:>8.4f} "
-              f"{ratio:>8} {row['peak_mem_gib']:>9.3f} {extra:>12}")
+              f"{ratio:>8} {_or_dash(row['peak_mem_gib'], '.3f'):>9} {extra:>12}")
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,12 +39,16 @@ def _print_version(given: bool) -> None:
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks and libraries' warnings")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show Python tracebacks and libraries' warnings; check SpaRTA's weight writes")] = False,
     version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit")] = False,
 ) -> None:
     global _debug
     _debug = debug or os.environ.get("SPARTA_DEBUG") == "1"
-    if not _debug:
+    if _debug:
+        from sparta_cli.tuners.sparta.layer import CHECK_WEIGHTS_ENV
+
+        os.environ.setdefault(CHECK_WEIGHTS_ENV, "1")  # every SpaRTA forward verifies W0 + delta (a host sync per layer)
+    else:
         from sparta_cli.console import quiet_libraries
 
         quiet_libraries()
@@ -102,6 +106,22 @@ def evaluate(
     from sparta_cli.evaluate_cmd import run_eval
 
     run_eval(target, task=task, split=split, output=output, overrides=overrides or [], trust_remote_code=trust_remote_code)
+
+
+@app.command()
+def predict(
+    target: Annotated[str, typer.Argument(help="a run directory or a merged checkpoint")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file for the predictions (index<TAB>prediction lines)")],
+    overrides: Overrides = None,
+    split: Annotated[str | None, typer.Option(help="split to predict (default: test; MNLI: test_matched or test_mismatched)")] = None,
+    file: Annotated[Path | None, typer.Option(help="your own CSV/TSV/JSONL with the task's text fields (no labels needed)")] = None,
+    task: Annotated[str | None, typer.Option(help="task of a merged checkpoint (default: the one it records)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
+) -> None:
+    """Predict a split or your own unlabeled file, one line per row in GLUE's submission format."""
+    from sparta_cli.predict import run_predict
+
+    run_predict(target, split=split, file=file, output=output, overwrite=overwrite, task=task, overrides=overrides or [])
 
 
 @app.command()

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, parse_yaml
+from sparta_cli.lr_rule import auto_lr
 
 Method = Literal["sparta", "lora", "dora", "full", "head"]
 
@@ -109,9 +110,10 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5.0e-5, gt=0.0)
+    lr: float | Literal["auto"] = 5.0e-5  # auto: sparta_cli.lr_rule's rate, resolved by build_recipe
     head_lr: float | None = Field(None, gt=0.0)  # null: same as lr
     weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["auto", "adamw", "adamw_fused", "sgd"] = "auto"  # auto: adamw_fused on CUDA, adamw on CPU
     warmup_steps: int = Field(0, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0.0)
@@ -124,6 +126,13 @@ class TrainingConfig(_Strict):
     # model selection on data.validation_size's held-out rows
     best_metric: str | None = None  # null: the task's main metric; `loss` (lower is better) or any metric it reports
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _rate_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("training.lr must be a positive number (e.g. 2e-3) or auto (the rule of docs/learning_rates.md)")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -172,6 +181,7 @@ class Recipe(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     seed: int = Field(42, ge=0, lt=SEED_LIMIT)
     output_dir: str = DEFAULT_OUTPUT_DIR
+    _lr_auto: bool = PrivateAttr(False)  # training.lr was `auto`: the value is the rule's (printed by train)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -193,6 +203,11 @@ class Recipe(_Strict):
                 "add a validation file, set data.validation_size, or drop eval_every"
             )
         return self
+
+    @property
+    def lr_from_rule(self) -> bool:
+        """True when the recipe said `training.lr: auto` and the rule chose training.lr."""
+        return self._lr_auto
 
     @property
     def adapter_seed(self) -> int:
@@ -477,6 +492,9 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         # an unknown key first: `modle:` also makes `model` missing, and the typo is the cause
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise SpartaError(_describe(first)) from None
+    if recipe.training.lr == "auto":  # config.yaml records the number, so a rerun of it trains at the same rate
+        recipe.training.lr = auto_lr(recipe.adapter.method, recipe.adapter.density)
+        recipe._lr_auto = True
     if "max_length" not in recipe.data.model_fields_set and re.sub(r"[-_]", "", str(recipe.task.name).lower()) == "mmlu":
         recipe.data.max_length = MMLU_MAX_LENGTH_SHOTS if recipe.task.shots else MMLU_MAX_LENGTH
     values = recipe.to_dict()

@@ -1,8 +1,8 @@
 """`sparta eval TARGET`: score a run, a merged checkpoint or an untouched base model on a task.
 
 TARGET is one of
-  run        a folder with adapter_config.json: the base model from its config.yaml plus its
-             adapter, on the run's own task;
+  run        a folder with adapter_config.json (sparta_config.json for a full fine-tune): the base
+             model from its config.yaml plus its adapter, on the run's own task;
   merged     a folder whose config.json is a `*ForSequenceClassification` model (what `sparta merge`
              writes): the task from --task, else config.json's `finetuning_task`;
   base       any other model name or path (--task required). A base model has no trained
@@ -36,7 +36,9 @@ RUN, MERGED, BASE = "run", "merged", "base"
 def target_kind(target: str) -> str:
     """run, merged or base, from what the folder holds (a Hub name is a base model)."""
     path = Path(target).expanduser()
-    if (path / "adapter_config.json").is_file():
+    from sparta_cli.tuners import run_config_path
+
+    if run_config_path(path) is not None:
         return RUN
     if (path / "trainer_state.json").is_file():
         raise SpartaError(f"{target} is a training checkpoint (what --resume continues from), not an adapter: finish the run with "

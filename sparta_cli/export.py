@@ -99,9 +99,10 @@ def peft_sparta_tensors(run: SavedRun, base_params: dict[str, list[int]], value_
 
 
 def base_reference(run: SavedRun) -> str:
-    """How another library names the base: a Hub name or path as recorded, a `pkg:` path resolved."""
-    name = run.base.get("name_or_path") or ""
-    return resolve_model_path(name) if name.startswith("pkg:") else name
+    """The base as the user named it (a Hub id, a path, `pkg:<package>/<folder>`), never the folder it
+    resolved to on the training machine (a virtualenv's path means nothing elsewhere); readers
+    resolve it (`sparta_cli.models.resolve_model_path`)."""
+    return run.base.get("name_or_path") or ""
 
 
 # ---------------------------------------------------------------- writers
@@ -115,7 +116,8 @@ def _write_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[st
     for name, value in run.trained.items():
         tensors[TRAINED_PREFIX + name] = value.to(value_dtype) if value.is_floating_point() else value
     write_safetensors(out / ADAPTER_FILE, tensors, {"format": "pt", "sparta_format": str(FORMAT_VERSION)})
-    write_json(out / CONFIG_FILE, run.config)
+    base = {key: value for key, value in run.base.items() if key != "resolved_path"}  # this machine's folder
+    write_json(out / CONFIG_FILE, {**run.config, "base_model": base})
     return {"library": "sparta", "kind": "SpaRTA"}
 
 
@@ -149,7 +151,7 @@ def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype, trust
     if run.base.get("gguf_file"):
         raise SpartaError("peft_sparta loads its base with AutoModel.from_pretrained, which cannot read this run's GGUF base: "
                           "use --format peft or `sparta merge`")
-    reference = base_reference(run)
+    reference = resolve_model_path(base_reference(run))  # peft_sparta loads it with from_pretrained: no `pkg:`
     config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32),
                                trust_remote_code=trust_remote_code)
     model = meta_classifier(config)
@@ -217,8 +219,14 @@ def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
     if fmt == "peft-sparta":
         return ["from peft_sparta import SpaRTAforSequenceClassification", "", "model = SpaRTAforSequenceClassification('ADAPTER_DIR')",
                 "print(model.decide_class(['your text']))"]
-    return ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", "",
-            f"base = AutoModelForSequenceClassification.from_pretrained('{base_reference(run)}', num_labels={task.get('num_labels')})",
+    base = base_reference(run)
+    lines = ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", ""]
+    if base.startswith("pkg:"):  # a model shipped inside a Python package
+        lines += ["from sparta_cli.models import resolve_model_path", ""]
+        base_arg = f"resolve_model_path('{base}')"
+    else:
+        base_arg = f"'{base}'"
+    return [*lines, f"base = AutoModelForSequenceClassification.from_pretrained({base_arg}, num_labels={task.get('num_labels')})",
             "model = PeftModel.from_pretrained(base, 'ADAPTER_DIR')"]
 
 
@@ -235,6 +243,9 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
     output = Path(output)
     check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
+    if run.tuner.standalone:
+        raise SpartaError(f"{run_dir} is a {run.method} run: its folder already is a transformers checkpoint "
+                          "(AutoModelForSequenceClassification.from_pretrained loads it): share the folder as it is")
     if format not in run.tuner.export_formats:
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")

@@ -24,7 +24,7 @@ from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.models import DTYPES, check_model_source, checkpoint_files, load_for_classification, load_tokenizer, resolve_model_path
 from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.tuners import TRAINED_PREFIX, Tuner, get_tuner, read_adapter_config
 from sparta_cli.tuners.sparta.model import split_indices
@@ -75,7 +75,12 @@ def read_run(run_dir: str | Path) -> SavedRun:
 
 
 def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> ModelConfig:
-    """The ModelConfig that loads a run's base (or `--base`, when it has moved)."""
+    """The ModelConfig that loads a run's base (or `--base`, when it has moved); a run that is
+    itself a checkpoint (`full`) is its own base."""
+    if run.tuner.standalone:
+        if base is not None:
+            raise SpartaError(f"{run.path} is a {run.method} run: its folder already is the whole model, with no base to replace: drop --base")
+        return ModelConfig(name_or_path=str(run.path.resolve()), dtype=dtype, trust_remote_code=trust_remote_code)
     recorded = run.base
     if not base and not recorded.get("name_or_path"):
         raise SpartaError(f"{run.path}/adapter_config.json records no base model: pass --base with the model it was trained on")
@@ -303,18 +308,6 @@ def read_tensor(handle, info: dict[str, Any], data_start: int) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"]) if buffer else torch.empty(info["shape"], dtype=dtype)
 
 
-def checkpoint_files(folder: Path) -> list[Path] | None:
-    """The safetensors files of a local checkpoint, or None when it has none."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
-            raise SpartaError(f"{index} has no weight_map of file names: the checkpoint is damaged; restore it or pass another --base")
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else None
-
-
 def local_folder(cfg: ModelConfig) -> Path | None:
     """The base as a local folder (downloading safetensors from the Hub if needed); None for GGUF."""
     source = check_model_source(cfg)
@@ -470,7 +463,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))
-    if runs[0].tuner.peft_native and run_weights != [1.0]:
+    if not runs[0].tuner.adds_up and run_weights != [1.0]:
         raise SpartaError(f"--weights scales sparse deltas only; {runs[0].path} is a {runs[0].method} run: drop --weights")
     max_bytes = parse_size(max_shard_size)
     head_run = pick_head(runs, head_from)
@@ -490,9 +483,11 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         notes.append(f"{folder} has no safetensors files: loaded whole through transformers (no streaming)")
     else:
         own = base_dtype(folder, files)
+    out_dtype = parse_dtype(dtype) or own
+    if runs[0].tuner.standalone:
+        notes.append(f"{runs[0].path} is a {runs[0].method} run, already a whole checkpoint: copied, in {str(out_dtype).removeprefix('torch.')}")
     if runs[0].tuner.peft_native:
         notes.append(f"{runs[0].tuner.display_name} weights merged by PEFT's merge_and_unload, with the base loaded whole")
-    out_dtype = parse_dtype(dtype) or own
     streaming = files is not None and not runs[0].tuner.peft_native
     collisions = collision_report(runs)
     for pair in collisions:

@@ -32,10 +32,15 @@ LOCK_FILE = ".sparta.lock"
 RUN_ENTRIES = re.compile(
     r"^(config\.yaml|adapter_config\.json|adapter_model\.safetensors|trainer_log\.jsonl|train_results\.json"
     r"|eval_results\.json|all_results\.json|training_loss\.png|eval_results_.+\.json|checkpoint-\d+|peft|tensorboard|wandb"
+    # a `full` run's folder is a transformers checkpoint: save_pretrained's model and tokenizer files, its config aside
+    r"|sparta_config\.json"
+    r"|config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)|merges\.txt"
+    r"|(tokenizer|spiece|sentencepiece\.bpe)\.model|chat_template\.(jinja|json)"
     + "|" + re.escape(LOCK_FILE) + r")$"
 )
 # A folder is a run folder when it holds one of these (a run killed early has only config.yaml or a log).
-RUN_MARKERS = ("config.yaml", "adapter_config.json", "trainer_log.jsonl", "all_results.json")
+RUN_MARKERS = ("config.yaml", "adapter_config.json", "sparta_config.json", "trainer_log.jsonl", "all_results.json")
 MERGE_MARKER = "merge_report.json"
 EXPORT_CARD_TAG = "tags: [sparta, sparse-fine-tuning]"  # the model card export writes (export.model_card)
 

@@ -11,8 +11,6 @@ from pathlib import Path
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
 
-ADAPTER_METHODS_WITH_TARGETS = ("sparta", "lora", "dora")
-
 
 def check_data_dir(recipe: Recipe) -> Path | None:
     """`data.dir` (or $SPARTA_DATA_DIR) exists when given; None means the Hub."""
@@ -31,7 +29,9 @@ def check_data_dir(recipe: Recipe) -> Path | None:
 def check_targets(recipe: Recipe, source: str) -> None:
     """adapter.targets exist in the model, read from config.json alone (no weights). Says nothing
     for a Hub name (no config.json here to read offline) or a GGUF file (its config is in the weights)."""
-    if recipe.adapter.method not in ADAPTER_METHODS_WITH_TARGETS or recipe.model.gguf_file:
+    from sparta_cli.tuners import get_tuner
+
+    if not get_tuner(recipe.adapter.method).applies("targets") or recipe.model.gguf_file:
         return
     if not (Path(source) / "config.json").is_file():
         return

@@ -25,7 +25,7 @@ from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
-from sparta_cli.tuners import CONFIG_FILE, TUNERS, Tuner, get_tuner
+from sparta_cli.tuners import TUNERS, Tuner, get_tuner, run_config_path
 
 METHOD_ORDER = tuple(TUNERS)
 CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "settings", "trainable_params", "n_seeds", "seeds", "metric",
@@ -205,8 +205,9 @@ def read_run(path: Path) -> Run:
     config = _read_yaml(path / CONFIG_YAML)
     results = read_json(path / ALL_RESULTS) if (path / ALL_RESULTS).is_file() else None
     trainable = config.get("run", {}).get("trainable_params")
-    if (path / CONFIG_FILE).is_file():
-        trainable = read_json(path / CONFIG_FILE).get("trainable_params", trainable)
+    recorded = run_config_path(path)
+    if recorded is not None:
+        trainable = read_json(recorded).get("trainable_params", trainable)
     return Run(path, config, results, int(trainable) if trainable is not None else None)
 
 

@@ -28,6 +28,7 @@ from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
 from sparta_cli.models import check_max_length, load_for_classification
+from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.outputs import release_run_dir
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
@@ -62,16 +63,6 @@ def mixed_precision(recipe: Recipe, model_dtype: torch.dtype) -> str:
     if model_dtype == torch.bfloat16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return "bf16"
     return "no"
-
-
-def build_optimizer(adapter, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only: optimizer state is O(trainable)."""
-    cfg = recipe.training
-    head, body = [], []
-    for name, param in adapter.trainable():
-        (head if any(f"{m}." in f"{name}." for m in adapter.head_modules) else body).append(param)
-    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
@@ -291,7 +282,8 @@ class Trainer:
         from transformers import get_scheduler
 
         accelerator, cfg = self.accelerator, self.cfg
-        optimizer = build_optimizer(self.adapter, self.recipe)
+        optimizer = build_optimizer(self.adapter, resolve_optimizer(cfg.optimizer, accelerator.device), cfg.lr, cfg.head_lr,
+                                    cfg.weight_decay)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(self.adapter.model, optimizer, self.train_loader)
         self.eval_loaders = {s: accelerator.prepare(loader) for s, loader in self.eval_loaders.items()}
         self.test_loaders = {s: accelerator.prepare(loader) for s, loader in self.test_loaders.items()}
@@ -304,6 +296,11 @@ class Trainer:
         self.masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
         self.selection = ModelSelection(self.metric, cfg.early_stopping_patience, self.trainable) if self.metric else None
 
+    def _write_weights(self) -> None:
+        """After trainable tensors were loaded in place (resume, best adapter): SpaRTA's weights follow its deltas."""
+        if self.adapter.sparta is not None:
+            self.adapter.sparta.write_weights()
+
     def _restore_or_start(self, resume: bool) -> None:
         accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
         world = accelerator.num_processes
@@ -311,6 +308,7 @@ class Trainer:
         self.state = TrainerState(world_size=world)
         if self.resume_from is not None:
             self.state = load_checkpoint(self.resume_from, self.trainable, self.optimizer, self.scheduler, accelerator, self.masks)
+            self._write_weights()
             if self.selection is not None:
                 self.selection.load(self.state.selection, load_best(self.resume_from))
             if self.main:
@@ -326,6 +324,8 @@ class Trainer:
         start_trackers(accelerator, recipe, self.run_dir)
         self.say(f"{self.train_rows:,} training examples · {self.steps} steps · effective batch {effective_batch} "
                  f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
+        if recipe.lr_from_rule:
+            self.say(f"training.lr: auto = {cfg.lr:.3g} (docs/learning_rates.md's rule for {recipe.adapter.method})")
         self.scorer = classifier_scorer(self.task.is_regression)
         self.window = LossWindow(accelerator.device)
         self.logged = LogWindow()
@@ -510,6 +510,7 @@ class Trainer:
             if selection.evaluated_step != state.step:
                 self.evaluate()
             selection.restore_best()
+            self._write_weights()
             test_results = self.score(self.test_loaders, "test_", {"best_step": selection.best_step})
             eval_results = {"best_step": selection.best_step, **selection.best_metrics, **test_results}
         _check_in_sync(self.trainable, self.accelerator)
@@ -549,7 +550,7 @@ class Trainer:
             "pad_token_id": adapter.base.config.pad_token_id,
             "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
         }
-        adapter.save(self.run_dir, metadata)
+        adapter.save(self.run_dir, metadata, loaded.tokenizer)
 
 
 class LossWindow:

@@ -59,7 +59,7 @@ def make_run(run_dir: Path, base: str, *, targets=("v", "o"), density: float = 0
         "density": density, "targets": list(targets), "seed": seed,
         "task": {"name": "sst2", "label_names": LABELS, "num_labels": 2, "is_regression": False},
         "pad_token_id": model.config.pad_token_id, "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
-    })
+    }, loaded.tokenizer)
     write_json(run_dir / ALL_RESULTS, {"eval_accuracy": 0.5, "train_loss": 0.69})
     return run_dir
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import DATA_DIR
+from conftest import DATA_DIR, require_or_skip
 
 CASES_FILE = Path(__file__).parent / "bad_inputs" / "cases.yaml"
 # cases.yaml plus every other corpus file in the folder (safety.yaml: files, code, corrupt adapters)
@@ -283,7 +283,7 @@ def test_a_write_that_fails_during_a_run_is_one_line(code, exit, phrase, tmp_pat
     from sparta_cli import fileio
 
     if _minilm() is None or not (DATA_DIR / "glue").is_dir():
-        pytest.skip("needs MiniLM and the offline data")
+        require_or_skip("needs MiniLM and the offline data")
 
     def fail(fd):
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))

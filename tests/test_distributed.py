@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_batch, tiny_model
+from conftest import IN_CI, tiny_batch, tiny_model
 from safetensors.torch import load_file
 
 from sparta_cli.config import AdapterConfig
@@ -34,7 +34,8 @@ def _recipe(tmp: Path, model_dir: Path, data_dir: Path, out: Path, batch_size: i
     return path
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun missing")
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists() and not IN_CI,
+                    reason="torchrun missing")  # it comes with torch: under CI it must be there
 def test_two_processes_match_one_process_with_double_batch(tmp_path, tiny_bert_nodropout_dir, data_dir):
     single, double = tmp_path / "single", tmp_path / "ddp"
     subprocess.run([sys.executable, "-m", "sparta_cli", "train", str(_recipe(tmp_path, tiny_bert_nodropout_dir, data_dir, single, 8))],

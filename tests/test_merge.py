@@ -166,29 +166,28 @@ def test_mismatches_are_refused_naming_both(tmp_path, llama, minilm_path):
 
 
 @pytest.mark.slow
-def test_merging_adapters_of_two_tasks_keeps_each_score_with_its_own_head(tmp_path, data_dir, minilm_path):
+def test_merging_another_tasks_adapter_keeps_sst2s_score(tmp_path, data_dir, minilm_path):
     """SST-2 and QNLI adapters (different seeds, so their masks barely overlap) merged into one model:
-    with each run's head, the merged model scores each task as its own adapter did."""
+    with SST-2's head, the merged model scores SST-2 as SST-2's own adapter did. (QNLI does not learn
+    in this budget, 0.535 measured: comparing two chance scores could not fail, so only SST-2 is scored.)"""
     from sparta_cli.config import load_recipe
     from sparta_cli.evaluate_cmd import run_eval
     from sparta_cli.train import train
 
     # seed, evaluation examples; SST-2 trained as in test_train (800 examples, 50 steps of 16 at lr 5e-3)
-    settings = {"sst2": (42, 400), "qnli": (7, 200)}
+    settings = {"sst2": (42, 400), "qnli": (7, 16)}
     runs, data = {}, {}
     for task, (seed, evaluated) in settings.items():
         data[task] = [f"data.dir={data_dir}", f"data.max_eval_samples={evaluated}", "data.max_length=48"]
         runs[task] = train(load_recipe(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [
             f"output_dir={tmp_path / task}", f"task.name={task}", f"seed={seed}", "data.max_train_samples=800",
             "training.max_steps=50", "training.batch_size=16", "training.lr=5e-3", "training.eval_every=null", *data[task]]))
-    for task, run in runs.items():
-        own = json.loads((run / "all_results.json").read_text())["eval_accuracy"]
-        report = merge_runs(list(runs.values()), output=tmp_path / f"merged_{task}", head_from=run)
-        assert report["collisions"][0]["share_of_smaller"] < 0.1  # about the density: random masks barely overlap
-        merged = run_eval(str(tmp_path / f"merged_{task}"), task=task, split=None, output=tmp_path / f"{task}.json", overrides=data[task])
-        print(f"{task}: own adapter {own:.3f}, merged with the other task's {merged['metrics']['eval_accuracy']:.3f}")
-        if task == "sst2":
-            assert own > 0.65, "SST-2 did not learn: the comparison would be between two chance scores"
-        # measured (max_length 48, first 400 SST-2 dev rows): SST-2 0.728 on its own, 0.750 merged with the
-        # QNLI adapter; QNLI 0.535 and 0.535. What must not happen is a drop.
-        assert merged["metrics"]["eval_accuracy"] >= own - 0.03
+    own = json.loads((runs["sst2"] / "all_results.json").read_text())["eval_accuracy"]
+    report = merge_runs(list(runs.values()), output=tmp_path / "merged", head_from=runs["sst2"])
+    assert report["collisions"][0]["share_of_smaller"] < 0.1  # about the density: random masks barely overlap
+    merged = run_eval(str(tmp_path / "merged"), task="sst2", split=None, output=tmp_path / "sst2.json", overrides=data["sst2"])
+    print(f"sst2: own adapter {own:.3f}, merged with the QNLI adapter {merged['metrics']['eval_accuracy']:.3f}")
+    # measured (max_length 48, first 400 SST-2 dev rows): 0.728 on its own (chance 0.51), 0.750 merged with
+    # the QNLI adapter. The score must be well above chance for the comparison to mean anything, and not drop.
+    assert own > 0.65, "SST-2 did not learn: the comparison would be between two chance scores"
+    assert merged["metrics"]["eval_accuracy"] >= own - 0.03

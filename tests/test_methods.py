@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 from sparta_cli.config import AdapterConfig
+from sparta_cli.optim import build_optimizer
 from sparta_cli.tuners import apply_adapter, load_adapter, read_adapter_config
 
 METHODS = ["sparta", "lora", "dora", "full", "head"]
@@ -24,7 +25,7 @@ HEADS = {"mistral": ["score"], "bert": ["classifier"]}
 
 
 def _train_steps(adapter, batch, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW([p for _, p in adapter.trainable()], lr=1e-2)
+    optimizer = build_optimizer(adapter, "adamw", lr=1e-2, head_lr=None, weight_decay=0.01)  # SpaRTA's write hook included
     adapter.model.train()
     for _ in range(steps):
         adapter.model(**batch).loss.backward()
@@ -95,3 +96,24 @@ def test_sparta_train_run_evaluates_and_merges_to_the_same_scores(minilm_runs, d
                       overrides=[*same, f"data.dir={data_dir}"])["metrics"]
     assert merged["eval_accuracy"] == recorded["eval_accuracy"]
     assert merged["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-4)
+
+
+def test_a_full_run_is_a_plain_transformers_checkpoint(minilm_runs):
+    """AutoModelForSequenceClassification loads a full run's folder as it is (labels, tokenizer,
+    task), with exactly the logits of the model `sparta eval` scores; no adapter file is written."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparta_cli.evaluate_cmd import RUN, eval_recipe, load_scored_model
+    from sparta_cli.tasks import resolve_task
+
+    run_dir = minilm_runs["full"]
+    assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "adapter_config.json").exists()
+    theirs = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    recipe = eval_recipe(str(run_dir), RUN, None, [])
+    task = resolve_task(recipe.task)
+    ours = load_scored_model(RUN, str(run_dir), recipe, task)[0].eval()
+    assert theirs.config.id2label == dict(enumerate(task.label_names)) and theirs.config.finetuning_task == "sst2"
+    batch = tokenizer(["a gripping, funny film", "dull, and far too long for what it has to say"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(theirs(**batch).logits, ours(**batch).logits)

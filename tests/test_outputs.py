@@ -60,9 +60,10 @@ def test_overwrite_unlinks_a_link_and_never_follows_it(tmp_path):
         release_run_dir(run)
 
 
-def test_the_run_entry_list_covers_a_real_run(tmp_path, minilm_path):
+@pytest.mark.parametrize("method", ["sparta", "lora", "full"])
+def test_the_run_entry_list_covers_a_real_run(method, tmp_path, minilm_path):
     """RUN_ENTRIES is written by hand: a real run's files must all match it (or --overwrite would refuse every rerun)."""
-    run = make_run(tmp_path / "run", minilm_path)
+    run = make_run(tmp_path / "run", minilm_path, method=method)
     write_text(run / "eval_results_sst2_validation.json", "{}")
     assert is_run_dir(run)
     assert [p.name for p in run.iterdir() if not RUN_ENTRIES.match(p.name)] == []

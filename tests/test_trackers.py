@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, import_or_require
 from typer.testing import CliRunner
 
 from sparta_cli.cli import app
@@ -13,7 +13,7 @@ from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.trackers import TENSORBOARD_DIR, accelerator_kwargs, flat_config, log_record, start_trackers
 
-pytest.importorskip("tensorboard")
+import_or_require("tensorboard", allow_module_level=True)
 
 
 def recipe(*overrides: str):

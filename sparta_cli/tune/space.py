@@ -131,8 +131,10 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def default_space(method: str) -> dict[str, str]:
     """SpaRTA's two knobs that matter most (the paper: the best density depends on model, data and
     task; sparse adapters want rates far above full fine-tuning's, and the best rate moves with density)."""
+    from sparta_cli.tuners import get_tuner
+
     space = {"training.lr": "log:1e-4..3e-2"}
-    if method == "sparta":
+    if get_tuner(method).applies("density"):
         space = {"adapter.density": "log:1e-3..0.2", **space}
     return space
 

@@ -14,6 +14,7 @@ from torch import nn
 from sparta_cli.errors import SpartaError
 from sparta_cli.tuners.base import (
     ADAPTER_FILE,
+    CHECKPOINT_CONFIG_FILE,
     CONFIG_FILE,
     PEFT_DIR,
     TRAINED_PREFIX,
@@ -22,6 +23,7 @@ from sparta_cli.tuners.base import (
     check_base_matches,
     read_adapter_config,
     read_adapter_tensors,
+    run_config_path,
 )
 from sparta_cli.tuners.full import FullTuner
 from sparta_cli.tuners.head import HeadTuner
@@ -57,6 +59,7 @@ def load_adapter(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Ada
 
 
 __all__ = [
-    "ADAPTER_FILE", "CONFIG_FILE", "METHOD_SPECIFIC_KEYS", "PEFT_DIR", "TRAINED_PREFIX", "TUNERS", "Adapter", "Tuner", "apply_adapter",
+    "ADAPTER_FILE", "CHECKPOINT_CONFIG_FILE", "CONFIG_FILE", "METHOD_SPECIFIC_KEYS", "PEFT_DIR", "TRAINED_PREFIX", "TUNERS", "Adapter", "Tuner", "apply_adapter",
     "check_base_matches", "get_tuner", "load_adapter", "read_adapter_config", "read_adapter_tensors",
+    "run_config_path",
 ]

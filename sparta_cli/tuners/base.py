@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # config.py asks the tuners which keys apply: no import cycle
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+# A run folder that is itself a transformers checkpoint (`full`) records the run here instead:
+# transformers reads any adapter_config.json next to config.json as a PEFT adapter to load.
+CHECKPOINT_CONFIG_FILE = "sparta_config.json"
 PEFT_DIR = "peft"  # LoRA/DoRA runs keep PEFT's own adapter files here
 TRAINED_PREFIX = "trained."  # fully trained parameters (the head; everything for `full`)
 
@@ -40,6 +43,8 @@ class Tuner:
     adds_up: ClassVar[bool] = False  # its saved deltas add up with other runs' in one `sparta merge`
     peft_native: ClassVar[bool] = False  # saved as PEFT's own adapter files (under peft/)
     shardable: ClassVar[bool] = True  # trains under FSDP / DeepSpeed ZeRO-3 sharding
+    standalone: ClassVar[bool] = False  # its run folder is a whole transformers checkpoint (no base needed)
+    config_file: ClassVar[str] = CONFIG_FILE  # where the run's adapter config is recorded
 
     def applies(self, key: str) -> bool:
         """Whether the method-specific key `adapter.<key>` means something for this method."""
@@ -65,7 +70,7 @@ class Tuner:
         model.requires_grad_(False)
         return Adapter(self, model, model, list(config.get("head_modules", [])), base_params, sparta)
 
-    def save_weights(self, adapter: Adapter, run_dir: Path) -> None:
+    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None) -> None:
         """The trained tensors, atomically: deltas and fully trained parameters in one safetensors file."""
         write_safetensors(run_dir / ADAPTER_FILE, adapter.saved_tensors(), {"format": "pt"})
 
@@ -121,9 +126,10 @@ class Adapter:
                 tensors[TRAINED_PREFIX + name] = param.detach().cpu().clone().contiguous()
         return tensors
 
-    def save(self, run_dir: Path, metadata: dict[str, Any]) -> None:
-        """The method's weight files and adapter_config.json, each atomic."""
-        self.tuner.save_weights(self, run_dir)
+    def save(self, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None) -> None:
+        """The method's weight files and its adapter config, each atomic (`tokenizer` goes with a
+        standalone checkpoint)."""
+        self.tuner.save_weights(self, run_dir, metadata, tokenizer)
         config = {
             "format_version": FORMAT_VERSION,
             "sparta_version": __version__,
@@ -135,7 +141,7 @@ class Adapter:
             "target_shapes": self.sparta.shapes() if self.sparta else {},
             **metadata,
         }
-        write_json(run_dir / CONFIG_FILE, config)
+        write_json(run_dir / self.tuner.config_file, config)
 
 
 def count_params(model: nn.Module) -> int:
@@ -154,13 +160,19 @@ def freeze_all_but_heads(model: nn.Module, head_modules: list[str]) -> None:
 # ---------------------------------------------------------------- reading a run
 
 
+def run_config_path(run_dir: Path) -> Path | None:
+    """The finished run's adapter config (adapter_config.json, or sparta_config.json for a
+    run that is a checkpoint), or None when there is none."""
+    return next((run_dir / name for name in (CONFIG_FILE, CHECKPOINT_CONFIG_FILE) if (run_dir / name).is_file()), None)
+
+
 def read_adapter_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / CONFIG_FILE
     if not run_dir.exists():
         raise SpartaError(f"{run_dir} does not exist: give the folder of a run that `sparta train` wrote (check for a typo)")
     if not run_dir.is_dir():
         raise SpartaError(f"{run_dir} is a file: give the folder of a run that `sparta train` wrote")
-    if not path.is_file():
+    path = run_config_path(run_dir)
+    if path is None:
         hint = " (it holds checkpoints: finish it with `sparta train RECIPE --resume`)" if any(run_dir.glob("checkpoint-*")) else ""
         raise SpartaError(f"{run_dir} has no {CONFIG_FILE}: not a finished sparta run{hint}")
     config = read_json(path)

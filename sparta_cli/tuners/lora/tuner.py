@@ -52,7 +52,7 @@ class LoraTuner(Tuner):
         peft_model = PeftModel.from_pretrained(model, str(run_dir / PEFT_DIR))
         return Adapter(self, peft_model, model, list(config.get("head_modules", [])), base_params)
 
-    def save_weights(self, adapter: Adapter, run_dir: Path) -> None:
+    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None) -> None:
         replace_dir(lambda tmp: adapter.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
 
     def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:

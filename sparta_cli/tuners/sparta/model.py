@@ -94,6 +94,18 @@ class SpartaModel:
             if delta.shape != layer.sparta_delta.shape:
                 raise SpartaError(f"adapter delta for `{name}` has {delta.numel()} values for {layer.sparta_indices.numel()} indices: the adapter file is corrupted")
             layer.sparta_delta.copy_(delta)
+        self.write_weights()
+
+    @torch.no_grad()
+    def write_weights(self) -> None:
+        """Make every target weight hold W0 + delta: after each optimizer step and each load of deltas."""
+        for layer in self.layers.values():
+            layer.write_weight()
+
+    def write_after_steps_of(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the weights after every step of `optimizer`, whatever way it updates the deltas
+        (fused kernels and `.data` writes leave no trace in the tensors' version counters)."""
+        optimizer.register_step_post_hook(lambda *_: self.write_weights())
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:

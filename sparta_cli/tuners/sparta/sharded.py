@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners.sparta.layer import SpartaLinear, sparse_weight_grad
+from sparta_cli.tuners.sparta.layer import SpartaLinear, autocast_input, sparse_weight_grad
 from sparta_cli.tuners.sparta.model import SpartaModel, _set_submodule
 
 
@@ -53,6 +53,8 @@ class _ShardedDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, layer):  # type: ignore[override]
+        ctx.x_dtype = x.dtype
+        x = autocast_input(x)
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
         return F.linear(x, weight, bias)
@@ -62,7 +64,7 @@ class _ShardedDeltaLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer: ShardedSpartaLinear = ctx.layer
         compute = grad_out.dtype
-        grad_x = (grad_out @ weight.to(compute)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (grad_out @ weight.to(compute)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_delta = None
         if ctx.needs_input_grad[3]:
             full = sparse_weight_grad(grad_out, x.to(compute), layer.sparta_indices, weight.shape[1])
