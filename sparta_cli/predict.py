@@ -76,11 +76,11 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     if recipe.task.head == "lm":
         raise SpartaError("predict writes a classifier's predictions; task.head=lm scores a base model: use sparta eval")
     scored_task = file_task(run_task, Path(file).expanduser()) if file is not None else run_task
+    where = "test" if file is not None else (split or DEFAULT_SPLIT)
     if file is None:
-        preflight(recipe, targets=False)  # paths and data before the model loads
+        preflight(recipe, targets=False, splits=[where])  # paths and the split's files before the model loads
     else:
         check_model_source(recipe.model)  # the run's data folder plays no part
-    where = "test" if file is not None else (split or DEFAULT_SPLIT)
     set_seed(recipe.seed)
     model, tokenizer, scorer, _ = load_scored_model(kind, target, recipe, run_task)
 

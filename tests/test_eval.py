@@ -279,6 +279,9 @@ def test_predict_labels_every_row_of_an_unlabeled_file_and_keeps_existing_output
     assert sparta("predict", str(sst2_run), "--file", str(custom), "--output", str(out), "--overwrite").exit_code == 0
     missing = sparta("predict", str(sst2_run), "--file", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "x.tsv"))
     assert isinstance(missing.exception, SpartaError) and "does not exist" in str(missing.exception)
+    dev = tmp_path / "dev.tsv"
+    assert sparta("predict", str(sst2_run), "--split", "dev", "--output", str(dev)).exit_code == 0
+    assert len(_read_predictions(dev)) == 872  # every SST-2 dev row, whatever max_eval_samples the run had
 
 
 def test_predictions_format_like_run_glue():
