@@ -1,13 +1,18 @@
 """Training checkpoints that resume exactly: trainable tensors, optimizer, scheduler,
-every rank's RNG states and the data position, written atomically.
+every rank's RNG states, the data position and a digest of the SpaRTA masks, written atomically.
 
-Only the trainable tensors are saved (deltas and head, O(k)), never the frozen model.
-A checkpoint is built under a temporary folder name and renamed when complete, so a
-kill at any moment leaves the previous checkpoint or the new one, never a broken one.
+Nothing is pickled: tensors go to safetensors and everything else to JSON, so a checkpoint
+from anywhere can be read without running code it brought. Only the trainable tensors are
+saved (deltas and head, O(k)), never the frozen model. A checkpoint is built under a
+temporary folder name and renamed when complete, so a kill at any moment leaves the
+previous checkpoint or the new one, never a broken one; a damaged one (disk error, an
+edit) is found by `usable_checkpoint`, which falls back to the one before it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import re
@@ -24,8 +29,17 @@ from sparta_cli.fileio import read_json, write_json, write_safetensors
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainable.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_STATE = "optimizer.json"  # param groups and non-tensor state
+SCHEDULER_STATE = "scheduler.json"
+MASKS_FILE = "masks.json"  # sha256 of every SpaRTA layer's indices
 BEST_FILE = "best_trainable.safetensors"  # the best evaluation's tensors, when a validation set selects
+RECIPE_FILE = "recipe.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.safetensors"
 
 
 @dataclass
@@ -49,23 +63,65 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+# ---------------------------------------------------------------- RNG states without pickle
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states as tensors and JSON (python's and numpy's are plain numbers)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    info = {"python": [version, list(words), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    return tensors, info
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    version, words, gauss = info["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(key.startswith("cuda.") for key in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------- optimizer state without pickle
+
+
+def split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state_dict as safetensors tensors (`state.<param>.<key>`) and JSON (the rest)."""
+    tensors, scalars = {}, {}
+    for param_id, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in info["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    # JSON has no tuples: give group settings (betas) back the tuples optimizers are built with
+    groups = [{key: tuple(value) if isinstance(value, list) and key != "params" else value for key, value in group.items()}
+              for group in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- saving
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    accelerator, keep: int | None, recipe: dict[str, Any], best: dict[str, torch.Tensor] | None = None) -> Path:
+                    accelerator, keep: int | None, recipe: dict[str, Any], best: dict[str, torch.Tensor] | None = None,
+                    masks: dict[str, str] | None = None) -> Path:
     """Every rank writes its RNG state into the temporary folder; the main process writes the rest and renames it."""
     final = run_dir / f"checkpoint-{state.step}"
     tmp = run_dir / f".checkpoint-{state.step}.tmp"
@@ -73,13 +129,18 @@ def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, tor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    rng_tensors, rng_info = _rng_state()
+    write_safetensors(tmp / rng_file(accelerator.process_index), rng_tensors, {"rng": json.dumps(rng_info)})
     if accelerator.is_main_process:
         write_safetensors(tmp / TENSORS_FILE, {name: t.detach().cpu().contiguous() for name, t in trainable.items()})
         if best is not None:
             write_safetensors(tmp / BEST_FILE, {name: t.contiguous() for name, t in best.items()})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        write_json(tmp / "recipe.json", recipe)
+        opt_tensors, opt_info = split_optimizer_state(optimizer.state_dict())
+        write_safetensors(tmp / OPTIMIZER_TENSORS, opt_tensors)
+        write_json(tmp / OPTIMIZER_STATE, opt_info)
+        write_json(tmp / SCHEDULER_STATE, scheduler.state_dict())
+        write_json(tmp / MASKS_FILE, masks or {})
+        write_json(tmp / RECIPE_FILE, recipe)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, asdict(state))  # last: its presence marks the folder complete
@@ -95,32 +156,134 @@ def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, tor
     return final
 
 
-def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, accelerator) -> TrainerState:
-    """Restore tensors, optimizer, scheduler and this rank's RNG; return the loop position."""
-    from safetensors.torch import load_file
+# ---------------------------------------------------------------- reading, checked
 
-    state = TrainerState(**read_json(path / STATE_FILE))
-    if state.world_size != accelerator.num_processes:
-        raise SpartaError(
-            f"{path} was written by {state.world_size} process(es) but this run has {accelerator.num_processes}: "
-            f"resume with the same number of processes"
-        )
-    saved = load_file(str(path / TENSORS_FILE))
-    missing = sorted(set(trainable) - set(saved))
-    if missing:
-        raise SpartaError(f"{path} lacks trainable tensor {missing[0]}: the recipe changed since it was written; resume with the same recipe")
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """trainer_state.json with exactly TrainerState's keys, each of its type."""
+    data = read_json(path)
+    fields = {field.name: field for field in dataclasses.fields(TrainerState)}
+    missing, extra = sorted(set(fields) - set(data)), sorted(set(data) - set(fields))
+    if missing or extra:
+        what = f"lacks `{missing[0]}`" if missing else f"has an unknown key `{extra[0]}`"
+        raise SpartaError(f"{path} {what}: it was edited or written by another sparta version; resume from another checkpoint")
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(TrainerState).validate_python(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise SpartaError(f"{path}: `{where}` = {error.get('input')!r} ({error['msg']}): the checkpoint is damaged; "
+                          "resume from another checkpoint") from None
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise SpartaError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SpartaError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]})") from None
+
+
+def _json(path: Path) -> Any:
+    if not path.is_file():
+        raise SpartaError(f"{path} is missing: the checkpoint is incomplete")
+    return read_json(path)
+
+
+def read_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
+    """Every file of a checkpoint, parsed and checked; SpartaError naming the first bad file.
+
+    A checkpoint from before sparta stopped pickling (optimizer.pt, rng_state_*.pt) is refused
+    without being opened."""
+    if (path / "optimizer.pt").exists() or any(path.glob("rng_state_*.pt")):
+        raise SpartaError(f"{path} holds pickle files (optimizer.pt), which sparta never loads because unpickling can run "
+                          "code: it was written by an older sparta; retrain with --overwrite")
+    state = read_trainer_state(path / STATE_FILE)
+    if state.world_size != world_size:
+        raise SpartaError(f"{path} was written by {state.world_size} process(es) but this run has {world_size}: "
+                          "resume with the same number of processes")
+    tensors, _ = _load_safetensors(path / TENSORS_FILE)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SpartaError(f"{path / TENSORS_FILE}: `{name}` holds inf or NaN: the checkpoint is damaged")
+    if (path / BEST_FILE).exists():
+        _load_safetensors(path / BEST_FILE)
+    optimizer_tensors, _ = _load_safetensors(path / OPTIMIZER_TENSORS)
+    optimizer_info = _json(path / OPTIMIZER_STATE)
+    if not isinstance(optimizer_info, dict) or not {"param_groups", "scalars"} <= set(optimizer_info):
+        raise SpartaError(f"{path / OPTIMIZER_STATE} lacks param_groups or scalars: the checkpoint is damaged")
+    rng = []
+    for rank in range(world_size):
+        rng_tensors, metadata = _load_safetensors(path / rng_file(rank))
+        try:
+            rng.append((rng_tensors, json.loads(metadata["rng"])))
+        except (KeyError, ValueError):
+            raise SpartaError(f"{path / rng_file(rank)} lacks its RNG record: the checkpoint is damaged") from None
+    return {"state": state, "tensors": tensors, "optimizer": join_optimizer_state(optimizer_tensors, optimizer_info),
+            "scheduler": _json(path / SCHEDULER_STATE), "masks": _json(path / MASKS_FILE), "recipe": _json(path / RECIPE_FILE),
+            "rng": rng}
+
+
+def usable_checkpoint(run_dir: Path, world_size: int, warn) -> Path | None:
+    """The newest checkpoint that reads back whole; each damaged newer one is named in a warning.
+    None when there is no checkpoint; SpartaError naming the newest's damage when none is usable."""
+    problems = []
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            read_checkpoint(path, world_size)
+        except SpartaError as exc:
+            if "processes" in str(exc) or "pickle" in str(exc):
+                raise  # every checkpoint of the run has the same problem
+            warn(f"skipping {path}: {exc}")
+            problems.append(str(exc))
+            continue
+        return path
+    if problems:
+        raise SpartaError(f"every checkpoint in {run_dir} is damaged (newest: {problems[0]}): retrain with --overwrite")
+    return None
+
+
+def check_masks(path: Path, saved: dict[str, str], current: dict[str, str]) -> None:
+    """The SpaRTA entries drawn now must be the ones the checkpoint trained (a torch upgrade between
+    save and resume must never move the deltas to other entries silently)."""
+    if saved == current:
+        return
+    differ = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    raise SpartaError(f"{path} trained other SpaRTA entries than this run draws (e.g. in `{differ[0]}`): the mask changed "
+                      "since it was written (another torch or sparta version?); resume with the versions in config.yaml, "
+                      "or retrain with --overwrite")
+
+
+def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, accelerator,
+                    masks: dict[str, str] | None = None) -> TrainerState:
+    """Restore tensors, optimizer, scheduler and this rank's RNG; return the loop position."""
+    saved = read_checkpoint(path, accelerator.num_processes)
+    check_masks(path, saved["masks"], masks or {})
+    tensors = saved["tensors"]
+    for name, tensor in trainable.items():
+        if name not in tensors:
+            raise SpartaError(f"{path} lacks trainable tensor {name}: the recipe changed since it was written; resume with the same recipe")
+        if tuple(tensors[name].shape) != tuple(tensor.shape):
+            raise SpartaError(f"{path}: `{name}` is {list(tensors[name].shape)} there but {list(tensor.shape)} here: "
+                              "resume with the same recipe and base model")
     with torch.no_grad():
         for name, tensor in trainable.items():
-            tensor.copy_(saved[name])
-    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    _set_rng_state(torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=False))
-    return state
+            tensor.copy_(tensors[name])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise SpartaError(f"{path}: the optimizer or scheduler state does not fit this run ({exc}): resume with the same recipe") from None
+    _set_rng_state(*saved["rng"][accelerator.process_index])
+    return saved["state"]
 
 
 def load_best(path: Path) -> dict[str, torch.Tensor] | None:
     """The best evaluation's tensors a checkpoint kept (None when it kept none)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
+    return _load_safetensors(path / BEST_FILE)[0] if (path / BEST_FILE).is_file() else None

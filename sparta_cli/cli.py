@@ -24,6 +24,8 @@ app = typer.Typer(
 
 _debug = False
 
+ReplaceOutput = Annotated[bool, typer.Option("--overwrite", help="replace --output when it holds an earlier output of this command")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run the Python code a model folder ships (never read from a file)")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. adapter.density=0.005", show_default=False)]
 
 
@@ -75,6 +77,7 @@ def train(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output_dir")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train an adapter from a YAML recipe."""
     from sparta_cli.config import load_recipe
@@ -84,7 +87,7 @@ def train(
 
     if overwrite and resume:
         raise SpartaError("--overwrite and --resume contradict each other: pass one")
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = load_recipe(recipe, overrides or [], trust_remote_code=trust_remote_code)
     check_trainable(resolved.task)
     preflight(resolved)
     run_training(resolved, overwrite=overwrite, resume=resume)
@@ -97,11 +100,12 @@ def evaluate(
     task: Annotated[str | None, typer.Option(help="task to score (default: the run's task)")] = None,
     split: Annotated[str | None, typer.Option(help="split to score (default: the task's evaluation splits)")] = None,
     output: Annotated[Path | None, typer.Option(help="where to write eval_results.json")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Evaluate a run, a merged checkpoint or an untouched base model on a task."""
     from sparta_cli.evaluate_cmd import run_eval
 
-    run_eval(target, task=task, split=split, output=output, overrides=overrides or [])
+    run_eval(target, task=task, split=split, output=output, overrides=overrides or [], trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -129,11 +133,14 @@ def merge(
     weights: Annotated[str | None, typer.Option(help="comma-separated weight per run, e.g. 1,0.5")] = None,
     head_from: Annotated[Path | None, typer.Option("--head-from", help="run whose classification head to keep")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest output shard, e.g. 2GB or 500MB")] = "2GB",
+    overwrite: ReplaceOutput = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write a full Hugging Face checkpoint with the adapter(s) merged in."""
     from sparta_cli.merge import merge_runs
 
-    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from, max_shard_size=max_shard_size)
+    merge_runs(run_dirs, output=output, base=base, dtype=dtype, weights=weights, head_from=head_from, max_shard_size=max_shard_size,
+               trust_remote_code=trust_remote_code, overwrite=overwrite)
 
 
 @app.command()
@@ -142,11 +149,13 @@ def export(
     format: Annotated[str, typer.Option("--format", help="sparta, peft or peft-sparta")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the exported adapter")],
     values: Annotated[str, typer.Option(help="fp32 or bf16 delta values")] = "fp32",
+    overwrite: ReplaceOutput = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Export an adapter to a format other libraries load."""
     from sparta_cli.export import export_run
 
-    export_run(run_dir, format=format, output=output, values=values)
+    export_run(run_dir, format=format, output=output, values=values, trust_remote_code=trust_remote_code, overwrite=overwrite)
 
 
 @app.command()
@@ -214,6 +223,12 @@ def main() -> None:
             sys.exit(130)
         if _debug:
             raise
+        from sparta_cli.fileio import explain_write_error
+
+        known = explain_write_error(exc)  # a full disk or a read-only place, whichever library hit it
+        if known is not None:
+            errors.print(f"error: {one_line(str(known))}", markup=False, soft_wrap=True)
+            sys.exit(known.exit_code)
         first = str(exc).splitlines()[0] if str(exc) else ""
         errors.print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ with the closest valid key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -16,13 +17,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import YamlRefused, parse_yaml
 from sparta_cli.lr_rule import auto_lr
 
 Method = Literal["sparta", "lora", "dora", "full", "head"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf/NaN anywhere: `training.epochs: .inf` would never end, `lr: .nan` never learn
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED_LIMIT = 2**32  # numpy's seeds (set by accelerate's set_seed) are below 2**32
 
 
 class ModelConfig(_Strict):
@@ -30,14 +36,15 @@ class ModelConfig(_Strict):
     gguf_file: str | None = None
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
+    # never read from a file or written to one: only `--trust-remote-code` on the command line sets it
+    trust_remote_code: bool = Field(False, exclude=True)
 
 
 class AdapterConfig(_Strict):
     method: Method = "sparta"
     density: float = Field(0.01, gt=0.0, le=1.0)
     targets: list[str] = Field(default_factory=lambda: ["v", "o"], min_length=1)
-    seed: int | None = None  # null: the run's seed
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # null: the run's seed
     # LoRA / DoRA (through PEFT)
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
@@ -174,7 +181,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT)
     output_dir: str = DEFAULT_OUTPUT_DIR
     _lr_auto: bool = PrivateAttr(False)  # training.lr was `auto`: the value is the rule's (printed by train)
 
@@ -361,6 +368,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+MAX_OVERRIDE_CHARS = 10_000
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
 
 
@@ -370,8 +378,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not match:
         raise SpartaError(f"malformed override `{text}`: write dotted key=value, e.g. adapter.density=0.005")
     key, raw = match.groups()
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise SpartaError(f"override `{key}` has a value of {len(raw):,} characters: at most {MAX_OVERRIDE_CHARS:,}; "
+                          "put long values in the recipe file")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
+    except YamlRefused as exc:
+        raise SpartaError(f"override `{key}`: {exc}") from None
+    except RecursionError:
+        raise SpartaError(f"override `{key}` is nested too deeply to read: give a plain value or a short list") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):
@@ -405,7 +420,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SpartaError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
+    except YamlRefused as exc:
+        raise SpartaError(f"recipe {path}: {exc}") from None
     except RecursionError:
         raise SpartaError(f"recipe {path} is nested too deeply to read: a recipe is sections of key: value lines") from None
     except yaml.YAMLError as exc:
@@ -441,13 +458,25 @@ def _interpolate(template: str, values: dict[str, Any]) -> str:
     return _INTERPOLATION.sub(lookup, template)
 
 
-def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def _drop_trust_remote_code(tree: dict[str, Any], trusted: bool) -> None:
+    """A recipe, a run's config.yaml or an override never turns remote code on: only the person,
+    with `--trust-remote-code` on that command's line. An old config's `false` is harmless."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "trust_remote_code" not in model:
+        return
+    model = tree["model"] = dict(model)
+    if model.pop("trust_remote_code") not in (False, None) and not trusted:
+        raise SpartaError("the recipe sets model.trust_remote_code, but sparta never runs a model's own Python code because a "
+                          "file says so: remove the key and pass --trust-remote-code on the command line if you trust that model")
+
+
+def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:
     """Validate a raw recipe mapping after applying `key=value` overrides.
 
     A run's config.yaml is a recipe too: its `run:` section (versions, world size, command)
     records where it came from and is not part of the recipe; a `tune:` section is `sparta tune`'s
     search over the recipe, so the same file also trains as is."""
-    tree = dict(raw)
+    tree = copy.deepcopy(raw)  # overrides edit nested sections: never the caller's mapping
     from_run = tree.pop("run", None) is not None
     tree.pop("tune", None)
     overridden: set[str] = set()
@@ -456,6 +485,9 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         set_dotted(tree, key, value)
         overridden.add(key)
     _refuse_keys_of_other_methods(tree, overridden, from_run)
+    _drop_trust_remote_code(tree, trust_remote_code)
+    if trust_remote_code and isinstance(tree.get("model"), dict):
+        tree["model"] = {**tree["model"], "trust_remote_code": True}
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
@@ -499,5 +531,5 @@ def _refuse_keys_of_other_methods(tree: dict[str, Any], overridden: set[str], fr
     tree["adapter"] = kept
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    return build_recipe(read_yaml(Path(path)), overrides)
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:
+    return build_recipe(read_yaml(Path(path)), overrides, trust_remote_code=trust_remote_code)

@@ -57,8 +57,9 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint)
     folder = cache_root() / key
     if recipe.data.cache and (folder / "stats.json").is_file():
-        stats = json.loads((folder / "stats.json").read_text())
-        return TokenizedSplit(load_from_disk(str(folder / "data")), split, stats["truncated"], stats["dropped"])
+        cached = _read_cache(folder, split)
+        if cached is not None:
+            return cached
 
     max_length = recipe.data.max_length
     fields = list(task.text_fields)
@@ -81,9 +82,30 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
         dropped, overlong = overlong, 0
     encoded = encoded.remove_columns("overlong")
     if recipe.data.cache:
-        replace_dir(lambda tmp: (encoded.save_to_disk(str(tmp / "data")), write_json(tmp / "stats.json", {"truncated": overlong, "dropped": dropped})), folder)
+        stats = {"truncated": overlong, "dropped": dropped, "rows": len(encoded)}
+        replace_dir(lambda tmp: (encoded.save_to_disk(str(tmp / "data")), write_json(tmp / "stats.json", stats)), folder)
         encoded = load_from_disk(str(folder / "data"))
     return TokenizedSplit(encoded, split, overlong, dropped)
+
+
+def _read_cache(folder: Path, split: str) -> TokenizedSplit | None:
+    """A cached tokenized split, or None (and a warning) when it is damaged: it is then rebuilt."""
+    from datasets import load_from_disk
+
+    try:
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+        dataset = load_from_disk(str(folder / "data"))
+        if len(dataset) != stats.get("rows", len(dataset)) or len(dataset.data.column("labels")) != len(dataset):
+            raise ValueError("row count differs from stats.json")
+        return TokenizedSplit(dataset, split, int(stats["truncated"]), int(stats["dropped"]))
+    except Exception as exc:  # noqa: BLE001 - any damage has one fix: tokenize again
+        from rich.markup import escape
+
+        from sparta_cli.console import console
+
+        console.print(f"[yellow]warning[/]: the tokenized cache {escape(str(folder))} is damaged ({type(exc).__name__}): rebuilding it",
+                      markup=True, highlight=False)
+        return None
 
 
 def subsample(dataset, limit: int | None, seed: int | None):

@@ -40,6 +40,9 @@ def target_kind(target: str) -> str:
 
     if run_config_path(path) is not None:
         return RUN
+    if (path / "trainer_state.json").is_file():
+        raise SpartaError(f"{target} is a training checkpoint (what --resume continues from), not an adapter: finish the run with "
+                          f"`sparta train {path.parent}/config.yaml --resume`, then evaluate the run folder {path.parent}")
     if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
         return RUN  # an unfinished run: loading its adapter says how to finish it
     if not path.exists() and _looks_local(target):
@@ -60,7 +63,7 @@ def _looks_local(target: str) -> bool:
     return "/" in target and Path(target.split("/")[0]).is_dir()
 
 
-def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) -> Recipe:
+def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], trust_remote_code: bool = False) -> Recipe:
     """The recipe to score with: the run's own (config.yaml) or a minimal one, then the overrides."""
     path = Path(target).expanduser()
     if kind == RUN:
@@ -77,7 +80,7 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str]) 
             what = "checkpoint records no task (config.json finetuning_task)" if kind == MERGED else "is a base model"
             raise SpartaError(f"{target} {what}: pass --task, e.g. --task sst2")
         raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": {"name": task} if task else {}}
-    return build_recipe(raw, overrides)
+    return build_recipe(raw, overrides, trust_remote_code=trust_remote_code)
 
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:
@@ -155,7 +158,8 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     return model, loaded.tokenizer, classifier_scorer(task.is_regression), "untrained" if kind == BASE else "trained"
 
 
-def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str]) -> dict[str, Any]:
+def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str],
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Score TARGET on the task's evaluation splits (or `split`), print a table, write the results."""
     import torch
     from accelerate import Accelerator
@@ -165,11 +169,16 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.data import make_loader, tokenize_split
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
+    from sparta_cli.models import check_max_length
     from sparta_cli.preflight import preflight
     from sparta_cli.train import mixed_precision
 
+    if output is not None:
+        from sparta_cli.outputs import check_replaceable_file
+
+        check_replaceable_file(output, command="eval", keys=("target", "metrics"))
     kind = target_kind(target)
-    recipe = eval_recipe(target, kind, task, overrides)
+    recipe = eval_recipe(target, kind, task, overrides, trust_remote_code)
     trained_limit = recipe.data.max_eval_samples
     if kind == RUN and trained_limit is not None and not any(o.startswith("data.max_eval_samples=") for o in overrides):
         recipe.data.max_eval_samples = None
@@ -178,6 +187,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     preflight(recipe, targets=False, splits=splits)  # paths and data before the model loads; a run's adapter names its own layers
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
+    check_max_length(model, recipe.data.max_length)
 
     accelerator = Accelerator(mixed_precision=mixed_precision(recipe, next(model.parameters()).dtype), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process

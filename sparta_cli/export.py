@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
 from sparta_cli.merge import SavedRun, classifier_config, meta_classifier, read_run
 from sparta_cli.models import resolve_model_path
+from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 from sparta_cli.tuners import ADAPTER_FILE, CONFIG_FILE, PEFT_DIR, TRAINED_PREFIX
 
@@ -140,7 +142,7 @@ def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str,
     return {"library": "peft", "kind": "SHiRA", "r": r, "padding": padding}
 
 
-def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype, trust_remote_code: bool = False) -> dict[str, Any]:
     task = run.config.get("task") or {}
     heads = sorted(run.trained)
     if heads != ["score.weight"] or task.get("is_regression"):
@@ -150,7 +152,8 @@ def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> di
         raise SpartaError("peft_sparta loads its base with AutoModel.from_pretrained, which cannot read this run's GGUF base: "
                           "use --format peft or `sparta merge`")
     reference = resolve_model_path(base_reference(run))  # peft_sparta loads it with from_pretrained: no `pkg:`
-    config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32))
+    config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32),
+                               trust_remote_code=trust_remote_code)
     model = meta_classifier(config)
     prefix = model.base_model_prefix + "."
     base_params = {name: list(p.shape) for name, p in model.named_parameters() if name.startswith(prefix)}
@@ -201,12 +204,12 @@ def model_card(run: SavedRun, fmt: str, info: dict[str, Any], size: int) -> str:
 
 
 def _recipe_command(run_dir: Path) -> str | None:
-    import yaml
+    from sparta_cli.config import read_yaml
 
     path = run_dir / CONFIG_YAML
     if not path.is_file():
         return None
-    return ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("run") or {}).get("command")
+    return (read_yaml(path).get("run") or {}).get("command")
 
 
 def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
@@ -230,12 +233,15 @@ def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- the command
 
 
-def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32") -> dict[str, Any]:
+def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32", trust_remote_code: bool = False,
+               overwrite: bool = False) -> dict[str, Any]:
     """Write the run's adapter as `format` into `output` (atomically), with a model card."""
     if format not in FORMATS:
         raise SpartaError(f"--format {format} is not one sparta writes: use {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     if values not in VALUE_DTYPES:
         raise SpartaError(f"--values {values} is not supported: use fp32 or bf16")
+    output = Path(output)
+    check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
     if run.tuner.standalone:
         raise SpartaError(f"{run_dir} is a {run.method} run: its folder already is a transformers checkpoint "
@@ -244,7 +250,8 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")
     value_dtype = VALUE_DTYPES[values]
-    writer = {"sparta": _write_sparta, "peft": _write_peft, "peft-sparta": _write_peft_sparta}[format]
+    writer = {"sparta": _write_sparta, "peft": _write_peft,
+              "peft-sparta": partial(_write_peft_sparta, trust_remote_code=trust_remote_code)}[format]
     result: dict[str, Any] = {}
 
     def build(tmp: Path) -> None:
@@ -256,7 +263,8 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         trainable = int(run.config.get("trainable_params") or 0)
         result.update(info, bytes=size, trainable_params=trainable, bytes_per_param=size / max(1, trainable))
 
-    replace_dir(build, output)
+    with locked_output(output):
+        replace_dir(build, output)
     console.print(f"[green]exported[/] {run_dir} as {format} ({result['kind']}) to {output}: {result['bytes']:,} bytes for "
                   f"{result['trainable_params']:,} trainable parameters = {result['bytes_per_param']:.2f} bytes per trainable parameter ({values} values)")
     return result

@@ -2,7 +2,9 @@
 
 Each writer writes to a temporary name in the same folder, fsyncs, then renames;
 a rename within one filesystem is atomic, so a kill at any moment leaves the old
-file (or none), never half of a new one.
+file (or none), never half of a new one. The temporary names are hidden and end in
+`.tmp` (LEFTOVER): what a killed writer left behind is swept by the next write of
+the same file, and a run folder is swept whole when a run starts in it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,20 +26,75 @@ from sparta_cli.errors import RunFailure, SpartaError
 
 
 def _explain(exc: OSError, path: Path) -> SpartaError:
-    if exc.errno == errno.ENOSPC:
-        return RunFailure(f"no space left on the device while writing {path}: free some space or set output_dir elsewhere")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return SpartaError(f"no permission to write {path}: choose an output_dir you can write to")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunFailure(f"no space left on the device while writing {path}: free some space or write elsewhere; "
+                          "the previous output is kept")
+    if exc.errno == errno.EROFS:
+        return SpartaError(f"cannot write to {path}: the file system is read-only; write elsewhere")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return SpartaError(f"no permission to write {path}: choose a place you can write to")
+    if exc.errno == errno.EISDIR:
+        return SpartaError(f"cannot write {path}: it is a folder; name a file")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = next((str(p) for p in (path, *path.parents) if p.is_file()), "a part of the path")
         return SpartaError(f"cannot create {path}: {blocker} is a file, not a folder: choose another output_dir")
     return RunFailure(f"cannot write {path}: {exc.strerror or exc}")
 
 
+_ERRNO_IN_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def explain_write_error(exc: BaseException, path: str | Path | None = None) -> SpartaError | None:
+    """The one-line error for a full disk or an unwritable place, from an OSError or from a library
+    that reports one as text (safetensors' `SafetensorError: ... No space left on device (os error 28)`)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return _explain(exc, Path(path or exc.filename or "the output"))
+    for phrase, code in _ERRNO_IN_TEXT.items():
+        if phrase in str(exc):
+            return _explain(OSError(code, phrase), Path(path or getattr(exc, "filename", None) or "the output"))
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# `.NAME.XXXXXXXX.tmp` (mkstemp/mkdtemp below), `.checkpoint-N.tmp`, and `.NAME.old` (replace_dir's previous folder)
+LEFTOVER = re.compile(r"^\.(?P<name>.+?)\.(?:[a-z0-9_]{8}\.tmp|tmp|old)$")
+
+
+def sweep_leftovers(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries a killed writer left in `folder` (only those for `name`, when given).
+
+    Only sparta's own hidden names match; links are unlinked, never followed. A `.NAME.old`
+    whose NAME is missing is the previous good output of a replace_dir killed mid-swap: it is
+    put back, not removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    swept = []
+    for entry in folder.iterdir():
+        match = LEFTOVER.match(entry.name)
+        if not match or (name is not None and match.group("name") != name):
+            continue
+        original = folder / match.group("name")
+        try:
+            if entry.name.endswith(".old") and not entry.is_symlink() and not os.path.lexists(original):
+                os.replace(entry, original)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _explain(exc, entry) from None
+        swept.append(entry)
+    return swept
 
 
 def make_dir(path: str | Path) -> None:
@@ -52,6 +110,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
     path = Path(path)
     make_dir(path.parent)
+    sweep_leftovers(path.parent, path.name)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -92,13 +151,23 @@ def write_yaml(path: str | Path, data: Any) -> None:
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    def save(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors as SafetensorError text
+            known = explain_write_error(exc, path)
+            if known is None:
+                raise
+            raise known from None
+
+    write_with(path, save)
 
 
 def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
     """Build a folder under a temporary name, then swap it in for `target` atomically."""
     target = Path(target)
     make_dir(target.parent)
+    sweep_leftovers(target.parent, target.name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as exc:
@@ -120,14 +189,84 @@ def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file sparta or transformers wrote; anything else is one line naming the file."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpartaError(f"{path} does not exist: is this a sparta run directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpartaError(f"{path} is not valid JSON ({exc}): the file is damaged; rerun or restore it") from None
+    except IsADirectoryError:
+        raise SpartaError(f"{path} is a folder, not a JSON file: the folder is damaged; rerun or restore it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SpartaError(f"{path} is not valid JSON ({str(exc)[:80]}): the file is damaged; rerun or restore it") from None
+    if not isinstance(data, dict):
+        raise SpartaError(f"{path} holds a JSON {type(data).__name__}, not an object: the file is damaged; rerun or restore it")
+    return data
+
+
+# ---------------------------------------------------------------- YAML
+
+MAX_YAML_NODES = 100_000  # a recipe has ~50; a billion-laughs bomb resolves to billions
+
+
+class YamlRefused(yaml.YAMLError):
+    """A YAML document sparta will not read: an alias bomb, or a key given twice."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader (no Python objects) that refuses duplicate keys and documents whose aliases
+    resolve to more than MAX_YAML_NODES nodes (a 1.5 KB "billion laughs" file would take GBs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if duplicate:
+                raise YamlRefused(f"the key `{key}` appears twice at line {key_node.start_mark.line + 1}: keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_size(node)
+        return node
+
+
+def _check_size(root) -> None:
+    """Count the nodes the document expands to, each shared (aliased) node once per use."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        sizes[id(node)] = total
+        if total > MAX_YAML_NODES:
+            raise YamlRefused(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?): write the values out")
+        return total
+
+    size(root)
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load with StrictLoader: no Python objects, no alias bombs, no duplicate keys."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise YamlRefused(f"a value cannot be read ({str(exc).split(':')[0]}): shorten it") from None
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-SPARTA_LR_SCALE = 1.3e-3   # c, fitted in docs/learning_rates.md
-SPARTA_LR_EXPONENT = 0.7   # a
+SPARTA_LR_SCALE = 2.1e-3   # c, fitted in docs/learning_rates.md
+SPARTA_LR_EXPONENT = 0.62  # a
 SPARTA_LR_MAX = 0.3        # the largest rate measured; the rule is not extrapolated past it
 FIXED_LR = {"lora": 1e-3, "dora": 1e-3, "full": 5e-5, "head": 2e-3}
 

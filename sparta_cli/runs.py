@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 from sparta_cli import __version__
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import make_dir, write_text, write_yaml
+from sparta_cli.fileio import sweep_leftovers, write_text, write_yaml
+from sparta_cli.outputs import check_clearable_run_dir, check_not_locked, clear_run_dir, lock_run_dir, run_dir_is_empty
 
 CONFIG_YAML = "config.yaml"
 TRAINER_LOG = "trainer_log.jsonl"
@@ -23,11 +23,16 @@ ALL_RESULTS = "all_results.json"
 
 
 def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty folder unless told to (`--overwrite`, `--resume`); changes nothing,
-    so it runs before the (slow) model load."""
+    """Refuse a non-empty folder unless told to (`--overwrite`, `--resume`), a folder `--overwrite`
+    may not clear, and one another process is training in; changes nothing, so it runs before the
+    (slow) model load."""
     if path.exists() and not path.is_dir():
         raise SpartaError(f"output_dir {path} is a file: choose a folder name")
-    if resume or overwrite or not (path.is_dir() and any(path.iterdir())):
+    check_not_locked(path)
+    if resume or run_dir_is_empty(path):
+        return
+    if overwrite:
+        check_clearable_run_dir(path)
         return
     has_checkpoints = any(path.glob("checkpoint-*"))
     extra = " or --resume to continue its checkpoints" if has_checkpoints else ""
@@ -35,12 +40,13 @@ def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
-    """Create the folder, emptying it first with `--overwrite`."""
+    """Create the folder and hold its lock for this process; sweep what killed writers left;
+    with `--overwrite`, remove what the previous run wrote (and nothing else)."""
     check_output_dir(path, overwrite=overwrite, resume=resume)
-    if overwrite and path.is_dir():
-        for child in path.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    make_dir(path)
+    lock_run_dir(path)
+    sweep_leftovers(path)
+    if overwrite:
+        clear_run_dir(path)
 
 
 def versions() -> dict[str, str]:

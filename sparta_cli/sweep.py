@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sparta_cli.config import Recipe, load_recipe
+from sparta_cli.config import Recipe, load_recipe, read_yaml
 from sparta_cli.errors import SpartaError
+from sparta_cli.outputs import run_dir_is_empty
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
 LORA_BASELINE = ("adapter.method=lora", "adapter.targets=[q,v]", "adapter.r=8")
@@ -75,10 +74,10 @@ def run_action(recipe: Recipe) -> str:
     """What the sweep does with a run's folder: train it anew, skip it, resume it (from its newest
     checkpoint, or from the start if it has none), or refuse because it holds a run of another recipe."""
     out = Path(recipe.output_dir)
-    if not out.is_dir() or not any(out.iterdir()):
+    if run_dir_is_empty(out):
         return "new"
     if (out / CONFIG_YAML).is_file():
-        theirs = yaml.safe_load((out / CONFIG_YAML).read_text(encoding="utf-8")) or {}
+        theirs = read_yaml(out / CONFIG_YAML)
         theirs.pop("run", None)
         differ = differences(recipe.to_dict(), theirs)
         if differ:

@@ -28,6 +28,8 @@ import csv
 import difflib
 import io
 import json
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -296,7 +298,7 @@ def _discover_labels(task_cfg: TaskConfig, split: str, given: str) -> tuple[str,
     _require_columns(path, header, (task_cfg.label_field,), "task.label_field")
     found: set[str] = set()
     for line, record in rows:
-        text = _label_text(record.get(task_cfg.label_field))
+        text = _label_text(record.get(task_cfg.label_field), path, line)
         if not text:
             raise SpartaError(f"{path} line {line}: the label is empty: fill it in or remove that row")
         found.add(text)
@@ -427,15 +429,28 @@ def _no_rows(path: Path) -> SpartaError:
     return SpartaError(f"{path} has no data rows: use a complete copy of the file")
 
 
-def _label_text(value: Any) -> str:
-    return "" if value is None else str(value).strip()
+def _label_text(value: Any, path: Path, line: int) -> str:
+    """A label cell as text, one spelling per class: JSON's 1 and 1.0 (or a CSV's "1.0") are both "1"."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        raise SpartaError(f"{path} line {line}: label {json.dumps(value)[:40]} is a {'list' if isinstance(value, list) else 'JSON object'}: "
+                          "labels must be plain numbers or strings; fix that row")
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SpartaError(f"{path} line {line}: label {value} is not a finite number: fix or remove that row")
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value).strip()
+    return re.sub(r"^(-?\d+)\.0+$", r"\1", text)
 
 
 def _label_parser(task: Task, path: Path, keys: Mapping[str, int] | None, required: bool) -> Callable[[Any, int], float]:
     """Turns a label cell into a class id (via `keys`) or a float (regression); blanks are -1 unless required."""
 
     def parse(value: Any, line: int) -> float:
-        text = _label_text(value)
+        text = _label_text(value, path, line)
         if not text and not required:
             return -1
         if keys is None:

