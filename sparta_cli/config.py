@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, parse_yaml
-from sparta_cli.lr_rule import auto_lr
 
 Method = Literal["sparta", "lora", "dora", "full", "head"]
 
@@ -495,7 +494,9 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise SpartaError(_describe(first)) from None
     if recipe.training.lr == "auto":  # config.yaml records the number, so a rerun of it trains at the same rate
-        recipe.training.lr = auto_lr(recipe.adapter.method, recipe.adapter.density)
+        from sparta_cli.tuners import get_tuner
+
+        recipe.training.lr = get_tuner(recipe.adapter.method).auto_lr(recipe.adapter)
         recipe._lr_auto = True
     if "max_length" not in recipe.data.model_fields_set and re.sub(r"[-_]", "", str(recipe.task.name).lower()) == "mmlu":
         recipe.data.max_length = MMLU_MAX_LENGTH_SHOTS if recipe.task.shots else MMLU_MAX_LENGTH

@@ -1,8 +1,8 @@
 """`training.lr: auto`: the learning rate a method wants, from the rule measured in docs/learning_rates.md.
 
 SpaRTA's best rate grows as the density falls (fewer entries must carry the same change), fitted
-on MiniLM as a power law lr* = c * density^-a; the other methods get the rate that was best for
-them in the same sweep. Pure functions: the recipe calls `auto_lr` once, and the chosen value is what
+on MiniLM as a power law lr* = c * density^-a; the other methods state a fixed rate on their tuner
+(`Tuner.auto_lr`). Pure functions: the recipe resolves `auto` once, and the chosen value is what
 config.yaml records.
 """
 
@@ -14,14 +14,11 @@ from collections.abc import Iterable
 SPARTA_LR_SCALE = 2.1e-3   # c, fitted in docs/learning_rates.md
 SPARTA_LR_EXPONENT = 0.62  # a
 SPARTA_LR_MAX = 0.3        # the largest rate measured; the rule is not extrapolated past it
-FIXED_LR = {"lora": 1e-3, "dora": 1e-3, "full": 5e-5, "head": 2e-3}
 
 
-def auto_lr(method: str, density: float) -> float:
-    """The rate `training.lr: auto` resolves to for `method` (at `density` for sparta)."""
-    if method == "sparta":
-        return min(SPARTA_LR_MAX, SPARTA_LR_SCALE * density ** -SPARTA_LR_EXPONENT)
-    return FIXED_LR[method]
+def sparta_lr(density: float) -> float:
+    """SpaRTA's `training.lr: auto` rate at `density` (the other methods state a fixed one: `Tuner.auto_lr`)."""
+    return min(SPARTA_LR_MAX, SPARTA_LR_SCALE * density ** -SPARTA_LR_EXPONENT)
 
 
 def fit_power_law(points: Iterable[tuple[float, float]]) -> tuple[float, float]:

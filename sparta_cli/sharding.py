@@ -12,22 +12,23 @@ import torch
 import torch.distributed as dist
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.tuners.base import Tuner
 from sparta_cli.tuners.sparta.sharded import ShardedSparta
 
 ACCELERATE_SHARDING = ("FSDP", "DEEPSPEED")
 
 
-def check_launch(method: str, shardable: bool, sharding: str, distributed_type: str, mixed_precision: str,
-                 selecting: bool = False) -> None:
-    """Refuse, in one line, the sharded setups that do not work (yet); `shardable`: the method trains
-    under accelerate's FSDP / DeepSpeed plugins (its tuner says so)."""
-    if distributed_type in ACCELERATE_SHARDING and not shardable:
+def check_launch(tuner: Tuner, sharding: str, distributed_type: str, mixed_precision: str, selecting: bool = False) -> None:
+    """Refuse, in one line, the sharded setups that do not work (yet); the method's tuner says which
+    sharding it trains under (accelerate's FSDP / DeepSpeed plugins, or sparta's own row sharding)."""
+    method = tuner.name
+    if distributed_type in ACCELERATE_SHARDING and not tuner.shardable:
         raise SpartaError(f"accelerate's FSDP / DeepSpeed ZeRO-3 plugins do not work with adapter.method={method} (they would "
                           "flatten the weights under its layers): launch with torchrun and set training.sharding=fsdp "
                           "(see docs/scaling.md)")
     if sharding != "fsdp":
         return
-    if method != "sparta":
+    if not tuner.row_sharded:
         raise SpartaError(f"training.sharding=fsdp supports adapter.method=sparta only so far, not {method}: "
                           "use training.sharding=none (DDP)")
     if not dist.is_available() or not dist.is_initialized():

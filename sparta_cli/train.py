@@ -246,8 +246,8 @@ class Trainer:
             kwargs_handlers=[ddp], **accelerator_kwargs(recipe, self.run_dir))
         self.main = accelerator.is_main_process
         self.say = console.print if self.main else (lambda *a, **k: None)
-        check_launch(recipe.adapter.method, self.adapter.tuner.shardable, self.cfg.sharding, accelerator.distributed_type.name,
-                     accelerator.mixed_precision, selecting=self.metric is not None)
+        check_launch(self.adapter.tuner, self.cfg.sharding, accelerator.distributed_type.name, accelerator.mixed_precision,
+                     selecting=self.metric is not None)
         # training.sharding=fsdp: FSDP2 over the model, SpaRTA deltas sharded by the same rows (docs/scaling.md)
         self.sharded = shard_adapter(self.adapter, accelerator.mixed_precision) if self.cfg.sharding == "fsdp" else None
         if self.main:

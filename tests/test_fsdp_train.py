@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.sharding import check_launch
+from sparta_cli.tuners import get_tuner
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 STEPS = 24
@@ -87,9 +88,9 @@ def test_fsdp_run_matches_one_process_and_resumes_after_kill_bit_for_bit(tmp_pat
 
 def test_sharding_refuses_what_does_not_work_in_one_line():
     with pytest.raises(SpartaError, match="training.sharding=fsdp"):
-        check_launch("sparta", False, "none", "FSDP", "no")  # accelerate's plugin: points at the way that works
+        check_launch(get_tuner("sparta"), "none", "FSDP", "no")  # accelerate's plugin: points at the way that works
     with pytest.raises(SpartaError, match="adapter.method=sparta only"):
-        check_launch("lora", True, "fsdp", "MULTI_CPU", "no")
+        check_launch(get_tuner("lora"), "fsdp", "MULTI_CPU", "no")
     with pytest.raises(SpartaError, match="torchrun"):
-        check_launch("sparta", False, "fsdp", "NO", "no")  # one process, no process group
-    check_launch("lora", True, "none", "FSDP", "no")  # PEFT under accelerate's FSDP is not ours to refuse
+        check_launch(get_tuner("sparta"), "fsdp", "NO", "no")  # one process, no process group
+    check_launch(get_tuner("lora"), "none", "FSDP", "no")  # PEFT under accelerate's FSDP is not ours to refuse

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparta_cli.config import load_recipe
+from sparta_cli.config import AdapterConfig, load_recipe
 from sparta_cli.errors import SpartaError
-from sparta_cli.lr_rule import FIXED_LR, SPARTA_LR_EXPONENT, SPARTA_LR_MAX, SPARTA_LR_SCALE, auto_lr, fit_power_law
+from sparta_cli.lr_rule import SPARTA_LR_EXPONENT, SPARTA_LR_MAX, SPARTA_LR_SCALE, fit_power_law, sparta_lr
+from sparta_cli.tuners import get_tuner
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -34,18 +35,20 @@ def test_fit_needs_two_densities():
 
 
 def test_sparta_rate_follows_the_rule_and_is_capped():
-    assert auto_lr("sparta", 0.05) == pytest.approx(SPARTA_LR_SCALE * 0.05 ** -SPARTA_LR_EXPONENT)
-    assert auto_lr("sparta", 0.001) > auto_lr("sparta", 0.01) > auto_lr("sparta", 0.1)  # lower density, larger rate
-    assert auto_lr("sparta", 1e-9) == SPARTA_LR_MAX
-    for method, lr in FIXED_LR.items():
-        assert auto_lr(method, 0.01) == lr == auto_lr(method, 0.5)
+    assert sparta_lr(0.05) == pytest.approx(SPARTA_LR_SCALE * 0.05 ** -SPARTA_LR_EXPONENT)
+    assert sparta_lr(0.001) > sparta_lr(0.01) > sparta_lr(0.1)  # lower density, larger rate
+    assert sparta_lr(1e-9) == SPARTA_LR_MAX
+    sparse, dense = AdapterConfig(method="sparta", density=0.01), AdapterConfig(method="lora")
+    assert get_tuner("sparta").auto_lr(sparse) == sparta_lr(0.01)
+    for method, lr in {"lora": 1e-3, "dora": 1e-3, "full": 5e-5, "head": 2e-3}.items():  # compare_methods.sh's rates
+        assert get_tuner(method).auto_lr(dense) == lr
 
 
 def test_auto_resolves_in_the_recipe_and_a_number_stays_a_number():
     recipe = load_recipe(QUICKSTART, ["training.lr=auto", "adapter.density=0.01"])
-    assert recipe.training.lr == auto_lr("sparta", 0.01) and recipe.lr_from_rule
+    assert recipe.training.lr == sparta_lr(0.01) and recipe.lr_from_rule
     recipe = load_recipe(QUICKSTART, ["training.lr=auto", "adapter.method=lora"])
-    assert recipe.training.lr == FIXED_LR["lora"]
+    assert recipe.training.lr == get_tuner("lora").default_lr
     recipe = load_recipe(QUICKSTART, ["training.lr=3e-3"])
     assert recipe.training.lr == 3e-3 and not recipe.lr_from_rule
 
@@ -64,7 +67,7 @@ def test_train_prints_and_records_the_chosen_rate(tmp_path, tiny_bert_dir, data_
          "training.max_steps=1", "training.batch_size=4", "training.eval_every=null", f"output_dir={out}"],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    chosen = auto_lr("sparta", 0.02)
+    chosen = sparta_lr(0.02)
     assert f"training.lr: auto = {chosen:.3g}" in result.stdout
     recorded = yaml.safe_load((out / "config.yaml").read_text())["training"]["lr"]
     assert recorded == pytest.approx(chosen)

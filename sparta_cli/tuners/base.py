@@ -42,9 +42,15 @@ class Tuner:
     export_formats: ClassVar[tuple[str, ...]] = ()  # `sparta export --format` values it supports
     adds_up: ClassVar[bool] = False  # its saved deltas add up with other runs' in one `sparta merge`
     peft_native: ClassVar[bool] = False  # saved as PEFT's own adapter files (under peft/)
-    shardable: ClassVar[bool] = True  # trains under FSDP / DeepSpeed ZeRO-3 sharding
+    shardable: ClassVar[bool] = True  # trains under accelerate's FSDP / DeepSpeed ZeRO-3 plugins
     standalone: ClassVar[bool] = False  # its run folder is a whole transformers checkpoint (no base needed)
     config_file: ClassVar[str] = CONFIG_FILE  # where the run's adapter config is recorded
+    row_sharded: ClassVar[bool] = False  # trains under `training.sharding: fsdp` (its deltas sharded by rows)
+    default_lr: ClassVar[float]  # what `training.lr: auto` gives it (the rates compare_methods.sh used)
+
+    def auto_lr(self, cfg: AdapterConfig) -> float:
+        """The rate `training.lr: auto` resolves to (docs/learning_rates.md)."""
+        return self.default_lr
 
     def applies(self, key: str) -> bool:
         """Whether the method-specific key `adapter.<key>` means something for this method."""

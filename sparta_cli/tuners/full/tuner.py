@@ -29,6 +29,7 @@ class FullTuner(Tuner):
     name = "full"
     size_text = "it trains every weight"
     display_name = "full"
+    default_lr = 5e-5
     standalone = True
     config_file = CHECKPOINT_CONFIG_FILE
 

@@ -16,6 +16,7 @@ class HeadTuner(Tuner):
     name = "head"
     size_text = "it trains only the classification head"
     display_name = "head"
+    default_lr = 2e-3
     adds_up = True  # a head-only run merges with sparta runs (its head can be the one kept)
 
     def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class LoraTuner(Tuner):
     name = "lora"
     display_name = "LoRA"
+    default_lr = 1e-3
     config_keys = ("targets", "r", "alpha", "dropout")
     size_text = "its size is adapter.r"
     export_formats = ("peft",)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from sparta_cli.lr_rule import sparta_lr
 from sparta_cli.tuners.base import (
     Adapter,
     Tuner,
@@ -29,10 +30,16 @@ class SpartaTuner(Tuner):
     size_text = "its size is adapter.density"
     export_formats = ("sparta", "peft", "peft-sparta")
     adds_up = True
-    shardable = False  # the layer rewrites whole weights in place: not sharded yet (docs/scaling.md)
+    # accelerate's plugins would flatten the weights under its layers; training.sharding=fsdp shards
+    # the deltas by the weights' rows instead (sharded.py, docs/scaling.md)
+    shardable = False
+    row_sharded = True
 
     def name_setting(self, cfg: AdapterConfig) -> str:
         return f"-d{cfg.density}"
+
+    def auto_lr(self, cfg: AdapterConfig) -> float:
+        return sparta_lr(cfg.density)
 
     def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
         base_params = count_params(model)
