@@ -23,22 +23,19 @@ multiples=${MULTIPLES:-"1 4 16"}
 declare -A lr=([sparta]=${LR_SPARTA:-2e-3} [lora]=${LR_LORA:-1e-3} [dora]=${LR_DORA:-1e-3} [full]=${LR_FULL:-5e-5} [head]=${LR_HEAD:-2e-3})
 mkdir -p "$out"
 
-# LoRA r=8 on q,v: r * (in + out) per matrix; SpaRTA's pool: every entry of the recipe's targets
-read -r lora_params pool targets < <("$PYTHON" - "$recipe" "$@" <<'EOF'
+# the density at which SpaRTA on the recipe's targets trains as many entries as LoRA r=8 on q,v
+read -r matched targets < <("$PYTHON" - "$recipe" "$@" <<'EOF'
 import sys
 from sparta_cli.config import load_recipe
 from sparta_cli.console import quiet_libraries
 from sparta_cli.models import load_for_classification
-from sparta_cli.targets import resolve_targets
+from sparta_cli.targets import lora_matched_density
 from sparta_cli.tasks import resolve_task
 
 quiet_libraries()
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
-task = resolve_task(recipe.task)
-model = load_for_classification(recipe.model, task.num_labels, None).model
-lora = sum(8 * (model.get_submodule(n).in_features + model.get_submodule(n).out_features) for n in resolve_targets(model, ["q", "v"]))
-pool = sum(model.get_submodule(n).weight.numel() for n in resolve_targets(model, recipe.adapter.targets))
-print(lora, pool, "[" + ",".join(recipe.adapter.targets) + "]")
+model = load_for_classification(recipe.model, resolve_task(recipe.task).num_labels, None).model
+print(lora_matched_density(model, recipe.adapter.targets), "[" + ",".join(recipe.adapter.targets) + "]")
 EOF
 )
 
@@ -56,7 +53,7 @@ train() {  # name, overrides...
 
 train head adapter.method=head "training.lr=${lr[head]}" "$@"
 for m in $multiples; do
-    density=$("$PYTHON" -c "print(f'{min(1.0, $m * $lora_params / $pool):.6g}')")
+    density=$("$PYTHON" -c "print(f'{min(1.0, $m * $matched):.6g}')")
     train "sparta-x$m" adapter.method=sparta "adapter.density=$density" "adapter.targets=$targets" "training.lr=${lr[sparta]}" "$@"
 done
 train lora adapter.method=lora adapter.r=8 "adapter.targets=[q,v]" "training.lr=${lr[lora]}" "$@"

@@ -98,3 +98,12 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, str]:
         for name in hits:
             chosen.setdefault(name, target)
     return dict(sorted(chosen.items(), key=lambda item: names.index(item[0])))
+
+
+def lora_matched_density(model: nn.Module, targets: list[str], r: int = 8, lora_targets: tuple[str, ...] = ("q", "v")) -> float:
+    """SpaRTA's density on `targets` at which it trains as many entries as LoRA rank `r` on `lora_targets`
+    (r * (in + out) per matrix): the equal-budget point the paper compares at."""
+    lora = sum(r * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
+               for n in resolve_targets(model, list(lora_targets)))
+    pool = sum(model.get_submodule(n).weight.numel() for n in resolve_targets(model, targets))
+    return lora / pool

@@ -117,3 +117,16 @@ def test_a_full_run_is_a_plain_transformers_checkpoint(minilm_runs):
     batch = tokenizer(["a gripping, funny film", "dull, and far too long for what it has to say"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(theirs(**batch).logits, ours(**batch).logits)
+
+
+def test_lora_matched_density_equals_lora_r8_qv_count_on_the_targets():
+    """The equal-budget density compare_methods.sh and paper_table.py use, against counts made by hand."""
+    from sparta_cli.targets import lora_matched_density
+
+    model = tiny_model("llama")  # hidden 32, 4 heads of 8 (2 kv heads), 2 layers
+    lora = 2 * (8 * (32 + 32) + 8 * (32 + 16))  # per layer: q (32 -> 32) and v (32 -> 16), r=8
+    pool = 2 * (16 * 32 + 32 * 32)  # per layer: v (16 x 32) and o (32 x 32)
+    assert lora_matched_density(model, ["v", "o"]) == lora / pool
+    density = lora_matched_density(model, ["v", "o"])
+    sparta = apply_adapter(tiny_model("llama"), AdapterConfig(method="sparta", density=density, targets=["v", "o"]), 0, [])
+    assert sparta.num_trainable() - sum(p.numel() for n, p in sparta.trainable() if "score" in n) == lora
