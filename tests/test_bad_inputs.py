@@ -101,8 +101,21 @@ def _small_roberta_model(tmp: Path) -> None:
 
 
 def _locked_folder(tmp: Path) -> None:
+    """A folder nobody may write into: permissions for a user, the immutable flag for root (whom
+    permissions do not stop; `_unlock` lifts it after the case)."""
     (tmp / "locked").mkdir()
     (tmp / "locked").chmod(0o555)
+    if _is_root():
+        subprocess.run(["chattr", "+i", str(tmp / "locked")], check=True)
+
+
+def _unlock(tmp: Path) -> None:
+    if _is_root() and (tmp / "locked").is_dir():
+        subprocess.run(["chattr", "-i", str(tmp / "locked")], check=True)
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def _tamper_adapter(edit):
@@ -208,8 +221,6 @@ def _needs(case: dict[str, Any]) -> str | None:
         return f"{MINILM_PKG} is not installed"
     if "{data}" in text and not (DATA_DIR / "glue").is_dir():
         return f"no offline data at {DATA_DIR}"
-    if case.get("root_skip") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        return case["root_skip"]
     return None
 
 
@@ -241,7 +252,7 @@ def test_corpus_is_well_formed():
     assert len(names) == len(set(names)), "case names must be unique"
     assert len(CASES) >= 30
     allowed = {"name", "args", "recipe", "recipe_text", "files", "run", "json", "yaml", "truncate", "delete", "setup", "env", "exit",
-               "expect", "subprocess", "root_skip"}
+               "expect", "subprocess"}
     for case in CASES:
         assert set(case) <= allowed, f"{case['name']}: unknown keys {set(case) - allowed}"
         assert case["exit"] in (1, 2) and case["args"] and case["expect"], case["name"]
@@ -257,11 +268,14 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, finished_run):
     monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
     args = _prepare(case, tmp_path, finished_run)
     env = {key: str(value) for key, value in case.get("env", {}).items()}
-    if case.get("subprocess"):
-        code, out, err = _subprocess(args, env, tmp_path)
-    else:
-        monkeypatch.chdir(tmp_path)
-        code, out, err = _in_process(args, env, monkeypatch, capsys)
+    try:
+        if case.get("subprocess"):
+            code, out, err = _subprocess(args, env, tmp_path)
+        else:
+            monkeypatch.chdir(tmp_path)
+            code, out, err = _in_process(args, env, monkeypatch, capsys)
+    finally:
+        _unlock(tmp_path)
     both = out + err
     assert "Traceback" not in both, both
     assert "rerun with --debug" not in both, f"an unexpected exception, not a precise message:\n{both}"
