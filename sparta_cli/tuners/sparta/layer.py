@@ -122,7 +122,27 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None
 
 
-class SpartaLinear(nn.Module):
+class WrappedLinear(nn.Module):
+    """What every SpaRTA linear shares (one process, or row-sharded under FSDP): the frozen linear it
+    wraps and the value W0 + delta that its chosen entries must hold."""
+
+    base_layer: nn.Linear
+    sparta_origin: torch.Tensor
+    sparta_delta: nn.Parameter
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _target_values(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.sparta_origin.float() + self.sparta_delta.detach()).to(dtype)
+
+
+class SpartaLinear(WrappedLinear):
     """Wraps a frozen `nn.Linear`; trains fp32 deltas at fixed flat indices of its weight.
 
     `write_weight` sets the chosen entries to `(W0 + delta).to(dtype)` from the stored
@@ -146,28 +166,17 @@ class SpartaLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    def _target_values(self) -> torch.Tensor:
-        return (self.sparta_origin.float() + self.sparta_delta.detach()).to(self.base_layer.weight.dtype)
-
     @torch.no_grad()
     def write_weight(self) -> None:
         """Make the dense weight hold W0 + delta at the chosen entries (exact, no drift)."""
         weight = self.base_layer.weight
-        weight.view(-1).index_copy_(0, self.sparta_indices.long(), self._target_values())
+        weight.view(-1).index_copy_(0, self.sparta_indices.long(), self._target_values(self.base_layer.weight.dtype))
 
     @torch.no_grad()
     def weight_is_written(self) -> bool:
         """Whether the dense weight holds exactly W0 + delta at the chosen entries (a host sync)."""
         held = self.base_layer.weight.view(-1).index_select(0, self.sparta_indices.long())
-        return bool(torch.equal(held, self._target_values()))
+        return bool(torch.equal(held, self._target_values(self.base_layer.weight.dtype)))
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners.sparta.layer import SpartaLinear, autocast_input, sparse_weight_grad
+from sparta_cli.tuners.sparta.layer import SpartaLinear, WrappedLinear, autocast_input, sparse_weight_grad
 from sparta_cli.tuners.sparta.model import SpartaModel, _set_submodule
 
 
@@ -74,7 +74,7 @@ class _ShardedDeltaLinear(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None
 
 
-class ShardedSpartaLinear(nn.Module):
+class ShardedSpartaLinear(WrappedLinear):
     """A SpaRTA linear whose deltas, original values and optimizer state are this rank's rows only.
 
     `sparta_indices` is the global sorted index array (needed to compute every entry's gradient
@@ -99,21 +99,12 @@ class ShardedSpartaLinear(nn.Module):
         self.register_buffer("sparta_origin", layer.sparta_origin[lo:hi].to(device, copy=True))
         self.sparta_delta = nn.Parameter(layer.sparta_delta.detach()[lo:hi].to(device, copy=True), requires_grad=layer.sparta_delta.requires_grad)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
     @torch.no_grad()
     def write_weight(self) -> None:
         """W0 + delta into the owned entries of this rank's rows of the sharded weight (a DTensor
         whose local tensor is the storage FSDP all-gathers from)."""
         local = self.base_layer.weight.to_local()
-        values = (self.sparta_origin.float() + self.sparta_delta.detach()).to(local.dtype)
-        local.view(-1).index_copy_(0, self.sparta_local.long(), values)
+        local.view(-1).index_copy_(0, self.sparta_local.long(), self._target_values(local.dtype))
 
     def reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
         """Sum every rank's k-entry gradient and keep this rank's owned entries, averaged over ranks
