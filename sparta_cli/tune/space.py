@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import parse_yaml
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RANGE = re.compile(rf"^\s*(log\s*:)?\s*({_NUMBER})\s*\.\.\s*({_NUMBER})\s*$")
@@ -150,7 +151,7 @@ def parse_space_flag(text: str) -> tuple[str, Any]:
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
         raise SpartaError(f"--space {text!r}: write KEY=SPEC, e.g. --space adapter.density=log:1e-3..0.2")
     try:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)  # the recipe's own strict reader: no alias bombs, no duplicate keys
     except yaml.YAMLError:
         value = raw
     return key.strip(), value if isinstance(value, (list, dict)) else raw.strip()
