@@ -26,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from holdout_glue import FOLDERS  # noqa: E402
 from sparta_cli.lr_rule import fit_power_law, interpolated_optimum  # noqa: E402
 
 TRAIN, VAL = 1000, 400
@@ -123,8 +125,9 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     if not args.table_only:
-        if not (out / "data").is_dir():
-            subprocess.check_call([sys.executable, str(HERE / "holdout_glue.py"), str(out / "data"), "--tasks", *args.tasks,
+        missing = [task for task in args.tasks if not (out / "data" / "glue" / FOLDERS[task] / "dev.tsv").is_file()]
+        if missing:  # a task added to an existing sweep gets its own held-out copy; the others keep theirs
+            subprocess.check_call([sys.executable, str(HERE / "holdout_glue.py"), str(out / "data"), "--tasks", *missing,
                                    "--val", str(VAL), "--train", str(TRAIN), "--seed", "0"], env=os.environ)
         cells = [(task, d) for d in sorted(START, reverse=True) for task in args.tasks]
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -1,61 +1,203 @@
-"""`training.sharding: fsdp` in `sparta train`: what the loop needs to run SpaRTA under FSDP2.
+"""`training.sharding: fsdp` in `sparta train`: FSDP2 (`fully_shard`) over any method's model.
 
-The layer side (ownership, the reduce-scatter backward, gathering) is
-`tuners/sparta/sharded.py`; this module checks the launch, shards the adapter's model and
-gives the checkpoint code the tensors and optimizer state one process would hold, so
-checkpoints and adapters keep today's format.
+FSDP2 shards every weight it manages by rows (Shard(0) DTensors); this module shards the model
+(one group per transformer block, the heads, then the root), checks the launch, and gives the
+checkpoint and adapter code the tensors and optimizer state one process would hold, so their files
+keep today's format whatever the world size. SpaRTA's deltas are not FSDP's: they are sharded by
+the same rows but owned outside FSDP (`tuners/sparta/sharded.py`), and `ShardedModel` asks them
+how to gather and split their parts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners.base import Tuner
-from sparta_cli.tuners.sparta.sharded import ShardedSparta
+
+if TYPE_CHECKING:
+    from sparta_cli.tuners.base import Adapter, Tuner
+    from sparta_cli.tuners.sparta.model import SpartaModel
+    from sparta_cli.tuners.sparta.sharded import ShardedSparta
 
 ACCELERATE_SHARDING = ("FSDP", "DEEPSPEED")
 
 
-def check_launch(tuner: Tuner, sharding: str, distributed_type: str, mixed_precision: str, selecting: bool = False) -> None:
-    """Refuse, in one line, the sharded setups that do not work (yet); the method's tuner says which
-    sharding it trains under (accelerate's FSDP / DeepSpeed plugins, or sparta's own row sharding)."""
-    method = tuner.name
+def check_launch(tuner: Tuner, sharding: str, distributed_type: str, mixed_precision: str) -> None:
+    """Refuse, in one line, the sharded setups that do not work; the method's tuner says whether
+    accelerate's FSDP / DeepSpeed plugins can train it (sparta's own FSDP2 sharding trains them all)."""
     if distributed_type in ACCELERATE_SHARDING and not tuner.shardable:
-        raise SpartaError(f"accelerate's FSDP / DeepSpeed ZeRO-3 plugins do not work with adapter.method={method} (they would "
+        raise SpartaError(f"accelerate's FSDP / DeepSpeed ZeRO-3 plugins do not work with adapter.method={tuner.name} (they would "
                           "flatten the weights under its layers): launch with torchrun and set training.sharding=fsdp "
                           "(see docs/scaling.md)")
     if sharding != "fsdp":
         return
-    if not tuner.row_sharded:
-        raise SpartaError(f"training.sharding=fsdp supports adapter.method=sparta only so far, not {method}: "
-                          "use training.sharding=none (DDP)")
+    if distributed_type in ACCELERATE_SHARDING:
+        raise SpartaError("training.sharding=fsdp shards the model itself: launch with torchrun (or accelerate launch "
+                          "without an FSDP / DeepSpeed config), not both")
     if not dist.is_available() or not dist.is_initialized():
         raise SpartaError("training.sharding=fsdp needs several processes: launch with "
                           "`torchrun --nproc_per_node N -m sparta_cli train RECIPE`")
-    if selecting:
-        raise SpartaError("training.sharding=fsdp does not keep the best evaluation's adapter yet: "
-                          "drop data.validation_size, or train with training.sharding=none (DDP)")
     if mixed_precision == "fp16":
         raise SpartaError("training.sharding=fsdp runs bf16 or fp32, not fp16 (no loss scaling across shards): "
                           "set training.mixed_precision=bf16")
 
 
-def shard_adapter(adapter, mixed_precision: str) -> ShardedSparta:
-    """FSDP2 over the adapter's model (one group per transformer block, the head alone, then the
-    root), SpaRTA deltas sharded by the same rows; `adapter.sparta` becomes the sharded one.
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor: FSDP's DTensor shards gathered (a collective), plain tensors as they are."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks Hugging Face marks as not to be split (decoder/encoder layers): one
+    FSDP group each, the usual choice for overlap and peak memory."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every group's gathered weights, so the next forward all-gathers the shards again: FSDP
+    keeps the root's after a forward without backward (an evaluation), which would hide a load."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@dataclass
+class ShardedModel:
+    """A model under FSDP2, with the conversions between this rank's parts and whole tensors that
+    checkpoints and adapter files need. Every method that gathers is a collective: all ranks call it."""
+
+    model: nn.Module
+    group: Any  # the process group of the FSDP mesh
+    sparta: ShardedSparta | None = None  # SpaRTA's row-owned deltas, when the method has them
+
+    def _owner(self, param: torch.Tensor):
+        return self.sparta.owner(param) if self.sparta is not None else None
+
+    def gather(self, param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor of a trainable parameter, or of a state tensor shaped like it (an AdamW
+        moment, a kept best copy): owned deltas gathered to all k entries, DTensor shards to the whole tensor."""
+        value = param.detach() if value is None else value
+        layer = self._owner(param)
+        return self.sparta.gather_delta(layer, value) if layer is not None else full_tensor(value)
+
+    def gather_all(self, params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`gather` for every named parameter (or for `values` shaped like them)."""
+        return {name: self.gather(param, None if values is None else values[name]) for name, param in params.items()}
+
+    def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole tensor shaped like `param` (the inverse of `gather`; no collective)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        layer = self._owner(param)
+        if layer is not None:
+            lo, hi = layer.slices[layer.rank]
+            return full[lo:hi].clone()
+        if isinstance(param, DTensor):
+            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return full.clone()
+
+    def local_parts(self, params: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: self.local_part(param, full[name]) for name, param in params.items()}
+
+    @torch.no_grad()
+    def load_full(self, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Copy whole tensors (as `gather` made them, e.g. a checkpoint's) into this rank's parts of `params`."""
+        for name, param in params.items():
+            part = self.local_part(param, tensors[name])
+            _local(param).copy_(_local(part))
+        self.write_weights()
+
+    def write_weights(self) -> None:
+        """After parameters were loaded in place: the next forward gathers them (and SpaRTA's
+        weights hold W0 + delta again)."""
+        if self.sparta is not None:
+            self.sparta.write_weights()
+        else:
+            reshard(self.model)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()` as one process training the whole model would hold it, so a
+        checkpoint has today's format. The live state is untouched."""
+        saved = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved["state"] = {index: {key: self.gather(params[index], value) if _shaped_like(value, params[index]) else value
+                                  for key, value in entry.items()}
+                          for index, entry in saved["state"].items()}
+        return saved
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+        """The inverse of `full_optimizer_state`: each rank keeps its parts of the per-entry state."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        local = {**saved, "state": {index: {key: self.local_part(params[index], value) if torch.is_tensor(value) and value.dim() else value
+                                            for key, value in entry.items()}
+                                    for index, entry in saved["state"].items()}}
+        optimizer.load_state_dict(local)
+
+    def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """`module.state_dict()` (default: the sharded model's) with every shard gathered, on CPU:
+        what `save_pretrained` of a fully trained or PEFT model writes."""
+        return {name: full_tensor(value.detach()).cpu() for name, value in (module or self.model).state_dict().items()}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _shaped_like(value, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
+
+
+def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterable[nn.Module] | None = None, mesh=None,
+          mp_policy=None, reshard_after_forward: bool = True) -> ShardedModel:
+    """`fully_shard` the blocks (default: `default_blocks`), then the root; SpaRTA's layers, when
+    given, first become their row-owned form, their deltas left out of FSDP (`ignored_params`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mesh is None:
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise SpartaError("FSDP2 sharding here supports a 1-D mesh (full sharding); hybrid sharding (HSDP) is not supported yet")
+    group = mesh.get_group()
+    owned = None
+    if sparta is not None:
+        from sparta_cli.tuners.sparta.sharded import ShardedSparta
+
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+        owned = ShardedSparta.own_rows(sparta, dist.get_rank(group), dist.get_world_size(group), group, device)
+    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
+                   ignored_params=owned.deltas() if owned is not None else None)
+    for block in default_blocks(model) if blocks is None else blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    if owned is not None:
+        owned.check_layout()
+        owned.write_weights()
+    return ShardedModel(model, group, owned)
+
+
+def shard_adapter(adapter: Adapter, mixed_precision: str) -> ShardedModel:
+    """FSDP2 over the adapter's model (one group per transformer block, each head alone, then the
+    root); for SpaRTA, `adapter.sparta` becomes the row-owned one.
 
     bf16 is FSDP's MixedPrecisionPolicy (weights all-gathered in bf16, gradients reduced in fp32),
-    standing in for autocast: the fp32 deltas and head stay fp32 in their shards."""
+    standing in for autocast: the fp32 shards (SpaRTA's deltas, LoRA's factors, full's weights) stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    from sparta_cli.tuners.sparta.sharded import default_blocks
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else None
     heads = [adapter.base.get_submodule(name) for name in adapter.head_modules]
-    sharded = ShardedSparta.shard(adapter.sparta, blocks=default_blocks(adapter.base) + heads, mp_policy=policy)
-    adapter.sparta = sharded
+    sharded = shard(adapter.base, sparta=adapter.sparta, blocks=default_blocks(adapter.base) + heads, mp_policy=policy)
+    if sharded.sparta is not None:
+        adapter.sparta = sharded.sparta
     return sharded
 
 
@@ -63,7 +205,7 @@ class GatheredOptimizer:
     """An optimizer seen as one process would hold it, for `save_checkpoint` / `load_checkpoint`:
     built on every rank (gathering is a collective), read or loaded by whoever needs it."""
 
-    def __init__(self, sharded: ShardedSparta, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, sharded: ShardedModel, optimizer: torch.optim.Optimizer) -> None:
         self.sharded, self.optimizer = sharded, optimizer
         self.saved = sharded.full_optimizer_state(optimizer)
 
@@ -74,7 +216,17 @@ class GatheredOptimizer:
         self.sharded.load_full_optimizer_state(self.optimizer, saved)
 
 
-def gathered(sharded: ShardedSparta, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The trainable tensors as one process would hold them (a collective: every rank calls it)."""
-    return {name: sharded.gather(param) for name, param in trainable.items()}
-
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """torch's clip_grad_norm_ over gradients that are disjoint shards across ranks: owned delta
+    gradients (plain tensors) and FSDP's Shard(0) DTensor gradients. One all-reduce of a scalar."""
+    grads = [_local(param.grad) for param in params if param.grad is not None]
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for grad in grads:
+        total += grad.double().pow(2).sum()
+    dist.all_reduce(total, group=group)
+    norm = total.sqrt().float()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(coef.to(grad.dtype))
+    return norm

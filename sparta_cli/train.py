@@ -41,11 +41,10 @@ from sparta_cli.runs import (
     truncate_log,
     write_run_config,
 )
-from sparta_cli.sharding import GatheredOptimizer, check_launch, gathered, shard_adapter
+from sparta_cli.sharding import GatheredOptimizer, check_launch, clip_grad_norm_, shard_adapter
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
 from sparta_cli.tuners import apply_adapter
-from sparta_cli.tuners.sparta.sharded import clip_grad_norm_
 
 
 class Interrupted(RunFailure):
@@ -118,7 +117,9 @@ class ModelSelection:
         self.evaluated_step = step
         if self._improves(results[self.key]):
             self.best_step, self.best_metrics, self.evals_since_best = step, dict(results), 0
-            self.best_tensors = {name: t.detach().to("cpu", copy=True) for name, t in self.trainable.items()}
+            # a CPU copy; FSDP's DTensor shards are cloned where they live (their mesh's device)
+            self.best_tensors = {name: t.detach().clone() if hasattr(t, "to_local") else t.detach().to("cpu", copy=True)
+                                 for name, t in self.trainable.items()}
         else:
             self.evals_since_best += 1
 
@@ -246,8 +247,7 @@ class Trainer:
             kwargs_handlers=[ddp], **accelerator_kwargs(recipe, self.run_dir))
         self.main = accelerator.is_main_process
         self.say = console.print if self.main else (lambda *a, **k: None)
-        check_launch(self.adapter.tuner, self.cfg.sharding, accelerator.distributed_type.name, accelerator.mixed_precision,
-                     selecting=self.metric is not None)
+        check_launch(self.adapter.tuner, self.cfg.sharding, accelerator.distributed_type.name, accelerator.mixed_precision)
         # training.sharding=fsdp: FSDP2 over the model, SpaRTA deltas sharded by the same rows (docs/scaling.md)
         self.sharded = shard_adapter(self.adapter, accelerator.mixed_precision) if self.cfg.sharding == "fsdp" else None
         if self.main:
@@ -304,8 +304,11 @@ class Trainer:
         self.selection = ModelSelection(self.metric, cfg.early_stopping_patience, self.trainable) if self.metric else None
 
     def _write_weights(self) -> None:
-        """After trainable tensors were loaded in place (resume, best adapter): SpaRTA's weights follow its deltas."""
-        if self.adapter.sparta is not None:
+        """After trainable tensors were loaded in place (resume, best adapter): SpaRTA's weights follow
+        its deltas, and a sharded model gathers the loaded shards at its next forward."""
+        if self.sharded is not None:
+            self.sharded.write_weights()
+        elif self.adapter.sparta is not None:
             self.adapter.sparta.write_weights()
 
     def _restore_or_start(self, resume: bool) -> None:
@@ -315,7 +318,7 @@ class Trainer:
         self.state = TrainerState(world_size=world)
         if self.resume_from is not None:
             if self.sharded is not None:  # checkpoints hold the whole adapter; each rank keeps its part
-                full = gathered(self.sharded, self.trainable)
+                full = self.sharded.gather_all(self.trainable)
                 self.state = load_checkpoint(self.resume_from, full, GatheredOptimizer(self.sharded, self.optimizer), self.scheduler,
                                              accelerator, self.masks)
                 self.sharded.load_full(self.trainable, full)
@@ -323,7 +326,10 @@ class Trainer:
                 self.state = load_checkpoint(self.resume_from, self.trainable, self.optimizer, self.scheduler, accelerator, self.masks)
             self._write_weights()
             if self.selection is not None:
-                self.selection.load(self.state.selection, load_best(self.resume_from))
+                best = load_best(self.resume_from)
+                if best is not None and self.sharded is not None:  # saved whole; each rank keeps its parts
+                    best = self.sharded.local_parts(self.trainable, best)
+                self.selection.load(self.state.selection, best)
             if self.main:
                 truncate_log(self.run_dir / TRAINER_LOG, self.state.step, drop=self._after_final_checkpoint)
         elif self.main:
@@ -488,11 +494,13 @@ class Trainer:
         state.elapsed = self.elapsed()
         state.selection = selection.state() if selection is not None else None
         # sharded: the whole adapter and optimizer, as one process would save them (every rank gathers)
-        tensors = gathered(self.sharded, self.trainable) if self.sharded is not None else self.trainable
-        optimizer = GatheredOptimizer(self.sharded, self.optimizer) if self.sharded is not None else self.optimizer
+        best = selection.best_tensors if selection is not None else None
+        tensors, optimizer = self.trainable, self.optimizer
+        if self.sharded is not None:
+            tensors, optimizer = self.sharded.gather_all(self.trainable), GatheredOptimizer(self.sharded, self.optimizer)
+            best = self.sharded.gather_all(self.trainable, best) if best is not None else None
         return save_checkpoint(self.run_dir, state, tensors, optimizer, self.scheduler, self.accelerator,
-                               self.cfg.keep_checkpoints, self.recipe.to_dict(),
-                               best=selection.best_tensors if selection is not None else None, masks=self.masks)
+                               self.cfg.keep_checkpoints, self.recipe.to_dict(), best=best, masks=self.masks)
 
     def elapsed(self) -> float:
         return self.start_elapsed + time.perf_counter() - self.session_start
@@ -531,8 +539,9 @@ class Trainer:
             self._write_weights()
             test_results = self.score(self.test_loaders, "test_", {"best_step": selection.best_step})
             eval_results = {"best_step": selection.best_step, **selection.best_metrics, **test_results}
-        _check_in_sync(gathered(self.sharded, self.trainable) if self.sharded is not None else self.trainable, self.accelerator)
-        tensors = self.adapter.saved_tensors() if self.sharded is not None else None  # gathering: every rank takes part
+        _check_in_sync(self.sharded.gather_all(self.trainable) if self.sharded is not None else self.trainable, self.accelerator)
+        # sharded: what the method writes, gathered whole (every rank takes part)
+        gathered = self.adapter.tuner.gathered_for_save(self.adapter, self.sharded) if self.sharded is not None else None
         if self.main:
             runtime = self.elapsed()
             train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
@@ -543,7 +552,7 @@ class Trainer:
                              "epoch": round(state.epoch + state.batches_in_epoch / len(self.train_loader), 4),
                              "peak_gpu_memory_gib": peak_gpu_memory_gib(self.accelerator.device),
                              "device": device_name(self.accelerator.device)}
-            self._save_adapter(tensors)
+            self._save_adapter(gathered)
             append_jsonl(self.run_dir / TRAINER_LOG, {"step": state.step, **train_results})
             write_json(self.run_dir / TRAIN_RESULTS, train_results)
             write_json(self.run_dir / EVAL_RESULTS, eval_results)
@@ -554,7 +563,7 @@ class Trainer:
             self.say(f"[green]done[/] in {runtime:.1f}s · {train_results['train_samples_per_second']:.1f} samples/s · "
                      f"{train_results['train_tokens_per_second']:,.0f} tokens/s{memory} on {train_results['device']} → {self.run_dir}")
 
-    def _save_adapter(self, tensors: dict[str, torch.Tensor] | None) -> None:
+    def _save_adapter(self, gathered: dict[str, torch.Tensor] | None) -> None:
         recipe, task, adapter, loaded = self.recipe, self.task, self.adapter, self.loaded
         metadata = {
             "base_model": {"name_or_path": recipe.model.name_or_path, "resolved_path": loaded.source,
@@ -569,7 +578,7 @@ class Trainer:
             "pad_token_id": adapter.base.config.pad_token_id,
             "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
         }
-        adapter.save(self.run_dir, metadata, loaded.tokenizer, tensors)
+        adapter.save(self.run_dir, metadata, loaded.tokenizer, gathered)
 
 
 class LossWindow:

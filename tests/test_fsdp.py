@@ -14,9 +14,10 @@ import torch.multiprocessing as mp
 from conftest import tiny_batch, tiny_model
 
 from sparta_cli.config import AdapterConfig
+from sparta_cli.sharding import ShardedModel, clip_grad_norm_, full_tensor, shard
 from sparta_cli.tuners import apply_adapter
 from sparta_cli.tuners.sparta.mask import select_indices
-from sparta_cli.tuners.sparta.sharded import ShardedSparta, clip_grad_norm_, full_tensor, owned_slices, row_split
+from sparta_cli.tuners.sparta.sharded import owned_slices, row_split
 
 ARCHS = ["llama", "gemma2"]
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]  # out features 32, 16, 16, 32, 64, 64, 32
@@ -44,12 +45,12 @@ def _model(arch: str):
     return model, adapter
 
 
-def _optimizer(adapter, sharded: ShardedSparta | None = None) -> torch.optim.Optimizer:
+def _optimizer(adapter, sharded: ShardedModel | None = None) -> torch.optim.Optimizer:
     deltas = [p for name, p in adapter.trainable() if name.endswith("sparta_delta")]
     head = [p for name, p in adapter.trainable() if not name.endswith("sparta_delta")]
     optimizer = torch.optim.AdamW([{"params": deltas}, {"params": head}], lr=LR, weight_decay=0.01)
     if sharded is not None:
-        sharded.write_after_steps_of(optimizer)
+        sharded.sparta.write_after_steps_of(optimizer)
     else:  # explicitly, as the training loop does
         optimizer.register_step_post_hook(lambda *_: [layer.write_weight() for layer in adapter.sparta.layers.values()])
     return optimizer
@@ -80,8 +81,8 @@ def _sharded(arch: str, checkpointing: bool = False):
     full_k = adapter.sparta.num_trainable()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sharded = ShardedSparta.shard(adapter.sparta)
-    owned = torch.tensor([sharded.num_owned()])
+    sharded = shard(model, sparta=adapter.sparta)
+    owned = torch.tensor([sharded.sparta.num_owned()])
     dist.all_reduce(owned)
     assert int(owned) == full_k  # every entry owned by exactly one rank
     return model, adapter, sharded, _optimizer(adapter, sharded)
@@ -100,18 +101,18 @@ def _train_fsdp(arch: str, rank: int, world: int, accum: int = 1, checkpointing:
         saved = {name: sharded.gather(param) for name, param in trainable.items()}
         saved_optimizer = sharded.full_optimizer_state(optimizer)
         for entry, param in zip(saved_optimizer["state"].values(), trainable.values()):
-            layer = sharded._owner(param)
+            layer = sharded.sparta.owner(param)
             shape = layer.sparta_indices.shape if layer is not None else param.shape
             assert all(v.shape == shape for v in entry.values() if v.dim())  # the unsharded format
         model, adapter, sharded, optimizer = _sharded(arch, checkpointing)
         sharded.load_full(dict(adapter.trainable()), saved)
         sharded.load_full_optimizer_state(optimizer, saved_optimizer)
         _train(model, adapter, optimizer, rank, world, clip, range(resume_at, STEPS), accum)
-    tensors = sharded.state_tensors()
+    tensors = sharded.sparta.state_tensors()
     for name, param in adapter.base.named_parameters():
         if param.requires_grad and not name.endswith("sparta_delta"):
             tensors["trained." + name] = full_tensor(param.detach()).clone()
-    tensors["owned"] = torch.tensor(sharded.num_owned())
+    tensors["owned"] = torch.tensor(sharded.sparta.num_owned())
     return tensors
 
 

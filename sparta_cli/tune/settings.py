@@ -11,7 +11,7 @@ tune:
   pruner: median             # median, halving, hyperband or none
   sampler_startup_trials: 10 # random trials before TPE models the space
   pruner_startup_trials: 3   # finished trials before the median pruner prunes
-  space:                     # default: adapter.density log:1e-3..0.2 (sparta), training.lr log:1e-4..3e-2
+  space:                     # default: adapter.density log:1e-3..0.2 and training.lr log:1e-3..0.3 (sparta); lr log:1e-4..3e-2 (others)
     adapter.density: log:1e-3..0.2
     adapter.targets: [[v, o], [q, k, v, o]]
   enqueue:                   # configurations tried first, e.g. the recipe's own

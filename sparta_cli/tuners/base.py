@@ -21,6 +21,7 @@ from sparta_cli.fileio import read_json, write_json, write_safetensors
 
 if TYPE_CHECKING:  # config.py asks the tuners which keys apply: no import cycle at run time
     from sparta_cli.config import AdapterConfig
+    from sparta_cli.sharding import ShardedModel
     from sparta_cli.tuners.sparta.model import SpartaModel
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -45,7 +46,6 @@ class Tuner:
     shardable: ClassVar[bool] = True  # trains under accelerate's FSDP / DeepSpeed ZeRO-3 plugins
     standalone: ClassVar[bool] = False  # its run folder is a whole transformers checkpoint (no base needed)
     config_file: ClassVar[str] = CONFIG_FILE  # where the run's adapter config is recorded
-    row_sharded: ClassVar[bool] = False  # trains under `training.sharding: fsdp` (its deltas sharded by rows)
     default_lr: ClassVar[float]  # what `training.lr: auto` gives it (the rates compare_methods.sh used)
 
     def auto_lr(self, cfg: AdapterConfig) -> float:
@@ -76,9 +76,15 @@ class Tuner:
         model.requires_grad_(False)
         return Adapter(self, model, model, list(config.get("head_modules", [])), base_params, sparta)
 
-    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None) -> None:
-        """The trained tensors, atomically: deltas and fully trained parameters in one safetensors file."""
-        write_safetensors(run_dir / ADAPTER_FILE, adapter.saved_tensors(), {"format": "pt"})
+    def gathered_for_save(self, adapter: Adapter, sharded: ShardedModel) -> dict[str, torch.Tensor]:
+        """Under FSDP, what `save_weights` writes, gathered whole beforehand (a collective: every rank calls it)."""
+        return adapter.saved_tensors()
+
+    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
+                     gathered: dict[str, torch.Tensor] | None = None) -> None:
+        """The trained tensors, atomically: deltas and fully trained parameters in one safetensors file
+        (`gathered`: `gathered_for_save`'s tensors, when the model is sharded)."""
+        write_safetensors(run_dir / ADAPTER_FILE, adapter.saved_tensors() if gathered is None else gathered, {"format": "pt"})
 
     def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
         """The saved deltas (`<module>.indices/.delta`) and trained tensors (`trained.<name>`) that merge
@@ -130,7 +136,7 @@ class Adapter:
         return f"trainable params: {n:,} || all params: {self.base_params:,} || trainable%: {100 * n / self.base_params:.4f} ({parts})"
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        from sparta_cli.tuners.sparta.sharded import full_tensor  # FSDP's DTensor shards, gathered
+        from sparta_cli.sharding import full_tensor  # FSDP's DTensor shards, gathered
 
         tensors = self.sparta.state_tensors() if self.sparta else {}
         for name, param in self.base.named_parameters():
@@ -139,14 +145,10 @@ class Adapter:
         return tensors
 
     def save(self, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
-             tensors: dict[str, torch.Tensor] | None = None) -> None:
+             gathered: dict[str, torch.Tensor] | None = None) -> None:
         """The method's weight files and its adapter config, each atomic (`tokenizer` goes with a
-        standalone checkpoint; `tensors`: `saved_tensors()` gathered beforehand on every rank, when
-        the model is sharded)."""
-        if tensors is not None:
-            write_safetensors(run_dir / ADAPTER_FILE, tensors, {"format": "pt"})
-        else:
-            self.tuner.save_weights(self, run_dir, metadata, tokenizer)
+        standalone checkpoint; `gathered`: the tuner's `gathered_for_save`, when the model is sharded)."""
+        self.tuner.save_weights(self, run_dir, metadata, tokenizer, gathered)
         config = {
             "format_version": FORMAT_VERSION,
             "sparta_version": __version__,

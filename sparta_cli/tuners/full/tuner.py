@@ -23,6 +23,7 @@ from sparta_cli.tuners.base import CHECKPOINT_CONFIG_FILE, Adapter, Tuner, check
 
 if TYPE_CHECKING:
     from sparta_cli.config import AdapterConfig
+    from sparta_cli.sharding import ShardedModel
 
 
 class FullTuner(Tuner):
@@ -37,15 +38,20 @@ class FullTuner(Tuner):
         model.requires_grad_(True)
         return Adapter(self, model, model, head_modules, count_params(model))
 
-    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None) -> None:
+    def gathered_for_save(self, adapter: Adapter, sharded: ShardedModel) -> dict[str, torch.Tensor]:
+        return sharded.full_state_dict(adapter.base)
+
+    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
+                     gathered: dict[str, torch.Tensor] | None = None) -> None:
         """`save_pretrained` of the model (and tokenizer) into a temporary folder, then each file
-        renamed into the run folder: a kill leaves the previous file or the new one."""
+        renamed into the run folder: a kill leaves the previous file or the new one. Sharded, the
+        weights written are `gathered` (the whole state dict)."""
         model = adapter.base
         model.config.finetuning_task = (metadata.get("task") or {}).get("name")  # `sparta eval` scores this task
         model.config.architectures = [type(model).__name__]
         staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir))
         try:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=gathered)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging))
             for path in staging.iterdir():

@@ -15,6 +15,7 @@ from sparta_cli.tuners.base import PEFT_DIR, Adapter, Tuner, count_params, freez
 
 if TYPE_CHECKING:
     from sparta_cli.config import AdapterConfig
+    from sparta_cli.sharding import ShardedModel
 
 
 class LoraTuner(Tuner):
@@ -53,8 +54,12 @@ class LoraTuner(Tuner):
         peft_model = PeftModel.from_pretrained(model, str(run_dir / PEFT_DIR))
         return Adapter(self, peft_model, model, list(config.get("head_modules", [])), base_params)
 
-    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None) -> None:
-        replace_dir(lambda tmp: adapter.model.save_pretrained(str(tmp)), run_dir / PEFT_DIR)
+    def gathered_for_save(self, adapter: Adapter, sharded: ShardedModel) -> dict[str, torch.Tensor]:
+        return sharded.full_state_dict(adapter.model)  # PEFT keeps the adapter's keys of it
+
+    def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
+                     gathered: dict[str, torch.Tensor] | None = None) -> None:
+        replace_dir(lambda tmp: adapter.model.save_pretrained(str(tmp), state_dict=gathered), run_dir / PEFT_DIR)
 
     def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
         return {}  # PEFT's own files: merge goes through merge_into, export copies them

@@ -22,7 +22,6 @@ because each rank's batch contributes a gradient to every entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,57 +127,29 @@ class ShardedSpartaLinear(WrappedLinear):
         return f"k={self.sparta_indices.numel()}, owned={hi - lo} (rank {self.rank}/{self.world}), shape=({self.out_features}, {self.in_features})"
 
 
-def default_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks Hugging Face marks as not to be split (decoder/encoder layers): one
-    FSDP group each, the usual choice for overlap and peak memory."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 @dataclass
 class ShardedSparta(SpartaModel):
-    """The SpaRTA layers of an FSDP2-sharded model, with SpartaModel's interface: counts and shapes
-    are the whole adapter's, `state_tensors` gathers, `load_deltas` keeps this rank's slice."""
+    """The SpaRTA layers of an FSDP2-sharded model (`sharding.shard`), with SpartaModel's interface:
+    counts and shapes are the whole adapter's, `state_tensors` gathers, `load_deltas` keeps this rank's slice."""
 
     group: Any = None  # the process group of the FSDP mesh
 
     @classmethod
-    def shard(cls, sparta: SpartaModel, *, blocks: Iterable[nn.Module] | None = None, mesh=None, mp_policy=None,
-              reshard_after_forward: bool = True) -> ShardedSparta:
-        """Swap every SpaRTA layer for its row-owned form and `fully_shard` the blocks, then the root.
-
-        The deltas are left out of FSDP (`ignored_params`): they are already sharded by ownership,
-        and are placed on the mesh's device here (FSDP moves only what it manages).
-        """
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        model = sparta.model
-        if mesh is None:
-            mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
-        if mesh.ndim != 1:
-            raise SpartaError("SpaRTA under FSDP2 supports a 1-D mesh (full sharding); hybrid sharding (HSDP) is not supported yet")
-        group = mesh.get_group()
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
-        blocks = default_blocks(model) if blocks is None else list(blocks)
+    def own_rows(cls, sparta: SpartaModel, rank: int, world: int, group: dist.ProcessGroup | None,
+                 device: torch.device) -> ShardedSparta:
+        """Swap every SpaRTA layer for its row-owned form (before `fully_shard`, which must leave
+        `deltas()` out: they are already sharded by ownership, and placed on `device` here)."""
         layers = {}
         for name, layer in sparta.layers.items():
             layers[name] = ShardedSpartaLinear(layer, rank, world, group, device)
-            _set_submodule(model, name, layers[name])
-        ignored = {layer.sparta_delta for layer in layers.values()}
-        options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
-                       ignored_params=ignored)
-        for block in blocks:
-            fully_shard(block, **options)
-        fully_shard(model, **options)
-        sharded = cls(model, layers, dict(sparta.target_of), group)
-        sharded._check_layout()
-        sharded.write_weights()
+            _set_submodule(sparta.model, name, layers[name])
         sparta.layers = {}  # the unsharded layers are gone from the model
-        return sharded
+        return cls(sparta.model, layers, dict(sparta.target_of), group)
 
-    def _check_layout(self) -> None:
+    def deltas(self) -> set[nn.Parameter]:
+        return {layer.sparta_delta for layer in self.layers.values()}
+
+    def check_layout(self) -> None:
         from torch.distributed.tensor import DTensor, Shard
 
         for name, layer in self.layers.items():
@@ -190,14 +161,10 @@ class ShardedSparta(SpartaModel):
     @torch.no_grad()
     def write_weights(self) -> None:
         """Every owned entry of every local shard to W0 + delta: after each optimizer step and load.
+        Gathered weights are freed first (`sharding.reshard`), so the next forward gathers the written shards."""
+        from sparta_cli.sharding import reshard
 
-        Groups left unsharded (FSDP keeps the root's after a forward without backward) are
-        resharded first, so the next forward all-gathers the written shards."""
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        reshard(self.model)
         for layer in self.layers.values():
             layer.write_weight()
 
@@ -209,34 +176,18 @@ class ShardedSparta(SpartaModel):
 
     unload = merge_and_unload
 
-    def _owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
+    def owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
+        """The layer whose owned deltas `param` is, if any."""
         return next((layer for layer in self.layers.values() if layer.sparta_delta is param), None)
 
-    def gather(self, param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
-        """The full tensor of a trainable parameter, or of a state tensor shaped like it (an AdamW
-        moment): owned deltas gathered to all k entries, FSDP's DTensor shards to the whole tensor.
-        Every rank calls it (a collective)."""
-        value = param.detach() if value is None else value
-        layer = self._owner(param)
-        if layer is None:
-            return full_tensor(value)
+    def gather_delta(self, layer: ShardedSpartaLinear, value: torch.Tensor) -> torch.Tensor:
+        """All k entries of a tensor shaped like `layer`'s owned deltas (the deltas, an AdamW moment):
+        one all-gather of about k values. Every rank calls it."""
         padded = value.new_zeros(layer.chunk)
         padded[:value.numel()] = value
         gathered = padded.new_empty(layer.world * layer.chunk)
         dist.all_gather_single(gathered, padded, group=self.group)
         return torch.cat([gathered[r * layer.chunk:r * layer.chunk + hi - lo] for r, (lo, hi) in enumerate(layer.slices)])
-
-    def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full tensor shaped like `param` (the inverse of `gather`; no collective)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        layer = self._owner(param)
-        if layer is not None:
-            lo, hi = layer.slices[layer.rank]
-            return full[lo:hi].clone()
-        if isinstance(param, DTensor):
-            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-        return full.clone()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """`<module>.indices` and `<module>.delta` for every layer, as SpartaModel.state_tensors writes
@@ -244,7 +195,7 @@ class ShardedSparta(SpartaModel):
         tensors = {}
         for name, layer in self.layers.items():
             tensors[f"{name}.indices"] = layer.sparta_indices.detach().cpu().contiguous()
-            tensors[f"{name}.delta"] = self.gather(layer.sparta_delta).float().cpu().contiguous()
+            tensors[f"{name}.delta"] = self.gather_delta(layer, layer.sparta_delta.detach()).float().cpu().contiguous()
         return tensors
 
     @torch.no_grad()
@@ -254,59 +205,6 @@ class ShardedSparta(SpartaModel):
             delta = tensors[f"{name}.delta"]
             if delta.numel() != layer.sparta_indices.numel():
                 raise SpartaError(f"adapter delta for `{name}` has {delta.numel()} values for {layer.sparta_indices.numel()} indices: the adapter file is corrupted")
-            layer.sparta_delta.copy_(self.local_part(layer.sparta_delta, delta))
+            lo, hi = layer.slices[layer.rank]
+            layer.sparta_delta.copy_(delta[lo:hi])
         self.write_weights()
-
-    @torch.no_grad()
-    def load_full(self, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-        """Copy full tensors (as `gather` made them, e.g. a checkpoint's) into this rank's parts of `params`."""
-        for name, param in params.items():
-            part = self.local_part(param, tensors[name])
-            (param.to_local() if hasattr(param, "to_local") else param).copy_(part.to_local() if hasattr(part, "to_local") else part)
-        self.write_weights()
-
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """`optimizer.state_dict()` as one process training the whole adapter would hold it, so a
-        checkpoint has today's format. Every rank calls it (collectives); the live state is untouched."""
-        saved = optimizer.state_dict()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        saved["state"] = {index: {key: self.gather(params[index], value) if _shaped_like(value, params[index]) else value
-                                  for key, value in entry.items()}
-                          for index, entry in saved["state"].items()}
-        return saved
-
-    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-        """The inverse of `full_optimizer_state`: each rank keeps its parts of the per-entry state."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        local = {**saved, "state": {index: {key: self.local_part(params[index], value) if torch.is_tensor(value) and value.dim() else value
-                                            for key, value in entry.items()}
-                                    for index, entry in saved["state"].items()}}
-        optimizer.load_state_dict(local)
-
-
-def _shaped_like(value, param: torch.Tensor) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
-
-
-def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """A parameter as one plain tensor: FSDP's DTensor shards gathered, plain tensors as they are."""
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
-
-
-@torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """torch's clip_grad_norm_ over gradients that are disjoint shards across ranks: owned delta
-    gradients (plain tensors) and FSDP's Shard(0) DTensor gradients. One all-reduce of a scalar."""
-    grads = []
-    for param in params:
-        if param.grad is not None:
-            grads.append(param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad)
-    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
-    for grad in grads:
-        total += grad.double().pow(2).sum()
-    dist.all_reduce(total, group=group)
-    norm = total.sqrt().float()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(coef.to(grad.dtype))
-    return norm

@@ -33,7 +33,6 @@ class SpartaTuner(Tuner):
     # accelerate's plugins would flatten the weights under its layers; training.sharding=fsdp shards
     # the deltas by the weights' rows instead (sharded.py, docs/scaling.md)
     shardable = False
-    row_sharded = True
 
     def name_setting(self, cfg: AdapterConfig) -> str:
         return f"-d{cfg.density}"
