@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md "sparta tune vs a grid": TPE with median pruning against a 5 x 4 grid of the same
-# 20 trials, both on the recipe's held-out validation rows (default configs/tune_mrpc.yaml), run side
+# 20 trials, both on the recipe's held-out validation rows (default configs/tune_stsb.yaml), run side
 # by side (one worker and one CPU thread each, so they share the machine alike). Resumable: rerun the
 # same command after a kill; finished trials are never rerun. Then the table:
 #   python scripts/bench_tune_table.py OUT/tpe OUT/grid
@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/find_python.sh
-recipe=${RECIPE:-configs/tune_mrpc.yaml}
+recipe=${RECIPE:-configs/tune_stsb.yaml}
 out=${1:-tunes/bench}
 shift $(( $# > 0 ? 1 : 0 ))
 [[ "${1:-}" == "--" ]] && shift

@@ -60,6 +60,7 @@ def check_adapter_config(config: Any, path: Path) -> None:
 def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
     """Indices strictly increasing (so unique), inside their matrix; one finite value per index;
     the modules, their sizes and the density the config declares."""
+    from sparta_cli.tuners import get_tuner
     from sparta_cli.tuners.base import TRAINED_PREFIX  # here, not above: tuners.base imports this module
     from sparta_cli.tuners.sparta.mask import num_selected
 
@@ -78,7 +79,7 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict[str, An
     if sorted(modules) != sorted(shapes):
         extra = sorted(set(modules) - set(shapes)) or sorted(set(shapes) - set(modules))
         raise refuse(f"the tensors and adapter_config.json's target_shapes name different modules (e.g. `{extra[0]}`)")
-    density = config.get("density")
+    density = config.get("density") if get_tuner(config["method"]).applies("density") else None
     for module in sorted(modules):
         indices, delta = tensors[f"{module}.indices"], tensors.get(f"{module}.delta")
         numel = shapes[module][0] * shapes[module][1]
@@ -93,6 +94,6 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: dict[str, An
                              f"matrix (negative, out of range, repeated or unsorted entries)")
         if not bool(torch.isfinite(delta).all()):
             raise refuse(f"`{module}.delta` holds inf or NaN")
-        if config.get("method") == "sparta" and density is not None and indices.numel() != num_selected(numel, density):
+        if density is not None and indices.numel() != num_selected(numel, density):
             raise refuse(f"`{module}` has {indices.numel()} entries but density {density} of {numel} is "
                          f"{num_selected(numel, density)}")

@@ -14,3 +14,8 @@ class RunFailure(SpartaError):
     """A failure during a run that was correctly configured (NaN loss, disk full): exit code 1."""
 
     exit_code = 1
+
+
+class Diverged(RunFailure):
+    """The training loss became NaN or infinite: the configuration (its rate, most often) is at fault,
+    not the machine, so a search ranks it below every finished trial."""

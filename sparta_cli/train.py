@@ -23,7 +23,7 @@ from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_che
 from sparta_cli.config import Recipe
 from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import make_loader, tokenize_split, validation_indices
-from sparta_cli.errors import RunFailure, SpartaError
+from sparta_cli.errors import Diverged, RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
@@ -458,7 +458,7 @@ class Trainer:
             where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was kept"
             steps = f"step {first}" if first == self.state.step else f"steps {first}-{self.state.step}"
             shown = loss_sum if not math.isfinite(loss_sum) else float("nan")
-            raise RunFailure(f"the loss became {shown} at {steps}: lower training.lr or check the data; {where}")
+            raise Diverged(f"the loss became {shown} at {steps}: lower training.lr or check the data; {where}")
         self.state.loss_sum += loss_sum
         self.state.tokens += tokens
         self.session_tokens += tokens

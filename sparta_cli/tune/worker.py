@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparta_cli.errors import RunFailure, SpartaError
+from sparta_cli.errors import Diverged, RunFailure, SpartaError
 from sparta_cli.fileio import make_dir, read_json
 from sparta_cli.runs import ALL_RESULTS
 from sparta_cli.tune.study import HEARTBEAT_SECONDS, Plan, ask_lock, open_study, owner_attrs, read_plan, retire, trials_left
@@ -127,7 +127,7 @@ def run_trial(study, trial, plan: Plan) -> str:
             trial.set_user_attr("seconds", round(time.time() - started))
             # a diverged loss condemns the configuration: pruned, TPE then ranks it below every finished
             # trial; any other failure (disk full, ...) says nothing about the point and is ignored by TPE
-            diverged = str(exc).startswith("the loss became")
+            diverged = isinstance(exc, Diverged)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED if diverged else optuna.trial.TrialState.FAIL)
             return "diverged" if diverged else "fail"
         except SpartaError as exc:  # the recipe cannot run at all: stop the study, say why
