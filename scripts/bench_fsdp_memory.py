@@ -8,7 +8,8 @@ Per rank: the bytes of the local shards of the frozen weights, of SpaRTA's state
 deltas, their W0 values and AdamW moments; the global index array, which every rank keeps), the
 RSS after `fully_shard` and after the step, and the peak RSS. Each rank builds the whole model
 before sharding it (as `sparta train` loads it), so the peak RSS holds that whole copy; the RSS
-after sharding is what training keeps.
+after sharding is what training keeps. RSS figures are taken after `malloc_trim`, so they count
+live memory, not the freed gather buffers glibc keeps for reuse.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def rss() -> int:
     """Resident set size now, in bytes (Linux /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trimmed_rss() -> int:
+    """RSS once glibc has handed its free heap pages back (malloc_trim): the live memory, without
+    the freed all-gather buffers that malloc keeps for reuse."""
+    import ctypes
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss()
 
 
 def peak_rss() -> int:
@@ -62,13 +73,12 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, out: s
     total_params = sum(p.numel() for p in model.parameters())
     adapter = apply_adapter(model, AdapterConfig(density=density, targets=["q", "k", "v", "o", "gate", "up", "down"]),
                             seed=0, head_modules=["score"])
-    loaded = rss()
+    loaded = trimmed_rss()
     # as `sparta train` with training.mixed_precision=bf16 under FSDP: bf16 compute, fp32 head and gradient sums
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     sharded = shard(model, sparta=adapter.sparta, mp_policy=policy)
     adapter.sparta = sharded.sparta
-    gc.collect()
-    after_shard = rss()
+    after_shard = trimmed_rss()
     frozen = sum(p.to_local().numel() * p.element_size() for p in model.parameters()
                  if hasattr(p, "to_local") and not p.requires_grad)
     layers_ = sharded.sparta.layers.values()
@@ -82,7 +92,7 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, out: s
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    gc.collect()
+    after_step = trimmed_rss()
     sparta_state = sum(layer.sparta_delta.numel() * 4 + layer.sparta_origin.numel() * layer.sparta_origin.element_size()
                        + layer.sparta_local.numel() * layer.sparta_local.element_size() for layer in layers_)
     moments = sum(v.numel() * v.element_size() for p in optimizer.state for v in optimizer.state[p].values()
@@ -90,7 +100,7 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, out: s
     indices = sum(layer.sparta_indices.numel() * layer.sparta_indices.element_size() for layer in layers_)
     row = {"world": world, "rank": rank, "params": total_params, "k": k, "owned": owned, "frozen_local_bytes": frozen,
            "sparta_local_bytes": sparta_state + moments, "global_indices_bytes": indices,
-           "rss_loaded": loaded, "rss_after_shard": after_shard, "rss_after_step": rss(), "peak_rss": peak_rss()}
+           "rss_loaded": loaded, "rss_after_shard": after_shard, "rss_after_step": after_step, "peak_rss": peak_rss()}
     Path(out, f"w{world}-r{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
 

@@ -10,6 +10,9 @@
   (d) `sparta train configs/sst2.yaml` on a random-weight Gemma-2 2B-shaped model (sparta, LoRA,
       full: samples/s, peak memory), then `sparta merge`, `sparta eval` of the merged checkpoint
       (it must score what the run scored), `sparta export`
+  (e) with two GPUs or more: `sparta train` under torchrun with training.sharding=fsdp on 2 GPUs
+      (SpaRTA in bf16), its adapter against a one-GPU run of the same global batch; with one GPU it
+      says so and skips (--toy: 2 CPU processes over gloo, fp32)
 
 Self-contained: random weights from configs; SST-2 TSVs and MiniLM's tokenizer files from
 --carry (filled by scripts/gpu_pack.sh); nothing is downloaded. Writes gpu_check.json to --out
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, help="folder with MiniLM's tokenizer files (default: CARRY/tokenizer)")
     p.add_argument("--out", type=Path, required=True, help="where gpu_check.json goes")
     p.add_argument("--work", type=Path, help="scratch folder for models and runs (default: OUT/work on CPU, /tmp/gpu_check on CUDA)")
-    p.add_argument("--parts", default="a,b,c,d", help="which parts to run, comma-separated")
+    p.add_argument("--parts", default="a,b,c,d,e", help="which parts to run, comma-separated")
     args = p.parse_args(argv)
     args.device = "cpu" if args.toy else "cuda"
     args.data_dir = args.data_dir or args.carry / "data"
@@ -355,6 +358,36 @@ def end_to_end(args: argparse.Namespace) -> dict:
     return results
 
 
+def fsdp_two_ranks(args: argparse.Namespace) -> dict:
+    """`sparta train` with training.sharding=fsdp on 2 ranks against 1 rank, same global batch."""
+    from safetensors.torch import load_file
+
+    if not args.toy and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU: FSDP needs two ranks", "ok": True}
+    base = random_gemma2(args)
+    precision = "no" if args.toy else "bf16"
+    common = [f"model.name_or_path={base}", f"data.dir={args.data_dir}", "training.max_steps=6", "training.eval_every=null",
+              "data.max_eval_samples=16", "data.max_train_samples=64", "data.max_length=32", "data.cache=false",
+              f"training.mixed_precision={precision}", "training.optimizer=adamw", "training.log_every=1"]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    runs, seconds = {}, {}
+    for name, batch, launch in (("one", 8, [sys.executable, "-m", "sparta_cli"]),
+                                ("fsdp", 4, [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "sparta_cli"])):
+        run = args.work / "runs" / f"fsdp-{name}"
+        cli = ["train", str(REPO / "configs" / "sst2.yaml"), *common, f"training.batch_size={batch}",
+               f"training.sharding={'fsdp' if name == 'fsdp' else 'none'}", f"output_dir={run}", "--overwrite"]
+        started = time.perf_counter()
+        done = subprocess.run([*launch, *cli], env=env, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: sparta train failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+        seconds[name] = round(time.perf_counter() - started, 1)
+        runs[name] = load_file(str(run / "adapter_model.safetensors"))
+    worst = max(normwise_error(runs["fsdp"][key], runs["one"][key]) for key in runs["one"] if key.endswith(".delta"))
+    bound = 1e-5 if args.toy else 2e-2  # fp32: rounding; bf16: FSDP's bf16 weights against autocast (0.0097 on CPU)
+    return {"ranks": 2, "precision": "bf16" if precision == "bf16" else "fp32", "seconds": seconds, "max_delta_error": worst, "bound": bound, "ok": worst <= bound}
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -382,6 +415,11 @@ def summary(report: dict) -> list[str]:
         e = d["eval_merged"]
         lines.append(f"(d) merged eval accuracy {e['accuracy']} vs run {e['run_accuracy']} {'ok' if e['ok'] else 'FAIL'}; "
                      f"export: {', '.join(d['export']['files'])}")
+    f = report.get("e_fsdp")
+    if f:
+        lines.append(f"(e) FSDP2: {f['skipped']}" if "skipped" in f else
+                     f"(e) FSDP2 2 ranks ({f['precision']}) vs 1: delta err {f['max_delta_error']:.2e} (bound {f['bound']:.0e}) "
+                     f"{'ok' if f['ok'] else 'FAIL'}; seconds {f['seconds']}")
     return lines
 
 
@@ -398,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"missing on this machine: {', '.join(missing)}: pip install --no-index --find-links "
                          f"{args.carry}/wheels PACKAGES (add what scripts/gpu_pack.sh lacks to its WHEELS)")
     for folder, what in ((args.data_dir / "glue" / "SST-2", "SST-2"), (args.tokenizer, "the tokenizer")):
-        if "d" in args.parts and not folder.is_dir():
+        if {"d", "e"} & set(args.parts) and not folder.is_dir():
             raise SystemExit(f"{what} not found at {folder}: run scripts/gpu_pack.sh first (or pass --data-dir/--tokenizer)")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -406,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     report: dict = {"device": device_name, "torch": torch.__version__, "toy": args.toy, "seconds_by_part": {}}
     parts = {"a": [("a_layer_gradients", layer_gradients), ("a_optimizer_writes", optimizer_writes)],
-             "b": [("b_crossover", crossover)], "c": [("c_bench_step", bench)], "d": [("d_end_to_end", end_to_end)]}
+             "b": [("b_crossover", crossover)], "c": [("c_bench_step", bench)], "d": [("d_end_to_end", end_to_end)],
+             "e": [("e_fsdp", fsdp_two_ranks)]}
     for part in args.parts:
         part_start = time.perf_counter()
         for key, run in parts[part]:
@@ -418,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [row["ok"] for key in ("a_layer_gradients", "a_optimizer_writes") for row in report.get(key, [])]
     if "d_end_to_end" in report:
         checks.append(report["d_end_to_end"]["eval_merged"]["ok"])
+    if "e_fsdp" in report:
+        checks.append(report["e_fsdp"]["ok"])
     report["ok"] = all(checks)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print("\n".join(summary(report)))

@@ -128,6 +128,12 @@ class TrainingConfig(_Strict):
     # fsdp: frozen weights sharded by FSDP2 and SpaRTA deltas by the same rows (torchrun; docs/scaling.md)
     sharding: Literal["none", "fsdp"] = "none"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_a_word(cls, value: Any) -> Any:
+        """YAML reads a bare `no` (recipe or `training.mixed_precision=no`) as false: it means "no", as in Accelerate."""
+        return "no" if value is False else value
+
     @field_validator("lr", mode="before")
     @classmethod
     def _rate_or_auto(cls, value: Any) -> Any:

@@ -50,3 +50,13 @@ def test_a_runs_config_reloads_as_its_recipe(tmp_path):
     assert build_recipe(read_yaml(tmp_path / "config.yaml")).to_dict() == recipe.to_dict()
     older = {**recipe.to_dict(), "adapter": {**recipe.to_dict()["adapter"], "density": 0.05}, "run": {}}
     assert build_recipe(older).to_dict() == recipe.to_dict()
+
+
+def test_a_bare_no_for_mixed_precision_means_no():
+    """YAML reads `no` as false; `mixed_precision: no` (Accelerate's word) must still mean no mixed precision."""
+    raw = read_yaml(REPO / "configs" / "quickstart.yaml")
+    assert build_recipe(raw, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    raw["training"]["mixed_precision"] = False  # what `mixed_precision: no` in a recipe file becomes
+    assert build_recipe(raw).training.mixed_precision == "no"
+    with pytest.raises(SpartaError, match="mixed_precision"):
+        build_recipe(raw, ["training.mixed_precision=yes"])  # true is not a precision

@@ -31,4 +31,6 @@ def test_gpu_check_toy_runs_every_part(data_dir, minilm_path, tmp_path):
     d = report["d_end_to_end"]
     assert set(d["methods"]) == {"sparta", "lora", "full"} and all(m["samples_per_s"] for m in d["methods"].values())
     assert d["eval_merged"]["ok"] and "adapter_model.safetensors" in d["export"]["files"]
+    e = report["e_fsdp"]  # 2 CPU processes over gloo stand in for two GPUs
+    assert e["ranks"] == 2 and e["ok"] and 0 <= e["max_delta_error"] <= 1e-5
     assert "all checks passed" in out.stdout

@@ -133,8 +133,8 @@ def default_space(method: str) -> dict[str, str]:
     """SpaRTA's two knobs that matter most (the paper: the best density depends on model, data and
     task; sparse adapters want rates far above full fine-tuning's, and the best rate moves with density).
 
-    SpaRTA's rate range spans docs/learning_rates.md's rule (2.1e-3 * d^-0.62: 0.15 at d = 1e-3,
-    0.006 at d = 0.2) with a factor of about 2-6 to spare at each end."""
+    SpaRTA's rate range spans docs/learning_rates.md's rule (2.5e-3 * d^-0.60: 0.16 at d = 1e-3,
+    0.0066 at d = 0.2) with a factor of about 2-7 to spare at each end."""
     from sparta_cli.tuners import get_tuner
 
     if get_tuner(method).applies("density"):
