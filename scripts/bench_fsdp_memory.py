@@ -2,13 +2,14 @@
 (TinyLlama's shape, bf16 weights) with SpaRTA at density 0.01 on every linear of every block,
 sharded over 1, 2 and 4 CPU processes (gloo), one AdamW step of one short sequence.
 
-    .venv/bin/python scripts/bench_fsdp_memory.py [--worlds 1 2 4] [--layers 22] [--density 0.01]
+    .venv/bin/python scripts/bench_fsdp_memory.py [--worlds 1 2 4] [--layers 22] [--density 0.01] [--loading rank0|every]
 
 Per rank: the bytes of the local shards of the frozen weights, of SpaRTA's state (owned fp32
 deltas, their W0 values and AdamW moments; the global index array, which every rank keeps), the
-RSS after `fully_shard` and after the step, and the peak RSS. Each rank builds the whole model
-before sharding it (as `sparta train` loads it), so the peak RSS holds that whole copy; the RSS
-after sharding is what training keeps. RSS figures are taken after `malloc_trim`, so they count
+RSS after the model is built, after `fully_shard` and after the step, and the peak RSS.
+`--loading rank0` (what `sparta train` does under FSDP): rank 0 builds the whole model, the
+others a skeleton on the meta device that rank 0 fills with their parts while sharding, so only
+rank 0's peak holds a whole copy. `--loading every`: every rank builds the whole model first. RSS figures are taken after `malloc_trim`, so they count
 live memory, not the freed gather buffers glibc keeps for reuse.
 """
 
@@ -50,7 +51,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def worker(rank: int, world: int, port: int, layers: int, density: float, out: str) -> None:
+def worker(rank: int, world: int, port: int, layers: int, density: float, loading: str, out: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -67,7 +68,8 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, out: s
                          num_key_value_heads=4, vocab_size=32000, num_labels=2, pad_token_id=0)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy on the way
-    model = LlamaForSequenceClassification(config)
+    with torch.device("meta" if loading == "rank0" and rank > 0 else "cpu"):
+        model = LlamaForSequenceClassification(config)
     torch.set_default_dtype(torch.float32)
     model.score.float()  # the head trains in fp32, as in `sparta train`
     total_params = sum(p.numel() for p in model.parameters())
@@ -98,7 +100,7 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, out: s
     moments = sum(v.numel() * v.element_size() for p in optimizer.state for v in optimizer.state[p].values()
                   if torch.is_tensor(v) and v.dim() and any(p is layer.sparta_delta for layer in layers_))
     indices = sum(layer.sparta_indices.numel() * layer.sparta_indices.element_size() for layer in layers_)
-    row = {"world": world, "rank": rank, "params": total_params, "k": k, "owned": owned, "frozen_local_bytes": frozen,
+    row = {"world": world, "rank": rank, "loading": loading, "params": total_params, "k": k, "owned": owned, "frozen_local_bytes": frozen,
            "sparta_local_bytes": sparta_state + moments, "global_indices_bytes": indices,
            "rss_loaded": loaded, "rss_after_shard": after_shard, "rss_after_step": after_step, "peak_rss": peak_rss()}
     Path(out, f"w{world}-r{rank}.json").write_text(json.dumps(row))
@@ -116,26 +118,29 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--loading", choices=["rank0", "every"], default="rank0")
     parser.add_argument("--out", type=Path, default=Path("runs/fsdp_memory"))
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)  # a worker process (one per rank)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank is not None:
-        worker(args.rank, args.world, args.port, args.layers, args.density, str(args.out))
+        worker(args.rank, args.world, args.port, args.layers, args.density, args.loading, str(args.out))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     for world in args.worlds:  # one process per rank, so each one's peak RSS is its own
         port = free_port()
         procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), "--port", str(port),
-                                   "--layers", str(args.layers), "--density", str(args.density), "--out", str(args.out)])
+                                   "--layers", str(args.layers), "--density", str(args.density), "--loading", args.loading,
+                                   "--out", str(args.out)])
                  for r in range(world)]
         if any(p.wait() for p in procs):
             sys.exit(f"world {world} failed")
     rows = [json.loads(p.read_text()) for p in sorted(args.out.glob("w*-r*.json"))]
-    print(f"{rows[0]['params'] / 1e9:.2f}B parameters (bf16), SpaRTA k = {rows[0]['k']:,} entries at density {args.density}")
+    print(f"{rows[0]['params'] / 1e9:.2f}B parameters (bf16), SpaRTA k = {rows[0]['k']:,} entries at density {args.density}, "
+          f"loading: {args.loading}")
     print("| processes | rank | frozen weights, local shard | SpaRTA state, local (fp32 deltas, W0, AdamW) | "
-          "global index array | RSS after load | RSS after fully_shard | RSS after a step | peak RSS |")
+          "global index array | RSS after building | RSS after fully_shard | RSS after a step | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["world"], r["rank"])):
         print(f"| {r['world']} | {r['rank']} | {r['frozen_local_bytes'] / GIB:.2f} GiB | {r['sparta_local_bytes'] / 2**20:.0f} MiB | "

@@ -112,18 +112,23 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
     return tokenizer
 
 
+def _head_kwargs(num_labels: int, label_names: list[str] | None, problem_type: str | None) -> dict:
+    kwargs: dict = {"num_labels": num_labels}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    if problem_type:
+        kwargs["problem_type"] = problem_type
+    return kwargs
+
+
 def load_for_classification(cfg: ModelConfig, num_labels: int, label_names: list[str] | None, *, problem_type: str | None = None) -> LoadedModel:
     """A sequence classifier on top of the base model, with its pad token set."""
     from transformers import AutoModelForSequenceClassification
 
     source = check_model_source(cfg)
     tokenizer = load_tokenizer(cfg, source)
-    kwargs = {"num_labels": num_labels}
-    if label_names:
-        kwargs["id2label"] = dict(enumerate(label_names))
-        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
-    if problem_type:
-        kwargs["problem_type"] = problem_type
+    kwargs = _head_kwargs(num_labels, label_names, problem_type)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source,
@@ -143,6 +148,27 @@ def load_for_classification(cfg: ModelConfig, num_labels: int, label_names: list
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, source, head_modules(model, info.get("missing_keys", ())))
+
+
+def load_skeleton(cfg: ModelConfig, num_labels: int, label_names: list[str] | None, *, problem_type: str | None,
+                  dtype: torch.dtype, head_modules: list[str]) -> LoadedModel:
+    """The classifier `load_for_classification` gives, built on the meta device without reading a
+    weight: what an FSDP rank other than 0 holds until rank 0 sends it its shards (`sharding.shard`).
+    `dtype` and `head_modules` are rank 0's (the latter come from what its checkpoint lacked)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    source = check_model_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
+    try:
+        config = AutoConfig.from_pretrained(source, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                            **_head_kwargs(num_labels, label_names, problem_type))
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(exc, source) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, source, list(head_modules))
 
 
 def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:

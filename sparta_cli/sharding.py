@@ -10,15 +10,18 @@ how to gather and split their parts.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparta_cli.errors import SpartaError
+from sparta_cli.errors import RunFailure, SpartaError
 
 if TYPE_CHECKING:
     from sparta_cli.tuners.base import Adapter, Tuner
@@ -46,6 +49,33 @@ def check_launch(tuner: Tuner, sharding: str, distributed_type: str, mixed_preci
     if mixed_precision == "fp16":
         raise SpartaError("training.sharding=fsdp runs bf16 or fp32, not fp16 (no loss scaling across shards): "
                           "set training.mixed_precision=bf16")
+
+
+def start_process_group() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch, its process group started before the model loads:
+    under FSDP only rank 0 reads the weights and the others build a skeleton (`models.load_skeleton`)
+    that `shard` fills from rank 0. Accelerate then uses this group. (0, 1) outside torchrun."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            return 0, 1
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # the others wait for rank 0 to read the whole model: allow it an hour, not NCCL's ten minutes
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def broadcast_json(value: Any, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank 0's `value` on every rank, sent as JSON bytes (nothing is unpickled)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    data = json.dumps(value).encode() if dist.get_rank(group) == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast(size, src=src, group=group)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if data else torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src=src, group=group)
+    return json.loads(bytes(payload.cpu().tolist()).decode())
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -142,10 +172,65 @@ class ShardedModel:
                                     for index, entry in saved["state"].items()}}
         optimizer.load_state_dict(local)
 
+    @torch.no_grad()
+    def receive_from_rank0(self, sent: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+        """Fill every rank's parts from rank 0's whole tensors (`sent`, by name; None elsewhere), one
+        broadcast per tensor: a rank that built a skeleton (meta) is allocated first, and never holds
+        more than its shards plus one whole tensor. SpaRTA's indices are computed on every rank, not sent."""
+        rank = dist.get_rank(self.group)
+        if any(t.is_meta for t in _tensors(self.model).values()):
+            real = {name: b for name, b in self.model.named_buffers() if not b.is_meta}  # SpaRTA's indices
+            self.model.to_empty(device=device)
+            for name, buffer in real.items():
+                module, _, leaf = name.rpartition(".")
+                self.model.get_submodule(module)._buffers[leaf] = buffer
+        plan = [[name, list(shape), str(local.dtype)] for name, local, shape, _ in self._incoming()]
+        theirs = broadcast_json(plan, self.group)
+        if theirs != plan:
+            ours, first = next(((a, b) for a, b in zip(plan, theirs) if a != b), (plan[len(theirs):] or [None], theirs[len(plan):] or [None]))
+            raise RunFailure(f"rank {rank} built another model than rank 0 ({ours} here, {first} there): every rank "
+                             "must run the same recipe, sparta and transformers version")
+        src = dist.get_global_rank(self.group, 0)
+        for name, local, shape, owner in self._incoming():
+            whole = sent[name].to(device, local.dtype) if rank == 0 else torch.empty(shape, dtype=local.dtype, device=device)
+            dist.broadcast(whole, src=src, group=self.group)
+            if owner is not None:  # a SpaRTA layer's per-entry tensor: this rank's entries
+                lo, hi = owner.slices[owner.rank]
+                part = whole[lo:hi]
+            elif hasattr(local, "to_local"):  # an FSDP shard: this rank's rows
+                from torch.distributed.tensor import distribute_tensor
+
+                part = distribute_tensor(whole, local.device_mesh, local.placements, src_data_rank=None).to_local()
+            else:
+                part = whole
+            _local(local).copy_(part)
+
+    def _incoming(self) -> list[tuple[str, torch.Tensor, torch.Size, Any]]:
+        """(name, this rank's tensor, whole shape, owning SpaRTA layer or None) of everything rank 0 sends."""
+        from sparta_cli.tuners.sparta.sharded import ShardedSpartaLinear
+
+        rows = []
+        for name, local in _tensors(self.model).items():
+            module, _, leaf = name.rpartition(".")
+            owner = self.model.get_submodule(module) if module else self.model
+            if isinstance(owner, ShardedSpartaLinear):
+                if leaf in ("sparta_indices", "sparta_local"):
+                    continue  # computed from the seed on every rank
+                if leaf in ("sparta_delta", "sparta_origin"):
+                    rows.append((name, local, owner.sparta_indices.shape, owner))
+                    continue
+            rows.append((name, local, local.shape, None))
+        return rows
+
     def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """`module.state_dict()` (default: the sharded model's) with every shard gathered, on CPU:
         what `save_pretrained` of a fully trained or PEFT model writes."""
         return {name: full_tensor(value.detach()).cpu() for name, value in (module or self.model).state_dict().items()}
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (shared ones once), the same order on every rank."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -159,7 +244,10 @@ def _shaped_like(value, param: torch.Tensor) -> bool:
 def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterable[nn.Module] | None = None, mesh=None,
           mp_policy=None, reshard_after_forward: bool = True) -> ShardedModel:
     """`fully_shard` the blocks (default: `default_blocks`), then the root; SpaRTA's layers, when
-    given, first become their row-owned form, their deltas left out of FSDP (`ignored_params`)."""
+    given, first become their row-owned form, their deltas left out of FSDP (`ignored_params`).
+
+    When some rank holds a skeleton (meta tensors: it did not read the weights), rank 0 holds the
+    loaded model and sends each rank its parts once everything is sharded (`receive_from_rank0`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -168,21 +256,32 @@ def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterab
     if mesh.ndim != 1:
         raise SpartaError("FSDP2 sharding here supports a 1-D mesh (full sharding); hybrid sharding (HSDP) is not supported yet")
     group = mesh.get_group()
+    rank = dist.get_rank(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+    meta = any(t.is_meta for t in _tensors(model).values())
+    if meta and rank == 0:
+        raise SpartaError("rank 0 must hold the loaded model when the others hold skeletons: it sends them their parts")
+    skeletons = torch.tensor([int(meta)], device=device)
+    dist.all_reduce(skeletons, group=group)
+    sent = _tensors(model) if skeletons.item() and rank == 0 else None  # rank 0's whole tensors, kept until sent
     owned = None
     if sparta is not None:
         from sparta_cli.tuners.sparta.sharded import ShardedSparta
 
-        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
-        owned = ShardedSparta.own_rows(sparta, dist.get_rank(group), dist.get_world_size(group), group, device)
+        owned = ShardedSparta.own_rows(sparta, rank, dist.get_world_size(group), group, device)
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
                    ignored_params=owned.deltas() if owned is not None else None)
     for block in default_blocks(model) if blocks is None else blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
+    sharded = ShardedModel(model, group, owned)
+    if skeletons.item():
+        sharded.receive_from_rank0(sent, device)
+        del sent
     if owned is not None:
         owned.check_layout()
         owned.write_weights()
-    return ShardedModel(model, group, owned)
+    return sharded
 
 
 def shard_adapter(adapter: Adapter, mixed_precision: str) -> ShardedModel:

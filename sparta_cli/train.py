@@ -27,7 +27,7 @@ from sparta_cli.errors import Diverged, RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import check_max_length, load_for_classification
+from sparta_cli.models import check_max_length, load_for_classification, load_skeleton
 from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.outputs import release_run_dir
 from sparta_cli.plots import write_training_loss_png
@@ -41,7 +41,7 @@ from sparta_cli.runs import (
     truncate_log,
     write_run_config,
 )
-from sparta_cli.sharding import GatheredOptimizer, check_launch, clip_grad_norm_, shard_adapter
+from sparta_cli.sharding import GatheredOptimizer, broadcast_json, check_launch, clip_grad_norm_, shard_adapter, start_process_group
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
 from sparta_cli.tuners import apply_adapter
@@ -219,11 +219,27 @@ class Trainer:
     # ------------------------------------------------------------ setup
 
     def _load_model(self) -> None:
+        """The classifier and its adapter. Under FSDP with several processes only rank 0 reads the
+        weights; the others build a skeleton that `shard_adapter` fills with their parts alone."""
         recipe, task = self.recipe, self.task
-        self.loaded = load_for_classification(
-            recipe.model, task.num_labels, list(task.label_names or []) or None,
-            problem_type="regression" if task.is_regression else "single_label_classification",
-        )
+        head = dict(num_labels=task.num_labels, label_names=list(task.label_names or []) or None,
+                    problem_type="regression" if task.is_regression else "single_label_classification")
+        rank, world = start_process_group() if self.cfg.sharding == "fsdp" else (0, 1)
+        if rank == 0:
+            try:
+                self.loaded = load_for_classification(recipe.model, head["num_labels"], head["label_names"], problem_type=head["problem_type"])
+            except SpartaError as exc:
+                if world > 1:  # the others wait for what rank 0 loaded: tell them why nothing comes
+                    broadcast_json({"error": str(exc)})
+                raise
+        if world > 1:
+            shape = broadcast_json({"dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
+                                    "head_modules": self.loaded.head_modules} if rank == 0 else None)
+            if "error" in shape:
+                raise SpartaError(shape["error"])
+            if rank > 0:
+                self.loaded = load_skeleton(recipe.model, head["num_labels"], head["label_names"], problem_type=head["problem_type"],
+                                            dtype=getattr(torch, shape["dtype"]), head_modules=shape["head_modules"])
         model = self.loaded.model
         check_max_length(model, recipe.data.max_length)
         self.model_dtype = next(model.parameters()).dtype

@@ -38,8 +38,14 @@ def test_owned_slices_partition_the_indices_by_fsdp_rows():
             assert all(first <= int(i) // inp < end for i in indices[lo:hi])
 
 
-def _model(arch: str):
-    model = tiny_model(arch, seed=0)
+def _model(arch: str, skeleton: bool = False):
+    """The tiny model with SpaRTA; `skeleton`: built on the meta device, no weight read (an FSDP rank
+    other than 0 when `sparta train` loads: rank 0 sends it its parts)."""
+    if skeleton:
+        with torch.device("meta"):
+            model = tiny_model(arch, seed=0)
+    else:
+        model = tiny_model(arch, seed=0)
     adapter = apply_adapter(model, AdapterConfig(density=0.2, targets=TARGETS), seed=0, head_modules=["score"])
     model.train()
     return model, adapter
@@ -76,8 +82,8 @@ def _reference(arch: str) -> dict[str, torch.Tensor]:
     return adapter.saved_tensors()
 
 
-def _sharded(arch: str, checkpointing: bool = False):
-    model, adapter = _model(arch)
+def _sharded(arch: str, checkpointing: bool = False, skeleton: bool = False):
+    model, adapter = _model(arch, skeleton and dist.get_rank() > 0)
     full_k = adapter.sparta.num_trainable()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -89,11 +95,13 @@ def _sharded(arch: str, checkpointing: bool = False):
 
 
 def _train_fsdp(arch: str, rank: int, world: int, accum: int = 1, checkpointing: bool = False,
-                resume_at: int | None = None) -> dict[str, torch.Tensor]:
+                resume_at: int | None = None, skeleton: bool = False) -> dict[str, torch.Tensor]:
     """Shard, train on this rank's share of each global batch, gather the adapter as saved today.
     With `resume_at`, stop there, gather a checkpoint in today's single-process format, and continue
     in a freshly built model from it."""
-    model, adapter, sharded, optimizer = _sharded(arch, checkpointing)
+    model, adapter, sharded, optimizer = _sharded(arch, checkpointing, skeleton)
+    if skeleton:  # every rank's parts came from rank 0: nothing of the skeleton is left
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     clip = lambda params, norm: clip_grad_norm_(params, norm, sharded.group)  # noqa: E731
     _train(model, adapter, optimizer, rank, world, clip, range(resume_at or STEPS), accum)
     if resume_at is not None:
@@ -132,6 +140,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 tensors.update({f"accum:{k}": v for k, v in _train_fsdp(arch, rank, world, accum=2, checkpointing=True).items()})
                 # stopped after 2 steps, checkpointed in the unsharded format, resumed in a fresh model
                 tensors.update({f"resumed:{k}": v for k, v in _train_fsdp(arch, rank, world, resume_at=2).items()})
+                # rank 1 built on the meta device, filled by rank 0 while sharding
+                tensors.update({f"skeleton:{k}": v for k, v in _train_fsdp(arch, rank, world, skeleton=True).items()})
             torch.save(tensors, os.path.join(out_dir, f"{arch}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -157,6 +167,7 @@ def test_fsdp_trains_the_same_adapter_as_one_process(tmp_path, world):
         for t in ranks:
             t.pop("accum:owned", None)
             t.pop("resumed:owned", None)
+            t.pop("skeleton:owned", None)
         deltas = sum(v.numel() for k, v in reference.items() if k.endswith(".delta"))
         assert sum(owned) == deltas and max(owned) < deltas  # sharded: no rank holds them all
         for result in ranks:
@@ -172,5 +183,6 @@ def test_fsdp_trains_the_same_adapter_as_one_process(tmp_path, world):
                         assert _relative(fsdp[key], result[f"ddp:{key}"]) <= 1e-5, (arch, key)
                         assert _relative(result[f"accum:{key}"], value) <= 1e-5, (arch, key)
                         assert torch.equal(result[f"resumed:{key}"], fsdp[key]), (arch, key)  # bit for bit
+                        assert torch.equal(result[f"skeleton:{key}"], fsdp[key]), (arch, key)  # the same start, bit for bit
         # training moved the deltas (the comparison is not between two untouched adapters)
         assert all(reference[k].abs().max() > 0 for k in reference if k.endswith(".delta"))

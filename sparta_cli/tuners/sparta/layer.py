@@ -157,9 +157,13 @@ class SpartaLinear(WrappedLinear):
         weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
-        indices = indices.to(weight.device)
+        if weight.is_meta:  # a skeleton (an FSDP rank that receives its weights from rank 0): the indices stay real
+            origin = torch.empty(indices.numel(), dtype=weight.dtype, device=weight.device)
+        else:
+            indices = indices.to(weight.device)
+            origin = weight.detach().view(-1)[indices.long()].clone()
         self.register_buffer("sparta_indices", indices)
-        self.register_buffer("sparta_origin", weight.detach().view(-1)[indices.long()].clone())
+        self.register_buffer("sparta_origin", origin)
         self.sparta_delta = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
 
     @property

@@ -73,6 +73,14 @@ class _ShardedDeltaLinear(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None
 
 
+def _owned(values: torch.Tensor, lo: int, hi: int, device: torch.device | None) -> torch.Tensor:
+    """This rank's slice of a per-entry tensor, on `device`; uninitialised on a skeleton (meta), whose
+    values arrive from rank 0 (`sharding.shard`)."""
+    if values.is_meta:
+        return torch.empty(hi - lo, dtype=values.dtype, device=device)
+    return values[lo:hi].to(device, copy=True)
+
+
 class ShardedSpartaLinear(WrappedLinear):
     """A SpaRTA linear whose deltas, original values and optimizer state are this rank's rows only.
 
@@ -95,8 +103,8 @@ class ShardedSpartaLinear(WrappedLinear):
         self.register_buffer("sparta_indices", indices)
         local = indices[lo:hi].long() - self.rows[rank][0] * in_features
         self.register_buffer("sparta_local", local.to(indices.dtype))
-        self.register_buffer("sparta_origin", layer.sparta_origin[lo:hi].to(device, copy=True))
-        self.sparta_delta = nn.Parameter(layer.sparta_delta.detach()[lo:hi].to(device, copy=True), requires_grad=layer.sparta_delta.requires_grad)
+        self.register_buffer("sparta_origin", _owned(layer.sparta_origin, lo, hi, device))
+        self.sparta_delta = nn.Parameter(_owned(layer.sparta_delta.detach(), lo, hi, device), requires_grad=layer.sparta_delta.requires_grad)
 
     @torch.no_grad()
     def write_weight(self) -> None:
