@@ -9,7 +9,10 @@ deltas, their W0 values and AdamW moments; the global index array, which every r
 RSS after the model is built, after `fully_shard` and after the step, and the peak RSS.
 `--loading rank0` (what `sparta train` does under FSDP): rank 0 builds the whole model, the
 others a skeleton on the meta device that rank 0 fills with their parts while sharding, so only
-rank 0's peak holds a whole copy. `--loading every`: every rank builds the whole model first. RSS figures are taken after `malloc_trim`, so they count
+rank 0's peak holds a whole copy. `--loading every`: every rank builds the whole model first.
+The workers run with MALLOC_MMAP_THRESHOLD_=1 MiB, so that glibc returns freed blocks above that
+size (FSDP's per-step all-gather buffers) to the system instead of keeping them, and RSS, the peak
+included, follows live memory rather than the allocator's reserve. RSS figures are taken after `malloc_trim`, so they count
 live memory, not the freed gather buffers glibc keeps for reuse.
 """
 
@@ -128,11 +131,12 @@ def main() -> None:
         worker(args.rank, args.world, args.port, args.layers, args.density, args.loading, str(args.out))
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     for world in args.worlds:  # one process per rank, so each one's peak RSS is its own
         port = free_port()
         procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world), "--port", str(port),
                                    "--layers", str(args.layers), "--density", str(args.density), "--loading", args.loading,
-                                   "--out", str(args.out)])
+                                   "--out", str(args.out)], env=env)
                  for r in range(world)]
         if any(p.wait() for p in procs):
             sys.exit(f"world {world} failed")
