@@ -4,7 +4,7 @@
 # by side (one worker and one CPU thread each, so they share the machine alike). Resumable: rerun the
 # same command after a kill; finished trials are never rerun. Then the table:
 #   python scripts/bench_tune_table.py OUT/tpe OUT/grid
-#   [RECIPE=configs/tune_rte.yaml] bash scripts/bench_tune.sh [OUT=tunes/bench] [-- key=value ...]
+#   [RECIPE=my_tune.yaml] bash scripts/bench_tune.sh [OUT=tunes/bench] [-- key=value ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/find_python.sh
