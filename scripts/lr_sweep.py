@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from holdout_glue import FOLDERS  # noqa: E402
+
 from sparta_cli.lr_rule import fit_power_law, interpolated_optimum  # noqa: E402
 
 TRAIN, VAL = 1000, 400

@@ -124,16 +124,10 @@ class ShardedModel:
         return {name: self.gather(param, None if values is None else values[name]) for name, param in params.items()}
 
     def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a whole tensor shaped like `param` (the inverse of `gather`; no collective)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        layer = self._owner(param)
-        if layer is not None:
-            lo, hi = layer.slices[layer.rank]
-            return full[lo:hi].clone()
-        if isinstance(param, DTensor):
-            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-        return full.clone()
+        """This rank's part of a whole tensor shaped like `param`, in memory of its own (the inverse
+        of `gather`; no collective)."""
+        part = _part(full, param, self._owner(param))
+        return part if hasattr(part, "to_local") else part.clone()
 
     def local_parts(self, params: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self.local_part(param, full[name]) for name, param in params.items()}
@@ -184,26 +178,18 @@ class ShardedModel:
             for name, buffer in real.items():
                 module, _, leaf = name.rpartition(".")
                 self.model.get_submodule(module)._buffers[leaf] = buffer
-        plan = [[name, list(shape), str(local.dtype)] for name, local, shape, _ in self._incoming()]
+        incoming = self._incoming()
+        plan = [[name, list(shape), str(local.dtype)] for name, local, shape, _ in incoming]
         theirs = broadcast_json(plan, self.group)
         if theirs != plan:
             ours, first = next(((a, b) for a, b in zip(plan, theirs) if a != b), (plan[len(theirs):] or [None], theirs[len(plan):] or [None]))
             raise RunFailure(f"rank {rank} built another model than rank 0 ({ours} here, {first} there): every rank "
                              "must run the same recipe, sparta and transformers version")
         src = dist.get_global_rank(self.group, 0)
-        for name, local, shape, owner in self._incoming():
+        for name, local, shape, owner in incoming:
             whole = sent[name].to(device, local.dtype) if rank == 0 else torch.empty(shape, dtype=local.dtype, device=device)
             dist.broadcast(whole, src=src, group=self.group)
-            if owner is not None:  # a SpaRTA layer's per-entry tensor: this rank's entries
-                lo, hi = owner.slices[owner.rank]
-                part = whole[lo:hi]
-            elif hasattr(local, "to_local"):  # an FSDP shard: this rank's rows
-                from torch.distributed.tensor import distribute_tensor
-
-                part = distribute_tensor(whole, local.device_mesh, local.placements, src_data_rank=None).to_local()
-            else:
-                part = whole
-            _local(local).copy_(part)
+            _local(local).copy_(_local(_part(whole, local, owner)))
 
     def _incoming(self) -> list[tuple[str, torch.Tensor, torch.Size, Any]]:
         """(name, this rank's tensor, whole shape, owning SpaRTA layer or None) of everything rank 0 sends."""
@@ -226,6 +212,19 @@ class ShardedModel:
         """`module.state_dict()` (default: the sharded model's) with every shard gathered, on CPU:
         what `save_pretrained` of a fully trained or PEFT model writes."""
         return {name: full_tensor(value.detach()).cpu() for name, value in (module or self.model).state_dict().items()}
+
+
+def _part(whole: torch.Tensor, like: torch.Tensor, layer) -> torch.Tensor:
+    """This rank's part of `whole`, for a tensor shaped like `like`: the owned entries of a SpaRTA
+    `layer`'s per-entry tensor (a slice), the rows of an FSDP shard (a DTensor), or all of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if layer is not None:
+        lo, hi = layer.slices[layer.rank]
+        return whole[lo:hi]
+    if isinstance(like, DTensor):
+        return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return whole
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -263,7 +262,8 @@ def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterab
         raise SpartaError("rank 0 must hold the loaded model when the others hold skeletons: it sends them their parts")
     skeletons = torch.tensor([int(meta)], device=device)
     dist.all_reduce(skeletons, group=group)
-    sent = _tensors(model) if skeletons.item() and rank == 0 else None  # rank 0's whole tensors, kept until sent
+    receiving = bool(skeletons.item())
+    sent = _tensors(model) if receiving and rank == 0 else None  # rank 0's whole tensors, kept until sent
     owned = None
     if sparta is not None:
         from sparta_cli.tuners.sparta.sharded import ShardedSparta
@@ -275,7 +275,7 @@ def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterab
         fully_shard(block, **options)
     fully_shard(model, **options)
     sharded = ShardedModel(model, group, owned)
-    if skeletons.item():
+    if receiving:
         sharded.receive_from_rank0(sent, device)
         del sent
     if owned is not None:
