@@ -6,6 +6,8 @@
 - A merge or export output is replaced whole (fileio.replace_dir), so `--overwrite` replaces only a
   previous output of that command, and never a folder that is or holds one of the command's inputs,
   the current folder, the home folder or a filesystem root.
+- A report folder may hold anything; the report files already in it are replaced only when an
+  earlier `sparta report` wrote them (its report.md starts with REPORT_TAG).
 - One process at a time per output: an exclusive `flock` on a lock file, which the operating system
   releases when the process ends, however it ends (no stale lock after a kill -9).
 """
@@ -43,6 +45,7 @@ RUN_ENTRIES = re.compile(
 RUN_MARKERS = ("config.yaml", "adapter_config.json", "sparta_config.json", "trainer_log.jsonl", "all_results.json")
 MERGE_MARKER = "merge_report.json"
 EXPORT_CARD_TAG = "tags: [sparta, sparse-fine-tuning]"  # the model card export writes (export.model_card)
+REPORT_TAG = "<!-- written by sparta report: rerunning it with this --output replaces the report's files -->"
 
 
 def _is_leftover(name: str) -> bool:
@@ -148,6 +151,25 @@ def check_replaceable_file(path: Path, *, command: str, keys: Sequence[str]) -> 
     if not isinstance(data, dict) or not set(keys) <= set(data):
         raise SpartaError(f"--output {path} exists and is not an earlier `sparta {command}` result: sparta replaces only "
                           "its own files; choose a new file name")
+
+
+def check_report_folder(output: Path, names: Sequence[str]) -> None:
+    """`sparta report --output DIR` writes `names` into DIR: refuse a DIR that is a file, and report files
+    in it that an earlier report did not write (a user's own report.md), or that are links."""
+    if output.exists() and not output.is_dir():
+        raise SpartaError(f"--output {output} is a file: the report is a folder (report.csv, report.md, plots); name a folder")
+    present = [name for name in names if (output / name).exists() or (output / name).is_symlink()]
+    if not present:
+        return
+    card = output / "report.md"
+    try:
+        ours = card.is_file() and not card.is_symlink() and card.read_text(encoding="utf-8", errors="replace").startswith(REPORT_TAG)
+    except OSError:
+        ours = False
+    links = [name for name in present if (output / name).is_symlink() or not (output / name).is_file()]
+    if not ours or links:
+        raise SpartaError(f"--output {output} already holds {', '.join(links or present)}, not written by an earlier "
+                          "`sparta report`: sparta replaces only its own files; choose a new folder for --output")
 
 
 # ---------------------------------------------------------------- one process per output

@@ -24,6 +24,7 @@ from sparta_cli.config import TaskConfig, applies
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
+from sparta_cli.outputs import REPORT_TAG, check_report_folder
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 from sparta_cli.tuners import TUNERS, Tuner, get_tuner, run_config_path
 
@@ -331,7 +332,7 @@ def notes(groups: list[Group]) -> list[str]:
 
 
 def to_markdown(groups: list[Group], left_out: list[tuple[Path, str]], images: list[str]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    lines = [REPORT_TAG, "", "| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(groups)]
     lines += [f"\nNote: {line}" for line in notes(groups)]
     lines += [""] + [f"![{Path(image).stem}]({image})" for image in images]
@@ -376,10 +377,9 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
                               f"they have {', '.join(have) or 'no evaluation metrics'}; pass e.g. --metric {have[0] if have else 'accuracy'}")
         raise SpartaError(f"no finished runs among {', '.join(patterns)} ({len(left_out)} unfinished): "
                           "point `sparta report` at run directories holding all_results.json")
-    if output.exists() and not output.is_dir():
-        raise SpartaError(f"--output {output} is a file: the report is a folder (report.csv, report.md, plots); name a folder")
-    make_dir(output)
     images = [f"metric_vs_{x}.png", "loss_curves.png"]
+    check_report_folder(output, ["report.csv", "report.md", *images])
+    make_dir(output)
     metric_vs_x_png(groups, output / images[0], x=x)
     loss_curves_png([(g.run_label(run), run) for g in groups for run in g.runs], output / images[1])
     write_text(output / "report.csv", to_csv(groups))

@@ -257,3 +257,27 @@ def test_a_metric_no_finished_run_has_names_the_ones_they_have(tmp_path):
     message = str(result.exception)
     assert "none of the 1 finished runs" in message and "has metric f1" in message and "they have accuracy, loss" in message
     assert "unfinished" not in message
+
+
+def test_a_rerun_replaces_its_own_report_but_never_a_users_files(tmp_path):
+    fake_run(tmp_path / "runs", "a", [], 0.8)
+    run_report(tmp_path)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    fake_run(tmp_path / "runs", "b", ["seed=7"], 0.9)
+    rows, _ = run_report(tmp_path)  # the earlier report is replaced; the user's file next to it stays
+    assert rows[0]["seeds"] == "7 42" and (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.md").write_text("# my own report\n")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(theirs)])
+    message = str(result.exception)  # main() turns a SpartaError into one line and exit 2
+    assert isinstance(result.exception, SpartaError) and result.exception.exit_code == 2
+    assert "already holds report.md, not written by an earlier `sparta report`" in message
+    assert (theirs / "report.md").read_text() == "# my own report\n" and sorted(p.name for p in theirs.iterdir()) == ["report.md"]
+
+    (tmp_path / "out" / "report.csv").unlink()
+    (tmp_path / "out" / "report.csv").symlink_to(tmp_path / "elsewhere.csv")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out")])
+    assert isinstance(result.exception, SpartaError) and "already holds report.csv" in str(result.exception)
+    assert not (tmp_path / "elsewhere.csv").exists()
