@@ -189,6 +189,7 @@ class Recipe(_Strict):
     seed: int = Field(42, ge=0, lt=SEED_LIMIT)
     output_dir: str = DEFAULT_OUTPUT_DIR
     _lr_auto: bool = PrivateAttr(False)  # training.lr was `auto`: the value is the rule's (printed by train)
+    _max_length_default: bool = PrivateAttr(False)  # data.max_length is MMLU's default, not the user's: it may be capped
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -215,6 +216,11 @@ class Recipe(_Strict):
     def lr_from_rule(self) -> bool:
         """True when the recipe said `training.lr: auto` and the rule chose training.lr."""
         return self._lr_auto
+
+    @property
+    def max_length_is_default(self) -> bool:
+        """True when data.max_length is MMLU's default rather than the user's (models.fit_max_length caps it)."""
+        return self._max_length_default
 
     @property
     def adapter_seed(self) -> int:
@@ -506,6 +512,7 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         recipe._lr_auto = True
     if "max_length" not in recipe.data.model_fields_set and re.sub(r"[-_]", "", str(recipe.task.name).lower()) == "mmlu":
         recipe.data.max_length = MMLU_MAX_LENGTH_SHOTS if recipe.task.shots else MMLU_MAX_LENGTH
+        recipe._max_length_default = True
     values = recipe.to_dict()
     values["task"]["name"] = recipe.task.label
     values["name"] = recipe.run_name

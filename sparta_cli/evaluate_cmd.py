@@ -169,7 +169,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.data import make_loader, tokenize_split
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
-    from sparta_cli.models import check_max_length
+    from sparta_cli.models import fit_max_length
     from sparta_cli.preflight import preflight
     from sparta_cli.train import mixed_precision
 
@@ -187,7 +187,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     preflight(recipe, targets=False, splits=splits)  # paths and data before the model loads; a run's adapter names its own layers
     set_seed(recipe.seed)  # a base model's untrained head is the same on every call
     model, tokenizer, scorer, head = load_scored_model(kind, target, recipe, task_obj)
-    check_max_length(model, recipe.data.max_length)
+    fit_max_length(recipe, model)
 
     accelerator = Accelerator(mixed_precision=mixed_precision(recipe, next(model.parameters()).dtype), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparta_cli.config import ModelConfig, user_path
+from sparta_cli.config import ModelConfig, Recipe, user_path
+from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
 from sparta_cli.targets import HEAD_NAMES
@@ -191,18 +192,33 @@ def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, source, [])
 
 
-def check_max_length(model: nn.Module, max_length: int) -> None:
-    """Refuse a data.max_length past a model's learned position table (BERT's 512): the forward would
-    index outside it. Rotary models (Llama, Gemma, ...) have no table and extrapolate."""
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model's learned position table covers (BERT's 512); None for rotary models
+    (Llama, Gemma, ...), which have no table and extrapolate."""
     tables = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and name.endswith(("position_embeddings", "wpe"))]
     if not tables:
-        return
+        return None
     usable = tables[0].num_embeddings
     if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         usable -= (model.config.pad_token_id or 1) + 1  # positions start after the padding index
-    if max_length > usable:
-        raise SpartaError(f"data.max_length={max_length} is longer than the {usable} positions this model has learned: "
-                          f"set data.max_length={usable} or less")
+    return usable
+
+
+def fit_max_length(recipe: Recipe, model: nn.Module) -> None:
+    """Keep data.max_length within the model's learned positions (the forward would index outside the
+    table): a default (MMLU's 3,072 for 5-shot prompts) is lowered to fit, and said so; a length the
+    user set is refused with the fix. Works on a meta-device skeleton (preflight) as on the model."""
+    usable = learned_positions(model)
+    if usable is None or recipe.data.max_length <= usable:
+        return
+    if recipe.max_length_is_default:
+        if os.environ.get("RANK", "0") == "0":  # preflight runs in every process of a launch: say it once
+            console.print(f"data.max_length: {recipe.data.max_length} (the default for this task) lowered to {usable}, "
+                          "the positions this model has learned")
+        recipe.data.max_length = usable
+        return
+    raise SpartaError(f"data.max_length={recipe.data.max_length} is longer than the {usable} positions this model has learned: "
+                      f"set data.max_length={usable} or less")
 
 
 def head_modules(model: nn.Module, missing_keys) -> list[str]:

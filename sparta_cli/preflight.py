@@ -1,6 +1,6 @@
 """Checks that need no weights, run before any command loads a model: the model folder and its
 config.json, the data folder, the adapter's targets (on a skeleton of the model built from
-config.json on the meta device), and the trackers the recipe turns on. `sparta validate` runs them
+config.json on the meta device) and data.max_length against its positions, and the trackers the recipe turns on. `sparta validate` runs them
 all; `train` and `eval` run them first, so a typo fails in a second instead of after the load."""
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ def check_data_dir(recipe: Recipe) -> Path | None:
     return folder
 
 
-def check_targets(recipe: Recipe, source: str) -> None:
-    """adapter.targets exist in the model, read from config.json alone (no weights). Says nothing
-    for a Hub name (no config.json here to read offline) or a GGUF file (its config is in the weights)."""
+def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -> None:
+    """Checks against a skeleton of the model built from its config.json on the meta device (no weights):
+    adapter.targets exist in it, and data.max_length fits its learned positions (models.fit_max_length).
+    Says nothing for a Hub name (no config.json here to read offline) or a GGUF file (its config is in
+    the weights): the checks after the load cover those."""
     from sparta_cli.tuners import get_tuner
 
-    if not get_tuner(recipe.adapter.method).applies("targets") or recipe.model.gguf_file:
-        return
-    if not (Path(source) / "config.json").is_file():
+    if recipe.model.gguf_file or not (Path(source) / "config.json").is_file():
         return
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from sparta_cli.models import fit_max_length
     from sparta_cli.targets import resolve_targets
 
     try:
@@ -46,7 +47,9 @@ def check_targets(recipe: Recipe, source: str) -> None:
             skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except (ValueError, OSError, KeyError):
         return  # the model load names these (an architecture without a classifier, a damaged config)
-    resolve_targets(skeleton, recipe.adapter.targets)
+    fit_max_length(recipe, skeleton)
+    if targets and get_tuner(recipe.adapter.method).applies("targets"):
+        resolve_targets(skeleton, recipe.adapter.targets)
 
 
 def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:
@@ -63,6 +66,5 @@ def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | N
         splits = [s for s in ("train", *task.eval_splits) if s in task.splits or s in task.aliases]
     check_split_files(task, recipe.task, splits, data_dir)
     enabled_trackers(recipe)
-    if targets:
-        check_targets(recipe, source)
+    check_against_config(recipe, source, targets=targets)
     return source

@@ -27,7 +27,7 @@ from sparta_cli.errors import Diverged, RunFailure, SpartaError
 from sparta_cli.evaluation import classifier_scorer, evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import check_max_length, load_for_classification, load_skeleton
+from sparta_cli.models import fit_max_length, load_for_classification, load_skeleton
 from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.outputs import release_run_dir
 from sparta_cli.plots import write_training_loss_png
@@ -241,7 +241,7 @@ class Trainer:
                 self.loaded = load_skeleton(recipe.model, head["num_labels"], head["label_names"], problem_type=head["problem_type"],
                                             dtype=getattr(torch, shape["dtype"]), head_modules=shape["head_modules"])
         model = self.loaded.model
-        check_max_length(model, recipe.data.max_length)
+        fit_max_length(recipe, model)
         self.model_dtype = next(model.parameters()).dtype
         for name in self.loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
             model.get_submodule(name).float()

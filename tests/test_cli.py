@@ -57,6 +57,28 @@ def test_mmlu_default_max_length_fits_its_prompts():
     assert build_recipe({**plain, "task": {"name": "sst2"}}).data.max_length == 128
 
 
+def test_a_default_max_length_is_lowered_to_the_models_positions_a_chosen_one_refused(tmp_path, data_dir, capsys):
+    """MMLU's 5-shot default (3,072) on a model with a 64-position table: preflight, on the config alone,
+    lowers it to 64 and says so; the same length set by the user is refused with the fix."""
+    from transformers import BertConfig
+
+    from sparta_cli.errors import SpartaError
+    from sparta_cli.preflight import preflight
+
+    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=64).save_pretrained(tmp_path)  # config.json alone: preflight loads no weights
+    plain = {"model": {"name_or_path": str(tmp_path)}, "task": {"name": "mmlu", "head": "lm", "shots": 5},
+             "data": {"dir": str(data_dir)}}
+    recipe = build_recipe(plain)
+    preflight(recipe, targets=False)
+    assert recipe.data.max_length == 64
+    assert f"data.max_length: {MMLU_MAX_LENGTH_SHOTS} (the default for this task) lowered to 64" in capsys.readouterr().out
+    chosen = build_recipe(plain, [f"data.max_length={MMLU_MAX_LENGTH_SHOTS}"])
+    with pytest.raises(SpartaError, match=f"data.max_length={MMLU_MAX_LENGTH_SHOTS} is longer than the 64 positions .* "
+                                          "set data.max_length=64 or less"):
+        preflight(chosen, targets=False)
+
+
 def test_library_warnings_stay_out_unless_debug():
     from sparta_cli.console import quiet_libraries
 
