@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 
 from sparta_cli.tune.outputs import counts
-from sparta_cli.tune.study import open_study, read_plan
+from sparta_cli.tune.study import open_study, read_plan, retries
 
 
 def _finished(study) -> list:
-    return sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and "retried_as" not in t.user_attrs),
-                  key=lambda t: t.datetime_complete)
+    trials = study.get_trials(deepcopy=False)
+    replaced = retries(trials)
+    return sorted((t for t in trials if t.state.is_finished() and t.number not in replaced), key=lambda t: t.datetime_complete)
 
 
 def _best(plan, trials):

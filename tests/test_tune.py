@@ -17,7 +17,7 @@ import yaml
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.tune.space import as_override, decode, parse_param, parse_space_flag
-from sparta_cli.tune.study import is_stale, read_plan, require_optuna
+from sparta_cli.tune.study import is_stale, read_plan, require_optuna, retries
 
 optuna = pytest.importorskip("optuna")
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,23 @@ def test_bad_tune_settings_fail_before_any_trial(tmp_path, data_dir):
     plan, workers = plan_study(path, ["tune.trials=4"], {"workers": 2})
     assert (plan.trials, workers, plan.metric, plan.direction) == (4, 2, "loss", "minimize")
     assert set(plan.space) == {"adapter.density", "training.lr"}  # SpaRTA's defaults
+
+
+def test_a_grid_study_runs_to_its_last_point(tmp_path, data_dir):
+    """Workers ask and tell outside `study.optimize`: Optuna's grid asks for `study.stop()` when its last
+    point is told, which raised there (after storing it) and crashed the worker at the grid's end."""
+    from sparta_cli.tune.settings import plan_study
+    from sparta_cli.tune.study import make_sampler
+    from sparta_cli.tune.worker import suggest
+
+    path = _recipe(tmp_path, "unused", data_dir)
+    plan, _ = plan_study(path, ["tune.sampler=grid"], space_flags=["adapter.density=[0.01, 0.05]", "training.lr=[0.001, 0.01]"])
+    study = optuna.create_study(sampler=make_sampler(plan, 0, False, 0))
+    for _ in range(4):
+        trial = study.ask()
+        study.tell(trial, suggest(trial, plan)["training.lr"])
+    assert sorted((t.params["adapter.density"], t.params["training.lr"]) for t in study.trials) == [
+        (0.01, 0.001), (0.01, 0.01), (0.05, 0.001), (0.05, 0.01)]
 
 
 def test_missing_optuna_names_the_install_command(monkeypatch):
@@ -211,10 +228,10 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(tmp_path, data
     for trial in killed:
         old = after[trial.number]
         assert old.state.name == "FAIL"
-        retry = after[old.user_attrs["retried_as"]]
+        retry = retries(after)[trial.number]
         assert retry.state.name == "COMPLETE" and retry.params == trial.params and retry.user_attrs["retry_of"] == trial.number
         assert retry.user_attrs["run_dir"] == trial.user_attrs["run_dir"]  # continued in its folder (no checkpoint: from the start)
-    counted = [t for t in after if "retried_as" not in t.user_attrs]
+    counted = [t for t in after if t.number not in retries(after)]
     assert len(counted) == 3 and all(t.state.name == "COMPLETE" for t in counted)
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from sparta_cli.fileio import write_json, write_text
 from sparta_cli.tune.space import decode
-from sparta_cli.tune.study import Plan
+from sparta_cli.tune.study import Plan, retries
 
 TRIALS_CSV = "trials.csv"
 TRIALS_MD = "trials.md"
@@ -30,13 +30,15 @@ PARAMS_PNG = "params.png"
 IMPORTANCES_PNG = "importances.png"
 
 
-def state_name(trial) -> str:
+def state_name(trial, retry=None) -> str:
+    """complete, pruned, diverged, fail, fail (retried as N), running; `retry`: the trial that replaces this one."""
     name = trial.state.name.lower()
     if name == "pruned" and "failure" in trial.user_attrs:
         return "diverged"
-    if name == "fail" and "retried_as" in trial.user_attrs:
-        return f"fail (retried as {trial.user_attrs['retried_as']})"
+    if name == "fail" and retry is not None:
+        return f"fail (retried as {retry.number})"
     return name
+
 
 
 def trial_rows(study, plan: Plan) -> list[dict[str, Any]]:
@@ -45,10 +47,12 @@ def trial_rows(study, plan: Plan) -> list[dict[str, Any]]:
 
     params = plan.params
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    replaced = retries(trials)
+    for trial in trials:
         if trial.state == TrialState.WAITING:
             continue
-        row: dict[str, Any] = {"trial": trial.number, "state": state_name(trial),
+        row: dict[str, Any] = {"trial": trial.number, "state": state_name(trial, replaced.get(trial.number)),
                                f"validation_{plan.metric}": trial.value if trial.value is not None else ""}
         for key, param in params.items():
             value = decode(param, trial.params[key]) if key in trial.params else ""
@@ -99,11 +103,11 @@ def best_trial(study):
 
 
 def counts(study) -> dict[str, int]:
-    from optuna.trial import TrialState
-
     found = {"complete": 0, "pruned": 0, "fail": 0, "running": 0}
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.FAIL and "retried_as" in trial.user_attrs:
+    trials = study.get_trials(deepcopy=False)
+    replaced = retries(trials)
+    for trial in trials:
+        if trial.number in replaced:
             continue  # its retry is counted instead
         name = trial.state.name.lower()
         if name in found:

@@ -22,7 +22,7 @@ from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.fileio import make_dir
 from sparta_cli.tune.outputs import best_trial, counts, state_name, write_outputs
 from sparta_cli.tune.space import decode
-from sparta_cli.tune.study import JOURNAL_FILE, Plan, open_study, require_optuna, retire_stale, trials_left, write_plan
+from sparta_cli.tune.study import JOURNAL_FILE, Plan, open_study, require_optuna, retire_stale, retries, trials_left, write_plan
 
 POLL_SECONDS = 1.0
 
@@ -116,11 +116,16 @@ class Display:
             self.live.__exit__(*exc)
 
     def update(self) -> None:
-        for trial in self.study.get_trials(deepcopy=False):
+        trials = self.study.get_trials(deepcopy=False)
+        replaced = retries(trials)
+        for trial in trials:
             if trial.state.is_finished() and trial.number not in self.reported:
                 self.reported.add(trial.number)
-                value = f"validation {self.plan.metric} {trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("failure", "")
-                console.print(f"trial {trial.number} {state_name(trial)}: {value} · {_params_text(self.plan, trial)} · {self.status()}",
+                retry = replaced.get(trial.number)
+                # why it failed: as its worker recorded, or as the retirement that replaced it did
+                why = trial.user_attrs.get("failure") or (retry.user_attrs.get("retry_reason", "") if retry else "")
+                value = f"validation {self.plan.metric} {trial.value:.4f}" if trial.value is not None else why
+                console.print(f"trial {trial.number} {state_name(trial, retry)}: {value} · {_params_text(self.plan, trial)} · {self.status()}",
                               markup=False)
         if self.live is not None:
             self.live.update(self.status())

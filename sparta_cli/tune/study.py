@@ -3,9 +3,11 @@ and what happens to trials whose process died.
 
 Every `sparta tune` process (and every worker it starts) opens the same storage by URL, so a study
 resumes after a kill and several machines share one. A trial counts against the budget once it is
-asked for; a trial whose process died (a kill -9, a lost machine, Ctrl-C) is marked FAIL with
-`retried_as` and its parameters are enqueued again, so the retry takes its place in the budget (and
-continues in its run folder) and finished trials are never rerun.
+asked for; a trial whose process died (a kill -9, a lost machine, Ctrl-C) is marked FAIL and its
+parameters are enqueued again as a retry (`retry_of` names the trial it replaces, `retry_reason` why),
+so the retry takes its place in the budget (and continues in its run folder) and finished trials are
+never rerun. Only Optuna's public API is used: a trial of another process can be told FAIL, not given
+attributes, so what a retirement records lives on the retry.
 """
 
 from __future__ import annotations
@@ -118,8 +120,16 @@ def make_sampler(plan: Plan, worker_index: int, shared: bool, trials_so_far: int
     if plan.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if plan.sampler == "grid":
-        params = plan.params
-        return optuna.samplers.GridSampler({k: list(p.distribution().choices) for k, p in params.items()}, seed=seed)
+
+        class GridSampler(optuna.samplers.GridSampler):
+            """Optuna's grid, minus its end-of-grid `study.stop()`: that works only inside `study.optimize`,
+            and sparta's workers ask and tell (telling the grid's last point raised, after storing it).
+            The study's budget ends the workers instead."""
+
+            def after_trial(self, study, trial, state, values) -> None:
+                return None
+
+        return GridSampler({k: list(p.distribution().choices) for k, p in plan.params.items()}, seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.sampler_startup_trials, constant_liar=True)
 
 
@@ -159,15 +169,18 @@ def open_study(plan: Plan, *, worker_index: int = 0, shared: bool = False, creat
     return study
 
 
-def counts_against_budget(trial) -> bool:
-    """Asked-for trials count once; a failed trial that was retried is replaced by its retry."""
-    from optuna.trial import TrialState
-
-    return trial.state != TrialState.WAITING and "retried_as" not in trial.user_attrs
+def retries(trials) -> dict[int, Any]:
+    """Each retried trial's number -> its retry, which names the trial it replaces (`retry_of`)."""
+    return {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
 
 
 def trials_left(study, budget: int) -> int:
-    return budget - sum(counts_against_budget(t) for t in study.get_trials(deepcopy=False))
+    """Asked-for trials count once; a failed trial that was retried is replaced by its retry."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    replaced = retries(trials)
+    return budget - sum(t.state != TrialState.WAITING and t.number not in replaced for t in trials)
 
 
 @contextmanager
@@ -215,20 +228,15 @@ def is_stale(trial, now: float | None = None) -> bool:
 def retire(study, trial, reason: str) -> int | None:
     """Mark a trial that will not finish FAIL and enqueue its parameters again; returns the retry's
     number (None when the trial finished meanwhile). The retry continues in the old trial's run folder
-    from its newest checkpoint, if any (worker.retried_folder). Attributes go first: a finished trial is frozen."""
-    from optuna.exceptions import UpdateFinishedTrialError
+    from its newest checkpoint, if any (worker.retried_folder)."""
     from optuna.trial import TrialState
 
-    storage = study._storage  # the public Study API cannot fail another process's trial
     try:
-        storage.set_trial_user_attr(trial._trial_id, "failure", reason)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        number = max(t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == trial.number)
-        storage.set_trial_user_attr(trial._trial_id, "retried_as", number)
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    except UpdateFinishedTrialError:
+        study.tell(trial.number, state=TrialState.FAIL)
+    except ValueError:  # "Cannot tell a COMPLETE trial": it finished after all
         return None
-    return number
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason})
+    return retries(study.get_trials(deepcopy=False))[trial.number].number
 
 
 def retire_stale(study) -> list[tuple[int, int]]:

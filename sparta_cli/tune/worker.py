@@ -51,14 +51,14 @@ def next_trial(study, plan: Plan):
 class Heartbeat:
     """Tells the storage every HEARTBEAT_SECONDS that this trial's process is alive (see study.is_stale)."""
 
-    def __init__(self, study, trial) -> None:
+    def __init__(self, trial) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(study._storage, trial._trial_id), daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(trial,), daemon=True)
 
-    def _beat(self, storage, trial_id: int) -> None:
+    def _beat(self, trial) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(Exception):  # a finished trial refuses attributes: nothing left to do
-                storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+                trial.set_user_attr("heartbeat", time.time())
 
     def __enter__(self):
         self._thread.start()
@@ -109,7 +109,7 @@ def run_trial(study, trial, plan: Plan) -> str:
     make_dir(log_path.parent)
     trial.set_user_attr("run_dir", str(Path(recipe.output_dir).resolve()))
     started = time.time()
-    with Heartbeat(study, trial), open(log_path, "a", encoding="utf-8") as log, \
+    with Heartbeat(trial), open(log_path, "a", encoding="utf-8") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             if not (origin and (origin / ALL_RESULTS).is_file()):  # a process that died between finishing and telling
