@@ -112,16 +112,35 @@ class ShardedModel:
     def _owner(self, param: torch.Tensor):
         return self.sparta.owner(param) if self.sparta is not None else None
 
-    def gather(self, param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def writes(self) -> bool:
+        """Rank 0 of the mesh: the one that writes checkpoints and adapter files, so the one that keeps
+        what `gather` assembles."""
+        return dist.get_rank(self.group) == 0
+
+    def gather(self, param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor | None:
         """The whole tensor of a trainable parameter, or of a state tensor shaped like it (an AdamW
-        moment, a kept best copy): owned deltas gathered to all k entries, DTensor shards to the whole tensor."""
+        moment, a kept best copy): owned deltas gathered to all k entries, DTensor shards to the whole
+        tensor. Rank 0 keeps it, on CPU; the other ranks take part and get None, so none of them ever
+        holds more than its shards and one whole tensor (a `full` model and its AdamW state, gathered
+        on every GPU, would not fit beside the shards)."""
         value = param.detach() if value is None else value
         layer = self._owner(param)
-        return self.sparta.gather_delta(layer, value) if layer is not None else full_tensor(value)
+        whole = self.sparta.gather_delta(layer, value) if layer is not None else full_tensor(value)
+        return whole.cpu() if self.writes else None
 
-    def gather_all(self, params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def gather_all(self, params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
         """`gather` for every named parameter (or for `values` shaped like them)."""
         return {name: self.gather(param, None if values is None else values[name]) for name, param in params.items()}
+
+    def whole_like(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Uninitialised whole-shaped CPU tensors for `params`, for every rank to read a checkpoint into
+        (no collective; `load_full` then keeps this rank's parts)."""
+        return {name: torch.empty(self._whole_shape(param), dtype=param.dtype) for name, param in params.items()}
+
+    def _whole_shape(self, param: torch.Tensor) -> torch.Size:
+        layer = self._owner(param)
+        return layer.sparta_indices.shape if layer is not None else param.shape  # a DTensor's shape is the whole one
 
     def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of a whole tensor shaped like `param`, in memory of its own (the inverse
@@ -150,7 +169,8 @@ class ShardedModel:
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """`optimizer.state_dict()` as one process training the whole model would hold it, so a
-        checkpoint has today's format. The live state is untouched."""
+        checkpoint has today's format; its per-entry tensors are None except on rank 0 (`gather`).
+        The live state is untouched."""
         saved = optimizer.state_dict()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         saved["state"] = {index: {key: self.gather(params[index], value) if _shaped_like(value, params[index]) else value
@@ -210,8 +230,14 @@ class ShardedModel:
 
     def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """`module.state_dict()` (default: the sharded model's) with every shard gathered, on CPU:
-        what `save_pretrained` of a fully trained or PEFT model writes."""
-        return {name: full_tensor(value.detach()).cpu() for name, value in (module or self.model).state_dict().items()}
+        what `save_pretrained` of a fully trained or PEFT model writes. Rank 0 gets it; the others
+        take part in each gather, keep nothing, and get an empty dict."""
+        state = {}
+        for name, value in (module or self.model).state_dict().items():
+            whole = full_tensor(value.detach())  # a collective: every rank calls it, in the same order
+            if self.writes:
+                state[name] = whole.cpu()
+        return state
 
 
 def _part(whole: torch.Tensor, like: torch.Tensor, layer) -> torch.Tensor:
@@ -302,13 +328,19 @@ def shard_adapter(adapter: Adapter, mixed_precision: str) -> ShardedModel:
 
 class GatheredOptimizer:
     """An optimizer seen as one process would hold it, for `save_checkpoint` / `load_checkpoint`:
-    built on every rank (gathering is a collective), read or loaded by whoever needs it."""
+    `for_saving` gathers its state (a collective: every rank builds it; rank 0 holds it whole and
+    writes it); for loading, each rank keeps its parts of the whole state it reads."""
 
-    def __init__(self, sharded: ShardedModel, optimizer: torch.optim.Optimizer) -> None:
-        self.sharded, self.optimizer = sharded, optimizer
-        self.saved = sharded.full_optimizer_state(optimizer)
+    def __init__(self, sharded: ShardedModel, optimizer: torch.optim.Optimizer, saved: dict | None = None) -> None:
+        self.sharded, self.optimizer, self.saved = sharded, optimizer, saved
+
+    @classmethod
+    def for_saving(cls, sharded: ShardedModel, optimizer: torch.optim.Optimizer) -> GatheredOptimizer:
+        return cls(sharded, optimizer, sharded.full_optimizer_state(optimizer))
 
     def state_dict(self) -> dict:
+        if self.saved is None:
+            raise RuntimeError("GatheredOptimizer.state_dict needs GatheredOptimizer.for_saving on every rank first")
         return self.saved
 
     def load_state_dict(self, saved: dict) -> None:

@@ -334,7 +334,7 @@ class Trainer:
         self.state = TrainerState(world_size=world)
         if self.resume_from is not None:
             if self.sharded is not None:  # checkpoints hold the whole adapter; each rank keeps its part
-                full = self.sharded.gather_all(self.trainable)
+                full = self.sharded.whole_like(self.trainable)
                 self.state = load_checkpoint(self.resume_from, full, GatheredOptimizer(self.sharded, self.optimizer), self.scheduler,
                                              accelerator, self.masks)
                 self.sharded.load_full(self.trainable, full)
@@ -509,11 +509,11 @@ class Trainer:
         state, selection = self.state, self.selection
         state.elapsed = self.elapsed()
         state.selection = selection.state() if selection is not None else None
-        # sharded: the whole adapter and optimizer, as one process would save them (every rank gathers)
+        # sharded: the whole adapter and optimizer, as one process would save them (every rank gathers, rank 0 keeps)
         best = selection.best_tensors if selection is not None else None
         tensors, optimizer = self.trainable, self.optimizer
         if self.sharded is not None:
-            tensors, optimizer = self.sharded.gather_all(self.trainable), GatheredOptimizer(self.sharded, self.optimizer)
+            tensors, optimizer = self.sharded.gather_all(self.trainable), GatheredOptimizer.for_saving(self.sharded, self.optimizer)
             best = self.sharded.gather_all(self.trainable, best) if best is not None else None
         return save_checkpoint(self.run_dir, state, tensors, optimizer, self.scheduler, self.accelerator,
                                self.cfg.keep_checkpoints, self.recipe.to_dict(), best=best, masks=self.masks)
@@ -555,7 +555,8 @@ class Trainer:
             self._write_weights()
             test_results = self.score(self.test_loaders, "test_", {"best_step": selection.best_step})
             eval_results = {"best_step": selection.best_step, **selection.best_metrics, **test_results}
-        _check_in_sync(self.sharded.gather_all(self.trainable) if self.sharded is not None else self.trainable, self.accelerator)
+        if self.sharded is None:  # under FSDP each rank holds other parts, and gathered tensors agree by construction
+            _check_in_sync(self.trainable, self.accelerator)
         # sharded: what the method writes, gathered whole (every rank takes part)
         gathered = self.adapter.tuner.gathered_for_save(self.adapter, self.sharded) if self.sharded is not None else None
         if self.main:

@@ -108,10 +108,19 @@ def _train_fsdp(arch: str, rank: int, world: int, accum: int = 1, checkpointing:
         trainable = dict(adapter.trainable())
         saved = {name: sharded.gather(param) for name, param in trainable.items()}
         saved_optimizer = sharded.full_optimizer_state(optimizer)
-        for entry, param in zip(saved_optimizer["state"].values(), trainable.values()):
-            layer = sharded.sparta.owner(param)
-            shape = layer.sparta_indices.shape if layer is not None else param.shape
-            assert all(v.shape == shape for v in entry.values() if v.dim())  # the unsharded format
+        if rank == 0:
+            for entry, param in zip(saved_optimizer["state"].values(), trainable.values()):
+                layer = sharded.sparta.owner(param)
+                shape = layer.sparta_indices.shape if layer is not None else param.shape
+                assert all(v.shape == shape for v in entry.values() if v is not None and v.dim())  # the unsharded format
+        else:  # only rank 0, which writes the checkpoint, keeps what is gathered
+            assert all(v is None for v in saved.values())
+            moments = [v for entry in saved_optimizer["state"].values() for v in entry.values() if v is None or v.dim()]
+            assert moments and all(v is None for v in moments)  # AdamW's per-entry moments; its step counts stay
+        # every rank reads the checkpoint rank 0 wrote (here: sent to them)
+        shared = [saved, saved_optimizer]
+        dist.broadcast_object_list(shared, src=0)
+        saved, saved_optimizer = shared
         model, adapter, sharded, optimizer = _sharded(arch, checkpointing)
         sharded.load_full(dict(adapter.trainable()), saved)
         sharded.load_full_optimizer_state(optimizer, saved_optimizer)
