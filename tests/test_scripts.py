@@ -73,3 +73,26 @@ def test_setup_says_what_it_is_doing(tmp_path):
     assert len(calls) == 4 and all(" -q " in call for call in calls)  # torch, sparta, the models, peft-sparta
     assert len(steps) == 6, result.stdout  # the venv, four installs, done
     assert "torch" in steps[1] and "extras" in steps[2] and "models" in steps[3] and "done" in steps[5]
+
+
+def test_every_shipped_recipe_is_valid(data_dir, monkeypatch):
+    """configs/*.yaml pass `sparta validate` (model folder, data files, targets; a Hub model's recipe,
+    which needs the internet, is parsed only) and a tune recipe's study plans, so a recipe the README
+    or BENCHMARKS.md names never fails on its first line."""
+    from typer.testing import CliRunner
+
+    from sparta_cli.cli import app
+    from sparta_cli.config import load_recipe
+    from sparta_cli.tune.settings import plan_study
+
+    monkeypatch.setenv("SPARTA_DATA_DIR", str(data_dir))
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        if not load_recipe(recipe, []).model.name_or_path.startswith("pkg:"):
+            continue  # from the Hub
+        result = CliRunner().invoke(app, ["validate", str(recipe)])
+        assert result.exit_code == 0, (recipe.name, result.output, result.exception)
+        if "tune:" in recipe.read_text():
+            plan, _ = plan_study(recipe, [])
+            assert plan.trials >= 20 and plan.metric, recipe.name
