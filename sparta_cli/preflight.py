@@ -1,7 +1,8 @@
 """Checks that need no weights, run before any command loads a model: the model folder and its
-config.json, the data folder, the adapter's targets (on a skeleton of the model built from
-config.json on the meta device) and data.max_length against its positions, and the trackers the recipe turns on. `sparta validate` runs them
-all; `train` and `eval` run them first, so a typo fails in a second instead of after the load."""
+config.json, the data folder, the adapter's targets and data.max_length against the model's learned
+positions (on a skeleton of the model built from config.json on the meta device), and the trackers
+the recipe turns on. `sparta validate` runs them all; `train` and `eval` run them first, so a typo
+fails in a second instead of after the load."""
 
 from __future__ import annotations
 

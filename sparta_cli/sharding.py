@@ -232,12 +232,8 @@ class ShardedModel:
         """`module.state_dict()` (default: the sharded model's) with every shard gathered, on CPU:
         what `save_pretrained` of a fully trained or PEFT model writes. Rank 0 gets it; the others
         take part in each gather, keep nothing, and get an empty dict."""
-        state = {}
-        for name, value in (module or self.model).state_dict().items():
-            whole = full_tensor(value.detach())  # a collective: every rank calls it, in the same order
-            if self.writes:
-                state[name] = whole.cpu()
-        return state
+        gathered = {name: self.gather(value) for name, value in (module or self.model).state_dict().items()}
+        return {name: whole for name, whole in gathered.items() if whole is not None}
 
 
 def _part(whole: torch.Tensor, like: torch.Tensor, layer) -> torch.Tensor:

@@ -40,7 +40,6 @@ def state_name(trial, retry=None) -> str:
     return name
 
 
-
 def trial_rows(study, plan: Plan) -> list[dict[str, Any]]:
     """One row per asked-for trial (enqueued ones not yet started are left out)."""
     from optuna.trial import TrialState
