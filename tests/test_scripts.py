@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -96,3 +97,41 @@ def test_every_shipped_recipe_is_valid(data_dir, monkeypatch):
         if "tune:" in recipe.read_text():
             plan, _ = plan_study(recipe, [])
             assert plan.trials >= 20 and plan.metric, recipe.name
+
+
+def _paper_table():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_table", REPO / "scripts" / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_table_widens_a_sweep_whose_best_rate_sits_at_an_edge(tmp_path):
+    """The table's chosen rates must be bracketed: a best at an edge adds a half-decade beyond it (twice at most),
+    read from the checked-in records alone (no run folder needed)."""
+    table = _paper_table()
+    out, record = tmp_path / "runs", tmp_path / "record"
+    method = table.Method("lora", [], (1e-4, 1e-3, 1e-2), seeds=1)
+
+    def finish(lr: float, accuracy: float) -> None:
+        path = table.record_path(record, table.sweep_run(method, "rte", out, lr, 1), out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"all_results": {"eval_accuracy": accuracy}}))
+
+    assert table.widened(method, "rte", out, record) is None  # nothing has run
+    finish(1e-4, 0.5)
+    finish(1e-3, 0.6)
+    assert table.widened(method, "rte", out, record) is None  # the sweep is unfinished
+    finish(1e-2, 0.7)
+    assert abs(table.widened(method, "rte", out, record) - 1e-2 * 10 ** 0.5) < 1e-12
+    method.rates = (*method.rates, 1e-2 * 10 ** 0.5)
+    finish(method.rates[-1], 0.65)
+    assert table.widened(method, "rte", out, record) is None  # bracketed now
+    assert table.best_rate(method, "rte", out, record) == 1e-2
+    method.rates = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    finish(1e-5, 0.9)
+    finish(1e-1, 0.1)
+    assert table.widened(method, "rte", out, record) is None  # two widenings already: stop
