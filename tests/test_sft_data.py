@@ -64,6 +64,10 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
+    return make_byte_tokenizer()
+
+
+def make_byte_tokenizer():
     """A small fast tokenizer, one token per byte plus Llama 3's special tokens, with no chat template."""
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
@@ -127,6 +131,10 @@ def test_csv_holds_messages_as_json_and_parquet_holds_lists(tmp_path):
         writer.writerow(["messages"])
         writer.writerow([json.dumps(SYSTEM_CHAT)])
     assert read_sft_file(tmp_path / "chat.csv").rows[0].messages == tuple(SYSTEM_CHAT)
+    with open(tmp_path / "chat.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["[{'role': 'user'}]"])  # Python's quotes, not JSON's
+    with pytest.raises(SpartaError, match=r"chat.csv line 3: `messages` is text but not JSON \(Expecting property name"):
+        read_sft_file(tmp_path / "chat.csv")
     pq.write_table(pa.Table.from_pylist([{"messages": SYSTEM_CHAT}, {"messages": SYSTEM_CHAT[1:3]}]), tmp_path / "chat.parquet")
     data = read_sft_file(tmp_path / "chat.parquet")
     assert data.rows[1].messages == tuple(SYSTEM_CHAT[1:3]) and data.rows[1].where.endswith("chat.parquet row 2")
@@ -319,6 +327,9 @@ def test_the_chat_template_is_the_tokenizers_or_a_named_file(byte_tokenizer, smo
     with pytest.raises(SpartaError, match=r"does not render \(TemplateSyntaxError: .*\): fix the template"):
         resolve_chat_template(byte_tokenizer, _write(tmp_path, "{% for message in messages %}{{ message }"))
     assert resolve_chat_template(smollm2) == smollm2.chat_template
+    named = make_byte_tokenizer()
+    named.chat_template = {"default": CHATML_TEMPLATE, "tool_use": LLAMA3_TEMPLATE}  # named templates: chat uses "default"
+    assert resolve_chat_template(named) == CHATML_TEMPLATE
     assert resolve_chat_template(smollm2, _write(tmp_path, LLAMA3_TEMPLATE)) == LLAMA3_TEMPLATE  # a file overrides the tokenizer's
 
 

@@ -60,6 +60,8 @@ def resolve_chat_template(tokenizer, template_file: Path | None = None) -> str:
         origin = f"task.chat_template {template_file}"
     else:
         template = tokenizer.chat_template
+        if isinstance(template, dict):  # named templates (tool use, RAG): the plain chat one is "default"
+            template = template.get("default")
         if not isinstance(template, str) or not template.strip():
             raise SpartaError(f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model') or 'this model'} has no chat "
                               "template: set task.chat_template to a Jinja file (the model card's template, e.g.)")
