@@ -24,6 +24,7 @@ from sparta_cli.tasks import _no_rows, _read_table
 Format = Literal["chat", "prompt_completion", "text"]
 FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 _FIELDS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
 
@@ -89,6 +90,10 @@ def _prompt_kind(row: SftRow) -> str:
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if not path.is_file():
+        raise SpartaError(f"{path} not found (relative paths start at the current folder {Path.cwd()}): fix the path")
+    if path.suffix.lower() not in _SUFFIXES:
+        raise SpartaError(f"{path}: unknown file type `{path.suffix}`: use {', '.join(_SUFFIXES[:-1])} or {_SUFFIXES[-1]}")
     if path.suffix.lower() == ".parquet":
         return _parquet_records(path)
     _, rows = _read_table(path)
