@@ -195,7 +195,7 @@ def tune(
 
 GLOBAL_OPTIONS = {"--debug", "--version", "-V", "--help", "-h"}
 _OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-_COMMAND_LINE = re.compile(r"`sparta [^`]*`")  # a quoted command line names its own command's options
+_COMMAND_LINE = re.compile(r"`[a-z][\w.-]* [^`]*`")  # a quoted command line (`sparta train ...`, `torchrun ...`) names its own options
 
 
 def command_options(command: str) -> set[str]:
@@ -211,16 +211,16 @@ def foreign_options(message: str, command: str) -> list[str]:
     return [match.group() for match in _OPTION.finditer(text) if match.group() not in have]
 
 
-def _libraries_in(exc: BaseException) -> list[str]:
-    """The installed packages the exception passed through, innermost last (`.../site-packages/PKG/...`)."""
-    found = []
+def _raised_in(exc: BaseException) -> str | None:
+    """The installed package whose code raised the exception (its innermost frame, `.../site-packages/PKG/...`);
+    None when that frame is sparta's own or a script's."""
     tb = exc.__traceback__
-    while tb is not None:
-        match = re.search(r"site-packages[/\\]([A-Za-z0-9_]+)[/\\](\S*)", tb.tb_frame.f_code.co_filename)
-        if match:
-            found.append("tokenizers" if match.group(1) == "transformers" and "tokenization" in match.group(2) else match.group(1))
+    while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return found
+    match = re.search(r"site-packages[/\\]([A-Za-z0-9_]+)[/\\](\S*)", tb.tb_frame.f_code.co_filename) if tb else None
+    if match is None:
+        return None
+    return "tokenizers" if match.group(1) == "transformers" and "tokenization" in match.group(2) else match.group(1)
 
 
 def library_error(exc: BaseException) -> SpartaError | None:
@@ -230,8 +230,7 @@ def library_error(exc: BaseException) -> SpartaError | None:
 
     kind, module = type(exc).__name__, type(exc).__module__.split(".")[0]
     first = (str(exc).strip().splitlines() or [kind])[0][:160]
-    passed = _libraries_in(exc)
-    inner = passed[-1] if passed else module
+    inner = _raised_in(exc) or module
     if kind == "SafetensorError" or inner == "safetensors":
         return SpartaError(f"a safetensors file cannot be read ({first}): it is damaged, cut off or not a safetensors file; "
                            "restore it, or rerun the command that wrote it")

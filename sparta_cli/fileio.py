@@ -69,7 +69,8 @@ def name_too_long(path: Path) -> SpartaError:
     if len(os.fsencode(longest)) <= limit:
         return SpartaError(f"the path {str(path)[:80]}... is longer than the file system allows: choose a shorter one")
     return SpartaError(f"the name `{longest[:40]}...` in {str(path)[:80]}... has {len(os.fsencode(longest))} bytes, more than the "
-                       f"{limit} the file system allows for one name: shorten it (output_dir, --output, or the ${{...}} values in them)")
+                       f"{limit} the file system allows for one name: shorten it (in output_dir, the output you named, or the ${{...}} "
+                       "values they use)")
 
 
 def _exists(path: Path) -> bool:
