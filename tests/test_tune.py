@@ -383,3 +383,34 @@ def test_a_trial_error_naming_a_train_option_gets_tunes_fix(tmp_path):
     assert str(told).startswith("trial 3: output_dir runs/x is not empty; sparta tune takes no --overwrite: move ")
     kept = SpartaError("give another --study, or rerun `sparta train x.yaml --resume`")
     assert in_tune_terms(kept, 0, tmp_path) is kept
+
+
+def test_a_trial_with_a_nan_objective_or_a_train_fix_says_why(tmp_path, data_dir, monkeypatch):
+    """The worker's trial loop around a stand-in for train(): a NaN validation metric fails the trial with
+    the reason recorded (Optuna alone would fail it silently); a train error naming --overwrite gets tune's fix."""
+    import sparta_cli.train
+    from sparta_cli.fileio import write_json
+    from sparta_cli.tune.run import no_trial_completed
+    from sparta_cli.tune.settings import plan_study
+    from sparta_cli.tune.worker import run_trial
+
+    plan, _ = plan_study(_recipe(tmp_path, "unused", data_dir, trials=2))
+    study = optuna.create_study(direction=plan.direction)
+
+    def nan_run(recipe, **kwargs):
+        write_json(Path(recipe.output_dir) / "all_results.json", {"eval_loss": float("nan"), "best_step": 2})
+        return Path(recipe.output_dir)
+
+    monkeypatch.setattr(sparta_cli.train, "train", nan_run)
+    assert run_trial(study, study.ask(), plan) == "fail"
+    assert study.trials[0].state.name == "FAIL" and study.trials[0].user_attrs["failure"].startswith("its validation loss is nan")
+    assert "the first failure, trial 0 (fail): its validation loss is nan" in no_trial_completed(study, plan)
+
+    def occupied(recipe, **kwargs):
+        raise SpartaError(f"output_dir {recipe.output_dir} is not empty: pass --overwrite to replace it, or set output_dir=...")
+
+    monkeypatch.setattr(sparta_cli.train, "train", occupied)
+    with pytest.raises(SpartaError, match=r"^trial 1: output_dir .*trial-0001 is not empty; sparta tune takes no --overwrite: "
+                                          r"move .*trial-0001 aside and rerun it, or give --output a new folder$"):
+        run_trial(study, study.ask(), plan)
+    assert "pass --overwrite" not in study.trials[1].user_attrs["failure"]
