@@ -219,6 +219,10 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
         summary = write_outputs(study, plan)
     best = summary["best"]
     if best is None:
+        running = counts(study)["running"]
+        if running:  # a shared storage's trials of other machines may still complete
+            console.print(f"[yellow]no trial completed yet[/]: {running} still running elsewhere; see trials.md when they finish")
+            return summary
         raise RunFailure(no_trial_completed(study, plan))
     params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
     console.print(f"[bold]best[/] trial {best['trial']}: validation {plan.metric} {best[f'validation_{plan.metric}']:.4f} "
