@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -192,6 +193,59 @@ def tune(
     run_tune(recipe, overrides or [], flags=flags, space=space or [])
 
 
+GLOBAL_OPTIONS = {"--debug", "--version", "-V", "--help", "-h"}
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+_COMMAND_LINE = re.compile(r"`[a-z][\w.-]* [^`]*`")  # a quoted command line (`sparta train ...`, `torchrun ...`) names its own options
+
+
+def command_options(command: str) -> set[str]:
+    """The options `sparta COMMAND` takes, the global ones included."""
+    params = typer.main.get_command(app).commands[command].params
+    return GLOBAL_OPTIONS | {name for param in params for name in (*param.opts, *param.secondary_opts) if name.startswith("-")}
+
+
+def foreign_options(message: str, command: str) -> list[str]:
+    """The options a message names that `sparta COMMAND` does not take (a fix must name one it does)."""
+    text = _COMMAND_LINE.sub(lambda match: " " * len(match.group()), message)
+    have = command_options(command)
+    return [match.group() for match in _OPTION.finditer(text) if match.group() not in have]
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    """The installed package whose code raised the exception (its innermost frame, `.../site-packages/PKG/...`);
+    None when that frame is sparta's own or a script's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    match = re.search(r"site-packages[/\\]([A-Za-z0-9_]+)[/\\](\S*)", tb.tb_frame.f_code.co_filename) if tb else None
+    if match is None:
+        return None
+    return "tokenizers" if match.group(1) == "transformers" and "tokenization" in match.group(2) else match.group(1)
+
+
+def library_error(exc: BaseException) -> SpartaError | None:
+    """The expected failures of the libraries sparta calls (safetensors, Optuna, tokenizers, datasets), as
+    one line saying what failed and what to do, for those no command caught closer to their cause."""
+    from sparta_cli.errors import RunFailure
+
+    kind, module = type(exc).__name__, type(exc).__module__.split(".")[0]
+    first = (str(exc).strip().splitlines() or [kind])[0][:160]
+    inner = _raised_in(exc) or module
+    if kind == "SafetensorError" or inner == "safetensors":
+        return SpartaError(f"a safetensors file cannot be read ({first}): it is damaged, cut off or not a safetensors file; "
+                           "restore it, or rerun the command that wrote it")
+    if module in ("optuna", "sqlalchemy") or inner in ("optuna", "sqlalchemy"):
+        return RunFailure(f"the study storage failed ({kind}: {first}): check its database server or journal file, then rerun "
+                          "the same `sparta tune` to resume the study")
+    if module == "tokenizers" or inner == "tokenizers":
+        return SpartaError(f"the model's tokenizer files cannot be read ({kind}: {first}): its tokenizer.json is damaged or needs "
+                           "a newer library; restore the model folder, or pip install -U tokenizers transformers")
+    if module == "datasets" or inner in ("datasets", "pyarrow"):
+        return SpartaError(f"the datasets library could not read the data ({kind}: {first}): check the files under data.dir or "
+                           "$SPARTA_DATA_DIR, or remove the cache in $SPARTA_CACHE_DIR and rerun")
+    return None
+
+
 def one_line(text: str) -> str:
     """Messages quote user input (an override, a file's cell): escape anything that would break the line."""
     return "".join(repr(c)[1:-1] if c.splitlines() != [c] else c for c in text)
@@ -223,9 +277,9 @@ def main() -> None:
             sys.exit(130)
         if _debug:
             raise
-        from sparta_cli.fileio import explain_write_error
+        from sparta_cli.fileio import explain_os_error
 
-        known = explain_write_error(exc)  # a full disk or a read-only place, whichever library hit it
+        known = explain_os_error(exc) or library_error(exc)  # a full disk, a name too long, a damaged file, whichever library hit it
         if known is not None:
             errors.print(f"error: {one_line(str(known))}", markup=False, soft_wrap=True)
             sys.exit(known.exit_code)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, parse_yaml
@@ -25,6 +25,18 @@ Method = Literal["sparta", "lora", "dora", "full", "head"]
 class _Strict(BaseModel):
     # no inf/NaN anywhere: `training.epochs: .inf` would never end, `lr: .nan` never learn
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Pydantic reads true as 1 for a number: YAML's yes/on/true (`training.max_steps=true`,
+        `batch_size: yes`) would become one step or one row. A number key takes a number."""
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = set(get_args(cls.model_fields[info.field_name].annotation)) or {cls.model_fields[info.field_name].annotation}
+            if kinds & {int, float} and bool not in kinds:
+                form = "a whole number" if float not in kinds else "a number"
+                raise ValueError(f"give {form}, not {str(value).lower()} (YAML reads true, yes, on, false, no and off as booleans)")
+        return value
 
 
 SEED_LIMIT = 2**32  # numpy's seeds (set by accelerate's set_seed) are below 2**32
@@ -451,10 +463,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
 _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 
 
-def _interpolate(template: str, values: dict[str, Any]) -> str:
+def _interpolate(template: str, values: dict[str, Any], chain: tuple[str, ...] = ("output_dir",)) -> str:
+    """`${key}` replaced by the recipe's value of key; a value that holds `${...}` itself is resolved
+    in turn, and a key that leads back to one on its way (`output_dir: ${output_dir}/x`) is refused."""
     def lookup(match: re.Match[str]) -> str:
         node: Any = values
         key = match.group(1)
+        if key in chain:
+            path = " -> ".join(f"${{{k}}}" if i else k for i, k in enumerate((*chain, key)))
+            raise SpartaError(f"output_dir refers to itself ({path}): a `${{...}}` cannot lead back to a key on its way; "
+                              "write that part out, e.g. output_dir=runs/${task.name}/${name}")
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 method = values["adapter"]["method"]
@@ -464,6 +482,8 @@ def _interpolate(template: str, values: dict[str, Any]) -> str:
                 raise SpartaError(f"output_dir refers to unknown `${{{key}}}`: use keys of the recipe, e.g. ${{task.name}}, "
                                   "or ${name} (the method and its settings, e.g. sparta-d0.01-s42)")
             node = node[part]
+        if isinstance(node, str) and _INTERPOLATION.search(node):
+            return _interpolate(node, values, (*chain, key))
         return str(node if node is not None else "custom")
 
     return _INTERPOLATION.sub(lookup, template)
@@ -478,7 +498,8 @@ def _drop_trust_remote_code(tree: dict[str, Any], trusted: bool) -> None:
     model = tree["model"] = dict(model)
     if model.pop("trust_remote_code") not in (False, None) and not trusted:
         raise SpartaError("the recipe sets model.trust_remote_code, but sparta never runs a model's own Python code because a "
-                          "file says so: remove the key and pass --trust-remote-code on the command line if you trust that model")
+                          "file says so: remove the key, and if you trust that model say so on the command line "
+                          "(`sparta train RECIPE --trust-remote-code`; eval, merge and export take it too)")
 
 
 def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:

@@ -35,6 +35,8 @@ def _explain(exc: OSError, path: Path) -> SpartaError:
         return SpartaError(f"no permission to write {path}: choose a place you can write to")
     if exc.errno == errno.EISDIR:
         return SpartaError(f"cannot write {path}: it is a folder; name a file")
+    if exc.errno == errno.ENAMETOOLONG:
+        return name_too_long(path)
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = next((str(p) for p in (path, *path.parents) if p.is_file()), "a part of the path")
         return SpartaError(f"cannot create {path}: {blocker} is a file, not a folder: choose another output_dir")
@@ -54,6 +56,51 @@ def explain_write_error(exc: BaseException, path: str | Path | None = None) -> S
         if phrase in str(exc):
             return _explain(OSError(code, phrase), Path(path or getattr(exc, "filename", None) or "the output"))
     return None
+
+
+def name_too_long(path: Path) -> SpartaError:
+    """The file system's name limit (255 bytes a name on most), with the name that passes it."""
+    parent = next((p for p in path.absolute().parents if _exists(p)), Path("/"))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)), default=str(path))
+    if len(os.fsencode(longest)) <= limit:
+        return SpartaError(f"the path {str(path)[:80]}... is longer than the file system allows: choose a shorter one")
+    return SpartaError(f"the name `{longest[:40]}...` in {str(path)[:80]}... has {len(os.fsencode(longest))} bytes, more than the "
+                       f"{limit} the file system allows for one name: shorten it (in output_dir, the output you named, or the ${{...}} "
+                       "values they use)")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def explain_os_error(exc: BaseException) -> SpartaError | None:
+    """The one-line error for a file system failure that escaped a command (the CLI's last resort):
+    a name too long, a file it may not read, a link loop, a path that vanished, too many open files,
+    a failing disk; the write failures of explain_write_error included."""
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return explain_write_error(exc)
+    path = Path(exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) and exc.filename else "a file")
+    code = exc.errno
+    if code in (errno.EACCES, errno.EPERM) and _exists(path) and not os.access(path, os.R_OK):
+        return SpartaError(f"no permission to read {path}: make it readable (chmod), or use a copy you can read")
+    if code in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR):
+        return _explain(exc, path)
+    if code == errno.ELOOP:
+        return SpartaError(f"{path} is a link that leads back to itself: fix or remove the link")
+    if code == errno.ENOENT:
+        return RunFailure(f"{path} does not exist (was it removed while sparta ran?): restore it and rerun")
+    if code in (errno.EMFILE, errno.ENFILE):
+        return RunFailure("too many open files: raise the limit (`ulimit -n 65536`) and rerun")
+    if code == errno.EIO:
+        return RunFailure(f"input/output error on {path}: the disk or network file system failed; check it and rerun")
+    return explain_write_error(exc)
 
 
 def _umask() -> int:

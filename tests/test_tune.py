@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,3 +258,159 @@ def _worker_pids(folder: Path) -> set[str]:
     for log in (folder / "logs").glob("worker-*.log"):
         pids |= {line.split()[1] for line in log.read_text().splitlines() if line.startswith("pid ")}
     return pids
+
+
+# ---------------------------------------------------------------- the study folder, the storage, a study with no result (no training)
+
+
+def _fake_study(monkeypatch, fail: str | None = None):
+    """Workers replaced by telling each trial of the budget at once, in this process: a value of 1.0, or
+    FAIL with `fail` as its recorded failure, as a worker records it."""
+    from sparta_cli.tune import run
+
+    def supervise(study, plan, processes):
+        while run.trials_left(study, plan.trials) > 0:
+            trial = study.ask()
+            if fail is None:
+                study.tell(trial, 1.0)
+            else:
+                trial.set_user_attr("failure", fail)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    monkeypatch.setattr(run, "start_workers", lambda plan, workers, shared: [])
+    monkeypatch.setattr(run, "supervise", supervise)
+
+
+def test_a_study_folder_holding_the_users_files_is_refused_and_left_as_it_was(tmp_path, data_dir, monkeypatch):
+    from sparta_cli.tune.run import tune
+
+    _fake_study(monkeypatch)
+    path = _recipe(tmp_path, "unused", data_dir, trials=2)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "best.yaml").write_text("my own recipe\n")
+    with pytest.raises(SpartaError, match=r"is not a sparta study folder \(it holds `best.yaml`.*give --output a new"):
+        tune(path)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.yaml"] and (folder / "best.yaml").read_text() == "my own recipe\n"
+
+    (folder / "best.yaml").unlink()
+    tune(path)  # an empty folder is the study's
+    assert {"study.json", "study.journal", "trials.csv", "best.yaml", "summary.json"} <= {p.name for p in folder.iterdir()}
+    (folder / "best").mkdir()  # `sparta train best.yaml` trains there
+    tune(path, flags={"trials": 3})  # resumes: every entry is the study's
+    assert len(_study(folder).get_trials(deepcopy=False)) == 3
+
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(SpartaError, match="holds `notes.txt`, which no sparta study writes"):
+        tune(path, flags={"trials": 4})
+    (folder / "notes.txt").unlink()
+    (folder / "trials.csv").write_text("my,own\n1,2\n")  # a user's table where the study's was
+    with pytest.raises(SpartaError, match="holds a `trials.csv` that sparta tune did not write"):
+        tune(path, flags={"trials": 4})
+    assert (folder / "trials.csv").read_text() == "my,own\n1,2\n"
+    assert len(_study(folder).get_trials(deepcopy=False)) == 3  # refused before any trial
+
+
+def test_a_study_folder_keeps_one_study_and_trial_folders_it_did_not_start(tmp_path, data_dir, monkeypatch):
+    from sparta_cli.tune.run import tune
+
+    _fake_study(monkeypatch)
+    path = _recipe(tmp_path, "unused", data_dir, trials=1)
+    folder = tmp_path / "study"
+    tune(path)
+    with pytest.raises(SpartaError, match="holds study recipe, not other: .*--study recipe"):
+        tune(path, flags={"study": "other"})
+    # a journal moved aside: trial 0 of the new journal would train into the old trial-0000
+    (folder / "trials" / "trial-0000").mkdir(parents=True)
+    (folder / "trials" / "trial-0000" / "all_results.json").write_text("{}")
+    (folder / "study.journal").rename(tmp_path / "old.journal")
+    with pytest.raises(SpartaError, match=r"trial-0000 is not a trial of study recipe .* move .*trials aside"):
+        tune(path)
+    assert (folder / "trials" / "trial-0000" / "all_results.json").read_text() == "{}"
+
+
+def test_a_study_where_every_trial_failed_is_a_failure_naming_the_first_error(tmp_path, data_dir, monkeypatch):
+    from sparta_cli.errors import RunFailure
+    from sparta_cli.tune.run import tune
+
+    _fake_study(monkeypatch, fail="its validation loss is nan")
+    path = _recipe(tmp_path, "unused", data_dir, trials=2)
+    with pytest.raises(RunFailure, match=r"no trial of study recipe completed \(2 failed, 0 pruned\); the first failure, "
+                                         r"trial 0 \(fail\): its validation loss is nan; its log: .*trial-0000.log"):
+        tune(path)
+    assert (tmp_path / "study" / "trials.csv").is_file()  # the folder still shows the trials
+
+
+@pytest.mark.parametrize(("journal", "why"), [
+    (b'{"op_code": 0, "worker_id": "a", "study_name": "s", "directions": [1]}\n{"op_code": 4, "worker_i', "its last line is cut off"),
+    (b"\x00\x01binary\n", "line 1 is not JSON"),
+    (b'{"op_code": 0}\nnot json\n{"op_code": 1}\n', "line 2 is not JSON"),
+    (b'["a list"]\n', "line 1 is not an Optuna journal record"),
+])
+def test_a_damaged_journal_names_the_file_and_the_fix_and_leaves_the_trials(tmp_path, journal, why):
+    from sparta_cli.tune.study import open_storage
+
+    path = tmp_path / "study.journal"
+    path.write_bytes(journal)
+    with pytest.raises(SpartaError, match=rf"the study journal {path} is damaged \({why}\): start a fresh study with another "
+                                          rf"--study .* or move {path} .* aside"):
+        open_storage(str(path))
+    assert path.read_bytes() == journal
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("nosuchdb://host/x", "`nosuchdb` is not a database SQLAlchemy knows"),
+    ("mysql+pymysql://u:secret@localhost/x", "needs the database driver `pymysql`, which is not installed: pip install PyMySQL"),
+    ("postgresql://u:secret@localhost:notaport/x", "is not a database URL SQLAlchemy can read"),
+    ("sqlite:////nonexistent-folder/x/study.db", "cannot open the study storage sqlite:////nonexistent-folder/x/study.db "
+                                               "(unable to open database file): check that its server runs"),
+])
+def test_a_storage_that_cannot_be_opened_says_which_and_what_to_install(url, fragment):
+    from sparta_cli.tune.study import open_storage
+
+    with pytest.raises(SpartaError, match=re.escape(fragment)) as raised:
+        open_storage(url)
+    assert "secret" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_trial_error_naming_a_train_option_gets_tunes_fix(tmp_path):
+    from sparta_cli.cli import command_options
+    from sparta_cli.tune.worker import in_tune_terms
+
+    told = in_tune_terms(SpartaError("output_dir runs/x is not empty: pass --overwrite to replace it, or set output_dir=..."),
+                         3, tmp_path / "trial-0003")
+    assert "--overwrite" not in command_options("tune") and "pass --overwrite" not in str(told)
+    assert str(told).startswith("trial 3: output_dir runs/x is not empty; sparta tune takes no --overwrite: move ")
+    kept = SpartaError("give another --study, or rerun `sparta train x.yaml --resume`")
+    assert in_tune_terms(kept, 0, tmp_path) is kept
+
+
+def test_a_trial_with_a_nan_objective_or_a_train_fix_says_why(tmp_path, data_dir, monkeypatch):
+    """The worker's trial loop around a stand-in for train(): a NaN validation metric fails the trial with
+    the reason recorded (Optuna alone would fail it silently); a train error naming --overwrite gets tune's fix."""
+    import sparta_cli.train
+    from sparta_cli.fileio import write_json
+    from sparta_cli.tune.run import no_trial_completed
+    from sparta_cli.tune.settings import plan_study
+    from sparta_cli.tune.worker import run_trial
+
+    plan, _ = plan_study(_recipe(tmp_path, "unused", data_dir, trials=2))
+    study = optuna.create_study(direction=plan.direction)
+
+    def nan_run(recipe, **kwargs):
+        write_json(Path(recipe.output_dir) / "all_results.json", {"eval_loss": float("nan"), "best_step": 2})
+        return Path(recipe.output_dir)
+
+    monkeypatch.setattr(sparta_cli.train, "train", nan_run)
+    assert run_trial(study, study.ask(), plan) == "fail"
+    assert study.trials[0].state.name == "FAIL" and study.trials[0].user_attrs["failure"].startswith("its validation loss is nan")
+    assert "the first failure, trial 0 (fail): its validation loss is nan" in no_trial_completed(study, plan)
+
+    def occupied(recipe, **kwargs):
+        raise SpartaError(f"output_dir {recipe.output_dir} is not empty: pass --overwrite to replace it, or set output_dir=...")
+
+    monkeypatch.setattr(sparta_cli.train, "train", occupied)
+    with pytest.raises(SpartaError, match=r"^trial 1: output_dir .*trial-0001 is not empty; sparta tune takes no --overwrite: "
+                                          r"move .*trial-0001 aside and rerun it, or give --output a new folder$"):
+        run_trial(study, study.ask(), plan)
+    assert "pass --overwrite" not in study.trials[1].user_attrs["failure"]

@@ -20,6 +20,7 @@ from typing import Any
 from sparta_cli.console import console
 from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.fileio import make_dir
+from sparta_cli.tune.folder import check_study_folder, check_trial_folders
 from sparta_cli.tune.outputs import best_trial, counts, state_name, write_outputs
 from sparta_cli.tune.space import decode
 from sparta_cli.tune.study import JOURNAL_FILE, Plan, open_study, require_optuna, retire_stale, retries, trials_left, write_plan
@@ -175,6 +176,21 @@ def _test_text(test: dict[str, Any]) -> str:
     return ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in shown.items()) or "none recorded"
 
 
+def no_trial_completed(study, plan: Plan) -> str:
+    """Why a study that spent its budget has no best trial: the first failed trial's error, where it is logged."""
+    trials = study.get_trials(deepcopy=False)
+    replaced = retries(trials)
+    for trial in sorted(trials, key=lambda t: t.number):
+        retry = replaced.get(trial.number)
+        why = trial.user_attrs.get("failure") or (retry.user_attrs.get("retry_reason") if retry else None)
+        if why:
+            log = Path(plan.study_dir) / "logs" / f"trial-{trial.number:04d}.log"
+            found = counts(study)
+            return (f"no trial of study {plan.study} completed ({found['fail']} failed, {found['pruned']} pruned); the first "
+                    f"failure, trial {trial.number} ({state_name(trial, retry)}): {why}; its log: {log}")
+    return (f"no trial of study {plan.study} completed: see trials.md and the trials' logs in {Path(plan.study_dir) / 'logs'}")
+
+
 def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, flags: dict[str, Any] | None = None,
          space: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) a study to its budget of trials; returns the summary written to summary.json."""
@@ -183,8 +199,10 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
     require_optuna()
     plan, workers = plan_study(recipe, overrides, flags, space)
     shared = plan.storage != str(Path(plan.study_dir) / JOURNAL_FILE)
+    check_study_folder(plan)
     write_plan(plan)
     study = open_study(plan, shared=shared, create=True)
+    check_trial_folders(study, plan)
     for values in plan.enqueue:
         study.enqueue_trial(values, skip_if_exists=True)
     for old, new in retire_stale(study):
@@ -201,8 +219,11 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
         summary = write_outputs(study, plan)
     best = summary["best"]
     if best is None:
-        console.print("[yellow]no trial completed[/]: see trials.md and logs/ in the study folder")
-        return summary
+        running = counts(study)["running"]
+        if running:  # a shared storage's trials of other machines may still complete
+            console.print(f"[yellow]no trial completed yet[/]: {running} still running elsewhere; see trials.md when they finish")
+            return summary
+        raise RunFailure(no_trial_completed(study, plan))
     params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
     console.print(f"[bold]best[/] trial {best['trial']}: validation {plan.metric} {best[f'validation_{plan.metric}']:.4f} "
                   f"at step {best['best_step']} · {params}")

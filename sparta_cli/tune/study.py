@@ -13,6 +13,7 @@ attributes, so what a retirement records lives on the retry.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
@@ -95,18 +96,97 @@ def read_plan(study_dir: str | Path) -> Plan:
     return Plan(**read_json(Path(study_dir) / PLAN_FILE))
 
 
+# The pip package of each database driver SQLAlchemy may ask for, by the module it imports.
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000": "pg8000", "asyncpg": "asyncpg",
+                   "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "mysql": "mysql-connector-python", "oracledb": "oracledb",
+                   "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
 def open_storage(url: str):
     """An RDB for URLs (`sqlite:///…`, `postgresql://…`, `mysql://…`), else Optuna's journal file,
-    which it recommends for several processes on one machine and which works on NFS (symlink lock)."""
+    which it recommends for several processes on one machine and which works on NFS (symlink lock).
+    A storage that cannot be opened (damaged journal, unknown scheme, missing driver, no server) is
+    one line saying which, and what to do."""
     optuna = require_optuna()
     if "://" in url:
+        return _open_rdb(optuna, url)
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url)
+    make_dir(path.parent)
+    check_journal(path)
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    except OSError as exc:
+        raise SpartaError(f"cannot open the study journal {path}: {exc.strerror or exc}; give --storage a journal file you can "
+                          "read and write") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as exc:  # records Optuna cannot replay
+        raise _damaged_journal(path, f"Optuna cannot replay it: {type(exc).__name__} {str(exc)[:60]}") from None
+
+
+def _damaged_journal(path: Path, why: str) -> SpartaError:
+    return SpartaError(f"the study journal {path} is damaged ({why}): start a fresh study with another --study (and --output), "
+                       f"or move {path} and the study folder's trials/ aside to run this study again; the finished trials' "
+                       "run folders are never touched")
+
+
+def check_journal(path: Path) -> None:
+    """Refuse a journal Optuna would misread: it skips a last line that is cut off or not JSON, then
+    appends after it, which turns the damage into a line it cannot read at all."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise SpartaError(f"the study journal {path} is not a file: give --storage a journal file path, or move {path} aside")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpartaError(f"cannot read the study journal {path}: {exc.strerror or exc}; give --storage a journal file you can "
+                          "read and write") from None
+    if data and not data.endswith(b"\n"):
+        raise _damaged_journal(path, "its last line is cut off")
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise _damaged_journal(path, f"line {number} is not JSON") from None
+        if not isinstance(record, dict) or "op_code" not in record:
+            raise _damaged_journal(path, f"line {number} is not an Optuna journal record")
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed: without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse: show its scheme only
+        return url.split("://")[0] + "://…"
+
+
+def _open_rdb(optuna, url: str):
+    import sqlalchemy.exc
+
+    shown = shown_url(url)
+    try:
         if url.startswith("sqlite"):  # several writers wait for each other instead of failing at once
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
         return optuna.storages.RDBStorage(url)
-    from optuna.storages.journal import JournalFileBackend
-
-    make_dir(Path(url).parent)
-    return optuna.storages.JournalStorage(JournalFileBackend(url))
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise SpartaError(f"--storage {shown}: `{url.split('://')[0]}` is not a database SQLAlchemy knows: write e.g. "
+                          "sqlite:///study.db, postgresql://user@host/db, mysql+pymysql://user@host/db, or give a journal "
+                          "file path") from None
+    except ImportError as exc:
+        module = getattr(exc.__cause__, "name", None) or getattr(exc, "name", None) or "its driver"
+        package = DRIVER_PACKAGES.get(str(module).split(".")[0], module)
+        raise SpartaError(f"--storage {shown} needs the database driver `{module}`, which is not installed: "
+                          f"pip install {package}") from None
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:  # e.g. a port that is not a number
+        raise SpartaError(f"--storage {shown} is not a database URL SQLAlchemy can read ({str(exc).splitlines()[0][:80]}): "
+                          "write e.g. postgresql://user:password@host:5432/db") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:120]
+        raise SpartaError(f"cannot open the study storage {shown} ({reason}): check that its server runs and that the URL's "
+                          "host, port, user, password and database (for sqlite, the file's folder) are right") from None
 
 
 def make_sampler(plan: Plan, worker_index: int, shared: bool, trials_so_far: int):

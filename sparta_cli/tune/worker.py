@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import socket
 import sys
@@ -122,6 +123,7 @@ def run_trial(study, trial, plan: Plan) -> str:
             retire(study, trial, str(exc))
             raise
         except RunFailure as exc:
+            exc = in_tune_terms(exc, trial.number, Path(recipe.output_dir))
             print(f"error: {exc}")
             trial.set_user_attr("failure", str(exc))
             trial.set_user_attr("seconds", round(time.time() - started))
@@ -131,9 +133,10 @@ def run_trial(study, trial, plan: Plan) -> str:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED if diverged else optuna.trial.TrialState.FAIL)
             return "diverged" if diverged else "fail"
         except SpartaError as exc:  # the recipe cannot run at all: stop the study, say why
-            trial.set_user_attr("failure", str(exc))
+            told = in_tune_terms(exc, trial.number, Path(recipe.output_dir))
+            trial.set_user_attr("failure", str(told))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
+            raise told from None
         except Exception as exc:  # noqa: BLE001 - one crashed trial (e.g. out of memory) must not end the study
             import traceback
 
@@ -151,8 +154,27 @@ def run_trial(study, trial, plan: Plan) -> str:
         if key.startswith("test_") or key == "best_step":
             trial.set_user_attr(key, result)
     trial.set_user_attr("seconds", round(time.time() - started))
+    if not math.isfinite(float(value)):  # Optuna would fail the trial without a word: say why
+        trial.set_user_attr("failure", f"its validation {plan.metric} is {value} (a correlation of constant predictions is nan)")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return "fail"
     study.tell(trial, float(value))
     return "complete"
+
+
+def in_tune_terms(exc: SpartaError, number: int, run_dir: Path) -> SpartaError:
+    """A trial is trained by `sparta tune`, but train()'s errors give `sparta train`'s fixes (`pass --overwrite`):
+    one naming an option tune does not take gets tune's fix instead."""
+    from sparta_cli.cli import foreign_options
+
+    text = str(exc)
+    foreign = foreign_options(text, "tune")
+    if not foreign:
+        return exc
+    cut = text.rfind(": ", 0, text.find(foreign[0]))
+    problem = text[:cut] if cut > 0 else text
+    return type(exc)(f"trial {number}: {problem}; sparta tune takes no {foreign[0]}: move {run_dir} aside and rerun it, "
+                     "or give --output a new folder")
 
 
 def run_worker(study_dir: str | Path, index: int, shared: bool) -> None:
