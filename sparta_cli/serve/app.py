@@ -77,7 +77,7 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(served), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(served, scheduler.queued()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

@@ -50,8 +50,9 @@ class ServerMetrics:
         with self.lock:
             self.batch_sizes.observe(size)
 
-    def render(self, served) -> str:
-        """The exposition text; `served` is the `ServedModels` whose swaps and memory it reports."""
+    def render(self, served, queued: int) -> str:
+        """The exposition text; `served` is the `ServedModels` whose swaps and memory it reports,
+        `queued` the inputs waiting in the scheduler."""
         with self.lock:
             lines = ["# HELP sparta_requests_total Requests by model and HTTP status.", "# TYPE sparta_requests_total counter"]
             lines += [f'sparta_requests_total{{model="{model}",status="{status}"}} {count}'
@@ -62,7 +63,9 @@ class ServerMetrics:
                       "# TYPE sparta_request_latency_seconds histogram", *self.latency.lines("sparta_request_latency_seconds")]
             lines += ["# HELP sparta_batch_size Inputs per model forward.", "# TYPE sparta_batch_size histogram",
                       *self.batch_sizes.lines("sparta_batch_size")]
-        lines += ["# HELP sparta_adapter_swaps_total Adapter activations (revert one, apply another).",
+        lines += ["# HELP sparta_queued_inputs Inputs waiting for a batch.", "# TYPE sparta_queued_inputs gauge",
+                  f"sparta_queued_inputs {queued}",
+                  "# HELP sparta_adapter_swaps_total Adapter activations (revert one, apply another).",
                   "# TYPE sparta_adapter_swaps_total counter", f"sparta_adapter_swaps_total {served.swaps}",
                   "# HELP sparta_adapter_swap_seconds_total Time spent swapping adapters.",
                   "# TYPE sparta_adapter_swap_seconds_total counter", f"sparta_adapter_swap_seconds_total {served.swap_seconds:.6f}",

@@ -54,6 +54,11 @@ class Scheduler:
             self.condition.notify_all()
         self.worker.join()
 
+    def queued(self) -> int:
+        """Inputs waiting for a batch."""
+        with self.condition:
+            return sum(len(queue) for queue in self.queues.values())
+
     def submit(self, adapter: str, inputs: list[Any]) -> Future:
         """A future of the results of `inputs`, in order."""
         future: Future = Future()
