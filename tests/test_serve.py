@@ -318,3 +318,35 @@ def test_sigterm_drains_an_in_flight_request_and_an_open_host_warns(runs, refere
     sender.join()
     assert answers[0].status_code == 200
     assert_matches(answers[0].json(), reference["vo"]["rows"][:2])
+
+
+def test_a_merged_checkpoint_serves_as_the_base_with_its_own_head(runs, reference, tmp_path):
+    """`sparta merge` of an adapter, served alone: `base` answers as the adapter did."""
+    from sparta_cli.serve.registry import load_served
+
+    merged = tmp_path / "merged"
+    assert sparta("merge", str(runs["vo"]), "--output", str(merged)).exit_code == 0
+    served = load_served(str(merged), [])
+    assert served.entries["base"].describe()["method"] == "merged"
+    features = served.entries["base"].encode(reference["vo"]["inputs"], served.tokenizer)
+    assert_matches({"data": served.run("base", features)}, reference["vo"]["rows"])
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(runs, tiny_bert_nodropout_dir, tiny_bert_dir, tmp_path):
+    import_or_require("peft")
+    lora = make_run(tmp_path / "lora", str(tiny_bert_nodropout_dir), method="lora")
+    elsewhere = make_run(tmp_path / "elsewhere", str(tiny_bert_dir), seed=5)
+    vo = str(runs["vo"])
+    cases = [
+        ((vo, "--adapter", "noequals"), "write NAME=RUN"),
+        ((vo, "--adapter", f"base={vo}"), "not `base`"),
+        ((vo, "--adapter", f"vo={runs['qkvo']}"), "two adapters are named `vo`"),
+        ((vo, "--adapter", f"lora={lora}"), "is a lora run: serve takes SpaRTA and head-only runs"),
+        ((vo, "--adapter", f"other={elsewhere}"), "serve each base model in a server of its own"),
+        ((str(tiny_bert_nodropout_dir),), "no trained head and no --adapter"),
+        ((vo, "--api-key-file", str(tmp_path / "missing")), "does not exist"),
+        ((vo, "--max-batch", "0"), "--max-batch 0"),
+    ]
+    for args, says in cases:
+        result = sparta("serve", *args)
+        assert result.exit_code != 0 and says in str(result.exception), (args, result.output, result.exception)

@@ -12,7 +12,17 @@ from pathlib import Path
 from sparta_cli.console import console, errors
 from sparta_cli.errors import SpartaError
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 def read_api_key(path: Path) -> str:
@@ -43,7 +53,7 @@ def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: in
 
     api_key = read_api_key(api_key_file) if api_key_file is not None else None
     served = load_served(target, parse_adapter_specs(adapters))
-    if host not in LOOPBACK and api_key is None:
+    if not is_loopback(host) and api_key is None:
         errors.print(f"warning: serving on {host} without an API key: anyone who can reach this port can use it "
                      "(pass --api-key-file)", markup=False, soft_wrap=True)
     names = [name for name in served.entries if served.entries[name].swap]

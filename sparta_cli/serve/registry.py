@@ -167,7 +167,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     """The base model (TARGET's, or TARGET itself) loaded once, and every run resident on it."""
     from sparta_cli.evaluate_cmd import BASE, MERGED, RUN, eval_recipe, target_kind
-    from sparta_cli.models import load_for_classification
+    from sparta_cli.models import fit_max_length, load_for_classification
     from sparta_cli.tasks import resolve_task
     from sparta_cli.train import mixed_precision
 
@@ -183,9 +183,10 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise SpartaError(f"two adapters are named `{duplicate}`: give each --adapter its own NAME")
-    if kind != RUN and not runs:
-        raise SpartaError(f"{target} is a model and no --adapter was given: pass --adapter NAME=RUN for each run to serve")
-    recipes = {name: _run_recipe(name, path, eval_recipe, RUN) for name, path in runs}
+    if kind == BASE and not runs:
+        raise SpartaError(f"{target} is a base model with no trained head and no --adapter was given: pass --adapter NAME=RUN "
+                          "for each run to serve")
+    recipes = {name: _run_recipe(name, path) for name, path in runs}
     tasks = {name: resolve_task(recipe.task) for name, recipe in recipes.items()}
 
     base_task = None
@@ -201,7 +202,7 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
         if not _same_base(recipe.model, model_cfg):
             raise SpartaError(f"adapter `{name}` was trained on {recipe.model.name_or_path}, not on {model_cfg.name_or_path}: "
                               "serve each base model in a server of its own")
-    sizing = base_task or next(iter(tasks.values()))
+    sizing = base_task or tasks[runs[0][0]]
     loaded = load_for_classification(model_cfg, sizing.num_labels, list(sizing.label_names or []) or None,
                                      problem_type="regression" if sizing.is_regression else "single_label_classification")
     model = loaded.model
@@ -210,7 +211,10 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     for module in loaded.head_modules:  # heads are trained and saved in fp32, as the eval path keeps them
         model.get_submodule(module).float()
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
-    entries = {BASE_NAME: ServedModel(BASE_NAME, base_task, base_recipe, "base", source=str(model_cfg.name_or_path))}
+    if base_recipe is not None:
+        fit_max_length(base_recipe, model)
+    method = "merged" if kind == MERGED else "base"
+    entries = {BASE_NAME: ServedModel(BASE_NAME, base_task, base_recipe, method, source=str(model_cfg.name_or_path))}
     for name, path in runs:
         entries[name] = _load_adapter(name, path, model, recipes[name], tasks[name])
     precision = mixed_precision(base_recipe or recipes[runs[0][0]], next(model.parameters()).dtype)
@@ -218,8 +222,11 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     return ServedModels(model, loaded.tokenizer, entries, device, autocast, base_bytes)
 
 
-def _run_recipe(name: str, path: Path, eval_recipe, run_kind: str) -> Recipe:
-    recipe = eval_recipe(str(path), run_kind, None, [])
+def _run_recipe(name: str, path: Path) -> Recipe:
+    """The run's own recipe, as `sparta eval` reads it: its task and its tokenisation policy."""
+    from sparta_cli.evaluate_cmd import RUN, eval_recipe
+
+    recipe = eval_recipe(str(path), RUN, None, [])
     if recipe.task.head == "lm":
         raise SpartaError(f"adapter `{name}` ({path}) scores multiple choice with the LM head: serve takes classification and regression runs")
     return recipe
