@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +105,8 @@ class ServedModels:
 
     def get(self, name: Any) -> ServedModel:
         if not isinstance(name, str) or name not in self.entries:
-            known = ", ".join(self.entries)
-            raise RequestError(404, f"unknown model {name!r}: this server serves {known} (GET /v1/models)")
+            shown = repr(name[:80] if isinstance(name, str) else name)[:100]  # a request's text, echoed short
+            raise RequestError(404, f"unknown model {shown}: this server serves {', '.join(self.entries)} (GET /v1/models)")
         return self.entries[name]
 
     def adapter_bytes(self) -> int:
@@ -114,8 +116,6 @@ class ServedModels:
         """Make the model compute `name`: revert the applied adapter, apply this one (O(k) each)."""
         if name == self.active:
             return
-        import time
-
         start = time.perf_counter()
         current = self.entries[self.active].swap
         if current is not None:
@@ -136,8 +136,8 @@ class ServedModels:
         self.activate(name)
         batch = self.tokenizer.pad(features, return_tensors="pt")  # DataCollatorWithPadding's padding
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                                    enabled=self.autocast_dtype is not None):
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        with torch.inference_mode(), autocast:
             logits = self.model(**batch).logits.float()
         if entry.task.is_regression:
             return [{"score": float(value)} for value in logits.squeeze(-1).cpu()]
