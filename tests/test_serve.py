@@ -304,6 +304,25 @@ def test_two_thousand_swaps_leave_the_base_bit_for_bit(runs, reference):
     assert weights_digest(served.model) != fresh  # the digest sees an adapter's k writes
 
 
+def test_the_scheduler_serves_the_longest_waiting_adapter_in_batches_of_at_most_max_batch():
+    """Queued before the worker starts: B's input is older than A's second request, yet A's batch takes
+    both A requests (same-adapter batching), then B, then C's 9 inputs in batches of 4, 4, 1. On stop,
+    an input still waiting for its batch to fill is run at once."""
+    from sparta_cli.serve.scheduler import Scheduler
+
+    seen = []
+    scheduler = Scheduler(lambda adapter, inputs: seen.append((adapter, list(inputs))) or [x * 10 for x in inputs], 4, 0.0)
+    futures = [scheduler.submit("A", [1]), scheduler.submit("B", [2]), scheduler.submit("A", [3, 4]), scheduler.submit("C", list(range(9)))]
+    scheduler.start()
+    assert [future.result(timeout=30) for future in futures] == [[10], [20], [30, 40], [x * 10 for x in range(9)]]
+    assert seen == [("A", [1, 3, 4]), ("B", [2]), ("C", [0, 1, 2, 3]), ("C", [4, 5, 6, 7]), ("C", [8])]
+    waiting = Scheduler(lambda adapter, inputs: inputs, 8, 3600.0)
+    waiting.start()
+    late = waiting.submit("A", ["x"])
+    waiting.stop()
+    assert late.result(timeout=0) == ["x"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype):
     """`SparseSwap` against a plain dense reference: applied, the weight is (W0 + the delta scattered
