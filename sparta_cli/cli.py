@@ -196,7 +196,7 @@ def tune(
 def serve(
     target: Annotated[str, typer.Argument(help="a run directory (its base is loaded once), or a base model or merged checkpoint")],
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=RUN: one more SpaRTA run on the same base (repeatable)")] = None,
-    host: Annotated[str, typer.Option(help="address to listen on (another than loopback exposes the server)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on (anything but loopback exposes the server: pass --api-key-file)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="file holding the key /v1/* requests must send as `Authorization: Bearer KEY`")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="most inputs per forward, all for one adapter")] = 8,
