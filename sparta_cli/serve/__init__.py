@@ -1,0 +1,64 @@
+"""`sparta serve`: many SpaRTA adapters on one base model, swapped in place, behind an OpenAI-style API.
+
+One copy of the base weights; each adapter is resident as its (indices, fp32 deltas) and head
+(`swap.SparseSwap`). A scheduler batches same-adapter requests for one worker thread
+(`scheduler.Scheduler`); FastAPI answers HTTP (`app.create_app`). Design: docs/serve.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparta_cli.console import console, errors
+from sparta_cli.errors import SpartaError
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def read_api_key(path: Path) -> str:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SpartaError(f"--api-key-file {path} does not exist: write the key (one line) to a file only you can read")
+    key = path.read_text(encoding="utf-8").strip()
+    if not key or len(key.splitlines()) > 1:
+        raise SpartaError(f"--api-key-file {path} must hold the key on one line")
+    return key
+
+
+def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_file: Path | None = None,
+          max_batch: int = 8, max_wait_ms: float = 5.0) -> None:
+    """Load the base once and every adapter beside it, then answer HTTP until SIGINT/SIGTERM (which drains)."""
+    if max_batch < 1:
+        raise SpartaError(f"--max-batch {max_batch}: give 1 or more")
+    if max_wait_ms < 0:
+        raise SpartaError(f"--max-wait-ms {max_wait_ms}: give 0 or more")
+    if not 0 < port < 65536:
+        raise SpartaError(f"--port {port}: give a port from 1 to 65535")
+    try:
+        import uvicorn
+    except ImportError:
+        raise SpartaError("sparta serve needs FastAPI and uvicorn: pip install 'sparta[serve]'") from None
+    from sparta_cli.serve.app import create_app
+    from sparta_cli.serve.registry import load_served, parse_adapter_specs
+
+    api_key = read_api_key(api_key_file) if api_key_file is not None else None
+    served = load_served(target, parse_adapter_specs(adapters))
+    if not is_loopback(host) and api_key is None:
+        errors.print(f"warning: serving on {host} without an API key: anyone who can reach this port can use it "
+                     "(pass --api-key-file)", markup=False, soft_wrap=True)
+    names = [name for name in served.entries if served.entries[name].swap]
+    mib = 1 << 20
+    console.print(f"serving {len(names)} adapter(s) ({', '.join(names)}) on one base on {served.device}: base {served.base_bytes / mib:.1f} MiB "
+                  f"+ adapters {served.adapter_bytes() / mib:.2f} MiB", soft_wrap=True)
+    app = create_app(served, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, api_key=api_key)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)).run()

@@ -1,0 +1,406 @@
+"""`sparta serve` against a real server on 127.0.0.1 with a real HTTP client (httpx): answers equal the
+eval path's and `sparta predict`'s for each adapter alone, under concurrent mixed traffic; swaps
+restore the base bit for bit; bad requests get a 4xx naming the problem; SIGTERM drains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, import_or_require
+from run_factory import make_run
+from typer.testing import CliRunner
+
+from sparta_cli.cli import app
+
+httpx = import_or_require("httpx")
+import_or_require("fastapi")
+import_or_require("uvicorn")
+
+KEY = "test-key-0123"
+TEXTS = ["a gripping, beautifully shot film", "dull and far too long", "it is what it is", "",
+         "an utterly charming comedy " * 40]  # the last one is over data.max_length: truncated
+PAIRS = [["A man is playing a guitar.", "A man plays the guitar."], ["A cat sleeps.", "Stock markets fell sharply today."],
+         ["Two dogs run in a field.", "Dogs are running outside " * 30]]
+PREDICT_TOLERANCE = 5e-4  # `sparta predict` writes regression scores with 3 decimals
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sparta(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def start_server(tmp: Path, *args: str) -> tuple[subprocess.Popen, str, Path]:
+    """`sparta serve ARGS` in a process of its own, once /health answers; its output goes to a file."""
+    port = free_port()
+    log = tmp / f"serve-{port}.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "sparta_cli", "serve", *args, "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # the model load takes seconds; a crash ends the wait at once
+        if process.poll() is not None:
+            raise AssertionError(f"sparta serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url, log
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"sparta serve did not answer /health:\n{log.read_text()}")
+
+
+def stop_server(process: subprocess.Popen) -> int:
+    """SIGTERM, then the exit status: uvicorn drains, shuts down, and ends by the signal it caught (-15)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert_nodropout_dir, data_dir) -> dict[str, Path]:
+    """Three SST-2 adapters (SpaRTA on v,o; SpaRTA on q,k,v,o; head only), one trained STS-B run
+    (text pairs, regression), and one whose recipe drops over-long rows."""
+    root = tmp_path_factory.mktemp("serve")
+    base = str(tiny_bert_nodropout_dir)
+    found = {
+        "vo": make_run(root / "vo", base, seed=1),
+        "qkvo": make_run(root / "qkvo", base, seed=2, targets=("q", "k", "v", "o"), density=0.1, scale=0.2),
+        "head": make_run(root / "head", base, seed=3, method="head", scale=0.5),
+        "drop": make_run(root / "drop", base, seed=4),
+    }
+    recipe = yaml.safe_load((found["drop"] / "config.yaml").read_text())
+    recipe["data"].update(max_length=16, overlong="drop")
+    (found["drop"] / "config.yaml").write_text(yaml.safe_dump(recipe))
+    stsb = root / "stsb"
+    result = sparta("train", str(REPO / "configs" / "quickstart.yaml"), f"model.name_or_path={base}", f"output_dir={stsb}",
+                    "task.name=stsb", f"data.dir={data_dir}", "data.max_train_samples=32", "training.max_steps=2",
+                    "training.batch_size=16", "data.max_eval_samples=16", "training.eval_every=null", "training.warmup_steps=0")
+    assert result.exit_code == 0, result.output
+    found["stsb"] = stsb
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> dict[str, dict[str, list]]:
+    """Per adapter, what the eval path gives for each input alone: the run loaded by itself (no
+    swapping), the inputs tokenized as `data.tokenize_split` does, one forward per input."""
+    from sparta_cli.evaluate_cmd import RUN, eval_recipe, load_scored_model
+    from sparta_cli.tasks import resolve_task
+
+    answers = {}
+    for name, run in runs.items():
+        recipe = eval_recipe(str(run), RUN, None, [])
+        task = resolve_task(recipe.task)
+        model, tokenizer, _, _ = load_scored_model(RUN, str(run), recipe, task)
+        model.eval()
+        inputs = PAIRS if len(task.text_fields) == 2 else TEXTS
+        rows = []
+        for item in inputs:
+            texts = item if isinstance(item, list) else [item]
+            with torch.no_grad():
+                batch = tokenizer(*texts, truncation=True, max_length=recipe.data.max_length, return_tensors="pt")
+                logits = model(**batch).logits.float()[0]
+            if task.is_regression:
+                rows.append({"score": float(logits[0])})
+            else:
+                probs = torch.softmax(logits.double(), -1)
+                rows.append({"label": task.label_names[int(logits.argmax())], "probabilities": dict(zip(task.label_names, probs.tolist()))})
+        answers[name] = {"inputs": inputs, "rows": rows}
+    return answers
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    key_file = tmp / "key"
+    key_file.write_text(KEY + "\n")
+    adapters = [f"--adapter={name}={path}" for name, path in runs.items() if name != "vo"]
+    process, url, log = start_server(tmp, str(runs["vo"]), *adapters, "--api-key-file", str(key_file),
+                                     "--max-batch", "4", "--max-wait-ms", "5")
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    yield client, log
+    client.close()
+    assert stop_server(process) == -signal.SIGTERM, log.read_text()
+
+
+def classify(client, model: str, inputs) -> dict:
+    response = client.post("/v1/classify", json={"model": model, "input": inputs})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_matches(answer: dict, expected: list[dict]) -> None:
+    """Argmax labels exactly, probabilities and scores within 1e-6 (padding in a batch changes nothing more)."""
+    assert len(answer["data"]) == len(expected)
+    for got, want in zip(answer["data"], expected):
+        if "label" in want:
+            assert got["label"] == want["label"]
+            for label, p in want["probabilities"].items():
+                assert abs(got["probabilities"][label] - p) <= 1e-6
+            assert got["score"] == got["probabilities"][got["label"]]
+        else:
+            assert abs(got["score"] - want["score"]) <= 1e-6
+
+
+def test_models_lists_the_base_and_every_adapter(server, runs):
+    client, _ = server
+    models = {entry["id"]: entry for entry in client.get("/v1/models").json()["data"]}
+    assert set(models) == {"base", *runs}
+    assert models["base"]["task"] is None and models["base"]["resident_bytes"] == 0
+    vo = models["vo"]
+    config = json.loads((runs["vo"] / "adapter_config.json").read_text())
+    assert (vo["method"], vo["task"], vo["labels"], vo["density"]) == ("sparta", "sst2", ["negative", "positive"], 0.05)
+    assert vo["trainable_params"] == config["trainable_params"]
+    # resident: k x (4 B index + 4 B delta) per target, plus the fp32 head (2 x 32 weights + 2 biases)
+    deltas = sum(n for kind, n in config["trainable_by_kind"].items() if kind != "head")
+    assert vo["resident_bytes"] == deltas * 8 + 66 * 4
+    assert models["head"]["method"] == "head" and models["head"]["resident_bytes"] == 66 * 4
+    assert (models["stsb"]["type"], models["stsb"]["labels"], models["stsb"]["text_fields"]) == ("regression", None, ["sentence1", "sentence2"])
+
+
+def test_each_adapter_answers_as_the_eval_path_and_predict_do(server, runs, reference, tmp_path):
+    client, _ = server
+    for name, expected in reference.items():
+        if name == "drop":
+            continue
+        answer = classify(client, name, expected["inputs"])
+        assert answer["model"] == name
+        assert_matches(answer, expected["rows"])
+        # `sparta predict --file` on the same rows gives the same labels (scores to its 3 decimals)
+        fields = ["sentence1", "sentence2"] if name == "stsb" else ["sentence"]
+        rows = [dict(zip(fields, item if isinstance(item, list) else [item])) for item in expected["inputs"]]
+        file = tmp_path / f"{name}.jsonl"
+        file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        out = tmp_path / f"{name}.tsv"
+        assert sparta("predict", str(runs[name]), "--file", str(file), "--output", str(out)).exit_code == 0
+        predicted = [line.split("\t")[1] for line in out.read_text().splitlines()[1:]]
+        for got, want in zip(answer["data"], predicted):
+            if name == "stsb":
+                assert abs(got["score"] - float(want)) <= PREDICT_TOLERANCE
+            else:
+                assert got["label"] == want
+
+
+def test_concurrent_mixed_traffic_gets_each_adapters_own_answers(server, reference):
+    client, _ = server
+    before = metric(client, "sparta_adapter_swaps_total")
+    names = ["vo", "qkvo", "head", "stsb"]
+    generator = random.Random(0)
+    jobs = []
+    for _ in range(48):
+        name = generator.choice(names)
+        picks = sorted(generator.sample(range(len(reference[name]["inputs"])), generator.randint(1, 3)))
+        jobs.append((name, picks))
+
+    def one(job):
+        name, picks = job
+        answer = classify(client, name, [reference[name]["inputs"][i] for i in picks])
+        assert_matches(answer, [reference[name]["rows"][i] for i in picks])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, jobs))
+    text = client.get("/metrics").text
+    assert metric(client, "sparta_adapter_swaps_total") > before  # the adapters really took turns
+    assert 'sparta_requests_total{model="qkvo",status="200"}' in text
+    batches = metric(client, "sparta_batch_size_count")
+    largest = metric(client, 'sparta_batch_size_bucket{le="4"}')
+    assert largest == batches  # --max-batch 4: no forward took more
+
+
+def metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+@pytest.mark.parametrize(("body", "status", "says"), [
+    ({"model": "nope", "input": ["x"]}, 404, "unknown model 'nope'"),
+    ({"input": ["x"]}, 400, "no `model`"),
+    ({"model": "vo", "input": 3}, 400, "`input` is int"),
+    ({"model": "vo", "input": [3]}, 400, "input[0] is int"),
+    ({"model": "vo", "input": []}, 400, "`input` is empty"),
+    ({"model": "vo", "input": [["a", "b"]]}, 400, "classifies single texts"),
+    ({"model": "stsb", "input": ["only one text"]}, 400, "pair [text, text]"),
+    ({"model": "vo", "input": ["x"] * 257}, 400, "over the limit of 256"),
+    ({"model": "base", "input": ["x"]}, 400, "no trained classification head"),
+    ({"model": "drop", "input": ["word " * 40]}, 400, "over data.max_length=16"),
+    ({"model": "vo", "input": ["x" * (1 << 20)]}, 413, "over the limit"),
+    ([1, 2], 400, "must be a JSON object"),
+])
+def test_a_bad_request_gets_a_4xx_naming_the_problem(server, body, status, says):
+    client, log = server
+    response = client.post("/v1/classify", json=body)
+    assert response.status_code == status, response.text
+    assert says in response.json()["error"]["message"]
+    assert classify(client, "vo", ["still serving"])["data"][0]["label"] in ("negative", "positive")
+    assert "Traceback" not in log.read_text()
+
+
+def test_other_malformed_requests_and_the_api_key(server):
+    client, _ = server
+    assert client.post("/v1/classify", content=b"{not json").status_code == 400
+    assert client.get("/v1/nothing").status_code == 404 and "no route" in client.get("/v1/nothing").json()["error"]["message"]
+    assert classify(client, "drop", ["short enough"])["data"][0]["label"] in ("negative", "positive")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = httpx.post(f"{client.base_url}/v1/classify", json={"model": "vo", "input": ["x"]}, headers=headers)
+        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+        assert httpx.get(f"{client.base_url}/v1/models", headers=headers).status_code == 401
+    assert httpx.get(f"{client.base_url}/health").status_code == 200  # health and metrics need no key
+    assert httpx.get(f"{client.base_url}/metrics").status_code == 200
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_two_thousand_swaps_leave_the_base_bit_for_bit(runs, reference):
+    """Swap among all adapters in a random order, 2,000 times: back on the base, every weight hashes as
+    the freshly loaded base's; on the way, each adapter still gives the eval path's answers."""
+    from sparta_cli.serve.registry import load_served
+
+    served = load_served(str(runs["vo"]), [(name, runs[name]) for name in ("qkvo", "head", "drop")])
+    fresh = weights_digest(served.model)
+    names = ["vo", "qkvo", "head", "drop", "base"]
+    generator = random.Random(1)
+    for step in range(2000):
+        served.activate(generator.choice(names))
+        if step % 500 == 0:
+            for name in ("vo", "qkvo"):
+                features = served.entries[name].encode(reference[name]["inputs"], served.tokenizer)
+                got = {"data": served.run(name, features)}
+                assert_matches(got, reference[name]["rows"])
+    served.activate("base")
+    assert served.swaps > 1500  # repeats are no swap: 2,000 x 4/5 = 1,600 expected, sd 18
+    assert weights_digest(served.model) == fresh
+    served.activate("vo")
+    assert weights_digest(served.model) != fresh  # the digest sees an adapter's k writes
+
+
+def test_the_scheduler_serves_the_longest_waiting_adapter_in_batches_of_at_most_max_batch():
+    """Queued before the worker starts: B's input is older than A's second request, yet A's batch takes
+    both A requests (same-adapter batching), then B, then C's 9 inputs in batches of 4, 4, 1. On stop,
+    an input still waiting for its batch to fill is run at once."""
+    from sparta_cli.serve.scheduler import Scheduler
+
+    seen = []
+    scheduler = Scheduler(lambda adapter, inputs: seen.append((adapter, list(inputs))) or [x * 10 for x in inputs], 4, 0.0)
+    futures = [scheduler.submit("A", [1]), scheduler.submit("B", [2]), scheduler.submit("A", [3, 4]), scheduler.submit("C", list(range(9)))]
+    scheduler.start()
+    assert [future.result(timeout=30) for future in futures] == [[10], [20], [30, 40], [x * 10 for x in range(9)]]
+    assert seen == [("A", [1, 3, 4]), ("B", [2]), ("C", [0, 1, 2, 3]), ("C", [4, 5, 6, 7]), ("C", [8])]
+    waiting = Scheduler(lambda adapter, inputs: inputs, 8, 3600.0)
+    waiting.start()
+    late = waiting.submit("A", ["x"])
+    waiting.stop()
+    assert late.result(timeout=0) == ["x"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype):
+    """`SparseSwap` against a plain dense reference: applied, the weight is (W0 + the delta scattered
+    into a dense zero matrix) at the chosen entries, rounded to the weight's dtype, and W0 elsewhere;
+    reverted, W0 bit for bit, also after 2,000 alternations with a second adapter on overlapping entries."""
+    from sparta_cli.serve.swap import SparseSwap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 2)).to(dtype)
+    w0 = model[0].weight.detach().clone()
+    head0 = model[1].weight.detach().clone()
+
+    def adapter(seed: int, k: int) -> tuple[SparseSwap, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(w0.numel(), generator=generator)[:k].sort().values.to(torch.int32)
+        delta = torch.randn(k, generator=generator) * 0.1
+        tensors = {"0.indices": indices, "0.delta": delta, "trained.1.weight": torch.randn(2, 12, generator=generator).to(dtype)}
+        dense = torch.zeros(w0.numel()).index_put_((indices.long(),), delta).view_as(w0)
+        chosen = torch.zeros(w0.numel(), dtype=torch.bool).index_fill_(0, indices.long(), True).view_as(w0)
+        return SparseSwap(model, tensors, ["1"]), torch.where(chosen, (w0.float() + dense).to(dtype), w0)
+
+    (first, first_weight), (second, second_weight) = adapter(1, 60), adapter(2, 90)
+    assert first.nbytes == 60 * (4 + 4) + 2 * 12 * w0.element_size()
+    for _ in range(1000):
+        first.apply()
+        assert torch.equal(model[0].weight, first_weight) and torch.equal(model[1].weight, first.head["1.weight"])
+        first.revert()
+        second.apply()
+        assert torch.equal(model[0].weight, second_weight)
+        second.revert()
+    assert torch.equal(model[0].weight, w0) and torch.equal(model[1].weight, head0)
+    with pytest.raises(RuntimeError, match="not applied"):
+        first.revert()
+
+
+def test_sigterm_drains_an_in_flight_request_and_an_open_host_warns(runs, reference, tmp_path):
+    """A request waiting for its batch when SIGTERM arrives is still answered, and the server then exits by that signal."""
+    process, url, log = start_server(tmp_path, str(runs["vo"]), "--host", "0.0.0.0", "--max-batch", "64", "--max-wait-ms", "1000")
+    assert "without an API key" in log.read_text()
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/classify", timeout=60,
+                                                                       json={"model": "vo", "input": TEXTS[:2]})))
+    sender.start()
+    while sender.is_alive() and "sparta_queued_inputs 2" not in httpx.get(f"{url}/metrics").text:  # queued, waiting for more inputs
+        time.sleep(0.02)
+    assert stop_server(process) == -signal.SIGTERM, log.read_text()
+    sender.join()
+    assert answers[0].status_code == 200
+    assert_matches(answers[0].json(), reference["vo"]["rows"][:2])
+
+
+def test_a_merged_checkpoint_serves_as_the_base_with_its_own_head(runs, reference, tmp_path):
+    """`sparta merge` of an adapter, served alone: `base` answers as the adapter did."""
+    from sparta_cli.serve.registry import load_served
+
+    merged = tmp_path / "merged"
+    assert sparta("merge", str(runs["vo"]), "--output", str(merged)).exit_code == 0
+    served = load_served(str(merged), [])
+    assert served.entries["base"].describe()["method"] == "merged"
+    features = served.entries["base"].encode(reference["vo"]["inputs"], served.tokenizer)
+    assert_matches({"data": served.run("base", features)}, reference["vo"]["rows"])
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(runs, tiny_bert_nodropout_dir, tiny_bert_dir, tmp_path):
+    import_or_require("peft")
+    lora = make_run(tmp_path / "lora", str(tiny_bert_nodropout_dir), method="lora")
+    elsewhere = make_run(tmp_path / "elsewhere", str(tiny_bert_dir), seed=5)
+    vo = str(runs["vo"])
+    cases = [
+        ((vo, "--adapter", "noequals"), "write NAME=RUN"),
+        ((vo, "--adapter", f"base={vo}"), "not `base`"),
+        ((vo, "--adapter", f"vo={runs['qkvo']}"), "two adapters are named `vo`"),
+        ((vo, "--adapter", f"lora={lora}"), "is a lora run: serve takes SpaRTA and head-only runs"),
+        ((vo, "--adapter", f"other={elsewhere}"), "serve each base model in a server of its own"),
+        ((str(tiny_bert_nodropout_dir),), "no trained head and no --adapter"),
+        ((vo, "--api-key-file", str(tmp_path / "missing")), "does not exist"),
+        ((vo, "--max-batch", "0"), "--max-batch 0"),
+    ]
+    for args, says in cases:
+        result = sparta("serve", *args)
+        assert result.exit_code != 0 and says in str(result.exception), (args, result.output, result.exception)
