@@ -101,7 +101,7 @@ _HUB = ("cais/mmlu", "all")
 
 
 def task(key: str, task_cfg: TaskConfig) -> Task:
-    return Task("mmlu", LM_CHOICE if task_cfg.head == "lm" else CLASSIFICATION, ("prompt",), MMLU_CHOICES, "accuracy",
+    return Task("mmlu", LM_CHOICE if task_cfg.head == LM_CHOICE.head else CLASSIFICATION, ("prompt",), MMLU_CHOICES, "accuracy",
                 ("validation",), splits=tuple(_SPLITS), source="mmlu", aliases={"val": "validation"},
                 subject_categories=MMLU_CATEGORIES)
 
@@ -112,7 +112,7 @@ def check(task: Task, split: str, data_dir: Path | None) -> None:
 
 
 def read(task: Task, task_cfg: TaskConfig, split: str, data_dir: Path | None) -> datasets.Dataset:
-    return as_dataset(task, _columns(task_cfg, split, data_dir))
+    return as_dataset(task, _columns(task, task_cfg, split, data_dir))
 
 
 def format_mmlu_prompt(question: str, choices: Sequence[str], answer: int | None = None) -> str:
@@ -135,9 +135,9 @@ def mmlu_prompt_with_shots(row: Mapping[str, Any], shots_rows: Sequence[Mapping[
     return header + shots + format_mmlu_prompt(row["question"], row["choices"])
 
 
-def _columns(task_cfg: TaskConfig, split: str, data_dir: Path | None) -> dict[str, list[Any]]:
+def _columns(task: Task, task_cfg: TaskConfig, split: str, data_dir: Path | None) -> dict[str, list[Any]]:
     rows = _rows(split, data_dir)
-    lm = task_cfg.head == "lm"
+    lm = task.kind is LM_CHOICE
     pool: dict[str, list[dict[str, Any]]] = {}
     if lm and task_cfg.shots and split in ("validation", "test"):
         for shot in _rows("dev", data_dir):
