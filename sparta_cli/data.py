@@ -1,4 +1,9 @@
-"""Tokenized splits and their data loaders, cached on disk so a second run does not tokenize again."""
+"""Tokenized splits and their data loaders, cached on disk so a second run does not tokenize again.
+
+A cache entry (`$SPARTA_CACHE_DIR/tokenized/<key>/`) is the tokenized split (`data/`, datasets'
+own format) and `stats.json`: its counts and the sha256 of every file in `data/`, checked on every
+read. An entry that fails the check (a bit flipped, a file truncated or replaced) is rebuilt, with a
+one-line warning, never used."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.tasks import Task, load_split
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+CACHE_FORMAT = 2  # 2: stats.json records each data file's sha256 (entries of format 1 are never read)
 
 
 def cache_root() -> Path:
@@ -37,7 +43,9 @@ def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: s
         "vocab": len(tokenizer),
         "tokenizer_class": type(tokenizer).__name__,
         "truncation_side": getattr(tokenizer, "truncation_side", "right"),  # MMLU head lm keeps a prompt's end
+        "format": CACHE_FORMAT,
         "task": task.name,
+        "kind": task.kind.name,
         "fields": task.text_fields,
         "split": split,
         "max_length": recipe.data.max_length,
@@ -61,16 +69,9 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
         if cached is not None:
             return cached
 
-    max_length = recipe.data.max_length
-    fields = list(task.text_fields)
-
     def encode(batch):
-        texts = [batch[f] for f in fields]
-        full = tokenizer(*texts, truncation=False)
-        lengths = [len(ids) for ids in full["input_ids"]]
-        out = tokenizer(*texts, truncation=True, max_length=max_length)
+        out = task.kind.encode(tokenizer, [batch[f] for f in task.text_fields], recipe.data.max_length)
         out["labels"] = batch["label"]
-        out["overlong"] = [n > max_length for n in lengths]
         return out
 
     keep = [c for c in raw.column_names if c == "subject"]
@@ -83,7 +84,12 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     encoded = encoded.remove_columns("overlong")
     if recipe.data.cache:
         stats = {"truncated": overlong, "dropped": dropped, "rows": len(encoded)}
-        replace_dir(lambda tmp: (encoded.save_to_disk(str(tmp / "data")), write_json(tmp / "stats.json", stats)), folder)
+
+        def write(tmp: Path) -> None:
+            encoded.save_to_disk(str(tmp / "data"))
+            write_json(tmp / "stats.json", {**stats, "sha256": _digests(tmp / "data")})
+
+        replace_dir(write, folder)
         encoded = load_from_disk(str(folder / "data"))
     return TokenizedSplit(encoded, split, overlong, dropped)
 
@@ -94,18 +100,47 @@ def _read_cache(folder: Path, split: str) -> TokenizedSplit | None:
 
     try:
         stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+        _verify(folder / "data", stats["sha256"])
         dataset = load_from_disk(str(folder / "data"))
         if len(dataset) != stats.get("rows", len(dataset)) or len(dataset.data.column("labels")) != len(dataset):
-            raise ValueError("row count differs from stats.json")
+            raise _Damaged("its row count differs from stats.json")
         return TokenizedSplit(dataset, split, int(stats["truncated"]), int(stats["dropped"]))
     except Exception as exc:  # noqa: BLE001 - any damage has one fix: tokenize again
         from rich.markup import escape
 
         from sparta_cli.console import console
 
-        console.print(f"[yellow]warning[/]: the tokenized cache {escape(str(folder))} is damaged ({type(exc).__name__}): rebuilding it",
+        reason = str(exc) if isinstance(exc, _Damaged) else type(exc).__name__
+        console.print(f"[yellow]warning[/]: the tokenized cache {escape(str(folder))} is damaged ({escape(reason)}): rebuilding it",
                       markup=True, highlight=False)
         return None
+
+
+class _Damaged(Exception):
+    """A cache entry that does not match what was recorded when it was written."""
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with path.open("rb") as handle:
+            digests[path.relative_to(folder).as_posix()] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def _verify(folder: Path, recorded: dict[str, str]) -> None:
+    """Every file recorded when the entry was written is there with its digest (files datasets
+    adds later, such as its own caches, are not the entry's)."""
+    if not recorded:
+        raise _Damaged("stats.json records no files")
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            raise _Damaged(f"{name} is missing")
+        with path.open("rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
+                raise _Damaged(f"{name} differs from the checksum recorded when it was written")
 
 
 def subsample(dataset, limit: int | None, seed: int | None):

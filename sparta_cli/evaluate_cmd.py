@@ -28,7 +28,7 @@ from sparta_cli.config import Recipe, build_recipe, read_yaml
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
-from sparta_cli.tasks import MMLU_CHOICES, Task, resolve_task
+from sparta_cli.tasks import Task, resolve_task
 
 RUN, MERGED, BASE = "run", "merged", "base"
 
@@ -107,34 +107,18 @@ def eval_splits(task: Task, split: str | None) -> list[str]:
     return list(task.eval_splits)
 
 
-def choice_tokens(tokenizer) -> tuple[list[int], int]:
-    """Token ids of the answer letters as they follow "Answer:", and how many special tokens the
-    tokenizer appends to a prompt (the scored position is before them)."""
-    ids = [tokenizer.encode(f"Answer: {letter}", add_special_tokens=False)[-1] for letter in MMLU_CHOICES]
-    if len(set(ids)) != len(ids):
-        raise SpartaError("this tokenizer gives the answer letters A-D the same last token: task.head=lm cannot tell them apart; use task.head=classifier")
-    plain = tokenizer.encode("Answer:", add_special_tokens=False)
-    full = tokenizer.encode("Answer:")
-    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
-    trailing = len(full) - starts[0] - len(plain) if starts else 0
-    return ids, trailing
-
-
 def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     """(model, tokenizer, scorer, head) where head says what makes the predictions."""
-    from sparta_cli.evaluation import classifier_scorer, lm_choice_scorer
     from sparta_cli.models import load_for_causal_lm, load_for_classification
 
-    if recipe.task.head == "lm":
-        if task.source != "mmlu":
-            raise SpartaError(f"task.head=lm scores multiple choice (mmlu) only; {task.name} needs task.head=classifier")
+    if task.kind.head == "lm":
         if kind != BASE:
             raise SpartaError(f"{target} has a trained classification head: score it with task.head=classifier (task.head=lm is for base models)")
         loaded = load_for_causal_lm(recipe.model)
         tokenizer = loaded.tokenizer
         tokenizer.padding_side = "right"  # positions stay 0.. for every prompt
         tokenizer.truncation_side = "left"  # a long prompt loses its first shots, never "Answer:"
-        return loaded.model, tokenizer, lm_choice_scorer(*choice_tokens(tokenizer)), "lm"
+        return loaded.model, tokenizer, task.kind.scorer(task, tokenizer), "lm"
 
     if kind == MERGED:
         have = len(read_json(Path(target).expanduser() / "config.json").get("id2label") or {})
@@ -142,7 +126,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
             raise SpartaError(f"{target} has {have} outputs but {task.name} needs {task.num_labels}: pass the --task it was trained on")
     loaded = load_for_classification(
         recipe.model, task.num_labels, list(task.label_names or []) or None,
-        problem_type="regression" if task.is_regression else "single_label_classification",
+        problem_type=task.kind.problem_type,
     )
     model = loaded.model
     if kind == RUN:
@@ -155,7 +139,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
         for name in config.get("head_modules", []):  # heads are trained and saved in fp32, as train.py keeps them
             model.get_submodule(name).float()
         model = load_adapter(Path(target).expanduser(), model, config).model
-    return model, loaded.tokenizer, classifier_scorer(task.is_regression), "untrained" if kind == BASE else "trained"
+    return model, loaded.tokenizer, task.kind.scorer(task, loaded.tokenizer), "untrained" if kind == BASE else "trained"
 
 
 def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str],

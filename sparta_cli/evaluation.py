@@ -1,57 +1,14 @@
-"""The one evaluation path, used by `sparta train` and `sparta eval`: batched, no gradients,
-each example counted once across processes."""
+"""The one evaluation path, used by `sparta train`, `sparta eval` and `sparta predict`: batched, no
+gradients, each example counted once across processes. How a batch becomes predictions is the
+task kind's `scorer` (tasks/kinds.py)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from sparta_cli.metrics import compute_metrics
-from sparta_cli.tasks import Task
-
-# Turns a batch into per-example predictions and per-example losses (None where there is no loss).
-Scorer = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def classifier_scorer(is_regression: bool) -> Scorer:
-    """Predictions from a sequence-classification head, and each example's loss (the same
-    losses transformers trains with: MSE for regression, cross-entropy otherwise)."""
-
-    def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits.float()
-        labels = batch.get("labels")
-        if is_regression:
-            preds = logits.squeeze(-1)
-            losses = (preds - labels.float()) ** 2 if labels is not None else None
-        else:
-            preds = logits.argmax(-1)
-            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if labels is not None and (labels >= 0).all() else None
-        return preds, losses
-
-    return score
-
-
-def lm_choice_scorer(choice_ids: list[int], trailing: int = 0) -> Scorer:
-    """Multiple choice with no new parameters: the argmax of the model's own next-token logits
-    over `choice_ids` (the tokens ` A`..` D`), read at the prompt's last token. `trailing` is
-    how many special tokens the tokenizer appends after it (BERT's [SEP]: 1, Llama's: 0).
-
-    Only the scored rows go through the output embedding, so memory stays O(batch x vocab)."""
-    choices = torch.tensor(choice_ids)
-
-    def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        mask = batch["attention_mask"]
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        # last non-pad position, whichever side the tokenizer pads on
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1) - trailing
-        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        logits = model.get_output_embeddings()(rows).float()
-        return logits[:, choices.to(logits.device)].argmax(-1), None
-
-    return score
+from sparta_cli.tasks import Scorer, Task
 
 
 @torch.no_grad()

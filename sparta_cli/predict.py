@@ -21,6 +21,7 @@ import numpy as np
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.tasks import Task
+from sparta_cli.tasks.files import input_file
 
 DEFAULT_SPLIT = "test"
 
@@ -39,8 +40,8 @@ def file_task(task: Task, path: Path) -> Task:
     The label column may be left out; where present, it holds the task's label names."""
     if task.source == "mmlu":
         raise SpartaError("--file reads rows of text fields; MMLU rows are prompts built from questions: predict --split instead")
-    if not path.is_file():
-        raise SpartaError(f"--file {path} does not exist: give a CSV, TSV or JSONL file with the columns {', '.join(task.text_fields)}")
+    fix = f"give a CSV, TSV or JSONL file with the columns {', '.join(task.text_fields)}"
+    input_file(path, f"--file {path} does not exist: {fix}", fix, setting="--file ")
     return replace(task, source="custom", files={"test": str(path)}, splits=("test",), eval_splits=(), aliases={})
 
 
@@ -73,7 +74,7 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     recipe = eval_recipe(target, kind, task, list(overrides or []))
     recipe.data.overlong = "truncate"  # one prediction per row: nothing dropped
     run_task = resolve_task(recipe.task)
-    if recipe.task.head == "lm":
+    if not run_task.kind.trainable:
         raise SpartaError("predict writes a classifier's predictions; task.head=lm scores a base model: use sparta eval")
     scored_task = file_task(run_task, Path(file).expanduser()) if file is not None else run_task
     where = "test" if file is not None else (split or DEFAULT_SPLIT)

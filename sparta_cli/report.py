@@ -88,11 +88,11 @@ class Run:
 
 def task_key(name: str | None) -> str:
     """One spelling per task: a known task by its canonical name (SST2, SST-2 -> sst2)."""
-    from sparta_cli.tasks import KNOWN_TASKS, _normalise
+    from sparta_cli.tasks import KNOWN_TASKS, normalise
 
     if not name:
         return "custom"
-    return _normalise(str(name)) if _normalise(str(name)) in KNOWN_TASKS else str(name)
+    return normalise(str(name)) if normalise(str(name)) in KNOWN_TASKS else str(name)
 
 
 def _text(value: Any) -> str:

@@ -24,7 +24,7 @@ from sparta_cli.config import Recipe
 from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import make_loader, tokenize_split, validation_indices
 from sparta_cli.errors import Diverged, RunFailure, SpartaError
-from sparta_cli.evaluation import classifier_scorer, evaluate_split
+from sparta_cli.evaluation import evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
 from sparta_cli.models import fit_max_length, load_for_classification, load_skeleton
@@ -223,7 +223,7 @@ class Trainer:
         weights; the others build a skeleton that `shard_adapter` fills with their parts alone."""
         recipe, task = self.recipe, self.task
         head = dict(num_labels=task.num_labels, label_names=list(task.label_names or []) or None,
-                    problem_type="regression" if task.is_regression else "single_label_classification")
+                    problem_type=task.kind.problem_type)
         rank, world = start_process_group() if self.cfg.sharding == "fsdp" else (0, 1)
         if rank == 0:
             try:
@@ -361,7 +361,7 @@ class Trainer:
                  f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
         if recipe.lr_from_rule:
             self.say(f"training.lr: auto = {cfg.lr:.3g} (docs/learning_rates.md's rule for {recipe.adapter.method})")
-        self.scorer = classifier_scorer(self.task.is_regression)
+        self.scorer = self.task.kind.scorer(self.task, self.loaded.tokenizer)
         self.window = LossWindow(accelerator.device)
         self.logged = LogWindow()
         self.stopped_early = self.selection is not None and self.selection.should_stop  # resumed after it stopped

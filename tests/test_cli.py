@@ -29,7 +29,7 @@ def test_version_and_short_help():
 @pytest.mark.parametrize(("task", "dev", "split"), [("sst2", "dev", "validation"), ("mnli", "dev_mismatched", "validation_mismatched"),
                                                      ("mnli", "dev", "validation_matched")])
 def test_dev_is_an_alias_of_glues_validation_split(task, dev, split, data_dir):
-    from sparta_cli.tasks import _canonical_split
+    from sparta_cli.tasks import canonical_split as _canonical_split
 
     assert _canonical_split(resolve_task(TaskConfig(name=task)), dev) == split
 

@@ -1,0 +1,159 @@
+"""The kinds of task: what a head predicts, how a batch is scored, which metrics it reports.
+
+- CLASSIFICATION: a classification head sparta trains; GLUE's scores (accuracy, plus Matthews
+  correlation for CoLA, or F1 of class 1 and `combined_score` = their mean for MRPC and QQP), and
+  with `subjects` (MMLU) accuracy by category and by subject.
+- REGRESSION: one output trained with MSE (STS-B, `task.type: regression`); Pearson, Spearman and
+  their mean as `combined_score`.
+- LM_CHOICE: multiple choice scored by the model's own next-token logits over the answer letters
+  (MMLU with `task.head: lm`); nothing to train; classification's metrics.
+
+Metric names follow GLUE so results compare with papers; split suffixes (MNLI's `_mm`) are the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from sparta_cli.errors import SpartaError
+from sparta_cli.tasks.base import Scorer, Task, TaskKind
+
+
+def classifier_scorer(regression: bool) -> Scorer:
+    """Predictions from a sequence-classification head, and each example's loss (the same
+    losses transformers trains with: MSE for regression, cross-entropy otherwise)."""
+    import torch
+
+    def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()
+        labels = batch.get("labels")
+        if regression:
+            preds = logits.squeeze(-1)
+            losses = (preds - labels.float()) ** 2 if labels is not None else None
+        else:
+            preds = logits.argmax(-1)
+            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if labels is not None and (labels >= 0).all() else None
+        return preds, losses
+
+    return score
+
+
+class Classification(TaskKind):
+    name = "classification"
+    head = "classifier"
+    problem_type = "single_label_classification"
+
+    def scorer(self, task: Task, tokenizer: Any) -> Scorer:
+        return classifier_scorer(regression=False)
+
+    def scores(self, task: Task, predictions: Any, labels: Any, subjects: Sequence[str] | None) -> dict[str, float]:
+        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+        if (labels < 0).any():
+            raise SpartaError(
+                f"{task.name}: the labels include -1 (an unlabelled test split): score a labelled split such as validation"
+            )
+        scores = {"accuracy": float(accuracy_score(labels, predictions))}
+        if task.main_metric == "matthews_correlation":
+            scores["matthews_correlation"] = float(matthews_corrcoef(labels, predictions))
+        if task.main_metric == "combined_score":
+            scores["f1"] = float(f1_score(labels, predictions, pos_label=1, zero_division=0))
+            scores["combined_score"] = (scores["accuracy"] + scores["f1"]) / 2
+        if subjects is not None:
+            scores.update(_by_subject(predictions == labels, np.asarray(subjects), task.subject_categories))
+        return scores
+
+    def metric_names(self, task: Task) -> tuple[str, ...]:
+        extra = {"matthews_correlation": ("matthews_correlation",), "combined_score": ("f1", "combined_score")}
+        return ("accuracy", *extra.get(task.main_metric, ()))
+
+
+class Regression(TaskKind):
+    name = "regression"
+    head = "classifier"
+    label_dtype = "float32"
+    problem_type = "regression"
+
+    def scorer(self, task: Task, tokenizer: Any) -> Scorer:
+        return classifier_scorer(regression=True)
+
+    def scores(self, task: Task, predictions: Any, labels: Any, subjects: Sequence[str] | None) -> dict[str, float]:
+        from scipy.stats import pearsonr, spearmanr
+
+        predictions, labels = predictions.astype(np.float64), labels.astype(np.float64)
+        pearson = float(pearsonr(predictions, labels)[0])
+        spearman = float(spearmanr(predictions, labels)[0])
+        return {"pearson": pearson, "spearmanr": spearman, "combined_score": (pearson + spearman) / 2}
+
+    def metric_names(self, task: Task) -> tuple[str, ...]:
+        return ("pearson", "spearmanr", "combined_score")
+
+
+class LMChoice(Classification):
+    """Multiple choice with no new parameters. Prompts end in "Answer:" and the task's label names
+    are the answer letters that follow it (MMLU's A-D)."""
+
+    name = "lm_choice"
+    head = "lm"
+    trainable = False
+    problem_type = None
+
+    def scorer(self, task: Task, tokenizer: Any) -> Scorer:
+        return lm_choice_scorer(*choice_tokens(tokenizer, task.label_names or ()))
+
+
+def choice_tokens(tokenizer: Any, letters: Sequence[str]) -> tuple[list[int], int]:
+    """Token ids of the answer letters as they follow "Answer:", and how many special tokens the
+    tokenizer appends to a prompt (the scored position is before them)."""
+    ids = [tokenizer.encode(f"Answer: {letter}", add_special_tokens=False)[-1] for letter in letters]
+    if len(set(ids)) != len(ids):
+        raise SpartaError(f"this tokenizer gives the answer letters {letters[0]}-{letters[-1]} the same last token: "
+                          "task.head=lm cannot tell them apart; use task.head=classifier")
+    plain = tokenizer.encode("Answer:", add_special_tokens=False)
+    full = tokenizer.encode("Answer:")
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    trailing = len(full) - starts[0] - len(plain) if starts else 0
+    return ids, trailing
+
+
+def lm_choice_scorer(choice_ids: list[int], trailing: int = 0) -> Scorer:
+    """The argmax of the model's own next-token logits over `choice_ids` (the tokens ` A`..` D`),
+    read at the prompt's last token. `trailing` is how many special tokens the tokenizer appends
+    after it (BERT's [SEP]: 1, Llama's: 0).
+
+    Only the scored rows go through the output embedding, so memory stays O(batch x vocab)."""
+    import torch
+
+    choices = torch.tensor(choice_ids)
+
+    def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask = batch["attention_mask"]
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        # last non-pad position, whichever side the tokenizer pads on
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1) - trailing
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = model.get_output_embeddings()(rows).float()
+        return logits[:, choices.to(logits.device)].argmax(-1), None
+
+    return score
+
+
+def _by_subject(correct: np.ndarray, subjects: np.ndarray, categories: Mapping[str, str]) -> dict[str, float]:
+    """Accuracy per category (over its questions, as hendrycks does for MMLU) and per subject."""
+    category_of = np.array([categories.get(str(subject), "") for subject in subjects])
+    scores = {
+        f"accuracy_{category.replace(' ', '_')}": float(correct[category_of == category].mean())
+        for category in sorted(set(category_of) - {""})
+    }
+    for subject in sorted(set(subjects.tolist())):
+        scores[f"accuracy_subject_{subject}"] = float(correct[subjects == subject].mean())
+    return scores
+
+
+CLASSIFICATION = Classification()
+REGRESSION = Regression()
+LM_CHOICE = LMChoice()
