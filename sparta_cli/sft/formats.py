@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tasks import _no_rows, _read_table
+from sparta_cli.tasks.files import no_rows, read_table
 
 Format = Literal["chat", "prompt_completion", "text"]
 FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text")
@@ -96,7 +96,7 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise SpartaError(f"{path}: unknown file type `{path.suffix}`: use {', '.join(_SUFFIXES[:-1])} or {_SUFFIXES[-1]}")
     if path.suffix.lower() == ".parquet":
         return _parquet_records(path)
-    _, rows = _read_table(path)
+    _, rows = read_table(path)
     return [(f"line {line}", record) for line, record in rows]
 
 
@@ -110,7 +110,7 @@ def _parquet_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise SpartaError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}): use a complete copy of the file") from None
     records = table.to_pylist()
     if not records:
-        raise _no_rows(path)
+        raise no_rows(path)
     return [(f"row {number}", record) for number, record in enumerate(records, 1)]
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.sft.formats import SftRow
-from sparta_cli.tasks import _read_text
+from sparta_cli.tasks.files import read_text
 
 IGNORE = -100
 LossOn = Literal["assistant", "last_assistant", "all"]
@@ -56,7 +56,7 @@ def resolve_chat_template(tokenizer, template_file: Path | None = None) -> str:
     if template_file is not None:
         if not template_file.is_file():
             raise SpartaError(f"task.chat_template {template_file} not found: fix the path")
-        template = _read_text(template_file)
+        template = read_text(template_file)
         origin = f"task.chat_template {template_file}"
     else:
         template = tokenizer.chat_template
