@@ -1,9 +1,9 @@
 """`sparta train`: the one training loop, readable top to bottom (as torchtune's recipes are).
 
 `train` is the run: setup steps, each a function that returns what it builds (the model and its
-adapter, the accelerator, the placement, the data, the optimizer and schedule, the restored
-state), then `Trainer.run`, a flat loop over micro-batches in which every optimizer step takes the
-one path in `optimizer_step` (clip, step, schedule, log, evaluate, checkpoint). What a run
+adapter, the accelerator, the placement, the data, the optimizer and schedule, the restored or
+new state), then `Trainer.run`, a flat loop over micro-batches in which every optimizer step
+takes the one path in `optimizer_step` (clip, step, schedule, log, evaluate, checkpoint). What a run
 acquires, the run folder's lock and the trackers, `train` takes and releases itself (`with`
 blocks). One signal guard covers the loop from its first step to the last file written: the
 finished training is checkpointed before the final evaluation and the results files.
@@ -157,7 +157,7 @@ def selection_metric(recipe: Recipe, task: Task) -> str:
 
 
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`section.key: old -> new` for every recipe key whose value differs from the saved recipe's."""
+    """`section.key: OLD there, NEW now` for every recipe key whose value differs from the saved recipe's."""
     keys = [(f"{section}.{key}", saved.get(section, {}).get(key), value)
             for section in now if isinstance(now[section], dict) for key, value in now[section].items()]
     keys += [(key, saved.get(key), now.get(key)) for key in ("seed",)]
@@ -221,18 +221,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         sparta = model.adapter.sparta
         masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
         selection = ModelSelection(metric, cfg.early_stopping_patience, trainable) if metric else None
-        if resume_from is not None:
-            state = restore(resume_from, placement, trainable, optim, masks, selection)
-            if accelerator.is_main_process:
-                truncate_log(run_dir / TRAINER_LOG, state.step, drop=after_final_checkpoint(state.step, optim.steps, selection))
-        else:
-            state = TrainerState(world_size=accelerator.num_processes)
-            if accelerator.is_main_process:
-                write_run_config(run_dir, recipe, {
-                    "world_size": accelerator.num_processes, "effective_batch_size": effective_batch(recipe, accelerator),
-                    "total_steps": optim.steps, "trainable_params": model.adapter.num_trainable(),
-                    "base_params": model.adapter.base_params, "mixed_precision": accelerator.mixed_precision,
-                    "device": str(accelerator.device)})
+        state = restore_or_start(recipe, resume_from, placement, optim, trainable, masks, selection)
         describe_run(recipe, accelerator, data, optim, say)
         with tracking(accelerator, recipe, run_dir):
             Trainer(recipe, task, model, placement, data, optim, trainable, masks, selection, state, on_evaluate, say).run()
@@ -360,12 +349,23 @@ def setup_optimizer(recipe: Recipe, placement: Placement, data: Data) -> tuple[O
     return Optimization(model, optimizer, scheduler, steps), data
 
 
-def restore(path: Path, placement: Placement, trainable: dict[str, torch.Tensor], optim: Optimization,
-            masks: dict[str, str], selection: ModelSelection | None) -> TrainerState:
-    """The loop position a checkpoint holds, with its tensors, optimizer, scheduler, RNG and best adapter loaded."""
-    state = placement.load_checkpoint(path, trainable, optim.optimizer, optim.scheduler, masks)
+def restore_or_start(recipe: Recipe, resume_from: Path | None, placement: Placement, optim: Optimization,
+                     trainable: dict[str, torch.Tensor], masks: dict[str, str], selection: ModelSelection | None) -> TrainerState:
+    """The loop position: a checkpoint's, with its tensors, optimizer, scheduler, RNG and best adapter
+    loaded and the log cut back to it; or step 0 of a new run, whose config.yaml is written."""
+    accelerator, adapter, run_dir = placement.accelerator, placement.adapter, Path(recipe.output_dir)
+    if resume_from is None:
+        if accelerator.is_main_process:
+            write_run_config(run_dir, recipe, {
+                "world_size": accelerator.num_processes, "effective_batch_size": effective_batch(recipe, accelerator),
+                "total_steps": optim.steps, "trainable_params": adapter.num_trainable(), "base_params": adapter.base_params,
+                "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
+        return TrainerState(world_size=accelerator.num_processes)
+    state = placement.load_checkpoint(resume_from, trainable, optim.optimizer, optim.scheduler, masks)
     if selection is not None:
-        selection.load(state.selection, placement.load_best(path, trainable))
+        selection.load(state.selection, placement.load_best(resume_from, trainable))
+    if accelerator.is_main_process:
+        truncate_log(run_dir / TRAINER_LOG, state.step, drop=after_final_checkpoint(state.step, optim.steps, selection))
     return state
 
 
