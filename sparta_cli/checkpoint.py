@@ -38,6 +38,11 @@ RECIPE_FILE = "recipe.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+class ResumeStops(SpartaError):
+    """A checkpoint problem every checkpoint of the run shares (pickle files, another number of
+    processes): `--resume` stops instead of falling back to an older checkpoint."""
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
@@ -166,7 +171,7 @@ def read_trainer_state(path: Path) -> TrainerState:
     missing, extra = sorted(set(fields) - set(data)), sorted(set(data) - set(fields))
     if missing or extra:
         what = f"lacks `{missing[0]}`" if missing else f"has an unknown key `{extra[0]}`"
-        raise SpartaError(f"{path} {what}: it was edited or written by another sparta version; resume from another checkpoint")
+        raise SpartaError(f"{path} {what}: it was edited or written by another sparta version, so the checkpoint is damaged")
     from pydantic import TypeAdapter, ValidationError
 
     try:
@@ -174,8 +179,7 @@ def read_trainer_state(path: Path) -> TrainerState:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
-        raise SpartaError(f"{path}: `{where}` = {error.get('input')!r} ({error['msg']}): the checkpoint is damaged; "
-                          "resume from another checkpoint") from None
+        raise SpartaError(f"{path}: `{where}` = {error.get('input')!r} ({error['msg']}): the checkpoint is damaged") from None
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -202,12 +206,12 @@ def read_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
     A checkpoint from before sparta stopped pickling (optimizer.pt, rng_state_*.pt) is refused
     without being opened."""
     if (path / "optimizer.pt").exists() or any(path.glob("rng_state_*.pt")):
-        raise SpartaError(f"{path} holds pickle files (optimizer.pt), which sparta never loads because unpickling can run "
-                          "code: it was written by an older sparta; retrain with --overwrite")
+        raise ResumeStops(f"{path} holds pickle files (optimizer.pt), which sparta never loads because unpickling can run "
+                          "code: it was written by an older sparta; --resume stops: retrain with --overwrite")
     state = read_trainer_state(path / STATE_FILE)
     if state.world_size != world_size:
-        raise SpartaError(f"{path} was written by {state.world_size} process(es) but this run has {world_size}: "
-                          "resume with the same number of processes")
+        raise ResumeStops(f"{path} was written by {state.world_size} process(es) but this run has {world_size}: "
+                          "--resume stops: resume with the same number of processes")
     tensors, _ = _load_safetensors(path / TENSORS_FILE)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -225,27 +229,37 @@ def read_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
             rng.append((rng_tensors, json.loads(metadata["rng"])))
         except (KeyError, ValueError):
             raise SpartaError(f"{path / rng_file(rank)} lacks its RNG record: the checkpoint is damaged") from None
-    return {"state": state, "tensors": tensors, "optimizer": join_optimizer_state(optimizer_tensors, optimizer_info),
+    try:
+        optimizer = join_optimizer_state(optimizer_tensors, optimizer_info)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SpartaError(f"{path / OPTIMIZER_TENSORS} or {OPTIMIZER_STATE} holds entries sparta does not write: "
+                          "the checkpoint is damaged") from None
+    return {"state": state, "tensors": tensors, "optimizer": optimizer,
             "scheduler": _json(path / SCHEDULER_STATE), "masks": _json(path / MASKS_FILE), "recipe": _json(path / RECIPE_FILE),
             "rng": rng}
 
 
 def usable_checkpoint(run_dir: Path, world_size: int, warn) -> Path | None:
-    """The newest checkpoint that reads back whole; each damaged newer one is named in a warning.
-    None when there is no checkpoint; SpartaError naming the newest's damage when none is usable."""
+    """The newest checkpoint that reads back whole; each damaged newer one is named in a warning
+    that says `--resume` falls back past it. None when there is no checkpoint; SpartaError naming
+    the newest's damage, and that `--resume` stops, when none is usable."""
     problems = []
-    for path in reversed(checkpoints(run_dir)):
+    found = checkpoints(run_dir)
+    for index in reversed(range(len(found))):
+        path, older = found[index], found[index - 1] if index else None
         try:
             read_checkpoint(path, world_size)
+        except ResumeStops:
+            raise
         except SpartaError as exc:
-            if "processes" in str(exc) or "pickle" in str(exc):
-                raise  # every checkpoint of the run has the same problem
-            warn(f"skipping {path}: {exc}")
+            after = f"--resume falls back past it, to {older.name}" if older is not None else "no older checkpoint to fall back to"
+            warn(f"skipping {path}: {exc}; {after}")
             problems.append(str(exc))
             continue
         return path
     if problems:
-        raise SpartaError(f"every checkpoint in {run_dir} is damaged (newest: {problems[0]}): retrain with --overwrite")
+        raise SpartaError(f"every checkpoint in {run_dir} is damaged (newest: {problems[0]}): --resume stops; "
+                          "retrain with --overwrite")
     return None
 
 
@@ -256,8 +270,8 @@ def check_masks(path: Path, saved: dict[str, str], current: dict[str, str]) -> N
         return
     differ = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
     raise SpartaError(f"{path} trained other SpaRTA entries than this run draws (e.g. in `{differ[0]}`): the mask changed "
-                      "since it was written (another torch or sparta version?); resume with the versions in config.yaml, "
-                      "or retrain with --overwrite")
+                      "since it was written (another torch or sparta version?); --resume stops: resume with the versions in "
+                      "config.yaml, or retrain with --overwrite")
 
 
 def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, accelerator,
@@ -268,10 +282,11 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, s
     tensors = saved["tensors"]
     for name, tensor in trainable.items():
         if name not in tensors:
-            raise SpartaError(f"{path} lacks trainable tensor {name}: the recipe changed since it was written; resume with the same recipe")
+            raise SpartaError(f"{path} lacks trainable tensor {name}: the recipe changed since it was written; --resume stops: "
+                              "resume with the same recipe")
         if tuple(tensors[name].shape) != tuple(tensor.shape):
             raise SpartaError(f"{path}: `{name}` is {list(tensors[name].shape)} there but {list(tensor.shape)} here: "
-                              "resume with the same recipe and base model")
+                              "--resume stops: resume with the same recipe and base model")
     with torch.no_grad():
         for name, tensor in trainable.items():
             tensor.copy_(tensors[name])
@@ -279,7 +294,8 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, s
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise SpartaError(f"{path}: the optimizer or scheduler state does not fit this run ({exc}): resume with the same recipe") from None
+        raise SpartaError(f"{path}: the optimizer or scheduler state does not fit this run ({exc}): --resume stops: "
+                          "resume with the same recipe") from None
     _set_rng_state(*saved["rng"][accelerator.process_index])
     return saved["state"]
 

@@ -40,7 +40,8 @@ class TrainingProgress:
         self.total, self.start_step, self.step = total, completed, completed
         self.enabled, self.every_s = enabled, every_s
         self.every_steps = max(1, math.ceil(total / 20))
-        self.loss, self.lr, self.rate = math.nan, 0.0, 0.0
+        self.loss: float | None = None  # none read yet: shown as `loss –`, not as a number
+        self.lr, self.rate = 0.0, 0.0
         self.started = self.last_line = time.perf_counter()
         self.last_line_step = completed
         self._bar: _RichProgress | None = None
@@ -49,10 +50,10 @@ class TrainingProgress:
         if self.enabled and self.out.is_terminal:
             self._bar = _RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e} · {task.fields[rate]:.1f} samples/s"),
+                TextColumn("loss {task.fields[loss]} · lr {task.fields[lr]:.2e} · {task.fields[rate]:.1f} samples/s"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.out, transient=False)
             self._bar.__enter__()
-            self._task = self._bar.add_task("training", total=self.total, completed=self.step, loss=self.loss, lr=0.0, rate=0.0)
+            self._task = self._bar.add_task("training", total=self.total, completed=self.step, loss=self.loss_text, lr=0.0, rate=0.0)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -64,7 +65,7 @@ class TrainingProgress:
         if loss is not None:
             self.loss = loss
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, loss=self.loss, lr=lr, rate=rate)
+            self._bar.update(self._task, completed=step, loss=self.loss_text, lr=lr, rate=rate)
             return
         now = time.perf_counter()
         due = step == self.total or step - self.last_line_step >= self.every_steps or now - self.last_line >= self.every_s
@@ -72,11 +73,16 @@ class TrainingProgress:
             self.out.print(self.line(now))
             self.last_line, self.last_line_step = now, step
 
+    @property
+    def loss_text(self) -> str:
+        """The last loss read, or a dash before the first (a `nan` there would read as divergence)."""
+        return "–" if self.loss is None else f"{self.loss:.4f}"
+
     def line(self, now: float) -> str:
         elapsed = now - self.started
         done = self.step - self.start_step
         eta = elapsed / done * (self.total - self.step) if done else math.nan
-        return (f"step {self.step}/{self.total} · loss {self.loss:.4f} · lr {self.lr:.2e} · {self.rate:.1f} samples/s · "
+        return (f"step {self.step}/{self.total} · loss {self.loss_text} · lr {self.lr:.2e} · {self.rate:.1f} samples/s · "
                 f"elapsed {_clock(elapsed)} · ETA {_clock(eta)}")
 
 

@@ -19,3 +19,9 @@ class RunFailure(SpartaError):
 class Diverged(RunFailure):
     """The training loss became NaN or infinite: the configuration (its rate, most often) is at fault,
     not the machine, so a search ranks it below every finished trial."""
+
+
+class Interrupted(RunFailure):
+    """Ctrl-C or SIGTERM: a checkpoint was written; exit 130 like a shell."""
+
+    exit_code = 130

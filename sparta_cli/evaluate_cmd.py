@@ -154,8 +154,8 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
     from sparta_cli.models import fit_max_length
+    from sparta_cli.placement import mixed_precision
     from sparta_cli.preflight import preflight
-    from sparta_cli.train import mixed_precision
 
     if output is not None:
         from sparta_cli.outputs import check_replaceable_file

@@ -57,9 +57,9 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     from sparta_cli.evaluation import predict
     from sparta_cli.fileio import write_text
     from sparta_cli.models import check_model_source
+    from sparta_cli.placement import mixed_precision
     from sparta_cli.preflight import preflight
     from sparta_cli.tasks import resolve_task
-    from sparta_cli.train import mixed_precision
 
     if split is not None and file is not None:
         raise SpartaError("--split and --file name two inputs: pass one")

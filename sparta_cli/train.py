@@ -1,10 +1,14 @@
 """`sparta train`: the one training loop, readable top to bottom (as torchtune's recipes are).
 
-`Trainer.__init__` is the setup, one method per step; `Trainer.run` is a flat loop over
-micro-batches, and every optimizer step takes the one path in `optimizer_step` (clip, step,
-schedule, log, evaluate, checkpoint); `finish` checkpoints the finished training before the
-final evaluation and the results files. Accelerate handles devices, DDP, mixed precision and
-gradient accumulation. Only the main process writes files or prints.
+`train` is the run: setup steps, each a function that returns what it builds (the model and its
+adapter, the accelerator, the placement, the data, the optimizer and schedule, the restored or
+new state), then `Trainer.run`, a flat loop over micro-batches in which every optimizer step
+takes the one path in `optimizer_step` (clip, step, schedule, log, evaluate, checkpoint). What a run
+acquires, the run folder's lock and the trackers, `train` takes and releases itself (`with`
+blocks). One signal guard covers the loop from its first step to the last file written: the
+finished training is checkpointed before the final evaluation and the results files.
+Accelerate handles devices, DDP, mixed precision and gradient accumulation; the `Placement`
+(placement.py) whatever differs under FSDP. Only the main process writes files or prints.
 """
 
 from __future__ import annotations
@@ -13,23 +17,27 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.markup import escape
 
-from sparta_cli.checkpoint import TrainerState, checkpoints, load_best, load_checkpoint, save_checkpoint, usable_checkpoint
+from sparta_cli.checkpoint import TrainerState, checkpoints, usable_checkpoint
 from sparta_cli.config import Recipe
 from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import make_loader, tokenize_split, validation_indices
-from sparta_cli.errors import Diverged, RunFailure, SpartaError
+from sparta_cli.errors import Diverged, Interrupted, SpartaError
 from sparta_cli.evaluation import evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import fit_max_length, load_for_classification, load_skeleton
+from sparta_cli.models import LoadedModel, fit_max_length
 from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.outputs import release_run_dir
+from sparta_cli.placement import Placement, load_classifier, mixed_precision, place
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
@@ -41,29 +49,12 @@ from sparta_cli.runs import (
     truncate_log,
     write_run_config,
 )
-from sparta_cli.sharding import GatheredOptimizer, broadcast_json, check_launch, clip_grad_norm_, shard_adapter, start_process_group
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
 from sparta_cli.tuners import apply_adapter
 
-
-class Interrupted(RunFailure):
-    """Ctrl-C or SIGTERM: a checkpoint was written; exit 130 like a shell."""
-
-    exit_code = 130
-
-
-def mixed_precision(recipe: Recipe, model_dtype: torch.dtype) -> str:
-    """bf16 autocast where the hardware has it, and always when the weights are half precision
-    (the fp32 head then needs autocast to meet the body's activations)."""
-    choice = recipe.training.mixed_precision
-    if choice != "auto":
-        return choice
-    if model_dtype == torch.float16:
-        return "fp16"
-    if model_dtype == torch.bfloat16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        return "bf16"
-    return "no"
+if TYPE_CHECKING:
+    from sparta_cli.tuners.base import Adapter
 
 
 def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
@@ -74,13 +65,13 @@ def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step and exits cleanly.
-    With `raise_now` (a message with `{signal}`), they raise Interrupted at once instead: for the
-    final evaluation, which starts only once a checkpoint holds the finished training."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step and exits cleanly. After
+    `raise_from_now(message)` (a message with `{signal}`) they raise Interrupted at once instead:
+    for the final evaluation, which starts only once a checkpoint holds the finished training."""
 
-    def __init__(self, raise_now: str | None = None) -> None:
+    def __init__(self) -> None:
         self.signal: str | None = None
-        self.raise_now = raise_now
+        self.raise_now: str | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self):
@@ -95,6 +86,13 @@ class StopFlag:
         self.signal = signal.Signals(signum).name
         if self.raise_now is not None:
             raise Interrupted(self.raise_now.format(signal=self.signal))
+
+    def raise_from_now(self, message: str | None) -> None:
+        """From now on a signal raises Interrupted(message) at once (None: it only sets the flag
+        again); one that came before raises now, so none falls between the two modes."""
+        self.raise_now = message
+        if message is not None and self.signal is not None:
+            raise Interrupted(message.format(signal=self.signal))
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -158,6 +156,14 @@ def selection_metric(recipe: Recipe, task: Task) -> str:
     return metric.removeprefix("eval_")
 
 
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`section.key: OLD there, NEW now` for every recipe key whose value differs from the saved recipe's."""
+    keys = [(f"{section}.{key}", saved.get(section, {}).get(key), value)
+            for section in now if isinstance(now[section], dict) for key, value in now[section].items()]
+    keys += [(key, saved.get(key), now.get(key)) for key in ("seed",)]
+    return [f"{name}: {old!r} there, {new!r} now" for name, old, new in sorted(keys) if old != new]
+
+
 def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Path | None:
     """The newest checkpoint that reads back whole (a damaged newer one is skipped with a warning),
     after checking it belongs to this recipe."""
@@ -167,15 +173,15 @@ def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Pa
     if not found:
         return None
     usable = usable_checkpoint(run_dir, world_size, lambda text: say(f"[yellow]warning[/]: {escape(text)}"))
-    saved = read_json(usable / "recipe.json")
-    now = recipe.to_dict()
-    changed = sorted(f"{section}.{key}" for section in now if isinstance(now[section], dict)
-                     for key in now[section] if saved.get(section, {}).get(key) != now[section][key])
-    changed += [key for key in ("seed",) if saved.get(key) != now.get(key)]
+    changed = recipe_changes(read_json(usable / "recipe.json"), recipe.to_dict())
     if changed:
-        raise SpartaError(f"the recipe differs from the one that wrote {usable.name} ({', '.join(changed)}): resume with the same recipe")
+        raise SpartaError(f"the recipe differs from the one that wrote {usable} ({'; '.join(changed)}): --resume stops; "
+                          "resume with the same recipe, or retrain with --overwrite")
     say(f"resuming from {usable}")
     return usable
+
+
+# ------------------------------------------------------------ the run
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
@@ -192,197 +198,237 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     `test_` scoring. If it raises, training stops at once and the exception propagates unchanged
     (trackers are released; the run folder is left unfinished, resumable from its checkpoints).
     """
-    return Trainer(recipe, overwrite=overwrite, resume=resume, on_evaluate=on_evaluate).run()
+    from accelerate.utils import set_seed
+
+    run_dir, cfg = Path(recipe.output_dir), recipe.training
+    task = resolve_task(recipe.task)
+    metric = selection_metric(recipe, task) if recipe.data.validation_size is not None else None
+    check_output_dir(run_dir, overwrite=overwrite, resume=resume)
+    set_seed(recipe.seed)
+    model = setup_model(recipe, task)  # before touching the output folder: a bad model name loses nothing
+    accelerator = setup_accelerator(recipe, model.dtype, run_dir)
+    placement = place(model.adapter, accelerator, cfg.sharding)  # FSDP2 under training.sharding=fsdp (docs/scaling.md)
+    say = console.print if accelerator.is_main_process else _quiet
+    with held_run_dir(run_dir, accelerator, overwrite=overwrite, resume=resume):
+        resume_from = _resume_point(run_dir, recipe, say, accelerator.num_processes) if resume else None
+        if resume and resume_from is None and accelerator.is_main_process:
+            truncate_log(run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
+        say(f"[bold]sparta train[/] {task.name} · {recipe.adapter.method} · {model.loaded.source}")
+        say(model.adapter.summary_line())
+        data = setup_data(recipe, task, model.loaded.tokenizer, accelerator, metric, say)
+        optim, data = setup_optimizer(recipe, placement, data)
+        trainable = dict(model.adapter.trainable())
+        sparta = model.adapter.sparta
+        masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
+        selection = ModelSelection(metric, cfg.early_stopping_patience, trainable) if metric else None
+        state = restore_or_start(recipe, resume_from, placement, optim, trainable, masks, selection)
+        describe_run(recipe, accelerator, data, optim, say)
+        with tracking(accelerator, recipe, run_dir):
+            Trainer(recipe, task, model, placement, data, optim, trainable, masks, selection, state, on_evaluate, say).run()
+    return run_dir
 
 
-class Trainer:
-    """One run. `__init__` is the setup, one step per method in the order they run; `run` is the
-    loop: micro-batches go forward and backward, and every optimizer step takes the one path in
-    `optimizer_step` (clip, step, schedule, log, evaluate, checkpoint)."""
-
-    def __init__(self, recipe: Recipe, *, overwrite: bool, resume: bool,
-                 on_evaluate: Callable[[int, dict[str, float]], None] | None) -> None:
-        from accelerate.utils import set_seed
-
-        self.recipe, self.cfg, self.on_evaluate = recipe, recipe.training, on_evaluate
-        self.run_dir = Path(recipe.output_dir)
-        self.task = resolve_task(recipe.task)
-        self.metric = selection_metric(recipe, self.task) if recipe.data.validation_size is not None else None
-        check_output_dir(self.run_dir, overwrite=overwrite, resume=resume)
-        set_seed(recipe.seed)
-        self._load_model()  # before touching the output folder: a bad model name loses nothing
-        self._start_accelerator(overwrite, resume)
-        self._load_data()
-        self._build_optimizer()
-        self._restore_or_start(resume)
-
-    # ------------------------------------------------------------ setup
-
-    def _load_model(self) -> None:
-        """The classifier and its adapter. Under FSDP with several processes only rank 0 reads the
-        weights; the others build a skeleton that `shard_adapter` fills with their parts alone."""
-        recipe, task = self.recipe, self.task
-        head = dict(num_labels=task.num_labels, label_names=list(task.label_names or []) or None,
-                    problem_type=task.kind.problem_type)
-        rank, world = start_process_group() if self.cfg.sharding == "fsdp" else (0, 1)
-        if rank == 0:
-            try:
-                self.loaded = load_for_classification(recipe.model, head["num_labels"], head["label_names"], problem_type=head["problem_type"])
-            except SpartaError as exc:
-                if world > 1:  # the others wait for what rank 0 loaded: tell them why nothing comes
-                    broadcast_json({"error": str(exc)})
-                raise
-        if world > 1:
-            shape = broadcast_json({"dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
-                                    "head_modules": self.loaded.head_modules} if rank == 0 else None)
-            if "error" in shape:
-                raise SpartaError(shape["error"])
-            if rank > 0:
-                self.loaded = load_skeleton(recipe.model, head["num_labels"], head["label_names"], problem_type=head["problem_type"],
-                                            dtype=getattr(torch, shape["dtype"]), head_modules=shape["head_modules"])
-        model = self.loaded.model
-        fit_max_length(recipe, model)
-        self.model_dtype = next(model.parameters()).dtype
-        for name in self.loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
-            model.get_submodule(name).float()
-        self.adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, self.loaded.head_modules)
-        if self.cfg.gradient_checkpointing:
-            self.adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def _start_accelerator(self, overwrite: bool, resume: bool) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        recipe = self.recipe
-        # every rank already holds the same buffers (SpaRTA's indices and original values): broadcasting
-        # them on every forward would move O(k) bytes per step for nothing
-        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-        self.accelerator = accelerator = Accelerator(
-            mixed_precision=mixed_precision(recipe, self.model_dtype), gradient_accumulation_steps=self.cfg.grad_accum,
-            cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run gloo DDP on CPUs
-            kwargs_handlers=[ddp], **accelerator_kwargs(recipe, self.run_dir))
-        self.main = accelerator.is_main_process
-        self.say = console.print if self.main else (lambda *a, **k: None)
-        check_launch(self.adapter.tuner, self.cfg.sharding, accelerator.distributed_type.name, accelerator.mixed_precision)
-        # training.sharding=fsdp: FSDP2 over the model, SpaRTA deltas sharded by the same rows (docs/scaling.md)
-        self.sharded = shard_adapter(self.adapter, accelerator.mixed_precision) if self.cfg.sharding == "fsdp" else None
-        if self.main:
-            prepare_output_dir(self.run_dir, overwrite=overwrite, resume=resume)
+@contextmanager
+def held_run_dir(run_dir: Path, accelerator, *, overwrite: bool, resume: bool) -> Iterator[None]:
+    """The run folder, prepared and locked by the main process for as long as the block runs,
+    released however it ends."""
+    try:
+        if accelerator.is_main_process:
+            prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
         accelerator.wait_for_everyone()
-        self.resume_from = _resume_point(self.run_dir, recipe, self.say, accelerator.num_processes) if resume else None
-        if resume and self.resume_from is None and self.main:
-            truncate_log(self.run_dir / TRAINER_LOG, 0)  # an unfinished run with no checkpoint starts over
-        self.say(f"[bold]sparta train[/] {self.task.name} · {recipe.adapter.method} · {self.loaded.source}")
-        self.say(self.adapter.summary_line())
+        yield
+    finally:
+        release_run_dir(run_dir)
 
-    def _load_data(self) -> None:
-        """The training rows, the evaluation loaders (held-out rows when selecting) and the test loaders."""
-        recipe, task, tokenizer, cfg = self.recipe, self.task, self.loaded.tokenizer, self.cfg
-        with self.accelerator.main_process_first():
-            train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
-            splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
-        for split in [train_split, *splits.values()]:
-            if split.truncated or split.dropped:
-                self.say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped "
-                         f"at max_length={recipe.data.max_length}")
-        train_data = train_split.dataset
-        eval_data, test_data = {s: t.dataset for s, t in splits.items()}, {}
-        if self.metric is not None:  # evaluations score held-out training rows; the evaluation splits are scored once, at the end
-            kept, held_out = validation_indices(len(train_data), recipe.data.validation_size, recipe.seed)
-            train_data, test_data, eval_data = train_data.select(kept), eval_data, {"heldout": train_data.select(held_out)}
-            self.say(f"model selection: {len(held_out):,} training rows held out as the validation set, best by {self.metric}")
-        self.train_rows = len(train_data)
-        self.train_loader = make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed)
-        self.eval_loaders, self.test_loaders = (
-            {s: make_loader(d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in data.items()}
-            for data in (eval_data, test_data))
 
-    def _build_optimizer(self) -> None:
-        from transformers import get_scheduler
+@contextmanager
+def tracking(accelerator, recipe: Recipe, run_dir: Path) -> Iterator[None]:
+    """The recipe's trackers (TensorBoard, W&B), open for the block and closed however it ends."""
+    start_trackers(accelerator, recipe, run_dir)
+    try:
+        yield
+    finally:
+        accelerator.end_training()
 
-        accelerator, cfg = self.accelerator, self.cfg
-        optimizer = build_optimizer(self.adapter, resolve_optimizer(cfg.optimizer, accelerator.device), cfg.lr, cfg.head_lr,
-                                    cfg.weight_decay)
-        if self.sharded is not None:  # FSDP2 already wraps the model; Accelerate must not add DDP
-            self.model = self.adapter.model
-            self.optimizer, self.train_loader = accelerator.prepare(optimizer, self.train_loader)
-        else:
-            self.model, self.optimizer, self.train_loader = accelerator.prepare(self.adapter.model, optimizer, self.train_loader)
-        self.eval_loaders = {s: accelerator.prepare(loader) for s, loader in self.eval_loaders.items()}
-        self.test_loaders = {s: accelerator.prepare(loader) for s, loader in self.test_loaders.items()}
-        self.steps = total_steps(self.recipe, len(self.train_loader))
-        # stepped once per optimizer step, by this loop (Accelerate is not given it, so it never steps it per process)
-        self.scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", self.optimizer,
-                                       num_warmup_steps=cfg.warmup_steps, num_training_steps=self.steps)
-        self.trainable = dict(self.adapter.trainable())
-        sparta = self.adapter.sparta
-        self.masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
-        self.selection = ModelSelection(self.metric, cfg.early_stopping_patience, self.trainable) if self.metric else None
 
-    def _write_weights(self) -> None:
-        """After trainable tensors were loaded in place (resume, best adapter): SpaRTA's weights follow
-        its deltas, and a sharded model gathers the loaded shards at its next forward."""
-        if self.sharded is not None:
-            self.sharded.write_weights()
-        elif self.adapter.sparta is not None:
-            self.adapter.sparta.write_weights()
+def _quiet(*args, **kwargs) -> None:
+    """`say` on processes other than the main one."""
 
-    def _restore_or_start(self, resume: bool) -> None:
-        accelerator, cfg, recipe = self.accelerator, self.cfg, self.recipe
-        world = accelerator.num_processes
-        effective_batch = cfg.batch_size * cfg.grad_accum * world
-        self.state = TrainerState(world_size=world)
-        if self.resume_from is not None:
-            if self.sharded is not None:  # checkpoints hold the whole adapter; each rank keeps its part
-                full = self.sharded.whole_like(self.trainable)
-                self.state = load_checkpoint(self.resume_from, full, GatheredOptimizer(self.sharded, self.optimizer), self.scheduler,
-                                             accelerator, self.masks)
-                self.sharded.load_full(self.trainable, full)
-            else:
-                self.state = load_checkpoint(self.resume_from, self.trainable, self.optimizer, self.scheduler, accelerator, self.masks)
-            self._write_weights()
-            if self.selection is not None:
-                best = load_best(self.resume_from)
-                if best is not None and self.sharded is not None:  # saved whole; each rank keeps its parts
-                    best = self.sharded.local_parts(self.trainable, best)
-                self.selection.load(self.state.selection, best)
-            if self.main:
-                truncate_log(self.run_dir / TRAINER_LOG, self.state.step, drop=self._after_final_checkpoint)
-        elif self.main:
-            write_run_config(self.run_dir, recipe, {
-                "world_size": world, "effective_batch_size": effective_batch, "total_steps": self.steps,
-                "trainable_params": self.adapter.num_trainable(), "base_params": self.adapter.base_params,
+
+# ------------------------------------------------------------ setup steps
+
+
+@dataclass
+class Model:
+    loaded: LoadedModel
+    adapter: Adapter
+    dtype: torch.dtype  # the base weights' dtype (the head trains in fp32 whatever it is)
+
+
+def setup_model(recipe: Recipe, task: Task) -> Model:
+    """The classifier and its adapter (under FSDP only rank 0 reads the weights: `load_classifier`)."""
+    loaded = load_classifier(recipe, task.num_labels, list(task.label_names or []) or None,
+                             task.kind.problem_type)
+    model = loaded.model
+    fit_max_length(recipe, model)
+    dtype = next(model.parameters()).dtype
+    for name in loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
+        model.get_submodule(name).float()
+    adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, loaded.head_modules)
+    if recipe.training.gradient_checkpointing:
+        adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Model(loaded, adapter, dtype)
+
+
+def setup_accelerator(recipe: Recipe, model_dtype: torch.dtype, run_dir: Path):
+    """Accelerate's devices, processes, mixed precision, gradient accumulation and trackers."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # every rank already holds the same buffers (SpaRTA's indices and original values): broadcasting
+    # them on every forward would move O(k) bytes per step for nothing
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=mixed_precision(recipe, model_dtype), gradient_accumulation_steps=recipe.training.grad_accum,
+                       cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run gloo DDP on CPUs
+                       kwargs_handlers=[ddp], **accelerator_kwargs(recipe, run_dir))
+
+
+@dataclass
+class Data:
+    train_loader: Any
+    eval_loaders: dict[str, Any]  # scored at every evaluation (the held-out rows when selecting)
+    test_loaders: dict[str, Any]  # scored once with the best adapter (when selecting)
+    train_rows: int
+
+
+def setup_data(recipe: Recipe, task: Task, tokenizer, accelerator, metric: str | None, say) -> Data:
+    """The training rows, the evaluation loaders (held-out rows when selecting) and the test loaders."""
+    cfg = recipe.training
+    with accelerator.main_process_first():
+        train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
+        splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
+    for split in [train_split, *splits.values()]:
+        if split.truncated or split.dropped:
+            say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped "
+                f"at max_length={recipe.data.max_length}")
+    train_data = train_split.dataset
+    eval_data, test_data = {s: t.dataset for s, t in splits.items()}, {}
+    if metric is not None:  # evaluations score held-out training rows; the evaluation splits are scored once, at the end
+        kept, held_out = validation_indices(len(train_data), recipe.data.validation_size, recipe.seed)
+        train_data, test_data, eval_data = train_data.select(kept), eval_data, {"heldout": train_data.select(held_out)}
+        say(f"model selection: {len(held_out):,} training rows held out as the validation set, best by {metric}")
+    eval_loaders, test_loaders = (
+        {s: make_loader(d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in data.items()}
+        for data in (eval_data, test_data))
+    return Data(make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed), eval_loaders, test_loaders,
+                len(train_data))
+
+
+@dataclass
+class Optimization:
+    model: torch.nn.Module  # the model to run, as the placement prepared it
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: int  # optimizer steps of the whole run
+
+
+def setup_optimizer(recipe: Recipe, placement: Placement, data: Data) -> tuple[Optimization, Data]:
+    """The optimizer and schedule, with the model and loaders prepared by the placement."""
+    from transformers import get_scheduler
+
+    accelerator, cfg = placement.accelerator, recipe.training
+    optimizer = build_optimizer(placement.adapter, resolve_optimizer(cfg.optimizer, accelerator.device), cfg.lr, cfg.head_lr,
+                                cfg.weight_decay)
+    model, optimizer, train_loader = placement.prepare(optimizer, data.train_loader)
+    data = Data(train_loader, {s: accelerator.prepare(loader) for s, loader in data.eval_loaders.items()},
+                {s: accelerator.prepare(loader) for s, loader in data.test_loaders.items()}, data.train_rows)
+    steps = total_steps(recipe, len(train_loader))
+    # stepped once per optimizer step, by this loop (Accelerate is not given it, so it never steps it per process)
+    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    return Optimization(model, optimizer, scheduler, steps), data
+
+
+def restore_or_start(recipe: Recipe, resume_from: Path | None, placement: Placement, optim: Optimization,
+                     trainable: dict[str, torch.Tensor], masks: dict[str, str], selection: ModelSelection | None) -> TrainerState:
+    """The loop position: a checkpoint's, with its tensors, optimizer, scheduler, RNG and best adapter
+    loaded and the log cut back to it; or step 0 of a new run, whose config.yaml is written."""
+    accelerator, adapter, run_dir = placement.accelerator, placement.adapter, Path(recipe.output_dir)
+    if resume_from is None:
+        if accelerator.is_main_process:
+            write_run_config(run_dir, recipe, {
+                "world_size": accelerator.num_processes, "effective_batch_size": effective_batch(recipe, accelerator),
+                "total_steps": optim.steps, "trainable_params": adapter.num_trainable(), "base_params": adapter.base_params,
                 "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
-        if world > 1:
-            self.say(f"[yellow]note[/]: {world} processes make the effective batch {effective_batch}; the same recipe on another "
-                     "number of processes trains with another batch, so its results will differ")
-        start_trackers(accelerator, recipe, self.run_dir)
-        self.say(f"{self.train_rows:,} training examples · {self.steps} steps · effective batch {effective_batch} "
-                 f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
-        if recipe.lr_from_rule:
-            self.say(f"training.lr: auto = {cfg.lr:.3g} (docs/learning_rates.md's rule for {recipe.adapter.method})")
-        self.scorer = self.task.kind.scorer(self.task, self.loaded.tokenizer)
-        self.window = LossWindow(accelerator.device)
-        self.logged = LogWindow()
-        self.stopped_early = self.selection is not None and self.selection.should_stop  # resumed after it stopped
-        self.session_start, self.start_elapsed = time.perf_counter(), self.state.elapsed
-        self.session_seen = self.session_tokens = 0
+        return TrainerState(world_size=accelerator.num_processes)
+    state = placement.load_checkpoint(resume_from, trainable, optim.optimizer, optim.scheduler, masks)
+    if selection is not None:
+        selection.load(state.selection, placement.load_best(resume_from, trainable))
+    if accelerator.is_main_process:
+        truncate_log(run_dir / TRAINER_LOG, state.step, drop=after_final_checkpoint(state.step, optim.steps, selection))
+    return state
 
-    def _after_final_checkpoint(self, record: dict) -> bool:
-        """A log record that a finished training's checkpoint does not cover: the final evaluation,
-        test scores and summary of a run killed after that checkpoint; its resume writes them again."""
-        step, selection = self.state.step, self.selection
-        finished = step >= self.steps or (selection is not None and selection.should_stop)
+
+def after_final_checkpoint(step: int, steps: int, selection: ModelSelection | None) -> Callable[[dict], bool]:
+    """Which log records a finished training's checkpoint does not cover: the final evaluation,
+    test scores and summary of a run killed after that checkpoint; its resume writes them again."""
+    finished = step >= steps or (selection is not None and selection.should_stop)
+
+    def drop(record: dict) -> bool:
         evaluated_before = selection is not None and selection.evaluated_step == step and any(k.startswith("eval_") for k in record)
         return finished and record.get("step") == step and "loss" not in record and not evaluated_before
 
-    # ------------------------------------------------------------ the loop
+    return drop
 
-    def run(self) -> Path:
-        try:
+
+def effective_batch(recipe: Recipe, accelerator) -> int:
+    return recipe.training.batch_size * recipe.training.grad_accum * accelerator.num_processes
+
+
+def describe_run(recipe: Recipe, accelerator, data: Data, optim: Optimization, say) -> None:
+    cfg, world = recipe.training, accelerator.num_processes
+    batch = effective_batch(recipe, accelerator)
+    if world > 1:
+        say(f"[yellow]note[/]: {world} processes make the effective batch {batch}; the same recipe on another "
+            "number of processes trains with another batch, so its results will differ")
+    say(f"{data.train_rows:,} training examples · {optim.steps} steps · effective batch {batch} "
+        f"= {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} process{'es' if world > 1 else ''}")
+    if recipe.lr_from_rule:
+        say(f"training.lr: auto = {cfg.lr:.3g} (docs/learning_rates.md's rule for {recipe.adapter.method})")
+
+
+# ------------------------------------------------------------ the loop
+
+
+class Trainer:
+    """One run's loop over what the setup steps built: micro-batches go forward and backward, and
+    every optimizer step takes the one path in `optimizer_step` (clip, step, schedule, log,
+    evaluate, checkpoint); `finish` ends it."""
+
+    def __init__(self, recipe: Recipe, task: Task, model: Model, placement: Placement, data: Data, optim: Optimization,
+                 trainable: dict[str, torch.Tensor], masks: dict[str, str], selection: ModelSelection | None,
+                 state: TrainerState, on_evaluate: Callable[[int, dict[str, float]], None] | None, say) -> None:
+        self.recipe, self.cfg, self.task, self.run_dir = recipe, recipe.training, task, Path(recipe.output_dir)
+        self.loaded, self.adapter, self.model_dtype = model.loaded, model.adapter, model.dtype
+        self.placement, self.accelerator = placement, placement.accelerator
+        self.main, self.say = self.accelerator.is_main_process, say
+        self.train_loader, self.eval_loaders, self.test_loaders, self.train_rows = (
+            data.train_loader, data.eval_loaders, data.test_loaders, data.train_rows)
+        self.model, self.optimizer, self.scheduler, self.steps = optim.model, optim.optimizer, optim.scheduler, optim.steps
+        self.trainable, self.masks, self.selection, self.state = trainable, masks, selection, state
+        self.on_evaluate = on_evaluate
+        self.scorer = task.kind.scorer(task, model.loaded.tokenizer)
+        self.window = LossWindow(self.accelerator.device)
+        self.logged = LogWindow()
+        self.stopped_early = selection is not None and selection.should_stop  # resumed after it stopped
+        self.session_start, self.start_elapsed = time.perf_counter(), state.elapsed
+        self.session_seen = self.session_tokens = 0
+
+    def run(self) -> None:
+        """The loop, then `finish`, under one signal guard from the first step to the last file written."""
+        with StopFlag() as self.stop:
             self.model.train()
-            with TrainingProgress(self.steps, self.state.step, enabled=self.main) as progress, StopFlag() as stop:
-                self.progress, self.stop = progress, stop
+            with TrainingProgress(self.steps, self.state.step, enabled=self.main) as self.progress:
                 for batch in self.micro_batches() if self.state.step < self.steps and not self.stopped_early else ():
                     with self.accelerator.accumulate(self.model):
                         loss = self.model(**batch).loss
@@ -396,10 +442,6 @@ class Trainer:
                         if self.state.step >= self.steps or self.stopped_early:
                             break
             self.finish()
-        finally:
-            self.accelerator.end_training()
-            release_run_dir(self.run_dir)
-        return self.run_dir
 
     def micro_batches(self):
         """The training batches from where the state says, epoch after epoch (the caller stops)."""
@@ -416,10 +458,8 @@ class Trainer:
     def optimizer_step(self) -> None:
         """The one path every optimizer step takes."""
         cfg, state = self.cfg, self.state
-        if cfg.max_grad_norm and self.sharded is not None:
-            clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm, self.sharded.group)
-        elif cfg.max_grad_norm:
-            self.accelerator.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
+        if cfg.max_grad_norm:
+            self.placement.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -509,14 +549,9 @@ class Trainer:
         state, selection = self.state, self.selection
         state.elapsed = self.elapsed()
         state.selection = selection.state() if selection is not None else None
-        # sharded: the whole adapter and optimizer, as one process would save them (every rank gathers, rank 0 keeps)
         best = selection.best_tensors if selection is not None else None
-        tensors, optimizer = self.trainable, self.optimizer
-        if self.sharded is not None:
-            tensors, optimizer = self.sharded.gather_all(self.trainable), GatheredOptimizer.for_saving(self.sharded, self.optimizer)
-            best = self.sharded.gather_all(self.trainable, best) if best is not None else None
-        return save_checkpoint(self.run_dir, state, tensors, optimizer, self.scheduler, self.accelerator,
-                               self.cfg.keep_checkpoints, self.recipe.to_dict(), best=best, masks=self.masks)
+        return self.placement.save_checkpoint(self.run_dir, state, self.trainable, self.optimizer, self.scheduler,
+                                              self.cfg.keep_checkpoints, self.recipe.to_dict(), best, self.masks)
 
     def elapsed(self) -> float:
         return self.start_elapsed + time.perf_counter() - self.session_start
@@ -533,13 +568,17 @@ class Trainer:
 
     def finish(self) -> None:
         """A checkpoint of the finished training first, so that an interruption from here on loses
-        nothing (`--resume` only evaluates); then the final evaluation, the best adapter's test scores
-        when selecting, and the results files."""
+        nothing (`--resume` only evaluates): a signal while it is written, or just before, stops the
+        run once it is complete; after it a signal stops the run at once. Then the final evaluation,
+        the best adapter's test scores when selecting, and the results files."""
         final = self.checkpoint()
         interrupted = (f"stopped by {{signal}} after training: {final} holds it; `sparta train RECIPE --resume` "
                        f"evaluates it and writes the results without training again (output_dir={self.run_dir})")
-        with StopFlag(raise_now=interrupted):
-            self._evaluate_and_write()
+        if _agree(self.stop.signal is not None, self.accelerator):
+            raise Interrupted(interrupted.format(signal=self.stop.signal or "a signal"))
+        self.stop.raise_from_now(interrupted)
+        self._evaluate_and_write()
+        self.stop.raise_from_now(None)  # the run is complete: what is left only tidies up
         if self.main and not self.cfg.save_every:  # no checkpoints were asked for: this one only guarded the end
             shutil.rmtree(final, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -552,13 +591,11 @@ class Trainer:
             if selection.evaluated_step != state.step:
                 self.evaluate()
             selection.restore_best()
-            self._write_weights()
+            self.placement.write_weights()
             test_results = self.score(self.test_loaders, "test_", {"best_step": selection.best_step})
             eval_results = {"best_step": selection.best_step, **selection.best_metrics, **test_results}
-        if self.sharded is None:  # under FSDP each rank holds other parts, and gathered tensors agree by construction
-            _check_in_sync(self.trainable, self.accelerator)
-        # sharded: what the method writes, gathered whole (every rank takes part)
-        gathered = self.adapter.tuner.gathered_for_save(self.adapter, self.sharded) if self.sharded is not None else None
+        self.placement.check_in_sync(self.trainable)
+        gathered = self.placement.adapter_tensors()  # under FSDP every rank takes part in gathering it
         if self.main:
             runtime = self.elapsed()
             train_results = {"train_loss": state.loss_sum / max(1, state.step), "train_runtime": round(runtime, 3),
@@ -673,12 +710,3 @@ def _agree(flag: bool, accelerator) -> bool:
         return flag
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0)
 
-
-def _check_in_sync(trainable: dict[str, torch.Tensor], accelerator) -> None:
-    """Every rank must end with the same deltas; a mismatch means a broken setup, not a result."""
-    if accelerator.num_processes == 1:
-        return
-    checksum = torch.stack([t.detach().double().sum() for t in trainable.values()]).sum().to(accelerator.device)
-    gathered = accelerator.gather(checksum.reshape(1))
-    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=0):
-        raise RunFailure("trainable parameters differ across processes: check that every rank runs the same recipe and sparta version")

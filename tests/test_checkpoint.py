@@ -195,3 +195,68 @@ def test_resume_checks_the_masks_and_skips_a_damaged_newest_checkpoint(tmp_path,
     output = _cli(["train", recipe, *args, "--resume"])
     assert "skipping" in output and newest.name in output and "resuming from" in output and previous.name in output
     assert (run / "all_results.json").is_file()
+
+
+def _truncate(path: Path, name: str) -> None:
+    """Cut a file in the middle of its data (its header whole)."""
+    size = (path / name).stat().st_size
+    with open(path / name, "r+b") as handle:
+        handle.truncate(size - 8)
+
+
+@pytest.mark.parametrize("damage,phrase", [
+    (lambda p: _truncate(p, TENSORS_FILE), f"{TENSORS_FILE} is truncated or corrupted"),
+    (lambda p: _truncate(p, "optimizer.safetensors"), "optimizer.safetensors is truncated or corrupted"),
+    (lambda p: _edit_state(p, lambda s: s.update(surprise=1)), f"{STATE_FILE} has an unknown key `surprise`"),
+    (lambda p: (p / rng_file(0)).unlink(), f"{rng_file(0)} is missing"),
+])
+def test_a_damaged_checkpoint_is_named_with_what_is_wrong_and_what_resume_does(tmp_path, damage, phrase):
+    older = _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    damage(newest)
+    warnings: list[str] = []
+    assert usable_checkpoint(tmp_path, 1, warnings.append) == older
+    assert len(warnings) == 1
+    assert str(newest) in warnings[0] and phrase in warnings[0] and "--resume falls back past it, to checkpoint-2" in warnings[0]
+
+    damage(older)  # no checkpoint left to fall back to: resume stops, naming the newest's damage
+    warnings.clear()
+    with pytest.raises(SpartaError, match="--resume stops") as raised:
+        usable_checkpoint(tmp_path, 1, warnings.append)
+    assert str(newest) in str(raised.value) and phrase in str(raised.value)
+    assert "no older checkpoint to fall back to" in warnings[-1]
+
+
+def test_a_problem_every_checkpoint_shares_stops_resume_at_the_newest(tmp_path):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    warnings: list[str] = []
+    with pytest.raises(SpartaError, match=re.escape(f"{newest} was written by 1 process(es) but this run has 2: --resume stops")):
+        usable_checkpoint(tmp_path, 2, warnings.append)
+    assert not warnings  # no fall back to the older one: it was written by as many processes
+
+
+def test_unexpected_optimizer_entries_are_named_as_damage(tmp_path):
+    from safetensors.torch import save_file
+
+    path = _save(tmp_path, 2)
+    save_file({"surprise": torch.zeros(1)}, str(path / "optimizer.safetensors"))
+    with pytest.raises(SpartaError, match="optimizer.safetensors or optimizer.json holds entries sparta does not write"):
+        read_checkpoint(path, 1)
+
+
+def test_resume_with_a_changed_recipe_names_each_key_with_its_old_and_new_value(tmp_path):
+    from sparta_cli.config import load_recipe
+    from sparta_cli.train import _resume_point
+
+    recipe_path = PACKAGE.parent / "configs" / "quickstart.yaml"
+    saved = load_recipe(recipe_path, [f"output_dir={tmp_path}", "training.lr=0.001", "seed=3"])
+    params, optimizer, scheduler = _training(2)
+    path = save_checkpoint(tmp_path, TrainerState(step=2), params, optimizer, scheduler, OneProcess(), None, saved.to_dict())
+    changed = load_recipe(recipe_path, [f"output_dir={tmp_path}", "training.lr=0.002", "seed=4"])
+    with pytest.raises(SpartaError) as raised:
+        _resume_point(tmp_path, changed, lambda text: None)
+    message = str(raised.value)
+    assert str(path) in message and "--resume stops" in message
+    assert "training.lr: 0.001 there, 0.002 now" in message and "seed: 3 there, 4 now" in message
+    assert _resume_point(tmp_path, saved, lambda text: None) == path  # the same recipe resumes

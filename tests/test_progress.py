@@ -36,6 +36,31 @@ def test_plain_lines_every_interval_of_seconds():
     assert len(out.getvalue().splitlines()) == 3
 
 
+def test_no_loss_is_shown_until_one_has_been_read():
+    out = io.StringIO()
+    with _plain(out, every_s=0.0) as progress:
+        for step in range(1, 5):
+            progress.update(step, lr=1e-3, rate=1.0, loss=0.25 if step == 3 else None)
+    losses = [line.split(" · ")[1] for line in out.getvalue().splitlines()]
+    assert losses == ["loss –", "loss –", "loss 0.2500", "loss 0.2500"]  # the last one read, never `nan`
+
+
+def test_the_terminal_bar_shows_a_dash_before_the_first_loss():
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, width=200)
+    with TrainingProgress(10, 0, out=terminal) as progress:
+        progress.update(1, lr=1e-3, rate=1.0)
+        before = progress._bar.get_renderable()
+        text = Console(file=io.StringIO(), width=200)
+        with text.capture() as captured:
+            text.print(before)
+        assert "loss – · lr" in captured.get() and "nan" not in captured.get()
+        progress.update(2, lr=1e-3, rate=1.0, loss=0.5)
+        with text.capture() as captured:
+            text.print(progress._bar.get_renderable())
+        assert "loss 0.5000 · lr" in captured.get()
+
+
 def test_a_piped_training_run_prints_progress_evaluations_and_the_summary(tmp_path, tiny_bert_nodropout_dir, data_dir):
     recipe = {
         "model": {"name_or_path": str(tiny_bert_nodropout_dir)},

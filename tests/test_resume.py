@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 STEPS = 60
@@ -132,3 +133,57 @@ def test_resume_of_a_finished_run_that_kept_checkpoints_is_refused(tmp_path, tin
     refused = _train(recipe, "--resume", check=False)
     assert refused.returncode == 2 and "already holds a finished run" in refused.stderr
     assert (run / "all_results.json").read_bytes() == before
+
+
+WINDOW_STEPS = 6
+# `sparta train` with a SIGTERM sent to itself in the window between the last training step and the
+# final checkpoint: "before" as the run enters its end (after the last optimizer step, before any file
+# of the final checkpoint), "during" once the final checkpoint's first file is written (the rest not yet).
+SIGNAL_IN_THE_WINDOW = """
+import os, signal, sys
+from sparta_cli import checkpoint, train
+when, steps, recipe = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if when == "before":
+    finish = train.Trainer.finish
+    def finish_after_a_signal(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        finish(self)
+    train.Trainer.finish = finish_after_a_signal
+else:
+    write = checkpoint.write_safetensors
+    def write_then_signal(path, tensors, metadata=None):
+        write(path, tensors, metadata)
+        if path.parent.name == f".checkpoint-{steps}.tmp":
+            os.kill(os.getpid(), signal.SIGTERM)
+    checkpoint.write_safetensors = write_then_signal
+sys.argv = ["sparta", "train", recipe]
+from sparta_cli.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def window_reference(tmp_path_factory, tiny_bert_dir, data_dir) -> bytes:
+    tmp = tmp_path_factory.mktemp("window")
+    run = tmp / "reference"
+    _train(_recipe(tmp, tiny_bert_dir, data_dir, run, max_steps=WINDOW_STEPS))
+    return (run / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_sigterm_between_the_last_step_and_the_final_checkpoint_saves_it_and_resumes(tmp_path, tiny_bert_dir, data_dir,
+                                                                                     window_reference, when):
+    run = tmp_path / "stopped"
+    recipe = _recipe(tmp_path, tiny_bert_dir, data_dir, run, max_steps=WINDOW_STEPS)
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_IN_THE_WINDOW, when, str(WINDOW_STEPS), str(recipe)],
+                             capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr  # not killed by the signal's default action (-15)
+    assert "after training" in stopped.stderr and "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert [p.name for p in run.glob("checkpoint-*")] == [f"checkpoint-{WINDOW_STEPS}"]  # complete, renamed into place
+    assert not (run / "all_results.json").exists() and not (run / "adapter_model.safetensors").exists()
+
+    resumed = _train(recipe, "--resume")
+    assert "resuming from" in resumed.stdout and f"/{WINDOW_STEPS} · loss" not in resumed.stdout  # nothing trained again
+    assert (run / "adapter_model.safetensors").read_bytes() == window_reference
+    assert _steps(run) == list(range(1, WINDOW_STEPS + 1))
+    assert not list(run.glob("checkpoint-*")) and not list(run.glob(".checkpoint-*"))

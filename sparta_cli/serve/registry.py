@@ -168,8 +168,8 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     """The base model (TARGET's, or TARGET itself) loaded once, and every run resident on it."""
     from sparta_cli.evaluate_cmd import BASE, MERGED, RUN, eval_recipe, target_kind
     from sparta_cli.models import fit_max_length, load_for_classification
+    from sparta_cli.placement import mixed_precision
     from sparta_cli.tasks import resolve_task
-    from sparta_cli.train import mixed_precision
 
     kind = target_kind(target)
     runs = list(adapters)

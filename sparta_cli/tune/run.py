@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sparta_cli.console import console
-from sparta_cli.errors import RunFailure, SpartaError
+from sparta_cli.errors import Interrupted, RunFailure, SpartaError
 from sparta_cli.fileio import make_dir
 from sparta_cli.tune.folder import check_study_folder, check_trial_folders
 from sparta_cli.tune.outputs import best_trial, counts, state_name, write_outputs
@@ -144,8 +144,6 @@ def supervise(study, plan: Plan, processes: list[tuple[subprocess.Popen, Path]])
                 if failed:
                     break
         except KeyboardInterrupt:
-            from sparta_cli.train import Interrupted
-
             _stop(processes)
             display.update()
             raise Interrupted("interrupted: the running trials were checkpointed and will run again; "

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparta_cli.errors import Diverged, RunFailure, SpartaError
+from sparta_cli.errors import Diverged, Interrupted, RunFailure, SpartaError
 from sparta_cli.fileio import make_dir, read_json
 from sparta_cli.runs import ALL_RESULTS
 from sparta_cli.tune.study import HEARTBEAT_SECONDS, Plan, ask_lock, open_study, owner_attrs, read_plan, retire, trials_left
@@ -101,7 +101,7 @@ def run_trial(study, trial, plan: Plan) -> str:
     """Train one trial and tell the study how it went; returns the trial's final state name."""
     import optuna
 
-    from sparta_cli.train import Interrupted, train
+    from sparta_cli.train import train
 
     stored = suggest(trial, plan)
     origin = retried_folder(study, trial)
