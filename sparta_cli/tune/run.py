@@ -22,7 +22,7 @@ from sparta_cli.console import console
 from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.fileio import make_dir
 from sparta_cli.outputs import check_not_an_input, recipe_inputs
-from sparta_cli.tune.outputs import best_trial, counts, state_name, write_outputs
+from sparta_cli.tune.results import best_trial, counts, state_name, write_outputs
 from sparta_cli.tune.space import decode
 from sparta_cli.tune.study import JOURNAL_FILE, Plan, open_study, require_optuna, retire_stale, retries, trials_left, write_plan
 
