@@ -133,7 +133,7 @@ def check_not_an_input(output: Path, inputs: Sequence[Path], *, option: str = "-
     resolved = output.expanduser().resolve()
     for given in sorted(inputs, key=lambda given: Path(given).expanduser().resolve() != resolved):  # "is" first
         path = Path(given).expanduser().resolve()
-        if path == resolved:
+        if path == resolved or (path.is_file() and resolved.is_file() and os.path.samefile(path, resolved)):  # a hard link too
             relation = "is"
         elif _same_or_inside(resolved, path):
             relation = "is inside"

@@ -47,10 +47,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------- the rule
 
 
-@pytest.mark.parametrize("output, relation", [("rows.tsv", "is"), ("link.tsv", "is"), ("run/adapter_model.safetensors", "is inside"),
-                                              ("run-link/new.json", "is inside"), ("tiny-bert/out.tsv", "is inside")])
+@pytest.mark.parametrize("output, relation", [("rows.tsv", "is"), ("link.tsv", "is"), ("hard.tsv", "is"),
+                                              ("run/adapter_model.safetensors", "is inside"), ("run-link/new.json", "is inside"),
+                                              ("tiny-bert/out.tsv", "is inside")])
 def test_an_output_that_resolves_to_an_input_or_into_an_input_folder_is_refused(here, output, relation):
     (here / "link.tsv").symlink_to(here / "rows.tsv")
+    (here / "hard.tsv").hardlink_to(here / "rows.tsv")
     (here / "run-link").symlink_to(here / "run")
     with pytest.raises(SpartaError, match=f"{relation} the input .*never writes over what it reads; choose"):
         check_not_an_input(Path(output), [Path("rows.tsv"), Path("run"), here / "tiny-bert"])
