@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from sparta_cli.tune.outputs import counts
+from sparta_cli.tune.results import counts
 from sparta_cli.tune.study import open_study, read_plan, retries
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,25 +25,24 @@ import torch
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, write_json, write_safetensors
-
-STATE_FILE = "trainer_state.json"
-TENSORS_FILE = "trainable.safetensors"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_STATE = "optimizer.json"  # param groups and non-tensor state
-SCHEDULER_STATE = "scheduler.json"
-MASKS_FILE = "masks.json"  # sha256 of every SpaRTA layer's indices
-BEST_FILE = "best_trainable.safetensors"  # the best evaluation's tensors, when a validation set selects
-RECIPE_FILE = "recipe.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+from sparta_cli.runs import (
+    BEST_FILE,
+    CHECKPOINT_DIR,
+    MASKS_FILE,
+    OPTIMIZER_STATE,
+    OPTIMIZER_TENSORS,
+    RECIPE_FILE,
+    SCHEDULER_STATE,
+    STATE_FILE,
+    TENSORS_FILE,
+    checkpoint_dir_name,
+    rng_file,
+)
 
 
 class ResumeStops(SpartaError):
     """A checkpoint problem every checkpoint of the run shares (pickle files, another number of
     processes): `--resume` stops instead of falling back to an older checkpoint."""
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_state_{rank}.safetensors"
 
 
 @dataclass
@@ -64,8 +62,8 @@ class TrainerState:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders never match the name)."""
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)))
 
 
 # ---------------------------------------------------------------- RNG states without pickle
@@ -128,8 +126,8 @@ def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, tor
                     accelerator, keep: int | None, recipe: dict[str, Any], best: dict[str, torch.Tensor] | None = None,
                     masks: dict[str, str] | None = None) -> Path:
     """Every rank writes its RNG state into the temporary folder; the main process writes the rest and renames it."""
-    final = run_dir / f"checkpoint-{state.step}"
-    tmp = run_dir / f".checkpoint-{state.step}.tmp"
+    final = run_dir / checkpoint_dir_name(state.step)
+    tmp = run_dir / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

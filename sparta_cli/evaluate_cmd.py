@@ -28,6 +28,7 @@ from sparta_cli.config import Recipe, build_recipe, read_yaml
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
+from sparta_cli.runs import CONFIG_YAML, STATE_FILE, eval_results_name, has_checkpoints, read_run, run_config_path
 from sparta_cli.tasks import Task, resolve_task
 
 RUN, MERGED, BASE = "run", "merged", "base"
@@ -36,14 +37,12 @@ RUN, MERGED, BASE = "run", "merged", "base"
 def target_kind(target: str) -> str:
     """run, merged or base, from what the folder holds (a Hub name is a base model)."""
     path = Path(target).expanduser()
-    from sparta_cli.tuners import run_config_path
-
     if run_config_path(path) is not None:
         return RUN
-    if (path / "trainer_state.json").is_file():
+    if (path / STATE_FILE).is_file():
         raise SpartaError(f"{target} is a training checkpoint (what --resume continues from), not an adapter: finish the run with "
                           f"`sparta train {path.parent}/config.yaml --resume`, then evaluate the run folder {path.parent}")
-    if path.is_dir() and ((path / "config.yaml").is_file() or any(path.glob("checkpoint-*"))):
+    if path.is_dir() and ((path / CONFIG_YAML).is_file() or has_checkpoints(path)):
         return RUN  # an unfinished run: loading its adapter says how to finish it
     if not path.exists() and _looks_local(target):
         raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model (a Hub name is org/model)")
@@ -85,11 +84,9 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml (build_recipe drops its `run` record); without one, adapter_config.json."""
-    if (run_dir / "config.yaml").is_file():
-        return read_yaml(run_dir / "config.yaml")
-    from sparta_cli.tuners import read_adapter_config
-
-    config = read_adapter_config(run_dir)
+    if (run_dir / CONFIG_YAML).is_file():
+        return read_yaml(run_dir / CONFIG_YAML)
+    config = read_run(run_dir, tensors=False).config
     base = config.get("base_model", {})
     model = {key: base[key] for key in ("name_or_path", "gguf_file", "revision") if base.get(key)}
     return {"model": model, "task": {"name": config.get("task", {}).get("name")}}
@@ -130,9 +127,9 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     )
     model = loaded.model
     if kind == RUN:
-        from sparta_cli.tuners import load_adapter, read_adapter_config
+        from sparta_cli.tuners import load_adapter
 
-        config = read_adapter_config(Path(target).expanduser())
+        config = read_run(Path(target).expanduser(), tensors=False).config
         trained = config.get("task", {}).get("num_labels")
         if trained is not None and trained != task.num_labels:
             raise SpartaError(f"run {target} has {trained} outputs but its task now has {task.num_labels}: check its task files")
@@ -157,12 +154,13 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.placement import mixed_precision
     from sparta_cli.preflight import preflight
 
-    if output is not None:
-        from sparta_cli.outputs import check_replaceable_file
-
-        check_replaceable_file(output, command="eval", keys=("target", "metrics"))
     kind = target_kind(target)
     recipe = eval_recipe(target, kind, task, overrides, trust_remote_code)
+    if output is not None:
+        from sparta_cli.outputs import check_not_an_input, check_replaceable_file, recipe_inputs
+
+        check_not_an_input(output, [Path(target).expanduser(), *recipe_inputs(recipe)], fix="choose another file for --output")
+        check_replaceable_file(output, command="eval", keys=("target", "metrics"))
     trained_limit = recipe.data.max_eval_samples
     if kind == RUN and trained_limit is not None and not any(o.startswith("data.max_eval_samples=") for o in overrides):
         recipe.data.max_eval_samples = None
@@ -227,7 +225,7 @@ def _default_output(target: str, kind: str, task: str, label: str) -> Path:
         from sparta_cli.report import short_model_name
 
         folder = Path("runs") / "eval" / short_model_name(target)
-    return folder / f"eval_results_{task}_{label}.json"
+    return folder / eval_results_name(task, label)
 
 
 def results_table(results: dict[str, Any]):

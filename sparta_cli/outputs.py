@@ -1,5 +1,9 @@
 """What sparta may delete, and where it may write: the one home for these rules.
 
+- An output is never an input (check_not_an_input, for every command that writes): an output path
+  that resolves, links followed, to a file the command reads or into a folder it reads (a run, a
+  model) is refused, `--overwrite` or not; a folder replaced or cleared whole may not hold one either.
+
 - A run folder (`sparta train`): `--overwrite` removes only the entries a sparta run writes
   (RUN_ENTRIES); a folder holding anything else is refused, never cleared, and a link in it is
   unlinked, never followed.
@@ -23,26 +27,20 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import LEFTOVER, make_dir, sweep_leftovers
+from sparta_cli.runs import RUN_MARKERS, has_checkpoints, run_entry_patterns
+
+if TYPE_CHECKING:
+    from sparta_cli.config import Recipe
 
 LOCK_FILE = ".sparta.lock"
 
-# Everything `sparta train` (and `sparta eval` of a run) writes into a run folder.
+# Everything `sparta train` (and `sparta eval` of a run) writes into a run folder: runs.py names them.
 # tests/test_outputs.py checks a real run against this list.
-RUN_ENTRIES = re.compile(
-    r"^(config\.yaml|adapter_config\.json|adapter_model\.safetensors|trainer_log\.jsonl|train_results\.json"
-    r"|eval_results\.json|all_results\.json|training_loss\.png|eval_results_.+\.json|checkpoint-\d+|peft|tensorboard|wandb"
-    # a `full` run's folder is a transformers checkpoint: save_pretrained's model and tokenizer files, its config aside
-    r"|sparta_config\.json"
-    r"|config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-    r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)|merges\.txt"
-    r"|(tokenizer|spiece|sentencepiece\.bpe)\.model|chat_template\.(jinja|json)"
-    + "|" + re.escape(LOCK_FILE) + r")$"
-)
-# A folder is a run folder when it holds one of these (a run killed early has only config.yaml or a log).
-RUN_MARKERS = ("config.yaml", "adapter_config.json", "sparta_config.json", "trainer_log.jsonl", "all_results.json")
+RUN_ENTRIES = re.compile("^(" + "|".join([*run_entry_patterns(), re.escape(LOCK_FILE)]) + ")$")
 MERGE_MARKER = "merge_report.json"
 EXPORT_CARD_TAG = "tags: [sparta, sparse-fine-tuning]"  # the model card export writes (export.model_card)
 REPORT_TAG = "<!-- written by sparta report: rerunning it with this --output replaces the report's files -->"
@@ -58,8 +56,7 @@ def run_dir_is_empty(path: Path) -> bool:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (any((path / name).is_file() for name in RUN_MARKERS)
-                              or any(re.fullmatch(r"checkpoint-\d+", p.name) for p in path.iterdir()))
+    return path.is_dir() and (any((path / name).is_file() for name in RUN_MARKERS) or has_checkpoints(path))
 
 
 def foreign_entries(path: Path) -> list[str]:
@@ -94,22 +91,83 @@ def clear_run_dir(path: Path) -> None:
             continue
 
 
-# ---------------------------------------------------------------- merge and export outputs
+def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty folder unless told to (`--overwrite`, `--resume`), a folder `--overwrite`
+    may not clear, and one another process is training in; changes nothing, so it runs before the
+    (slow) model load."""
+    if path.exists() and not path.is_dir():
+        raise SpartaError(f"output_dir {path} is a file: choose a folder name")
+    check_not_locked(path)
+    if resume or run_dir_is_empty(path):
+        return
+    if overwrite:
+        check_clearable_run_dir(path)
+        return
+    extra = " or --resume to continue its checkpoints" if has_checkpoints(path) else ""
+    raise SpartaError(f"output_dir {path} is not empty: pass --overwrite to replace it{extra}, or set output_dir=...")
+
+
+def prepare_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
+    """Create the folder and hold its lock for this process; sweep what killed writers left;
+    with `--overwrite`, remove what the previous run wrote (and nothing else)."""
+    check_output_dir(path, overwrite=overwrite, resume=resume)
+    lock_run_dir(path)
+    sweep_leftovers(path)
+    if overwrite:
+        clear_run_dir(path)
+
+
+# ---------------------------------------------------------------- an output is never an input
 
 
 def _same_or_inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse an --output that would lose files: an existing one without --overwrite, and even with it
-    a folder that is not a previous `sparta <command>` output, or that is or holds an input, the
-    current folder, the home folder or a filesystem root."""
+def check_not_an_input(output: Path, inputs: Sequence[Path], *, option: str = "--output", replaces_whole: bool = False,
+                       fix: str = "choose a new path for --output") -> None:
+    """The one rule for every command that writes: an output path that resolves (links followed) to
+    an input file, or into an input folder (a run, a model), is refused, `--overwrite` or not; an
+    output folder the command replaces or clears whole (`replaces_whole`) may not hold an input either."""
     output = Path(output)
     resolved = output.expanduser().resolve()
-    protected = [(Path(path).expanduser().resolve(), f"the input {path}") for path in inputs]
-    protected += [(Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")]
-    for path, what in sorted(protected, key=lambda item: item[0] != resolved):  # "is" before "holds"
+    for given in sorted(inputs, key=lambda given: Path(given).expanduser().resolve() != resolved):  # "is" first
+        path = Path(given).expanduser().resolve()
+        if path == resolved or (path.is_file() and resolved.is_file() and os.path.samefile(path, resolved)):  # a hard link too
+            relation = "is"
+        elif _same_or_inside(resolved, path):
+            relation = "is inside"
+        elif replaces_whole and _same_or_inside(path, resolved):
+            relation = "holds"
+        else:
+            continue
+        link = f" (a link to {resolved})" if resolved != Path(os.path.abspath(output.expanduser())) else ""
+        raise SpartaError(f"{option} {output}{link} {relation} the input {given}: sparta never writes over what it reads; {fix}")
+
+
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """What a recipe reads from this machine: the base model's folder and the task's own data files."""
+    from sparta_cli.models import resolve_model_path
+
+    try:
+        model = [Path(resolve_model_path(recipe.model.name_or_path))]
+    except SpartaError:  # a `pkg:` model not installed here: the command that loads it says so
+        model = []
+    files = [Path(name).expanduser() for name in (recipe.task.train_file, recipe.task.validation_file, recipe.task.test_file) if name]
+    return [path for path in [*model, *files] if path.exists()]
+
+
+# ---------------------------------------------------------------- merge and export outputs
+
+
+def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an --output that would lose files: an existing one without --overwrite, and even with it
+    a folder that is not a previous `sparta <command>` output, or that is, holds or is inside an input,
+    the current folder, the home folder or a filesystem root."""
+    output = Path(output)
+    resolved = output.expanduser().resolve()
+    check_not_an_input(output, inputs, replaces_whole=True, fix="choose a new folder for --output")
+    for path, what in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
         if _same_or_inside(path, resolved):
             relation = "is" if path == resolved else "holds"
             raise SpartaError(f"--output {output} {relation} {what}: sparta {command} replaces its output folder whole; "

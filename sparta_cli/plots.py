@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparta_cli.fileio import write_with
-from sparta_cli.runs import TRAINER_LOG
+from sparta_cli.runs import TRAINER_LOG, TRAINING_LOSS_PNG
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from sparta_cli.report import Group, Run
-
-TRAINING_LOSS_PNG = "training_loss.png"
-
+    from sparta_cli.report import Group
+    from sparta_cli.runs import Run
 
 @dataclass
 class LossLog:

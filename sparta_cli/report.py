@@ -23,10 +23,10 @@ import yaml
 from sparta_cli.config import TaskConfig, applies
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import make_dir, parse_yaml, read_json, write_text
-from sparta_cli.outputs import REPORT_TAG, check_report_folder
-from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
-from sparta_cli.tuners import TUNERS, Tuner, get_tuner, run_config_path
+from sparta_cli.fileio import make_dir, write_text
+from sparta_cli.outputs import REPORT_TAG, check_not_an_input, check_report_folder
+from sparta_cli.runs import ALL_RESULTS, CHECKPOINT_DIR, CONFIG_YAML, Run, read_started_run
+from sparta_cli.tuners import TUNERS, Tuner, get_tuner
 
 METHOD_ORDER = tuple(TUNERS)
 CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "settings", "trainable_params", "n_seeds", "seeds", "metric",
@@ -37,24 +37,12 @@ PER_SEED_KEYS = ("seed", "adapter.seed", "output_dir")
 SHOWN_KEYS = ("task.name", "model.name_or_path", "adapter.method", "adapter.density", "adapter.r")
 
 
-@dataclass(frozen=True)
-class Run:
-    path: Path
-    config: dict[str, Any]  # config.yaml (the resolved recipe and its `run` section)
-    results: dict[str, Any] | None  # all_results.json; None: not finished
-    trainable_params: int | None
+class ReportedRun(Run):
+    """A run as the report groups it: runs.Run (read by runs.read_started_run) and the settings it is grouped by."""
 
     @property
     def task(self) -> str:
-        return task_key(self.config["task"].get("name"))
-
-    @property
-    def model(self) -> str:
-        return str(self.config["model"]["name_or_path"])
-
-    @property
-    def method(self) -> str:
-        return str(self.config["adapter"]["method"])
+        return task_key(self.recipe["task"].get("name"))
 
     @property
     def tuner(self) -> Tuner:
@@ -62,15 +50,11 @@ class Run:
 
     @property
     def density(self) -> float | None:
-        return float(self.config["adapter"]["density"]) if self.tuner.applies("density") else None
+        return float(self.recipe["adapter"]["density"]) if self.tuner.applies("density") else None
 
     @property
     def lora_r(self) -> int | None:
-        return int(self.config["adapter"]["r"]) if self.tuner.applies("r") else None
-
-    @property
-    def seed(self) -> int:
-        return int(self.config["seed"])
+        return int(self.recipe["adapter"]["r"]) if self.tuner.applies("r") else None
 
     @property
     def settings(self) -> dict[str, str]:
@@ -79,7 +63,7 @@ class Run:
         left out (older runs recorded them all)."""
         from sparta_cli.sweep import flatten
 
-        recipe = {key: value for key, value in self.config.items() if key != "run"}
+        recipe = {key: value for key, value in self.recipe.items() if key != "run"}
         flat = flatten(recipe)
         flat["task.name"] = self.task
         return {key: _text(value) for key, value in sorted(flat.items())
@@ -109,7 +93,7 @@ class Group:
     density: float | None
     lora_r: int | None
     metric: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[ReportedRun] = field(default_factory=list)
     differing: dict[str, str] = field(default_factory=dict)  # this group's values of the settings that differ between groups
 
     @property
@@ -145,7 +129,7 @@ class Group:
         name = f"{name} · {self.extra}" if self.extra else name
         return f"{name} · {short_model_name(self.model)}" if with_model else name
 
-    def run_label(self, run: Run) -> str:
+    def run_label(self, run: ReportedRun) -> str:
         """A loss curve's legend entry: the group's differing settings and the run's seed."""
         density = f" d={self.density:g}" if self.density is not None else ""
         return f"{self.label()}{density} · seed {run.seed}"
@@ -184,7 +168,7 @@ def find_run_dirs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str
                 runs.append(match)
                 continue
             inside = sorted(p.parent for p in match.rglob(CONFIG_YAML)
-                            if not any(part.startswith("checkpoint-") for part in p.relative_to(match).parts))
+                            if not any(CHECKPOINT_DIR.match(part) for part in p.relative_to(match).parts))
             runs.extend(inside)
             if not inside:
                 empty.append((match, f"no {CONFIG_YAML}: the run stopped before it started training (see its log)"))
@@ -192,32 +176,12 @@ def find_run_dirs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str
     return unique, empty
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = parse_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
-    if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):
-        raise SpartaError(f"{path} is not a sparta run config: point `sparta report` at sparta run directories")
-    return data
-
-
-def read_run(path: Path) -> Run:
-    config = _read_yaml(path / CONFIG_YAML)
-    results = read_json(path / ALL_RESULTS) if (path / ALL_RESULTS).is_file() else None
-    trainable = config.get("run", {}).get("trainable_params")
-    recorded = run_config_path(path)
-    if recorded is not None:
-        trainable = read_json(recorded).get("trainable_params", trainable)
-    return Run(path, config, results, int(trainable) if trainable is not None else None)
-
-
-def main_metric(run: Run) -> str:
+def main_metric(run: ReportedRun) -> str:
     """The task's main metric (accuracy, matthews_correlation, ...), as `sparta train` reports it."""
     from sparta_cli.tasks import resolve_task
 
     try:
-        return resolve_task(TaskConfig(**run.config["task"])).main_metric
+        return resolve_task(TaskConfig(**run.recipe["task"])).main_metric
     except SpartaError as exc:
         raise SpartaError(f"cannot tell the main metric of {run.path} ({exc}): pass --metric, e.g. --metric accuracy") from None
 
@@ -225,7 +189,7 @@ def main_metric(run: Run) -> str:
 # ---------------------------------------------------------------- grouping
 
 
-def group_runs(runs: list[Run], metric: str | None = None) -> tuple[list[Group], list[tuple[Path, str]]]:
+def group_runs(runs: list[ReportedRun], metric: str | None = None) -> tuple[list[Group], list[tuple[Path, str]]]:
     """Groups of finished runs (sorted by task, model, method, setting) and the runs left out, with why.
 
     Runs that share every setting *and* the seed are repeats, not a spread over seeds: each
@@ -274,7 +238,7 @@ def differing_settings(groups: list[Group]) -> list[str]:
 
 def repeated_seeds(groups: list[Group]) -> list[str]:
     """Lines naming runs that share every setting and the seed: they are shown one per row, never averaged."""
-    repeats: dict[tuple, list[Run]] = {}
+    repeats: dict[tuple, list[ReportedRun]] = {}
     for g in groups:
         for run in g.runs:
             repeats.setdefault((g.task, g.metric, run.seed, tuple(run.settings.items())), []).append(run)
@@ -365,7 +329,7 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
     if x not in ("density", "trainable_params"):
         raise SpartaError(f"--x {x} is not a choice: use density or trainable_params")
     run_dirs, left_out = find_run_dirs(patterns)
-    runs = [read_run(path) for path in run_dirs]
+    runs = [ReportedRun(**vars(read_started_run(path))) for path in run_dirs]
     groups, unfinished = group_runs(runs, metric)
     left_out += unfinished
     if not groups:
@@ -378,6 +342,7 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
         raise SpartaError(f"no finished runs among {', '.join(patterns)} ({len(left_out)} unfinished): "
                           "point `sparta report` at run directories holding all_results.json")
     images = [f"metric_vs_{x}.png", "loss_curves.png"]
+    check_not_an_input(output, run_dirs, fix="choose a new folder for --output")
     check_report_folder(output, ["report.csv", "report.md", *images])
     make_dir(output)
     metric_vs_x_png(groups, output / images[0], x=x)

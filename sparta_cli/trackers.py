@@ -13,8 +13,8 @@ from typing import Any
 
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
+from sparta_cli.runs import TENSORBOARD_DIR
 
-TENSORBOARD_DIR = "tensorboard"
 PROJECT = "sparta"
 
 

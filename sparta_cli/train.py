@@ -36,16 +36,15 @@ from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.metrics import lower_is_better, selectable_metrics
 from sparta_cli.models import LoadedModel, fit_max_length
 from sparta_cli.optim import build_optimizer, resolve_optimizer
-from sparta_cli.outputs import release_run_dir
+from sparta_cli.outputs import check_output_dir, prepare_output_dir, release_run_dir
 from sparta_cli.placement import Placement, load_classifier, mixed_precision, place
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
     EVAL_RESULTS,
+    RECIPE_FILE,
     TRAIN_RESULTS,
     TRAINER_LOG,
-    check_output_dir,
-    prepare_output_dir,
     truncate_log,
     write_run_config,
 )
@@ -173,7 +172,7 @@ def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Pa
     if not found:
         return None
     usable = usable_checkpoint(run_dir, world_size, lambda text: say(f"[yellow]warning[/]: {escape(text)}"))
-    changed = recipe_changes(read_json(usable / "recipe.json"), recipe.to_dict())
+    changed = recipe_changes(read_json(usable / RECIPE_FILE), recipe.to_dict())
     if changed:
         raise SpartaError(f"the recipe differs from the one that wrote {usable} ({'; '.join(changed)}): --resume stops; "
                           "resume with the same recipe, or retrain with --overwrite")

@@ -14,8 +14,8 @@ import torch
 from sparta_cli.config import AdapterConfig, ModelConfig, Recipe, TaskConfig
 from sparta_cli.fileio import write_json
 from sparta_cli.models import load_for_classification
-from sparta_cli.runs import ALL_RESULTS, write_run_config
-from sparta_cli.tuners import apply_adapter, load_adapter, read_adapter_config
+from sparta_cli.runs import ALL_RESULTS, read_adapter_config, write_run_config
+from sparta_cli.tuners import apply_adapter, load_adapter
 
 LABELS = ["negative", "positive"]
 

@@ -80,7 +80,8 @@ def _plain_accuracy(run: Path, tsv: Path, rows: int) -> float:
 
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_classification
-    from sparta_cli.tuners import load_adapter, read_adapter_config
+    from sparta_cli.runs import read_adapter_config
+    from sparta_cli.tuners import load_adapter
 
     with tsv.open(newline="") as handle:
         table = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
@@ -96,7 +97,8 @@ def _plain_accuracy(run: Path, tsv: Path, rows: int) -> float:
 def test_eval_of_a_merged_checkpoint_matches_the_run(sst2_run, data_dir, tmp_path):
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_classification
-    from sparta_cli.tuners import load_adapter, read_adapter_config
+    from sparta_cli.runs import read_adapter_config
+    from sparta_cli.tuners import load_adapter
 
     config = read_adapter_config(sst2_run)
     loaded = load_for_classification(ModelConfig(name_or_path=config["base_model"]["name_or_path"]), 2, ["negative", "positive"])

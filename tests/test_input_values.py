@@ -84,7 +84,7 @@ def test_a_damaged_tokenized_cache_is_rebuilt(tmp_path, minilm_path, monkeypatch
 
 
 def _saved_run(path: str, base: str, num_labels: int):
-    from sparta_cli.merge import SavedRun
+    from sparta_cli.runs import Run as SavedRun
 
     config = {"method": "sparta", "base_model": {"name_or_path": base}, "task": {"num_labels": num_labels}}
     return SavedRun(Path(path), config, {}, {}, {"classifier.weight": torch.zeros(num_labels, 4)})

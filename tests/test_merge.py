@@ -14,7 +14,9 @@ from run_factory import adapter_logits, fresh_process_logits, make_run, save_tin
 from safetensors import safe_open
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.merge import SavedRun, collision_report, combine_deltas, merge_runs, merge_weight, read_run
+from sparta_cli.merge import collision_report, combine_deltas, merge_runs, merge_weight
+from sparta_cli.runs import Run as SavedRun
+from sparta_cli.runs import read_run
 
 
 @pytest.fixture(scope="module")

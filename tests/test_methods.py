@@ -17,7 +17,8 @@ from conftest import tiny_batch, tiny_model
 
 from sparta_cli.config import AdapterConfig
 from sparta_cli.optim import build_optimizer
-from sparta_cli.tuners import apply_adapter, load_adapter, read_adapter_config
+from sparta_cli.runs import read_adapter_config
+from sparta_cli.tuners import apply_adapter, load_adapter
 
 METHODS = ["sparta", "lora", "dora", "full", "head"]
 EXACT = {"sparta", "full", "head"}  # lora/dora reload through PEFT: equal up to float rounding

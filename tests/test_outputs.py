@@ -14,8 +14,16 @@ from run_factory import make_run, save_tiny_llama
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import atomic_path, replace_dir, sweep_leftovers, write_text
-from sparta_cli.outputs import LOCK_FILE, RUN_ENTRIES, check_replaceable, is_run_dir, lock_run_dir, release_run_dir
-from sparta_cli.runs import check_output_dir, prepare_output_dir
+from sparta_cli.outputs import (
+    LOCK_FILE,
+    RUN_ENTRIES,
+    check_output_dir,
+    check_replaceable,
+    is_run_dir,
+    lock_run_dir,
+    prepare_output_dir,
+    release_run_dir,
+)
 
 
 def _run_folder(path: Path) -> Path:

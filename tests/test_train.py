@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from sparta_cli.cli import app
 from sparta_cli.config import AdapterConfig, load_recipe
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners import apply_adapter, load_adapter, read_adapter_config
+from sparta_cli.runs import read_adapter_config
+from sparta_cli.tuners import apply_adapter, load_adapter
 
 RUN_FILES = ["config.yaml", "adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl",
              "eval_results.json", "train_results.json", "all_results.json"]

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from sparta_cli.plots import _figure, _save
-from sparta_cli.tune.outputs import HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG
+from sparta_cli.tune.results import HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG
 from sparta_cli.tune.space import decode
 from sparta_cli.tune.study import Plan
 

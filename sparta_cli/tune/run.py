@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparta_cli.config import build_recipe
 from sparta_cli.console import console
 from sparta_cli.errors import Interrupted, RunFailure, SpartaError
 from sparta_cli.fileio import make_dir
+from sparta_cli.outputs import check_not_an_input, recipe_inputs
 from sparta_cli.tune.folder import check_study_folder, check_trial_folders
-from sparta_cli.tune.outputs import best_trial, counts, state_name, write_outputs
+from sparta_cli.tune.results import best_trial, counts, state_name, write_outputs
 from sparta_cli.tune.space import decode
 from sparta_cli.tune.study import JOURNAL_FILE, Plan, open_study, require_optuna, retire_stale, retries, trials_left, write_plan
 
@@ -197,6 +199,8 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
     require_optuna()
     plan, workers = plan_study(recipe, overrides, flags, space)
     shared = plan.storage != str(Path(plan.study_dir) / JOURNAL_FILE)
+    check_not_an_input(Path(plan.study_dir), [Path(recipe), *recipe_inputs(build_recipe(plan.base))], option="the study folder",
+                       replaces_whole=True, fix="pass --output with a new folder")
     check_study_folder(plan)
     write_plan(plan)
     study = open_study(plan, shared=shared, create=True)

@@ -12,19 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners.base import (
-    ADAPTER_FILE,
-    CHECKPOINT_CONFIG_FILE,
-    CONFIG_FILE,
-    PEFT_DIR,
-    TRAINED_PREFIX,
-    Adapter,
-    Tuner,
-    check_base_matches,
-    read_adapter_config,
-    read_adapter_tensors,
-    run_config_path,
-)
+from sparta_cli.tuners.base import Adapter, Tuner, check_base_matches
 from sparta_cli.tuners.full import FullTuner
 from sparta_cli.tuners.head import HeadTuner
 from sparta_cli.tuners.lora import DoraTuner, LoraTuner
@@ -58,8 +46,4 @@ def load_adapter(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Ada
     return get_tuner(config["method"]).load(run_dir, model, config)
 
 
-__all__ = [
-    "ADAPTER_FILE", "CHECKPOINT_CONFIG_FILE", "CONFIG_FILE", "METHOD_SPECIFIC_KEYS", "PEFT_DIR", "TRAINED_PREFIX", "TUNERS", "Adapter", "Tuner", "apply_adapter",
-    "check_base_matches", "get_tuner", "load_adapter", "read_adapter_config", "read_adapter_tensors",
-    "run_config_path",
-]
+__all__ = ["METHOD_SPECIFIC_KEYS", "TUNERS", "Adapter", "Tuner", "apply_adapter", "check_base_matches", "get_tuner", "load_adapter"]

@@ -1,4 +1,4 @@
-"""What every method shares: the `Tuner` interface, the `Adapter` it returns, and the run files.
+"""What every method shares: the `Tuner` interface and the `Adapter` it returns (runs.py names the run files).
 
 A `Tuner` is one method (sparta, lora, dora, full, head) and says what it can do, so train,
 merge, export, eval and report ask it instead of branching on the method's name. Every
@@ -15,22 +15,14 @@ import torch
 from torch import nn
 
 from sparta_cli import FORMAT_VERSION, __version__
-from sparta_cli.adapter_checks import check_adapter_config, check_adapter_tensors
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, write_json, write_safetensors
+from sparta_cli.fileio import write_json, write_safetensors
+from sparta_cli.runs import ADAPTER_FILE, CONFIG_FILE, TRAINED_PREFIX, read_adapter_tensors
 
 if TYPE_CHECKING:  # config.py asks the tuners which keys apply: no import cycle at run time
     from sparta_cli.config import AdapterConfig
     from sparta_cli.sharding import ShardedModel
     from sparta_cli.tuners.sparta.model import SpartaModel
-
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-# A run folder that is itself a transformers checkpoint (`full`) records the run here instead:
-# transformers reads any adapter_config.json next to config.json as a PEFT adapter to load.
-CHECKPOINT_CONFIG_FILE = "sparta_config.json"
-PEFT_DIR = "peft"  # LoRA/DoRA runs keep PEFT's own adapter files here
-TRAINED_PREFIX = "trained."  # fully trained parameters (the head; everything for `full`)
 
 
 class Tuner:
@@ -176,47 +168,7 @@ def freeze_all_but_heads(model: nn.Module, head_modules: list[str]) -> None:
         param.requires_grad_(in_modules(name, head_modules))
 
 
-# ---------------------------------------------------------------- reading a run
-
-
-def run_config_path(run_dir: Path) -> Path | None:
-    """The finished run's adapter config (adapter_config.json, or sparta_config.json for a
-    run that is a checkpoint), or None when there is none."""
-    return next((run_dir / name for name in (CONFIG_FILE, CHECKPOINT_CONFIG_FILE) if (run_dir / name).is_file()), None)
-
-
-def read_adapter_config(run_dir: Path) -> dict[str, Any]:
-    if not run_dir.exists():
-        raise SpartaError(f"{run_dir} does not exist: give the folder of a run that `sparta train` wrote (check for a typo)")
-    if not run_dir.is_dir():
-        raise SpartaError(f"{run_dir} is a file: give the folder of a run that `sparta train` wrote")
-    path = run_config_path(run_dir)
-    if path is None:
-        hint = " (it holds checkpoints: finish it with `sparta train RECIPE --resume`)" if any(run_dir.glob("checkpoint-*")) else ""
-        raise SpartaError(f"{run_dir} has no {CONFIG_FILE}: not a finished sparta run{hint}")
-    config = read_json(path)
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SpartaError(
-            f"{path} has format version {version}, newer than this sparta understands ({FORMAT_VERSION}): upgrade sparta"
-        )
-    check_adapter_config(config, path)
-    return config
-
-
-def read_adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = run_dir / ADAPTER_FILE
-    if not path.is_file():
-        raise SpartaError(f"{run_dir} has no {ADAPTER_FILE}: not a finished sparta run")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SpartaError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]}): retrain or restore the file") from None
-    check_adapter_tensors(tensors, read_adapter_config(run_dir), path)  # the one read path: eval, merge, export
-    return tensors
+# ---------------------------------------------------------------- putting a saved run onto a base
 
 
 def check_base_matches(config: dict[str, Any], model: nn.Module) -> None:

@@ -19,7 +19,8 @@ from torch import nn
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.models import checkpoint_files
-from sparta_cli.tuners.base import CHECKPOINT_CONFIG_FILE, Adapter, Tuner, check_base_matches, count_params
+from sparta_cli.runs import CHECKPOINT_CONFIG_FILE
+from sparta_cli.tuners.base import Adapter, Tuner, check_base_matches, count_params
 
 if TYPE_CHECKING:
     from sparta_cli.config import AdapterConfig

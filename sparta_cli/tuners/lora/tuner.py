@@ -10,8 +10,9 @@ from torch import nn
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import replace_dir
+from sparta_cli.runs import PEFT_DIR
 from sparta_cli.targets import resolve_targets
-from sparta_cli.tuners.base import PEFT_DIR, Adapter, Tuner, count_params, freeze_all_but_heads
+from sparta_cli.tuners.base import Adapter, Tuner, count_params, freeze_all_but_heads
 
 if TYPE_CHECKING:
     from sparta_cli.config import AdapterConfig

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from sparta_cli.lr_rule import sparta_lr
+from sparta_cli.runs import read_adapter_tensors
 from sparta_cli.tuners.base import (
     Adapter,
     Tuner,
@@ -15,7 +16,6 @@ from sparta_cli.tuners.base import (
     count_params,
     freeze_all_but_heads,
     load_trained,
-    read_adapter_tensors,
 )
 from sparta_cli.tuners.sparta.model import SpartaModel, split_indices
 
