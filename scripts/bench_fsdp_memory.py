@@ -60,9 +60,9 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, loadin
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from sparta_cli.config import AdapterConfig
     from sparta_cli.sharding import shard
     from sparta_cli.tuners import apply_adapter
+    from sparta_cli.tuners.sparta.config import SpartaConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, loadin
     torch.set_default_dtype(torch.float32)
     model.score.float()  # the head trains in fp32, as in `sparta train`
     total_params = sum(p.numel() for p in model.parameters())
-    adapter = apply_adapter(model, AdapterConfig(density=density, targets=["q", "k", "v", "o", "gate", "up", "down"]),
+    adapter = apply_adapter(model, SpartaConfig(density=density, targets=["q", "k", "v", "o", "gate", "up", "down"]),
                             seed=0, head_modules=["score"])
     loaded = trimmed_rss()
     # as `sparta train` with training.mixed_precision=bf16 under FSDP: bf16 compute, fp32 head and gradient sums

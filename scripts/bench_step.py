@@ -45,10 +45,13 @@ from pathlib import Path
 
 import torch
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.optim import OPTIMIZERS, build_optimizer, make_optimizer, resolve_optimizer
 from sparta_cli.targets import HEAD_NAMES, resolve_targets
 from sparta_cli.tuners import apply_adapter
+from sparta_cli.tuners.full.config import FullConfig
+from sparta_cli.tuners.head.config import HeadConfig
+from sparta_cli.tuners.lora.config import DoraConfig, LoraConfig
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 GIB = 2**30
 NUM_LABELS = 2
@@ -164,12 +167,12 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
         optimizer = make_optimizer([{"params": params}], args.optimizer, lr=1e-5)
     else:
         cfg = {
-            "limit": AdapterConfig(method="head"),
-            "head": AdapterConfig(method="head"),
-            "full": AdapterConfig(method="full"),
-            "sparta": AdapterConfig(method="sparta", density=float(density or 0.01), targets=args.targets.split(",")),
-            "lora": AdapterConfig(method="lora", r=8, alpha=16, targets=["q", "v"]),
-            "dora": AdapterConfig(method="dora", r=8, alpha=16, targets=["q", "v"]),
+            "limit": HeadConfig(),
+            "head": HeadConfig(),
+            "full": FullConfig(),
+            "sparta": SpartaConfig(density=float(density or 0.01), targets=args.targets.split(",")),
+            "lora": LoraConfig(r=8, alpha=16, targets=["q", "v"]),
+            "dora": DoraConfig(r=8, alpha=16, targets=["q", "v"]),
         }[method]
         adapter = apply_adapter(model, cfg, seed=0, head_modules=heads)
         run = adapter.model

@@ -93,7 +93,8 @@ def layer_gradients(args: argparse.Namespace) -> list[dict]:
     """SpartaLinear's delta and input gradients against a plain linear's, per dtype and path."""
     from torch import nn
 
-    from sparta_cli.tuners.sparta import SpartaLinear, select_indices
+    from sparta_cli.tuners.sparta.layer import SpartaLinear
+    from sparta_cli.tuners.sparta.mask import select_indices
 
     out_f, in_f, tokens = (48, 40, 32) if args.toy else (1024, 4096, 2048)
     # normwise bounds: fp32 sums in another order (measured ~1e-7); bf16 rounds the reference's
@@ -135,9 +136,9 @@ def optimizer_writes(args: argparse.Namespace) -> list[dict]:
     """After 3 steps of each optimizer the model's logits equal a dense model holding W0 + delta."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from sparta_cli.config import AdapterConfig
     from sparta_cli.optim import OPTIMIZERS, build_optimizer
     from sparta_cli.tuners import apply_adapter
+    from sparta_cli.tuners.sparta.config import SpartaConfig
 
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, num_labels=3, pad_token_id=0)
@@ -152,7 +153,7 @@ def optimizer_writes(args: argparse.Namespace) -> list[dict]:
     results = []
     for name in OPTIMIZERS:
         model = fresh()
-        adapter = apply_adapter(model, AdapterConfig(targets=["v", "o"], density=0.1), seed=3, head_modules=["score"])
+        adapter = apply_adapter(model, SpartaConfig(targets=["v", "o"], density=0.1), seed=3, head_modules=["score"])
         optimizer = build_optimizer(adapter, name, lr=0.05, head_lr=None, weight_decay=0.01)
         model.train()
         for ids in batches[:3]:

@@ -36,9 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from sparta_cli.config import AdapterConfig, load_recipe  # noqa: E402
+from sparta_cli.config import load_recipe  # noqa: E402
 from sparta_cli.sweep import run_action  # noqa: E402
-from sparta_cli.tuners import get_tuner  # noqa: E402
+from sparta_cli.tuners import method_config  # noqa: E402
 
 MINILM = REPO / "configs" / "quickstart.yaml"
 SMOLLM = REPO / "configs" / "sst2_smollm2.yaml"
@@ -85,7 +85,7 @@ def matched_density(recipe_path: Path, overrides: list[str]) -> float:
 
 def rates(method: str, density: float, grid: int) -> tuple[float, ...]:
     """`training.lr: auto`'s rate (the method's tuner) and, with grid 3, one half-decade either side."""
-    centre = get_tuner(method).auto_lr(AdapterConfig(method=method, density=density))
+    centre = method_config(method)(**method_config(method).own_keys({"density": density})).auto_lr()
     return (centre,) if grid == 1 else (centre / math.sqrt(10), centre, centre * math.sqrt(10))
 
 

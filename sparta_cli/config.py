@@ -11,35 +11,20 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, parse_yaml
+from sparta_cli.strict import SEED_LIMIT
+from sparta_cli.strict import Strict as _Strict
+from sparta_cli.tuners import METHODS, reader_of
+from sparta_cli.tuners.config import MethodConfig
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
-Method = Literal["sparta", "lora", "dora", "full", "head"]
-
-
-class _Strict(BaseModel):
-    # no inf/NaN anywhere: `training.epochs: .inf` would never end, `lr: .nan` never learn
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """Pydantic reads true as 1 for a number: YAML's yes/on/true (`training.max_steps=true`,
-        `batch_size: yes`) would become one step or one row. A number key takes a number."""
-        if isinstance(value, bool) and info.field_name is not None:
-            kinds = set(get_args(cls.model_fields[info.field_name].annotation)) or {cls.model_fields[info.field_name].annotation}
-            if kinds & {int, float} and bool not in kinds:
-                form = "a whole number" if float not in kinds else "a number"
-                raise ValueError(f"give {form}, not {str(value).lower()} (YAML reads true, yes, on, false, no and off as booleans)")
-        return value
-
-
-SEED_LIMIT = 2**32  # numpy's seeds (set by accelerate's set_seed) are below 2**32
+__all__ = ["SEED_LIMIT", "AdapterConfig", "Recipe"]
 
 
 class ModelConfig(_Strict):
@@ -51,15 +36,19 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, exclude=True)
 
 
-class AdapterConfig(_Strict):
-    method: Method = "sparta"
-    density: float = Field(0.01, gt=0.0, le=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["v", "o"], min_length=1)
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # null: the run's seed
-    # LoRA / DoRA (through PEFT)
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+def _method_of(section: Any) -> Any:
+    """The method a section names (sparta when it names none); None for what is no section."""
+    if isinstance(section, dict):
+        return section.get("method", "sparta")
+    return section.method if isinstance(section, MethodConfig) else None
+
+
+# `adapter:`: one method's settings (tuners/<method>/config.py), picked by `method`, so a key of
+# another method is refused by the chosen method's own model (`_describe` says which method reads it)
+AdapterConfig = Annotated[Union[tuple(Annotated[config, Tag(name)] for name, config in METHODS.items())],  # noqa: UP007
+                          Discriminator(_method_of)]
+# every method's keys, in the order the methods are listed (for the closest key to a typo)
+ADAPTER_KEYS = list(dict.fromkeys(key for config in METHODS.values() for key in config.model_fields))
 
 
 class TaskConfig(_Strict):
@@ -178,22 +167,15 @@ MMLU_MAX_LENGTH_SHOTS = 3072
 # full-s42), so runs that differ in that setting never share a folder.
 DEFAULT_OUTPUT_DIR = "runs/${task.name}/${name}"
 
-_KEY_USE = {"density": "SpaRTA's fraction of each target matrix", "targets": "the matrices an adapter trains",
-            "r": "the LoRA/DoRA rank", "alpha": "the LoRA/DoRA scale", "dropout": "the LoRA/DoRA dropout"}
-
-
-def applies(key: str, method: str) -> bool:
-    """Whether adapter.<key> means anything to `method`: the adapter keys that only some methods read
-    (each method's `config_keys`, sparta_cli/tuners/) are refused by the others (a density given to
-    LoRA used to be ignored without a word); every other key applies to every method."""
-    from sparta_cli.tuners import METHOD_SPECIFIC_KEYS, get_tuner
-
-    return key not in METHOD_SPECIFIC_KEYS or get_tuner(method).applies(key)
+def read_by_another_method(key: str, method: str) -> bool:
+    """Whether `adapter.<key>` is a key some method reads but `method` does not (a density given to
+    LoRA is refused, not ignored without a word)."""
+    return reader_of(key) is not None and key not in METHODS[method].model_fields
 
 
 class Recipe(_Strict):
     model: ModelConfig
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: AdapterConfig = Field(default_factory=SpartaConfig)
     task: TaskConfig
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -244,17 +226,13 @@ class Recipe(_Strict):
         return user_path(chosen, "data.dir") if chosen else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data, without adapter keys its method does not read (they would reload as mistakes)."""
-        data = self.model_dump(mode="json")
-        data["adapter"] = {key: value for key, value in data["adapter"].items() if applies(key, self.adapter.method)}
-        return data
+        """The recipe as plain data: the adapter's are its method's keys only (others would reload as mistakes)."""
+        return self.model_dump(mode="json")
 
     @property
     def run_name(self) -> str:
         """The method, the setting that sizes it, and the seed: sparta-d0.01-s42, lora-r16-s42, full-s42."""
-        from sparta_cli.tuners import get_tuner
-
-        return f"{self.adapter.method}{get_tuner(self.adapter.method).name_setting(self.adapter)}-s{self.seed}"
+        return f"{self.adapter.method}{self.adapter.name_setting()}-s{self.seed}"
 
 
 # ---------------------------------------------------------------- loading
@@ -273,15 +251,24 @@ def _closest(name: str, choices: list[str]) -> str | None:
     return found[0] if found else None
 
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """Valid key names of the section a validation error points into."""
-    model: type[BaseModel] = Recipe
+def _section(model: Any, part: str, method: str) -> Any:
+    """The model of section `part` of `model` (`adapter`: the settings of `method`), or None."""
+    if model is Recipe and part == "adapter":
+        return METHODS.get(method)
+    annotation = getattr(getattr(model, "model_fields", {}).get(part), "annotation", None)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _fields_at(loc: tuple[Any, ...], method: str) -> list[str]:
+    """Valid key names of the section a validation error points into (the adapter's: every method's,
+    so a typo finds its key whichever method reads it)."""
+    if tuple(loc[:-1]) == ("adapter",):
+        return ADAPTER_KEYS
+    model: Any = Recipe
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section(model, str(part), method)
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
 
 
@@ -314,18 +301,19 @@ HF_NAMES: dict[str, str] = {
     "report_to": "logging.tensorboard or logging.wandb",
 }
 # Keys that live in another section than the one written (`lr:` at the top, `density:` under training).
-_SECTION_OF = {name: section for section, model in (("model", ModelConfig), ("adapter", AdapterConfig), ("task", TaskConfig),
-                                                    ("data", DataConfig), ("training", TrainingConfig), ("logging", LoggingConfig))
-               for name in model.model_fields}
+_SECTION_OF = {name: section for section, fields in (("model", ModelConfig.model_fields), ("adapter", ADAPTER_KEYS),
+                                                     ("task", TaskConfig.model_fields), ("data", DataConfig.model_fields),
+                                                     ("training", TrainingConfig.model_fields), ("logging", LoggingConfig.model_fields))
+               for name in fields}
 
 
-def _example(loc: tuple[Any, ...], given: Any, kind: str) -> str:
+def _example(loc: tuple[Any, ...], given: Any, kind: str, method: str) -> str:
     """An example of the form a key takes, written as an override: `adapter.targets=[v,o]`."""
     where = ".".join(str(p) for p in loc)
     if kind == "list_type":
         items = [part.strip() for part in given.split(",")] if isinstance(given, str) else [str(given)]
         return f"write a list, e.g. {where}=[{','.join(items)}] (in YAML: `{loc[-1]}: [{', '.join(items)}]`)"
-    field = _field_at(loc)
+    field = _field_at(loc, method)
     default = getattr(field, "default", None)
     if default is None or isinstance(default, (dict, list)) or not isinstance(default, (bool, int, float, str)):
         return ""
@@ -333,20 +321,30 @@ def _example(loc: tuple[Any, ...], given: Any, kind: str) -> str:
     return f"write {form}, e.g. {where}={str(default).lower() if isinstance(default, bool) else default}"
 
 
-def _field_at(loc: tuple[Any, ...]) -> Any:
+def _field_at(loc: tuple[Any, ...], method: str) -> Any:
     model: Any = Recipe
     field = None
     for part in loc:
         field = getattr(model, "model_fields", {}).get(str(part))
         if field is None:
             return None
-        model = field.annotation
+        model = _section(model, str(part), method)
     return field
 
 
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
+    method = "sparta"
+    if loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in METHODS:  # the union's tag: not a key the user wrote
+        method, loc = str(loc[1]), (loc[0], *loc[2:])
     where = ".".join(str(p) for p in loc) or "recipe"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(error["input"], dict):  # an unknown adapter.method
+        given = error["input"].get("method")
+        return f"invalid `{where}.method` = {_short(repr(given))}: Input should be {_choices(list(METHODS))}"
+    if error["type"] == "extra_forbidden" and loc[:1] == ("adapter",) and len(loc) == 2 and read_by_another_method(str(loc[1]), method):
+        key = str(loc[1])
+        use = reader_of(key).model_fields[key].description
+        return f"adapter.{key} ({use}) does not apply to adapter.method={method}: remove it ({METHODS[method].size_text})"
     if error["type"] == "extra_forbidden":
         if str(loc[-1]) in HF_NAMES:
             return f"unknown key `{where}` in the recipe: `{loc[-1]}` is the Hugging Face Trainer's name; sparta's is {HF_NAMES[str(loc[-1])]}"
@@ -355,8 +353,8 @@ def _describe(error: dict[str, Any]) -> str:
         section = _SECTION_OF.get(str(loc[-1]))
         if section and (len(loc) == 1 or str(loc[0]) != section):
             return f"unknown key `{where}` in the recipe: did you mean `{section}.{loc[-1]}`?"
-        hint = _closest(str(loc[-1]), _fields_at(loc))
-        valid = ", ".join(_fields_at(loc))
+        hint = _closest(str(loc[-1]), _fields_at(loc, method))
+        valid = ", ".join(_fields_at(loc, method))
         fix = f"did you mean `{hint}`?" if hint else f"valid keys: {valid}"
         return f"unknown key `{where}` in the recipe: {fix}"
     if error["type"] == "missing":
@@ -364,14 +362,20 @@ def _describe(error: dict[str, Any]) -> str:
     given = error.get("input")
     shown = "a mapping" if isinstance(given, dict) else _short(repr(given))
     message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type", "union_tag_not_found"):
         return f"`{where}` in the recipe must be a section of `key: value` lines, not {shown}: see configs/ for examples"
     if error["type"] == "value_error" and isinstance(given, dict):  # a section's own check names its keys
         return message
     if error["type"].endswith(("_type", "_parsing")):
-        example = _example(loc, given, error["type"])
+        example = _example(loc, given, error["type"], method)
         return f"invalid `{where}` = {shown}: {message}" + (f"; {example}" if example else "")
     return f"invalid `{where}` = {shown}: {message}"
+
+
+def _choices(names: list[str]) -> str:
+    """'a', 'b' or 'c': as pydantic lists a literal's values."""
+    quoted = [repr(name) for name in names]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -476,7 +480,7 @@ def _interpolate(template: str, values: dict[str, Any], chain: tuple[str, ...] =
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 method = values["adapter"]["method"]
-                if key.startswith("adapter.") and not applies(key.removeprefix("adapter."), method):
+                if key.startswith("adapter.") and read_by_another_method(key.removeprefix("adapter."), method):
                     raise SpartaError(f"output_dir uses `${{{key}}}`, which adapter.method={method} does not have: "
                                       "use ${name} (the method and its settings, e.g. lora-r16-s42)")
                 raise SpartaError(f"output_dir refers to unknown `${{{key}}}`: use keys of the recipe, e.g. ${{task.name}}, "
@@ -516,7 +520,7 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         key, value = parse_override(text)
         set_dotted(tree, key, value)
         overridden.add(key)
-    _refuse_keys_of_other_methods(tree, overridden, from_run)
+    _drop_keys_of_the_old_method(tree, overridden, from_run)
     _drop_trust_remote_code(tree, trust_remote_code)
     if trust_remote_code and isinstance(tree.get("model"), dict):
         tree["model"] = {**tree["model"], "trust_remote_code": True}
@@ -527,9 +531,7 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise SpartaError(_describe(first)) from None
     if recipe.training.lr == "auto":  # config.yaml records the number, so a rerun of it trains at the same rate
-        from sparta_cli.tuners import get_tuner
-
-        recipe.training.lr = get_tuner(recipe.adapter.method).auto_lr(recipe.adapter)
+        recipe.training.lr = recipe.adapter.auto_lr()
         recipe._lr_auto = True
     if "max_length" not in recipe.data.model_fields_set and re.sub(r"[-_]", "", str(recipe.task.name).lower()) == "mmlu":
         recipe.data.max_length = MMLU_MAX_LENGTH_SHOTS if recipe.task.shots else MMLU_MAX_LENGTH
@@ -541,29 +543,20 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     return recipe
 
 
-def _refuse_keys_of_other_methods(tree: dict[str, Any], overridden: set[str], from_run: bool) -> None:
-    """Refuse adapter keys the chosen method does not read. The one exception: keys of the method the
-    file named when an override chose another (`adapter.method=lora` on a SpaRTA recipe drops its
-    density), and those a run's config.yaml of an older sparta recorded for every method."""
+def _drop_keys_of_the_old_method(tree: dict[str, Any], overridden: set[str], from_run: bool) -> None:
+    """Drop the adapter keys of the method the file named when an override chose another
+    (`adapter.method=lora` on a SpaRTA recipe drops its density), and those a run's config.yaml of an
+    older sparta recorded for every method. Any other key of another method is refused by the chosen
+    method's settings (`_describe` names it)."""
     adapter = tree.get("adapter")
     if not isinstance(adapter, dict):
         return
     method = adapter.get("method", "sparta")
-    if method not in get_args(Method):
-        return  # validation names the valid methods
     switched = from_run or bool({"adapter", "adapter.method"} & overridden)
-    kept = {}
-    for key, value in adapter.items():
-        if applies(key, method):
-            kept[key] = value
-        elif switched and f"adapter.{key}" not in overridden:
-            continue
-        else:
-            from sparta_cli.tuners import get_tuner
-
-            size = f" ({get_tuner(method).size_text})"
-            raise SpartaError(f"adapter.{key} ({_KEY_USE[key]}) does not apply to adapter.method={method}: remove it{size}")
-    tree["adapter"] = kept
+    if method not in METHODS or not switched:
+        return  # validation names the valid methods
+    tree["adapter"] = {key: value for key, value in adapter.items()
+                       if not read_by_another_method(key, method) or f"adapter.{key}" in overridden}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:

@@ -321,3 +321,12 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
+
+
+def checkpoint_files(folder: Path) -> list[Path] | None:
+    """The safetensors files of a local checkpoint, or None when it has none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in dict.fromkeys(read_json(index)["weight_map"].values())]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None

@@ -22,11 +22,12 @@ import torch
 from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, checkpoint_files, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.fileio import checkpoint_files, read_json, replace_dir, write_json, write_safetensors
+from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer, resolve_model_path
 from sparta_cli.outputs import MERGE_MARKER, check_replaceable, locked_output
 from sparta_cli.runs import CONFIG_FILE, Run, read_run
 from sparta_cli.tuners import get_tuner
+from sparta_cli.tuners.sparta.layer import written_values
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
@@ -98,7 +99,7 @@ def merge_weight(w0: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, d
     """`w0` in `dtype`, holding `(w0.float() + delta).to(dtype)` at the flat `indices`; refused when
     that is not finite (huge --weights, or a value past the dtype's range), before anything is published."""
     out = w0.to(dtype=dtype, copy=True)
-    merged = (w0.reshape(-1)[indices].float() + delta).to(dtype)
+    merged = written_values(w0.reshape(-1)[indices], delta, dtype)
     check_finite(name, merged, dtype)
     out.view(-1)[indices] = merged
     return out
@@ -382,11 +383,10 @@ def memory_merge(runs: list[Run], cfg: ModelConfig, combined, trained, head_run:
     task = head_run.config.get("task") or {}
     loaded = load_for_classification(cfg, task.get("num_labels", 2), task.get("label_names"),
                                      problem_type="regression" if task.get("is_regression") else "single_label_classification")
-    model = loaded.model
     tuner = get_tuner(runs[0].method)
-    if tuner.peft_native:
-        model = tuner.merge_into(runs[0].path, model, runs[0].config)
-    else:
+    model = tuner.merged_in_memory(runs[0].path, loaded.model, runs[0].config)
+    if model is None:  # sparta merge adds the saved tensors itself
+        model = loaded.model
         check_shapes(runs, {name: list(p.shape) for name, p in model.state_dict().items()}, loaded.source, trained)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -446,10 +446,9 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     else:
         own = base_dtype(folder, files)
     out_dtype = parse_dtype(dtype) or own
-    if tuner.standalone:
-        notes.append(f"{runs[0].path} is a {runs[0].method} run, already a whole checkpoint: copied, in {str(out_dtype).removeprefix('torch.')}")
-    if tuner.peft_native:
-        notes.append(f"{tuner.display_name} weights merged by PEFT's merge_and_unload, with the base loaded whole")
+    note = tuner.merge_note(runs[0].path, str(out_dtype).removeprefix("torch."))
+    if note:
+        notes.append(note)
     streaming = files is not None and not tuner.peft_native
     collisions = collision_report(runs)
     for pair in collisions:

@@ -13,7 +13,6 @@ from torch import nn
 from sparta_cli.config import ModelConfig, Recipe, user_path
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import read_json
 from sparta_cli.targets import HEAD_NAMES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,15 +42,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if not path.exists():
         raise SpartaError(f"model {name_or_path}: {path} does not exist in package `{module}`: check the sub-path")
     return str(path)
-
-
-def checkpoint_files(folder: Path) -> list[Path] | None:
-    """The safetensors files of a local checkpoint, or None when it has none."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in dict.fromkeys(read_json(index)["weight_map"].values())]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else None
 
 
 def _looks_like_path(name: str) -> bool:

@@ -1,16 +1,20 @@
 """The optimizer `sparta train` (and scripts/bench_step.py) builds: state for the trainable parameters only.
 
 `training.optimizer: auto` takes the fastest correct choice for the device: fused AdamW on
-CUDA (one kernel for all tensors), torch's default AdamW elsewhere. SpaRTA's dense weights follow the
-deltas through an optimizer step post-hook, so every choice trains what the forward sees.
+CUDA (one kernel for all tensors), torch's default AdamW elsewhere. What a method does after each step
+(SpaRTA: its dense weights follow the deltas) is registered by its tuner, so every choice trains what the
+forward sees.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from sparta_cli.tuners.base import Adapter
 
 OPTIMIZERS = ("adamw", "adamw_fused", "sgd")
 
@@ -34,13 +38,12 @@ def make_optimizer(groups: Iterable[dict[str, Any]], name: str, lr: float, weigh
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
-def build_optimizer(adapter, name: str, lr: float, head_lr: float | None, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(adapter: Adapter, name: str, lr: float, head_lr: float | None, weight_decay: float) -> torch.optim.Optimizer:
     """The optimizer over an adapter's trainable parameters (the head at `head_lr`), with
-    SpaRTA's weight write registered after every step."""
+    the method's own work after every step registered (`Tuner.follow_steps_of`)."""
     head, body = [], []
     for param_name, param in adapter.trainable():
         (head if any(f"{m}." in f"{param_name}." for m in adapter.head_modules) else body).append(param)
     optimizer = make_optimizer([{"params": body, "lr": lr}, {"params": head, "lr": head_lr or lr}], name, lr, weight_decay)
-    if adapter.sparta is not None:
-        adapter.sparta.write_after_steps_of(optimizer)
+    adapter.follow_steps_of(optimizer)
     return optimizer

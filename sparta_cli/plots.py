@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sparta_cli.fileio import write_with
 from sparta_cli.runs import TRAINER_LOG, TRAINING_LOSS_PNG
@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from sparta_cli.report import Group
-    from sparta_cli.runs import Run
+
 
 @dataclass
 class LossLog:
@@ -99,7 +98,41 @@ def write_training_loss_png(run_dir: str | Path) -> Path | None:
     return _save(fig, run_dir / TRAINING_LOSS_PNG)
 
 
-def loss_curves_png(runs: Sequence[tuple[str, Run]], path: Path) -> Path:
+class PlottedGroup(Protocol):
+    """What `metric_vs_x_png` reads of a group of seeds (report.Group)."""
+
+    task: str
+    model: str
+    metric: str
+    density: float | None
+    runs: Sequence[Any]
+
+    @property
+    def mean(self) -> float: ...
+
+    @property
+    def std(self) -> float: ...
+
+    @property
+    def trainable_params(self) -> int | None: ...
+
+    def label(self, with_model: bool = False) -> str: ...
+
+
+def short_model_name(name: str) -> str:
+    return name.removeprefix("pkg:").rstrip("/").removesuffix("/model").split("/")[-1]
+
+
+def format_params(count: int | None) -> str:
+    if count is None:
+        return "?"
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)
+
+
+def loss_curves_png(runs: Sequence[tuple[str, Path]], path: Path) -> Path:
     """Every run's training loss (lines) and evaluation loss (dots) on one axes, one colour per run,
     each labelled (by the report: its settings that differ from the other runs' and its seed)."""
     from matplotlib import colormaps
@@ -107,27 +140,25 @@ def loss_curves_png(runs: Sequence[tuple[str, Run]], path: Path) -> Path:
     fig = _figure(9.0, 5.0)
     ax = fig.add_subplot()
     colors = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
-    for i, (label, run) in enumerate(runs):
-        _plot_losses(ax, read_loss_log(run.path), colors[i % len(colors)], label)
+    for i, (label, run_dir) in enumerate(runs):
+        _plot_losses(ax, read_loss_log(run_dir), colors[i % len(colors)], label)
     _loss_axes(ax)
     ax.set_title("training loss (lines) and evaluation loss (dots)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
     return _save(fig, path)
 
 
-def metric_vs_x_png(groups: Sequence[Group], path: Path, x: str = "density") -> Path:
+def metric_vs_x_png(groups: Sequence[PlottedGroup], path: Path, x: str = "density") -> Path:
     """One panel per task: SpaRTA's metric against density (or trainable parameters), log x, error
     bars = std over seeds. Against density, the other methods are horizontal reference lines
     (± std band) labelled with their trainable-parameter counts; against parameters, points."""
-    from sparta_cli.report import format_params, short_model_name
-
     tasks = list(dict.fromkeys(g.task for g in groups))
     many_models = len({g.model for g in groups}) > 1
     fig = _figure(6.4 * len(tasks) + (2.6 if x == "density" else 0), 4.6)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks):
         mine = [g for g in groups if g.task == task]
-        sparta_lines: dict[str, list[Group]] = {}
+        sparta_lines: dict[str, list[PlottedGroup]] = {}
         for g in mine:
             if g.density is not None or x == "trainable_params":
                 sparta_lines.setdefault(g.label(with_model=many_models), []).append(g)

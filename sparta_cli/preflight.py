@@ -32,8 +32,6 @@ def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -
     adapter.targets exist in it, and data.max_length fits its learned positions (models.fit_max_length).
     Says nothing for a Hub name (no config.json here to read offline) or a GGUF file (its config is in
     the weights): the checks after the load cover those."""
-    from sparta_cli.tuners import get_tuner
-
     if recipe.model.gguf_file or not (Path(source) / "config.json").is_file():
         return
     import torch
@@ -49,8 +47,9 @@ def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -
     except (ValueError, OSError, KeyError):
         return  # the model load names these (an architecture without a classifier, a damaged config)
     fit_max_length(recipe, skeleton)
-    if targets and get_tuner(recipe.adapter.method).applies("targets"):
-        resolve_targets(skeleton, recipe.adapter.targets)
+    chosen = recipe.adapter.recorded()["targets"]  # null for a method without targets
+    if targets and chosen is not None:
+        resolve_targets(skeleton, chosen)
 
 
 def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:

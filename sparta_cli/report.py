@@ -20,15 +20,17 @@ from typing import Any
 
 import yaml
 
-from sparta_cli.config import TaskConfig, applies
+from sparta_cli.config import TaskConfig, read_by_another_method
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import make_dir, write_text
 from sparta_cli.outputs import REPORT_TAG, check_not_an_input, check_report_folder
+from sparta_cli.plots import short_model_name
 from sparta_cli.runs import ALL_RESULTS, CHECKPOINT_DIR, CONFIG_YAML, Run, read_started_run
-from sparta_cli.tuners import TUNERS, Tuner, get_tuner
+from sparta_cli.tuners import METHODS, method_config
+from sparta_cli.tuners.config import MethodConfig
 
-METHOD_ORDER = tuple(TUNERS)
+METHOD_ORDER = tuple(METHODS)
 CSV_COLUMNS = ("task", "model", "method", "density", "lora_r", "settings", "trainable_params", "n_seeds", "seeds", "metric",
                "mean", "std")
 # Recipe keys that may differ between the seeds of one group; every other setting splits groups.
@@ -45,16 +47,19 @@ class ReportedRun(Run):
         return task_key(self.recipe["task"].get("name"))
 
     @property
-    def tuner(self) -> Tuner:
-        return get_tuner(self.method)
+    def adapter(self) -> MethodConfig:
+        """The run's adapter settings: the keys its method reads (older runs recorded every method's)."""
+        settings = method_config(self.method)
+        return settings.model_validate(settings.own_keys(self.recipe["adapter"]))
 
     @property
     def density(self) -> float | None:
-        return float(self.recipe["adapter"]["density"]) if self.tuner.applies("density") else None
+        return self.adapter.sizes().get("density")
 
     @property
     def lora_r(self) -> int | None:
-        return int(self.recipe["adapter"]["r"]) if self.tuner.applies("r") else None
+        r = self.adapter.sizes().get("r")
+        return None if r is None else int(r)
 
     @property
     def settings(self) -> dict[str, str]:
@@ -67,7 +72,7 @@ class ReportedRun(Run):
         flat = flatten(recipe)
         flat["task.name"] = self.task
         return {key: _text(value) for key, value in sorted(flat.items())
-                if not key.startswith(PER_SEED_KEYS) and not (key.startswith("adapter.") and not applies(key[8:], self.method))}
+                if not key.startswith(PER_SEED_KEYS) and not (key.startswith("adapter.") and read_by_another_method(key[8:], self.method))}
 
 
 def task_key(name: str | None) -> str:
@@ -124,7 +129,7 @@ class Group:
         return " ".join(f"{key.split('.')[-1]}={value}" for key, value in self.differing.items() if key not in SHOWN_KEYS)
 
     def label(self, with_model: bool = False) -> str:
-        name = get_tuner(self.method).display_name
+        name = method_config(self.method).display_name
         name = f"{name} r={self.lora_r}" if self.lora_r else name
         name = f"{name} · {self.extra}" if self.extra else name
         return f"{name} · {short_model_name(self.model)}" if with_model else name
@@ -139,10 +144,6 @@ def result_key(metric: str) -> str:
     """The all_results.json key of a metric: `accuracy` is the evaluation's (`eval_accuracy`);
     `test_accuracy` is the evaluation split's score of a run that selected on held-out rows."""
     return metric if metric.startswith("test_") else f"eval_{metric}"
-
-
-def short_model_name(name: str) -> str:
-    return name.removeprefix("pkg:").rstrip("/").removesuffix("/model").split("/")[-1]
 
 
 # ---------------------------------------------------------------- reading runs
@@ -258,15 +259,6 @@ def _number(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.4f}"
 
 
-def format_params(count: int | None) -> str:
-    if count is None:
-        return "?"
-    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if count >= size:
-            return f"{count / size:.3g}{unit}"
-    return str(count)
-
-
 def to_csv(groups: list[Group]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -346,7 +338,7 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
     check_report_folder(output, ["report.csv", "report.md", *images])
     make_dir(output)
     metric_vs_x_png(groups, output / images[0], x=x)
-    loss_curves_png([(g.run_label(run), run) for g in groups for run in g.runs], output / images[1])
+    loss_curves_png([(g.run_label(run), run.path) for g in groups for run in g.runs], output / images[1])
     write_text(output / "report.csv", to_csv(groups))
     write_text(output / "report.md", to_markdown(groups, left_out, images))
     print_table(groups, left_out)

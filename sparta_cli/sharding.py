@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparta_cli.dtensors import full_tensor, reshard
 from sparta_cli.errors import RunFailure, SpartaError
 
 if TYPE_CHECKING:
@@ -78,26 +79,11 @@ def broadcast_json(value: Any, group: dist.ProcessGroup | None = None) -> Any:
     return json.loads(bytes(payload.cpu().tolist()).decode())
 
 
-def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """A parameter as one plain tensor: FSDP's DTensor shards gathered (a collective), plain tensors as they are."""
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
-
-
 def default_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks Hugging Face marks as not to be split (decoder/encoder layers): one
     FSDP group each, the usual choice for overlap and peak memory."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def reshard(model: nn.Module) -> None:
-    """Free every group's gathered weights, so the next forward all-gathers the shards again: FSDP
-    keeps the root's after a forward without backward (an evaluation), which would hide a load."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 @dataclass

@@ -13,8 +13,6 @@ from torch import nn
 
 from sparta_cli.errors import SpartaError
 
-SHORT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
-
 _DECODER = {
     "q": r"\.q_proj$",
     "k": r"\.k_proj$",

@@ -623,8 +623,7 @@ class Trainer:
                            "gguf_file": recipe.model.gguf_file, "revision": recipe.model.revision,
                            "model_type": adapter.base.config.model_type, "architecture": type(adapter.base).__name__,
                            "dtype": str(self.model_dtype).removeprefix("torch.")},
-            "density": recipe.adapter.density if adapter.tuner.applies("density") else None,
-            "targets": recipe.adapter.targets,
+            **recipe.adapter.recorded(),  # density, targets
             "seed": recipe.adapter_seed,
             "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
                      "num_labels": task.num_labels, "is_regression": task.is_regression},

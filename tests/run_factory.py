@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from sparta_cli.config import AdapterConfig, ModelConfig, Recipe, TaskConfig
+from sparta_cli.config import ModelConfig, Recipe, TaskConfig
 from sparta_cli.fileio import write_json
 from sparta_cli.models import load_for_classification
 from sparta_cli.runs import ALL_RESULTS, read_adapter_config, write_run_config
-from sparta_cli.tuners import apply_adapter, load_adapter
+from sparta_cli.tuners import apply_adapter, load_adapter, method_config
 
 LABELS = ["negative", "positive"]
 
@@ -40,8 +40,9 @@ def save_tiny_llama(folder: Path, minilm_path: str, *, dtype=torch.float32, max_
 def make_run(run_dir: Path, base: str, *, targets=("v", "o"), density: float = 0.05, seed: int = 42,
              scale: float = 0.05, head_seed: int = 0, method: str = "sparta") -> Path:
     """A run on SST-2 labels whose trainable parameters (deltas, LoRA factors, head) get N(0, scale) noise."""
+    settings = method_config(method)
     recipe = Recipe(model=ModelConfig(name_or_path=base), task=TaskConfig(name="sst2"), seed=seed, output_dir=str(run_dir),
-                    adapter=AdapterConfig(method=method, density=density, targets=list(targets)))
+                    adapter=settings(**settings.own_keys({"density": density, "targets": list(targets)})))
     loaded = load_for_classification(recipe.model, 2, LABELS, problem_type="single_label_classification")
     model = loaded.model
     model_dtype = next(model.parameters()).dtype

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparta_cli.adapter_checks import check_adapter_config, check_adapter_tensors
+from sparta_cli.adapter_checks import check_adapter_config
 from sparta_cli.errors import SpartaError
+from sparta_cli.tuners.sparta.checks import check_adapter_tensors
 
 PATH = Path("run/adapter_model.safetensors")
 SHAPES = {"layer.v": [4, 8], "layer.o": [8, 4]}

@@ -15,8 +15,8 @@ import yaml
 from conftest import IN_CI, tiny_batch, tiny_model
 from safetensors.torch import load_file
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.tuners import apply_adapter
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 
 def _recipe(tmp: Path, model_dir: Path, data_dir: Path, out: Path, batch_size: int) -> Path:
@@ -64,7 +64,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         model = tiny_model("llama")
-        adapter = apply_adapter(model, AdapterConfig(density=0.2), seed=0, head_modules=["score"])
+        adapter = apply_adapter(model, SpartaConfig(density=0.2), seed=0, head_modules=["score"])
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()

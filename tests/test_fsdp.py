@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_batch, tiny_model
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.sharding import ShardedModel, clip_grad_norm_, full_tensor, shard
 from sparta_cli.tuners import apply_adapter
+from sparta_cli.tuners.sparta.config import SpartaConfig
 from sparta_cli.tuners.sparta.mask import select_indices
 from sparta_cli.tuners.sparta.sharded import owned_slices, row_split
 
@@ -46,7 +46,7 @@ def _model(arch: str, skeleton: bool = False):
             model = tiny_model(arch, seed=0)
     else:
         model = tiny_model(arch, seed=0)
-    adapter = apply_adapter(model, AdapterConfig(density=0.2, targets=TARGETS), seed=0, head_modules=["score"])
+    adapter = apply_adapter(model, SpartaConfig(density=0.2, targets=TARGETS), seed=0, head_modules=["score"])
     model.train()
     return model, adapter
 

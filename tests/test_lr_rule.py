@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparta_cli.config import AdapterConfig, load_recipe
+from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.lr_rule import SPARTA_LR_EXPONENT, SPARTA_LR_MAX, SPARTA_LR_SCALE, fit_power_law, sparta_lr
-from sparta_cli.tuners import get_tuner
+from sparta_cli.tuners import METHODS
+from sparta_cli.tuners.lora.config import LoraConfig
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -38,17 +40,16 @@ def test_sparta_rate_follows_the_rule_and_is_capped():
     assert sparta_lr(0.05) == pytest.approx(SPARTA_LR_SCALE * 0.05 ** -SPARTA_LR_EXPONENT)
     assert sparta_lr(0.001) > sparta_lr(0.01) > sparta_lr(0.1)  # lower density, larger rate
     assert sparta_lr(1e-9) == SPARTA_LR_MAX
-    sparse, dense = AdapterConfig(method="sparta", density=0.01), AdapterConfig(method="lora")
-    assert get_tuner("sparta").auto_lr(sparse) == sparta_lr(0.01)
+    assert SpartaConfig(density=0.01).auto_lr() == sparta_lr(0.01)
     for method, lr in {"lora": 1e-3, "dora": 1e-3, "full": 5e-5, "head": 2e-3}.items():  # compare_methods.sh's rates
-        assert get_tuner(method).auto_lr(dense) == lr
+        assert METHODS[method]().auto_lr() == lr
 
 
 def test_auto_resolves_in_the_recipe_and_a_number_stays_a_number():
     recipe = load_recipe(QUICKSTART, ["training.lr=auto", "adapter.density=0.01"])
     assert recipe.training.lr == sparta_lr(0.01) and recipe.lr_from_rule
     recipe = load_recipe(QUICKSTART, ["training.lr=auto", "adapter.method=lora"])
-    assert recipe.training.lr == get_tuner("lora").default_lr
+    assert recipe.training.lr == LoraConfig.default_lr
     recipe = load_recipe(QUICKSTART, ["training.lr=3e-3"])
     assert recipe.training.lr == 3e-3 and not recipe.lr_from_rule
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.optim import build_optimizer
 from sparta_cli.runs import read_adapter_config
-from sparta_cli.tuners import apply_adapter, load_adapter
+from sparta_cli.tuners import apply_adapter, load_adapter, method_config
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 METHODS = ["sparta", "lora", "dora", "full", "head"]
 EXACT = {"sparta", "full", "head"}  # lora/dora reload through PEFT: equal up to float rounding
@@ -39,14 +39,15 @@ def _train_steps(adapter, batch, steps: int = 3) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_trained_adapter_round_trips(tmp_path: Path, arch: str, method: str):
     batch = {**tiny_batch(), "labels": torch.tensor([0, 2, 1])}
-    cfg = AdapterConfig(method=method, density=0.1, targets=["q", "v", "o"], r=4, alpha=8.0)
+    settings = method_config(method)
+    cfg = settings(**settings.own_keys({"density": 0.1, "targets": ["q", "v", "o"], "r": 4, "alpha": 8.0}))
     base_logits = tiny_model(arch)(**batch).logits
     adapter = apply_adapter(tiny_model(arch), cfg, seed=5, head_modules=HEADS[arch])
     _train_steps(adapter, batch)
     with torch.no_grad():
         trained = adapter.model(**batch).logits
     assert not torch.allclose(trained, base_logits), "training changed nothing"
-    adapter.save(tmp_path, {"targets": cfg.targets})
+    adapter.save(tmp_path, {"targets": cfg.recorded()["targets"]})
 
     loaded = load_adapter(tmp_path, tiny_model(arch), read_adapter_config(tmp_path))
     loaded.model.eval()
@@ -129,5 +130,5 @@ def test_lora_matched_density_equals_lora_r8_qv_count_on_the_targets():
     pool = 2 * (16 * 32 + 32 * 32)  # per layer: v (16 x 32) and o (32 x 32)
     assert lora_matched_density(model, ["v", "o"]) == lora / pool
     density = lora_matched_density(model, ["v", "o"])
-    sparta = apply_adapter(tiny_model("llama"), AdapterConfig(method="sparta", density=density, targets=["v", "o"]), 0, [])
+    sparta = apply_adapter(tiny_model("llama"), SpartaConfig(density=density, targets=["v", "o"]), 0, [])
     assert sparta.num_trainable() - sum(p.numel() for n, p in sparta.trainable() if "score" in n) == lora

@@ -10,12 +10,13 @@ import torch
 from conftest import ARCHS, tiny_batch, tiny_model
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.errors import SpartaError
 from sparta_cli.tuners import apply_adapter
-from sparta_cli.tuners.sparta import SpartaLinear, SpartaModel, num_selected, select_indices
 from sparta_cli.tuners.sparta import layer as layer_module
-from sparta_cli.tuners.sparta.layer import grad_path, sparse_weight_grad
+from sparta_cli.tuners.sparta.config import SpartaConfig
+from sparta_cli.tuners.sparta.layer import SpartaLinear, grad_path, sparse_weight_grad
+from sparta_cli.tuners.sparta.mask import num_selected, select_indices
+from sparta_cli.tuners.sparta.model import SpartaModel
 
 
 def test_exactly_k_unique_sorted_int32_indices():
@@ -40,7 +41,7 @@ def test_large_sampler_is_uniform():
     assert (share - 0.1).abs().max() < 5 * sigma
 
 def test_same_seed_same_indices_across_processes():
-    code = "from sparta_cli.tuners.sparta import select_indices as s; print(s(50000, 0.01, 7, 'a.b').sum().item())"
+    code = "from sparta_cli.tuners.sparta.mask import select_indices as s; print(s(50000, 0.01, 7, 'a.b').sum().item())"
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
     here = select_indices(50000, 0.01, 7, "a.b")
     assert outs[0] == outs[1] == f"{here.sum().item()}\n"
@@ -87,7 +88,7 @@ def test_delta_grads_equal_masked_dense_grads(arch, path, monkeypatch):
     monkeypatch.setattr(layer_module, "SAMPLED_CHUNK_ELEMENTS", 64)  # 21 tokens: 3 entries a chunk, many chunks per layer
     ref, batch = _dense_reference_grads(arch)
     model = tiny_model(arch)
-    adapter = apply_adapter(model, AdapterConfig(targets=["v", "o", "up"], density=0.1), seed=5, head_modules=["score" if arch != "bert" else "classifier"])
+    adapter = apply_adapter(model, SpartaConfig(targets=["v", "o", "up"], density=0.1), seed=5, head_modules=["score" if arch != "bert" else "classifier"])
     model.train(), ref.train()
     for m in (model, ref):  # dropout off, same computation
         for mod in m.modules():
@@ -110,7 +111,7 @@ def test_delta_grads_equal_masked_dense_grads(arch, path, monkeypatch):
 
 def test_optimizer_state_is_order_k():
     model = tiny_model("llama")
-    adapter = apply_adapter(model, AdapterConfig(density=0.05), seed=0, head_modules=["score"])
+    adapter = apply_adapter(model, SpartaConfig(density=0.05), seed=0, head_modules=["score"])
     opt = torch.optim.AdamW([p for _, p in adapter.trainable()], lr=1e-2)
     batch = {**tiny_batch(), "labels": torch.tensor([0, 2, 1])}
     model.train()
@@ -182,7 +183,7 @@ def _autocast_grads(arch: str, path: str | None, monkeypatch):
     ref = tiny_model(arch)
     ref.requires_grad_(True)
     model = tiny_model(arch)
-    adapter = apply_adapter(model, AdapterConfig(targets=["v", "o", "up"], density=0.1), seed=5, head_modules=["score"])
+    adapter = apply_adapter(model, SpartaConfig(targets=["v", "o", "up"], density=0.1), seed=5, head_modules=["score"])
     for m in (ref, model):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = m(**batch).loss

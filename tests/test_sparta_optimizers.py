@@ -8,18 +8,18 @@ import torch
 from conftest import tiny_batch, tiny_model
 from torch import nn
 
-from sparta_cli.config import AdapterConfig
 from sparta_cli.optim import OPTIMIZERS, build_optimizer, resolve_optimizer
 from sparta_cli.tuners import apply_adapter
-from sparta_cli.tuners.sparta import SpartaModel
+from sparta_cli.tuners.sparta.config import SpartaConfig
 from sparta_cli.tuners.sparta.layer import CHECK_WEIGHTS_ENV
+from sparta_cli.tuners.sparta.model import SpartaModel
 
 LABELS = torch.tensor([0, 2, 1])
 
 
 def _sparta_llama():
     model = tiny_model("llama")
-    adapter = apply_adapter(model, AdapterConfig(targets=["v", "o"], density=0.1), seed=3, head_modules=["score"])
+    adapter = apply_adapter(model, SpartaConfig(targets=["v", "o"], density=0.1), seed=3, head_modules=["score"])
     return model, adapter
 
 

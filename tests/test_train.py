@@ -11,10 +11,11 @@ from conftest import import_or_require, require_or_skip, tiny_batch, tiny_model
 from typer.testing import CliRunner
 
 from sparta_cli.cli import app
-from sparta_cli.config import AdapterConfig, load_recipe
+from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.runs import read_adapter_config
 from sparta_cli.tuners import apply_adapter, load_adapter
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 RUN_FILES = ["config.yaml", "adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl",
              "eval_results.json", "train_results.json", "all_results.json"]
@@ -57,7 +58,7 @@ def test_nonempty_output_dir_is_refused(sst2_run):
 @pytest.mark.parametrize("arch,head", [("llama", "score"), ("bert", "classifier")])
 def test_save_then_load_reproduces_logits_exactly(tmp_path, arch, head):
     model = tiny_model(arch)
-    adapter = apply_adapter(model, AdapterConfig(density=0.1), seed=3, head_modules=[head])
+    adapter = apply_adapter(model, SpartaConfig(density=0.1), seed=3, head_modules=[head])
     with torch.no_grad():
         for _, p in adapter.trainable():
             p.add_(torch.randn_like(p) * 0.1)

@@ -245,7 +245,8 @@ def _same_base(a: ModelConfig, b: ModelConfig) -> bool:
 
 def _load_adapter(name: str, path: Path, model: nn.Module, recipe: Recipe, task: Task) -> ServedModel:
     from sparta_cli.models import fit_max_length
-    from sparta_cli.tuners import check_base_matches, read_adapter_config, read_adapter_tensors
+    from sparta_cli.runs import read_adapter_config, read_adapter_tensors
+    from sparta_cli.tuners import check_base_matches
 
     config = read_adapter_config(path)
     method = config.get("method")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners import TRAINED_PREFIX
+from sparta_cli.runs import TRAINED_PREFIX
 from sparta_cli.tuners.base import in_modules
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import LEFTOVER
-from sparta_cli.tune.results import BEST_YAML, HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG, SUMMARY_JSON, TRIALS_CSV, TRIALS_MD
+from sparta_cli.tune.plots import HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG
+from sparta_cli.tune.results import BEST_YAML, SUMMARY_JSON, TRIALS_CSV, TRIALS_MD
 from sparta_cli.tune.study import JOURNAL_FILE, PLAN_FILE, Plan
 
 TRIALS_DIR = "trials"

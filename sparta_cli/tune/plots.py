@@ -8,12 +8,15 @@ import warnings
 from pathlib import Path
 
 from sparta_cli.plots import _figure, _save
-from sparta_cli.tune.results import HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG
 from sparta_cli.tune.space import decode
 from sparta_cli.tune.study import Plan
 
 STYLE = {"COMPLETE": {"color": "tab:blue", "marker": "o", "label": "complete"},
          "PRUNED": {"color": "tab:orange", "marker": "x", "label": "pruned (last validation score)"}}
+
+HISTORY_PNG = "history.png"
+PARAMS_PNG = "params.png"
+IMPORTANCES_PNG = "importances.png"
 
 
 def _scored(study) -> list:

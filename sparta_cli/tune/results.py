@@ -25,9 +25,6 @@ TRIALS_CSV = "trials.csv"
 TRIALS_MD = "trials.md"
 BEST_YAML = "best.yaml"
 SUMMARY_JSON = "summary.json"
-HISTORY_PNG = "history.png"
-PARAMS_PNG = "params.png"
-IMPORTANCES_PNG = "importances.png"
 
 
 def state_name(trial, retry=None) -> str:

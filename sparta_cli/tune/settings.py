@@ -30,13 +30,14 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from sparta_cli.config import Recipe, _Strict, build_recipe, parse_override, read_yaml, set_dotted
+from sparta_cli.config import Recipe, build_recipe, parse_override, read_yaml, set_dotted
 from sparta_cli.errors import SpartaError
+from sparta_cli.strict import Strict
 from sparta_cli.tune.space import as_override, default_space, encode_params, flatten, parse_space, parse_space_flag
 from sparta_cli.tune.study import JOURNAL_FILE, Plan
 
 
-class TuneSettings(_Strict):  # the recipe's rules: unknown keys refused, no true for a count
+class TuneSettings(Strict):  # the recipe's rules: unknown keys refused, no true for a count
     trials: int = Field(20, ge=1)
     workers: int = Field(1, ge=1)
     study: str | None = None

@@ -130,16 +130,10 @@ def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def default_space(method: str) -> dict[str, str]:
-    """SpaRTA's two knobs that matter most (the paper: the best density depends on model, data and
-    task; sparse adapters want rates far above full fine-tuning's, and the best rate moves with density).
+    """The method's knobs that matter most (each method's `tune_space`: SpaRTA's density and rate)."""
+    from sparta_cli.tuners import method_config
 
-    SpaRTA's rate range spans docs/learning_rates.md's rule (2.5e-3 * d^-0.60: 0.16 at d = 1e-3,
-    0.0066 at d = 0.2) with a factor of about 2-7 to spare at each end."""
-    from sparta_cli.tuners import get_tuner
-
-    if get_tuner(method).applies("density"):
-        return {"adapter.density": "log:1e-3..0.2", "training.lr": "log:1e-3..0.3"}
-    return {"training.lr": "log:1e-4..3e-2"}
+    return dict(method_config(method).tune_space)
 
 
 def parse_space(section: dict[str, Any]) -> dict[str, Param]:

@@ -1,42 +1,60 @@
-"""Adaptation methods, one folder each (PEFT's layout), behind one interface (`Tuner`) and a registry.
+"""Adaptation methods, one folder each (PEFT's layout), and the registry: the one list of methods.
 
-Train, merge, export, eval and report ask a method what it can do (`get_tuner(name)`) instead
-of branching on its name; adding a method is one folder and one line here.
+A method is `tuners/<method>/config.py` (its `adapter:` settings, pure pydantic) and
+`tuners/<method>/tuner.py` (its `Tuner`: what trains, how it is saved, loaded, merged, exported).
+Reading a recipe needs only the settings; a method's `Tuner` is imported on first use
+(`get_tuner`), so config.py imports no tuner code. Adding a method is one folder and one entry in
+`METHODS` (docs/design.md, "How to add a method").
 """
 
 from __future__ import annotations
 
+import importlib
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from sparta_cli.errors import SpartaError
-from sparta_cli.tuners.base import Adapter, Tuner, check_base_matches
-from sparta_cli.tuners.full import FullTuner
-from sparta_cli.tuners.head import HeadTuner
-from sparta_cli.tuners.lora import DoraTuner, LoraTuner
-from sparta_cli.tuners.sparta.tuner import SpartaTuner
+from sparta_cli.tuners.config import MethodConfig
+from sparta_cli.tuners.full.config import FullConfig
+from sparta_cli.tuners.head.config import HeadConfig
+from sparta_cli.tuners.lora.config import DoraConfig, LoraConfig
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 if TYPE_CHECKING:
-    from sparta_cli.config import AdapterConfig
+    from torch import nn
 
-# in the order reports list them
-TUNERS: dict[str, Tuner] = {tuner.name: tuner for tuner in (SpartaTuner(), LoraTuner(), DoraTuner(), FullTuner(), HeadTuner())}
+    from sparta_cli.tuners.base import Adapter, Tuner
 
-# keys that only some methods read: the others refuse them (config.applies)
-METHOD_SPECIFIC_KEYS = frozenset(key for tuner in TUNERS.values() for key in tuner.config_keys)
+# every method, in the order reports list them
+METHODS: dict[str, type[MethodConfig]] = {config.name(): config for config in (SpartaConfig, LoraConfig, DoraConfig, FullConfig, HeadConfig)}
 
 
-def get_tuner(method: str) -> Tuner:
-    """The method named `method` (`adapter.method` in a recipe, `method` in adapter_config.json)."""
+def _unknown(method: Any) -> SpartaError:
+    return SpartaError(f"unknown method `{method}`: use one of {', '.join(METHODS)}")
+
+
+def method_config(method: str) -> type[MethodConfig]:
+    """The settings class of `method` (`adapter.method` in a recipe, `method` in adapter_config.json)."""
     try:
-        return TUNERS[method]
-    except KeyError:
-        raise SpartaError(f"unknown method `{method}`: use one of {', '.join(TUNERS)}") from None
+        return METHODS[method]
+    except (KeyError, TypeError):
+        raise _unknown(method) from None
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
+def reader_of(key: str) -> type[MethodConfig] | None:
+    """The first method whose settings have `adapter.<key>` (for messages about a key another method reads)."""
+    return next((config for config in METHODS.values() if key in config.model_fields), None)
+
+
+@cache
+def get_tuner(method: str) -> Tuner:
+    """The method named `method`, its code imported now."""
+    module, _, name = method_config(method).tuner.partition(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def apply_adapter(model: nn.Module, cfg: MethodConfig, seed: int, head_modules: list[str]) -> Adapter:
     """Freeze `model` and make `cfg.method`'s parameters trainable, in place."""
     return get_tuner(cfg.method).apply(model, cfg, seed, head_modules)
 
@@ -46,4 +64,16 @@ def load_adapter(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Ada
     return get_tuner(config["method"]).load(run_dir, model, config)
 
 
-__all__ = ["METHOD_SPECIFIC_KEYS", "TUNERS", "Adapter", "Tuner", "apply_adapter", "check_base_matches", "get_tuner", "load_adapter"]
+# What tuners/base.py defines for every method, named here too (imported on first use, like the tuners).
+_FROM_BASE = ("Adapter", "Tuner", "check_base_matches")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("sparta_cli.tuners.base"), name)
+    if name == "TUNERS":  # every method's Tuner, by name
+        return {method: get_tuner(method) for method in METHODS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "apply_adapter", "get_tuner", "load_adapter", "method_config", "reader_of", *_FROM_BASE]

@@ -1,66 +1,83 @@
 """What every method shares: the `Tuner` interface and the `Adapter` it returns (runs.py names the run files).
 
 A `Tuner` is one method (sparta, lora, dora, full, head) and says what it can do, so train,
-merge, export, eval and report ask it instead of branching on the method's name. Every
-method trains the classification head fully, as SpaRTA does.
+merge, export, eval and report ask it instead of branching on the method's name; what a method
+keeps of its own (SpaRTA's layers) only its tuner reads. Every method trains the classification
+head fully, as SpaRTA does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from sparta_cli import FORMAT_VERSION, __version__
+from sparta_cli.adapter_checks import damaged
+from sparta_cli.dtensors import full_tensor
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import write_json, write_safetensors
-from sparta_cli.runs import ADAPTER_FILE, CONFIG_FILE, TRAINED_PREFIX, read_adapter_tensors
+from sparta_cli.runs.layout import ADAPTER_FILE, CONFIG_FILE, TRAINED_PREFIX, read_adapter_config, read_adapter_tensors
 
-if TYPE_CHECKING:  # config.py asks the tuners which keys apply: no import cycle at run time
-    from sparta_cli.config import AdapterConfig
-    from sparta_cli.sharding import ShardedModel
+if TYPE_CHECKING:
+    from sparta_cli.tuners.config import MethodConfig
     from sparta_cli.tuners.sparta.model import SpartaModel
 
 
-class Tuner:
+class Gathering(Protocol):
+    """What a sharded model offers a tuner saving under FSDP (sharding.ShardedModel)."""
+
+    def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class Overwritten:
+    """What `Tuner.apply_in_place` overwrote in a base model, kept to put it back bit for bit."""
+
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # weight -> (flat indices, values before)
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter -> its value before
+
+
+class Tuner(ABC):
     """One training method: which parameters train, how they are saved, loaded, merged, exported."""
 
-    name: ClassVar[str]
-    display_name: ClassVar[str]  # how reports and plots name it
-    config_keys: ClassVar[tuple[str, ...]] = ()  # the method-specific `adapter.*` keys it reads
-    size_text: ClassVar[str]  # what sizes it, for messages
+    config: ClassVar[type[MethodConfig]]  # its `adapter:` settings (tuners/<method>/config.py)
     export_formats: ClassVar[tuple[str, ...]] = ()  # `sparta export --format` values it supports
-    adds_up: ClassVar[bool] = False  # its saved deltas add up with other runs' in one `sparta merge`
+    # its saved tensors are deltas and trained tensors that add up with other runs' in one `sparta merge`
+    # and write into a base in place (`apply_in_place`)
+    adds_up: ClassVar[bool] = False
     peft_native: ClassVar[bool] = False  # saved as PEFT's own adapter files (under peft/)
     shardable: ClassVar[bool] = True  # trains under accelerate's FSDP / DeepSpeed ZeRO-3 plugins
     standalone: ClassVar[bool] = False  # its run folder is a whole transformers checkpoint (no base needed)
     config_file: ClassVar[str] = CONFIG_FILE  # where the run's adapter config is recorded
-    default_lr: ClassVar[float]  # what `training.lr: auto` gives it (the rates compare_methods.sh used)
 
-    def auto_lr(self, cfg: AdapterConfig) -> float:
-        """The rate `training.lr: auto` resolves to (docs/learning_rates.md)."""
-        return self.default_lr
+    @property
+    def name(self) -> str:
+        return self.config.name()
 
-    def applies(self, key: str) -> bool:
-        """Whether the method-specific key `adapter.<key>` means something for this method."""
-        return key in self.config_keys
+    @property
+    def display_name(self) -> str:
+        """How reports, plots and messages name it."""
+        return self.config.display_name
 
-    def name_setting(self, cfg: AdapterConfig) -> str:
-        """The setting that sizes it, as it appears in default run names (`-d0.01`, `-r16`; none for full/head)."""
-        return ""
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The `adapter.*` keys it reads besides `method` and `seed`."""
+        return tuple(key for key in self.config.model_fields if key not in ("method", "seed"))
 
-    def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
+    @abstractmethod
+    def apply(self, model: nn.Module, cfg: MethodConfig, seed: int, head_modules: list[str]) -> Adapter:
         """Freeze `model` and make the method's parameters trainable, in place."""
-        raise NotImplementedError
 
     def load(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Adapter:
         """Put a saved adapter onto a freshly loaded base model (same head size), for inference."""
         check_base_matches(config, model)
         base_params = count_params(model)
-        load_trained(model, read_adapter_tensors(run_dir))
+        load_trained(model, self.read_tensors(run_dir))
         return self._loaded(model, config, base_params)
 
     def _loaded(self, model: nn.Module, config: dict[str, Any], base_params: int, sparta: SpartaModel | None = None) -> Adapter:
@@ -68,7 +85,37 @@ class Tuner:
         model.requires_grad_(False)
         return Adapter(self, model, model, list(config.get("head_modules", [])), base_params, sparta)
 
-    def gathered_for_save(self, adapter: Adapter, sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------ what an adapter holds
+
+    def num_trainable(self, adapter: Adapter) -> int:
+        """The whole adapter's count, also when sharded (DTensors report their global size)."""
+        return sum(p.numel() for _, p in adapter.trainable())
+
+    def counts_by_target(self, adapter: Adapter) -> dict[str, int]:
+        """Trainable entries per target kind (`v`, `o`, ...), for methods that count them that way."""
+        return {}
+
+    def target_shapes(self, adapter: Adapter) -> dict[str, list[int]]:
+        """The shape of every matrix it adapts, recorded so a load on another base is refused."""
+        return {}
+
+    def mask_digests(self, adapter: Adapter) -> dict[str, str]:
+        """What a checkpoint must have trained (SpaRTA: a digest of each layer's indices), checked on resume."""
+        return {}
+
+    def saved_tensors(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        """What its adapter file holds: the trained parameters as `trained.<name>`, whole, on CPU."""
+        return trained_tensors(adapter)
+
+    def follow_steps_of(self, adapter: Adapter, optimizer: torch.optim.Optimizer) -> None:
+        """Register what must happen after each step of `optimizer` (SpaRTA writes W0 + delta into its weights)."""
+
+    def write_weights(self, adapter: Adapter) -> None:
+        """After trainable tensors were loaded in place (resume, best adapter): what the forward reads follows them."""
+
+    # ------------------------------------------------------------ files
+
+    def gathered_for_save(self, adapter: Adapter, sharded: Gathering) -> dict[str, torch.Tensor]:
         """Under FSDP, what `save_weights` writes, gathered whole beforehand (a collective: every rank calls it)."""
         return adapter.saved_tensors()
 
@@ -79,13 +126,48 @@ class Tuner:
         write_safetensors(run_dir / ADAPTER_FILE, adapter.saved_tensors() if gathered is None else gathered, {"format": "pt"})
 
     def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
-        """The saved deltas (`<module>.indices/.delta`) and trained tensors (`trained.<name>`) that merge
-        and export read; empty for a method that keeps another library's format."""
-        return read_adapter_tensors(run_dir)
+        """The saved deltas (`<module>.indices/.delta`) and trained tensors (`trained.<name>`) that load,
+        merge and export read, checked (`check_tensors`); empty for a method that keeps another library's format."""
+        tensors = read_adapter_tensors(run_dir)
+        self.check_tensors(tensors, read_adapter_config(run_dir), run_dir / ADAPTER_FILE)
+        return tensors
 
-    def merge_into(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> nn.Module:
-        """The base `model` with this run merged in, for methods whose saved tensors are not plain deltas."""
-        raise SpartaError(f"{self.name} runs merge from their saved tensors, not through merge_into")
+    def check_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+        """Refuse a damaged or edited adapter file before any of it is used: only trained tensors, all finite."""
+        check_trained(tensors, path)
+
+    # ------------------------------------------------------------ merge and serve
+
+    def merged_in_memory(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> nn.Module | None:
+        """The loaded base `model` with the run merged in by the method's own library (PEFT), or None
+        when `sparta merge` adds the saved tensors itself (and can stream the base shard by shard)."""
+        return None
+
+    def merge_note(self, run_dir: Path, dtype_name: str) -> str | None:
+        """What `sparta merge` tells about how it merged this method, if anything."""
+        return None
+
+    @torch.no_grad()
+    def apply_in_place(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> Overwritten:
+        """Write a saved adapter's values (`read_tensors`) into the plain base `model`, in place, and
+        return what they replaced (`revert` puts it back bit for bit): switching adapters on one base
+        in memory, with no copy of the model. The trained tensors (the head) replace the base's."""
+        if not self.adds_up:
+            raise SpartaError(f"{self.name} adapters are not written into a base in place: merge the run with `sparta merge`")
+        params = dict(model.named_parameters())
+        names = [key.removeprefix(TRAINED_PREFIX) for key in tensors if key.startswith(TRAINED_PREFIX)]
+        overwritten = Overwritten(whole={name: params[name].detach().clone() for name in names if name in params})
+        load_trained(model, tensors)
+        return overwritten
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module, overwritten: Overwritten) -> None:
+        """Put back what `apply_in_place` overwrote: the base as it was, bit for bit."""
+        params = dict(model.named_parameters())
+        for name, (indices, values) in overwritten.entries.items():
+            params[name].view(-1).index_copy_(0, indices, values)
+        for name, value in overwritten.whole.items():
+            params[name].copy_(value)
 
 
 @dataclass
@@ -95,6 +177,7 @@ class Adapter:
     base: nn.Module  # the transformers model underneath
     head_modules: list[str]
     base_params: int  # parameters of the base model before adaptation
+    # SpaRTA's layers: read by tuners/sparta/ (and, until they ask the tuner, sharding.shard_adapter and train.py)
     sparta: SpartaModel | None = None
 
     @property
@@ -105,15 +188,11 @@ class Adapter:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
     def num_trainable(self) -> int:
-        """The whole adapter's count, also when sharded (DTensors report their global size; the
-        deltas are counted by the SpaRTA layers, whose local parameters may be a rank's slice)."""
-        layers = self.sparta.layers.values() if self.sparta else []
-        deltas = sum(layer.sparta_indices.numel() for layer in layers if layer.sparta_delta.requires_grad)
-        return deltas + sum(p.numel() for name, p in self.trainable() if not name.endswith("sparta_delta"))
+        return self.tuner.num_trainable(self)
 
     def counts(self) -> dict[str, int]:
         """Trainable parameters per kind: each SpaRTA target, the head, the rest."""
-        counts: dict[str, int] = dict(self.sparta.counts_by_target()) if self.sparta else {}
+        counts = self.tuner.counts_by_target(self)
         head = sum(p.numel() for name, p in self.base.named_parameters() if p.requires_grad and in_modules(name, self.head_modules))
         counts["head"] = head
         other = self.num_trainable() - sum(counts.values())
@@ -128,13 +207,18 @@ class Adapter:
         return f"trainable params: {n:,} || all params: {self.base_params:,} || trainable%: {100 * n / self.base_params:.4f} ({parts})"
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        from sparta_cli.sharding import full_tensor  # FSDP's DTensor shards, gathered
+        return self.tuner.saved_tensors(self)
 
-        tensors = self.sparta.state_tensors() if self.sparta else {}
-        for name, param in self.base.named_parameters():
-            if param.requires_grad and not name.endswith("sparta_delta"):
-                tensors[TRAINED_PREFIX + name] = full_tensor(param.detach()).cpu().clone().contiguous()
-        return tensors
+    def follow_steps_of(self, optimizer: torch.optim.Optimizer) -> None:
+        """What the method does after each optimizer step, registered on `optimizer`."""
+        self.tuner.follow_steps_of(self, optimizer)
+
+    def write_weights(self) -> None:
+        """After trainable tensors were loaded in place: what the forward reads follows them."""
+        self.tuner.write_weights(self)
+
+    def mask_digests(self) -> dict[str, str]:
+        return self.tuner.mask_digests(self)
 
     def save(self, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
              gathered: dict[str, torch.Tensor] | None = None) -> None:
@@ -149,10 +233,25 @@ class Adapter:
             "trainable_params": self.num_trainable(),
             "base_params": self.base_params,
             "trainable_by_kind": self.counts(),
-            "target_shapes": self.sparta.shapes() if self.sparta else {},
+            "target_shapes": self.tuner.target_shapes(self),
             **metadata,
         }
         write_json(run_dir / self.tuner.config_file, config)
+
+
+def check_trained(tensors: dict[str, torch.Tensor], path: Path, own: tuple[str, ...] = ()) -> None:
+    """Every tensor is a finite `trained.<name>` or, by its name's ending (`own`), the method's own."""
+    for key, value in tensors.items():
+        if not (key.startswith(TRAINED_PREFIX) or (own and key.endswith(own))):
+            raise damaged(path, f"unknown tensor `{key}`")
+        if key.startswith(TRAINED_PREFIX) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise damaged(path, f"`{key}` holds inf or NaN")
+
+
+def trained_tensors(adapter: Adapter, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """Every trained parameter (but those named `*<skip>`) as `trained.<name>`, whole (FSDP's shards gathered), on CPU."""
+    return {TRAINED_PREFIX + name: full_tensor(param.detach()).cpu().clone().contiguous()
+            for name, param in adapter.base.named_parameters() if param.requires_grad and not (skip and name.endswith(skip))}
 
 
 def count_params(model: nn.Module) -> int:

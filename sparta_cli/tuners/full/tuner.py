@@ -18,28 +18,25 @@ import torch
 from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.models import checkpoint_files
-from sparta_cli.runs import CHECKPOINT_CONFIG_FILE
+from sparta_cli.fileio import checkpoint_files
+from sparta_cli.runs.layout import CHECKPOINT_CONFIG_FILE
 from sparta_cli.tuners.base import Adapter, Tuner, check_base_matches, count_params
+from sparta_cli.tuners.full.config import FullConfig
 
 if TYPE_CHECKING:
-    from sparta_cli.config import AdapterConfig
-    from sparta_cli.sharding import ShardedModel
+    from sparta_cli.tuners.base import Gathering
 
 
 class FullTuner(Tuner):
-    name = "full"
-    size_text = "it trains every weight"
-    display_name = "full"
-    default_lr = 5e-5
+    config = FullConfig
     standalone = True
     config_file = CHECKPOINT_CONFIG_FILE
 
-    def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
+    def apply(self, model: nn.Module, cfg: FullConfig, seed: int, head_modules: list[str]) -> Adapter:
         model.requires_grad_(True)
         return Adapter(self, model, model, head_modules, count_params(model))
 
-    def gathered_for_save(self, adapter: Adapter, sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    def gathered_for_save(self, adapter: Adapter, sharded: Gathering) -> dict[str, torch.Tensor]:
         return sharded.full_state_dict(adapter.base)
 
     def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
@@ -62,6 +59,9 @@ class FullTuner(Tuner):
 
     def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
         return {}  # the run folder is the checkpoint: merge copies it
+
+    def merge_note(self, run_dir: Path, dtype_name: str) -> str:
+        return f"{run_dir} is a {self.name} run, already a whole checkpoint: copied, in {dtype_name}"
 
     @torch.no_grad()
     def load(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Adapter:

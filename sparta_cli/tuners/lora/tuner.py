@@ -10,28 +10,21 @@ from torch import nn
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import replace_dir
-from sparta_cli.runs import PEFT_DIR
+from sparta_cli.runs.layout import PEFT_DIR
 from sparta_cli.targets import resolve_targets
 from sparta_cli.tuners.base import Adapter, Tuner, count_params, freeze_all_but_heads
+from sparta_cli.tuners.lora.config import DoraConfig, LoraConfig
 
 if TYPE_CHECKING:
-    from sparta_cli.config import AdapterConfig
-    from sparta_cli.sharding import ShardedModel
+    from sparta_cli.tuners.base import Gathering
 
 
 class LoraTuner(Tuner):
-    name = "lora"
-    display_name = "LoRA"
-    default_lr = 1e-3
-    config_keys = ("targets", "r", "alpha", "dropout")
-    size_text = "its size is adapter.r"
+    config = LoraConfig
     export_formats = ("peft",)
     peft_native = True
 
-    def name_setting(self, cfg: AdapterConfig) -> str:
-        return f"-r{cfg.r}"
-
-    def apply(self, model: nn.Module, cfg: AdapterConfig, seed: int, head_modules: list[str]) -> Adapter:
+    def apply(self, model: nn.Module, cfg: LoraConfig, seed: int, head_modules: list[str]) -> Adapter:
         base_params = count_params(model)
         freeze_all_but_heads(model, head_modules)
         try:
@@ -55,7 +48,7 @@ class LoraTuner(Tuner):
         peft_model = PeftModel.from_pretrained(model, str(run_dir / PEFT_DIR))
         return Adapter(self, peft_model, model, list(config.get("head_modules", [])), base_params)
 
-    def gathered_for_save(self, adapter: Adapter, sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    def gathered_for_save(self, adapter: Adapter, sharded: Gathering) -> dict[str, torch.Tensor]:
         return sharded.full_state_dict(adapter.model)  # PEFT keeps the adapter's keys of it
 
     def save_weights(self, adapter: Adapter, run_dir: Path, metadata: dict[str, Any], tokenizer: Any = None,
@@ -63,13 +56,15 @@ class LoraTuner(Tuner):
         replace_dir(lambda tmp: adapter.model.save_pretrained(str(tmp), state_dict=gathered), run_dir / PEFT_DIR)
 
     def read_tensors(self, run_dir: Path) -> dict[str, torch.Tensor]:
-        return {}  # PEFT's own files: merge goes through merge_into, export copies them
+        return {}  # PEFT's own files: merge goes through merged_in_memory, export copies them
 
-    def merge_into(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    def merged_in_memory(self, run_dir: Path, model: nn.Module, config: dict[str, Any]) -> nn.Module:
         """PEFT's merge_and_unload of the saved adapter into the loaded base."""
         return self.load(run_dir, model, config).model.merge_and_unload()
 
+    def merge_note(self, run_dir: Path, dtype_name: str) -> str:
+        return f"{self.display_name} weights merged by PEFT's merge_and_unload, with the base loaded whole"
+
 
 class DoraTuner(LoraTuner):
-    name = "dora"
-    display_name = "DoRA"
+    config = DoraConfig

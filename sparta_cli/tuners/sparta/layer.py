@@ -122,6 +122,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None
 
 
+def written_values(origin: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a chosen entry holds: `(W0 + delta).to(dtype)`, summed in fp32 from the original value, so
+    rewriting it never accumulates rounding (the layers, `sparta merge` and an in-place apply agree)."""
+    return (origin.float() + delta).to(dtype)
+
+
 class WrappedLinear(nn.Module):
     """What every SpaRTA linear shares (one process, or row-sharded under FSDP): the frozen linear it
     wraps and the value W0 + delta that its chosen entries must hold."""
@@ -139,7 +145,7 @@ class WrappedLinear(nn.Module):
         return self.base_layer.out_features
 
     def _target_values(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.sparta_origin.float() + self.sparta_delta.detach()).to(dtype)
+        return written_values(self.sparta_origin, self.sparta_delta.detach(), dtype)
 
 
 class SpartaLinear(WrappedLinear):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from sparta_cli.dtensors import reshard
 from sparta_cli.errors import SpartaError
 from sparta_cli.tuners.sparta.layer import SpartaLinear, WrappedLinear, autocast_input, sparse_weight_grad
 from sparta_cli.tuners.sparta.model import SpartaModel, _set_submodule
@@ -169,20 +170,13 @@ class ShardedSparta(SpartaModel):
     @torch.no_grad()
     def write_weights(self) -> None:
         """Every owned entry of every local shard to W0 + delta: after each optimizer step and load.
-        Gathered weights are freed first (`sharding.reshard`), so the next forward gathers the written shards."""
-        from sparta_cli.sharding import reshard
-
+        Gathered weights are freed first (`dtensors.reshard`), so the next forward gathers the written shards."""
         reshard(self.model)
         for layer in self.layers.values():
             layer.write_weight()
 
     def num_owned(self) -> int:
         return sum(layer.sparta_delta.numel() for layer in self.layers.values())
-
-    def merge_and_unload(self) -> nn.Module:
-        raise SpartaError("merging a sharded model in place is not supported: save the adapter and use `sparta merge`")
-
-    unload = merge_and_unload
 
     def owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
         """The layer whose owned deltas `param` is, if any."""

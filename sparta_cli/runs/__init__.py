@@ -13,135 +13,67 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparta_cli import FORMAT_VERSION, __version__
-from sparta_cli.adapter_checks import check_adapter_config, check_adapter_tensors
+from sparta_cli import __version__
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import parse_yaml, read_json, write_text, write_yaml
+from sparta_cli.runs.layout import (  # the names and the adapter files as stored, for every caller here
+    ADAPTER_FILE,
+    ALL_RESULTS,
+    BEST_FILE,
+    CHECKPOINT_CONFIG_FILE,
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE_PATTERNS,
+    CONFIG_FILE,
+    CONFIG_YAML,
+    EVAL_RESULTS,
+    EVAL_RESULTS_PREFIX,
+    EVAL_RESULTS_SUFFIX,
+    MASKS_FILE,
+    OPTIMIZER_STATE,
+    OPTIMIZER_TENSORS,
+    PEFT_DIR,
+    RECIPE_FILE,
+    RUN_MARKERS,
+    SCHEDULER_STATE,
+    STATE_FILE,
+    TENSORBOARD_DIR,
+    TENSORS_FILE,
+    TRAIN_RESULTS,
+    TRAINED_PREFIX,
+    TRAINER_LOG,
+    TRAINING_LOSS_PNG,
+    WANDB_DIR,
+    checkpoint_dir_name,
+    eval_results_name,
+    has_checkpoints,
+    read_adapter_config,
+    read_adapter_tensors,
+    rng_file,
+    run_config_path,
+    run_entry_patterns,
+)
+
+__all__ = [
+    "ADAPTER_FILE", "ALL_RESULTS", "BEST_FILE", "CHECKPOINT_CONFIG_FILE", "CHECKPOINT_DIR",
+    "CHECKPOINT_FILE_PATTERNS", "CONFIG_FILE", "CONFIG_YAML", "EVAL_RESULTS", "EVAL_RESULTS_PREFIX",
+    "EVAL_RESULTS_SUFFIX", "MASKS_FILE", "OPTIMIZER_STATE", "OPTIMIZER_TENSORS", "PEFT_DIR", "RECIPE_FILE",
+    "RUN_MARKERS", "Run", "SCHEDULER_STATE", "STATE_FILE", "TENSORBOARD_DIR", "TENSORS_FILE", "TRAINED_PREFIX",
+    "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "checkpoint_dir_name",
+    "eval_results_name", "has_checkpoints", "read_adapter_config", "read_adapter_tensors", "read_recipe_record",
+    "read_run", "read_started_run", "rng_file", "run_config_path", "run_entry_patterns",
+    "split_adapter_tensors", "truncate_log", "versions", "write_run_config",
+]
 
 if TYPE_CHECKING:
     import torch
 
     from sparta_cli.config import Recipe
-
-# ---------------------------------------------------------------- what a run folder holds
-
-CONFIG_YAML = "config.yaml"  # the resolved recipe plus its `run` record
-TRAINER_LOG = "trainer_log.jsonl"
-TRAIN_RESULTS = "train_results.json"
-EVAL_RESULTS = "eval_results.json"
-ALL_RESULTS = "all_results.json"  # written last: the run finished
-TRAINING_LOSS_PNG = "training_loss.png"
-ADAPTER_FILE = "adapter_model.safetensors"  # deltas (`<module>.indices` / `.delta`) and `trained.<name>` tensors
-CONFIG_FILE = "adapter_config.json"
-# A run folder that is itself a transformers checkpoint (`full`) records the run here instead:
-# transformers reads any adapter_config.json next to config.json as a PEFT adapter to load.
-CHECKPOINT_CONFIG_FILE = "sparta_config.json"
-PEFT_DIR = "peft"  # LoRA/DoRA runs keep PEFT's own adapter files here
-TRAINED_PREFIX = "trained."  # fully trained parameters (the head; everything for `full`)
-TENSORBOARD_DIR = "tensorboard"
-WANDB_DIR = "wandb"
-# `sparta eval RUN` writes its scores beside the run: eval_results_<task>_<split>.json
-EVAL_RESULTS_PREFIX, EVAL_RESULTS_SUFFIX = "eval_results_", ".json"
-# save_pretrained's model and tokenizer files, which a `full` run's folder holds (as regular expressions)
-CHECKPOINT_FILE_PATTERNS = (
-    r"config\.json", r"generation_config\.json", r"model(-\d+-of-\d+)?\.safetensors", r"model\.safetensors\.index\.json",
-    r"tokenizer(_config)?\.json", r"special_tokens_map\.json", r"added_tokens\.json", r"vocab\.(txt|json)", r"merges\.txt",
-    r"(tokenizer|spiece|sentencepiece\.bpe)\.model", r"chat_template\.(jinja|json)",
-)
-# A folder is a run folder when it holds one of these (a run killed early has only config.yaml or a log).
-RUN_MARKERS = (CONFIG_YAML, CONFIG_FILE, CHECKPOINT_CONFIG_FILE, TRAINER_LOG, ALL_RESULTS)
-
-# A training checkpoint, checkpoint-<step>/ (checkpoint.py writes and reads it):
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
-TENSORS_FILE = "trainable.safetensors"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_STATE = "optimizer.json"  # param groups and non-tensor state
-SCHEDULER_STATE = "scheduler.json"
-MASKS_FILE = "masks.json"  # sha256 of every SpaRTA layer's indices
-BEST_FILE = "best_trainable.safetensors"  # the best evaluation's tensors, when a validation set selects
-RECIPE_FILE = "recipe.json"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint-{step}"
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_state_{rank}.safetensors"
-
-
-def eval_results_name(task: str, split: str) -> str:
-    return f"{EVAL_RESULTS_PREFIX}{task}_{split}{EVAL_RESULTS_SUFFIX}"
-
-
-def run_entry_patterns() -> list[str]:
-    """Every entry a sparta run writes into its folder, as regular expressions (outputs.RUN_ENTRIES)."""
-    names = (CONFIG_YAML, CONFIG_FILE, CHECKPOINT_CONFIG_FILE, ADAPTER_FILE, TRAINER_LOG, TRAIN_RESULTS, EVAL_RESULTS,
-             ALL_RESULTS, TRAINING_LOSS_PNG, PEFT_DIR, TENSORBOARD_DIR, WANDB_DIR)
-    return [*map(re.escape, names), re.escape(EVAL_RESULTS_PREFIX) + ".+" + re.escape(EVAL_RESULTS_SUFFIX),
-            CHECKPOINT_DIR.pattern.strip("^$"), *CHECKPOINT_FILE_PATTERNS]
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(CHECKPOINT_DIR.match(entry.name) for entry in run_dir.iterdir())
-
-
-# ---------------------------------------------------------------- reading a run
-
-
-def run_config_path(run_dir: Path) -> Path | None:
-    """The finished run's adapter config (adapter_config.json, or sparta_config.json for a
-    run that is a checkpoint), or None when there is none."""
-    return next((run_dir / name for name in (CONFIG_FILE, CHECKPOINT_CONFIG_FILE) if (run_dir / name).is_file()), None)
-
-
-def read_adapter_config(run_dir: Path) -> dict[str, Any]:
-    if not run_dir.exists():
-        raise SpartaError(f"{run_dir} does not exist: give the folder of a run that `sparta train` wrote (check for a typo)")
-    if not run_dir.is_dir():
-        raise SpartaError(f"{run_dir} is a file: give the folder of a run that `sparta train` wrote")
-    path = run_config_path(run_dir)
-    if path is None:
-        hint = " (it holds checkpoints: finish it with `sparta train RECIPE --resume`)" if has_checkpoints(run_dir) else ""
-        raise SpartaError(f"{run_dir} has no {CONFIG_FILE}: not a finished sparta run{hint}")
-    config = read_json(path)
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SpartaError(
-            f"{path} has format version {version}, newer than this sparta understands ({FORMAT_VERSION}): upgrade sparta"
-        )
-    check_adapter_config(config, path)
-    return config
-
-
-def read_adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = run_dir / ADAPTER_FILE
-    if not path.is_file():
-        raise SpartaError(f"{run_dir} has no {ADAPTER_FILE}: not a finished sparta run")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SpartaError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]}): retrain or restore the file") from None
-    check_adapter_tensors(tensors, read_adapter_config(run_dir), path)  # the one read path: eval, merge, export
-    return tensors
-
-
-def keeps_weights_elsewhere(run_dir: Path) -> bool:
-    """A run whose weights are not in adapter_model.safetensors: PEFT's own adapter (peft/), or a
-    folder that is itself a whole checkpoint (sparta_config.json)."""
-    return not (run_dir / ADAPTER_FILE).is_file() and ((run_dir / PEFT_DIR).is_dir() or (run_dir / CHECKPOINT_CONFIG_FILE).is_file())
-
 
 def read_recipe_record(run_dir: Path) -> dict[str, Any] | None:
     """config.yaml as the run wrote it (the resolved recipe and its `run` record); None without one."""
@@ -217,9 +149,11 @@ def read_run(run_dir: str | Path, *, tensors: bool = True) -> Run:
     """A finished run (eval, predict, merge, export): its adapter config, checked, and with `tensors`
     its saved deltas and trained tensors (none for a run that keeps another library's format).
     Its recipe is not read: eval builds one from config.yaml (config.read_yaml says what is wrong with it)."""
+    from sparta_cli.tuners import get_tuner  # the method reads and checks its own tensors (tuners/ import only names from here)
+
     run_dir = Path(run_dir)
     config = read_adapter_config(run_dir)
-    weights = read_adapter_tensors(run_dir) if tensors and not keeps_weights_elsewhere(run_dir) else {}
+    weights = get_tuner(config["method"]).read_tensors(run_dir) if tensors else {}
     return Run(run_dir, config, *split_adapter_tensors(weights), results=_optional_json(run_dir / ALL_RESULTS))
 
 
