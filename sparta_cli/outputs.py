@@ -166,7 +166,6 @@ def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], ove
     the current folder, the home folder or a filesystem root."""
     output = Path(output)
     resolved = output.expanduser().resolve()
-    check_not_an_input(output, inputs, replaces_whole=True, fix="choose a new folder for --output")
     for path, what in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
         if _same_or_inside(path, resolved):
             relation = "is" if path == resolved else "holds"
@@ -174,6 +173,7 @@ def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], ove
                               "choose a new folder for --output")
     if resolved.parent == resolved:
         raise SpartaError(f"--output {output} is a filesystem root: choose a new folder for --output")
+    check_not_an_input(output, inputs, replaces_whole=True, fix="choose a new folder for --output")
     if output.is_symlink() or (output.exists() and not output.is_dir()):
         raise SpartaError(f"--output {output} is a file or a link, not a folder: choose a new folder for --output")
     if not output.is_dir() or not any(output.iterdir()):

@@ -29,7 +29,7 @@ RAISED_FOR = {
     "cli.py": {"train"}, "predict.py": {"predict"}, "merge.py": {"merge"}, "export.py": {"export"}, "report.py": {"report"},
     "evaluate_cmd.py": {"eval"}, "train.py": {"train"}, "runs.py": {"train"}, "checkpoint.py": {"train"},
     "tune": {"tune"}, "serve": {"serve"}, "config.py": {"validate", "train", "eval", "predict", "tune"},
-    "outputs.py:check_clearable_run_dir": {"train"}, "outputs.py:check_replaceable": {"merge", "export"},
+    "outputs.py:check_clearable_run_dir": {"train"}, "outputs.py:check_output_dir": {"train"}, "outputs.py:check_replaceable": {"merge", "export"},
     "outputs.py:check_replaceable_file": {"eval"}, "outputs.py:check_report_folder": {"report"},
     "outputs.py:_lock": {"train", "merge", "export"},
 }
@@ -90,8 +90,10 @@ def test_an_option_inside_a_quoted_command_line_is_that_commands():
 def _numeric_keys() -> list[str]:
     """Every key of every recipe section that takes a number and no boolean (adapter keys of SpaRTA's method)."""
     keys = []
+    from sparta_cli.tuners.sparta.config import SpartaConfig
+
     for section, field in Recipe.model_fields.items():
-        model = field.annotation
+        model = SpartaConfig if section == "adapter" else field.annotation  # adapter: a union of the methods' settings
         fields = model.model_fields.items() if isinstance(model, type) and issubclass(model, _Strict) else [(None, field)]
         for name, inner in fields:
             kinds = set(typing.get_args(inner.annotation)) or {inner.annotation}

@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from sparta_cli.config import AdapterConfig, build_recipe
+from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.outputs import LOCK_FILE
 from sparta_cli.placement import Placement, place
 from sparta_cli.tuners import apply_adapter
+from sparta_cli.tuners.sparta.config import SpartaConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sparta_cli"
 
@@ -25,7 +26,7 @@ def _placed(seed: int = 0):
     from accelerate import Accelerator
 
     model = tiny_model("llama", seed=seed)
-    adapter = apply_adapter(model, AdapterConfig(density=0.2, targets=["q", "v"]), seed=0, head_modules=["score"])
+    adapter = apply_adapter(model, SpartaConfig(density=0.2, targets=["q", "v"]), seed=0, head_modules=["score"])
     placement = place(adapter, Accelerator(cpu=True), "none")
     optimizer = torch.optim.AdamW([p for _, p in adapter.trainable()], lr=1e-2)
     adapter.sparta.write_after_steps_of(optimizer)
