@@ -258,5 +258,5 @@ def _load_adapter(name: str, path: Path, model: nn.Module, recipe: Recipe, task:
         raise SpartaError(f"run {path} has {trained} outputs but its task now has {task.num_labels}: check its task files")
     check_base_matches(config, model)
     fit_max_length(recipe, model)
-    swap = SparseSwap(model, read_adapter_tensors(path), list(config.get("head_modules", [])))
+    swap = SparseSwap(model, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
     return ServedModel(name, task, recipe, method, swap, config.get("density"), config.get("trainable_params"), str(path))

@@ -39,7 +39,7 @@ class Overwritten:
     """What `Tuner.apply_in_place` overwrote in a base model, kept to put it back bit for bit."""
 
     entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # weight -> (flat indices, values before)
-    whole: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter -> its value before
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter -> the tensor it held before
 
 
 class Tuner(ABC):
@@ -151,13 +151,18 @@ class Tuner(ABC):
     def apply_in_place(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> Overwritten:
         """Write a saved adapter's values (`read_tensors`) into the plain base `model`, in place, and
         return what they replaced (`revert` puts it back bit for bit): switching adapters on one base
-        in memory, with no copy of the model. The trained tensors (the head) replace the base's."""
+        in memory, with no copy of the model. The trained tensors (the head) take the place of the
+        base's by reference, so a head of another size (a regression head beside a classifier's) fits."""
         if not self.adds_up:
             raise SpartaError(f"{self.name} adapters are not written into a base in place: merge the run with `sparta merge`")
         params = dict(model.named_parameters())
-        names = [key.removeprefix(TRAINED_PREFIX) for key in tensors if key.startswith(TRAINED_PREFIX)]
-        overwritten = Overwritten(whole={name: params[name].detach().clone() for name in names if name in params})
-        load_trained(model, tensors)
+        trained = {key.removeprefix(TRAINED_PREFIX): value for key, value in tensors.items() if key.startswith(TRAINED_PREFIX)}
+        missing = sorted(set(trained) - set(params))
+        if missing:
+            raise SpartaError(f"adapter parameter `{missing[0]}` is not in this base model: load it on its own base")
+        overwritten = Overwritten(whole={name: params[name].data for name in trained})
+        for name, value in trained.items():
+            params[name].data = value.to(params[name].device)
         return overwritten
 
     @torch.no_grad()
@@ -167,7 +172,7 @@ class Tuner(ABC):
         for name, (indices, values) in overwritten.entries.items():
             params[name].view(-1).index_copy_(0, indices, values)
         for name, value in overwritten.whole.items():
-            params[name].copy_(value)
+            params[name].data = value
 
 
 @dataclass
