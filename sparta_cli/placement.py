@@ -88,8 +88,7 @@ class Placement:
 
     def write_weights(self) -> None:
         """After trainable tensors were loaded in place (resume, best adapter): SpaRTA's weights follow its deltas."""
-        if self.adapter.sparta is not None:
-            self.adapter.sparta.write_weights()
+        self.adapter.write_weights()
 
     def save_checkpoint(self, run_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                         keep: int | None, recipe: dict[str, Any], best: dict[str, torch.Tensor] | None,

@@ -217,8 +217,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         data = setup_data(recipe, task, model.loaded.tokenizer, accelerator, metric, say)
         optim, data = setup_optimizer(recipe, placement, data)
         trainable = dict(model.adapter.trainable())
-        sparta = model.adapter.sparta
-        masks = sparta.mask_digests() if sparta else {}  # resume checks the checkpoint trained these entries
+        masks = model.adapter.mask_digests()  # resume checks the checkpoint trained these entries
         selection = ModelSelection(metric, cfg.early_stopping_patience, trainable) if metric else None
         state = restore_or_start(recipe, resume_from, placement, optim, trainable, masks, selection)
         describe_run(recipe, accelerator, data, optim, say)
