@@ -261,6 +261,19 @@ def table(task: str, methods: list[Method], out: Path, record: Path) -> list[str
     return lines
 
 
+def finished_runs(record: Path) -> list[str]:
+    """Markdown rows, one per recorded run (a partial table's evidence): task, method, rate, seed, scores, best step, time."""
+    lines = []
+    for path in sorted(record.glob("*/*/*.json")):
+        task, method = path.parent.parent.name, path.parent.name
+        rec = read_record(path)
+        metric, results = main_metric(task), rec["all_results"]
+        wall = f"{rec['wall_s']:.0f}" if rec.get("wall_s") else ""
+        lines.append(f"| {task} | {method} | {path.stem} | {rec.get('trainable_params') or 0:,} | {results.get(f'eval_{metric}', float('nan')):.4f} | "
+                     f"{results.get(f'test_{metric}', float('nan')):.4f} | {results.get('best_step', '')} | {wall} | {rec.get('commit', '')} |")
+    return lines
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return ""
@@ -351,6 +364,9 @@ def main() -> None:
         print("\n".join(table(task, methods, out, record)))
     if args.mmlu:
         print("\n".join(mmlu_baseline(out)))
+    print("\n| task | method | run | trainable params | validation | official dev | best step | wall s | commit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(finished_runs(record)))
     print(f"\nmain metrics: {', '.join(f'{t} {main_metric(t)}' for t in args.tasks)}")
 
 
