@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import YamlRefused, parse_yaml
+from sparta_cli.fileio import YamlRefused, input_file, parse_yaml, read_bytes
 from sparta_cli.strict import SEED_LIMIT
 from sparta_cli.strict import Strict as _Strict
 from sparta_cli.tuners import METHODS, reader_of
@@ -442,8 +442,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise SpartaError(f"recipe not found: {path} (give the path to a YAML file, e.g. configs/quickstart.yaml)")
     if path.is_dir():
         raise SpartaError(f"recipe {path} is a folder: give the path to a YAML file")
+    # a FIFO or a device is named, never read: reading one blocks, or never ends (/dev/zero)
+    input_file(path, f"recipe not found: {path}", "give the path to a YAML file", setting="recipe ")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise SpartaError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
     try:

@@ -20,8 +20,8 @@ import numpy as np
 
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import input_file
 from sparta_cli.tasks import Task
-from sparta_cli.tasks.files import input_file
 
 DEFAULT_SPLIT = "test"
 

@@ -60,3 +60,15 @@ def test_a_bare_no_for_mixed_precision_means_no():
     assert build_recipe(raw).training.mixed_precision == "no"
     with pytest.raises(SpartaError, match="mixed_precision"):
         build_recipe(raw, ["training.mixed_precision=yes"])  # true is not a precision
+
+
+def test_a_recipe_that_is_a_fifo_or_a_device_is_named_and_never_read(tmp_path):
+    """Reading a FIFO blocks until a writer comes, /dev/zero never ends: both are refused unopened (issue 25)."""
+    import os
+    from pathlib import Path
+
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    for path, what in ((fifo, "a FIFO \\(named pipe\\)"), (Path("/dev/zero"), "a character device")):
+        with pytest.raises(SpartaError, match=f"^recipe {path} is {what}, not a regular file: give the path to a YAML file$"):
+            read_yaml(path)

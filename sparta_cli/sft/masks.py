@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_text
 from sparta_cli.sft.formats import SftRow
-from sparta_cli.tasks.files import read_text
 
 IGNORE = -100
 LossOn = Literal["assistant", "last_assistant", "all"]

@@ -11,8 +11,9 @@ import datasets
 
 from sparta_cli.config import TaskConfig, user_path
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import input_file
 from sparta_cli.tasks.base import Task, as_dataset
-from sparta_cli.tasks.files import input_file, label_text, read_table, require_columns, sorted_labels, table_columns
+from sparta_cli.tasks.files import label_text, read_table, require_columns, sorted_labels, table_columns
 from sparta_cli.tasks.kinds import CLASSIFICATION, REGRESSION
 
 NAMES: tuple[str, ...] = ()  # chosen by task.type, never by name

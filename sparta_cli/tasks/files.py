@@ -14,88 +14,21 @@ finite number written in ASCII (`2.5`, `1e-3`; not `nan`, `inf` or `٣`).
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import math
-import os
 import re
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import describe, input_file, read_text
 from sparta_cli.tasks.base import Task
 
 PLAIN_INTEGER = re.compile(r"-?[0-9]+")
 PLAIN_NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 CSV_FIELD_LIMIT_MAX = 2**31 - 1  # csv.field_size_limit takes a C long: 32 bits on Windows
-
-
-def describe(mode: int) -> str:
-    """What a path that is not a regular file is, from its stat mode."""
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
-def _read_error(exc: OSError, path: Path) -> SpartaError:
-    """The one-line error for a file that is there but cannot be read."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return SpartaError(f"cannot read {path}: permission denied: make it readable (chmod u+r) or copy it somewhere you can read")
-    if exc.errno == errno.ENAMETOOLONG:
-        return SpartaError(f"cannot read {path}: a name in the path is longer than the file system allows: shorten it")
-    if exc.errno == errno.ELOOP:
-        return SpartaError(f"cannot read {path}: its symbolic links loop: point it at a real file")
-    return SpartaError(f"cannot read {path}: {exc.strerror or exc}: check the path")
-
-
-def input_file(path: Path, missing: str, fix: str, setting: str = "") -> Path:
-    """`path` when it is a regular file; else a one-line error: `missing` when nothing is there,
-    else what it is (`setting path is a FIFO (named pipe), not a regular file: fix`). Nothing is opened."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise SpartaError(missing) from None
-    except OSError as exc:
-        raise _read_error(exc, path) from None
-    if not stat.S_ISREG(mode):
-        raise SpartaError(f"{setting}{path} is {describe(mode)}, not a regular file: {fix}")
-    return path
-
-
-def read_bytes(path: Path) -> bytes:
-    """The file's bytes; opened without blocking, so a FIFO swapped in is refused, never waited on."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise SpartaError(f"{path} not found: check the path") from None
-    except OSError as exc:
-        raise _read_error(exc, path) from None
-    with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise SpartaError(f"{path} is {describe(mode)}, not a regular file: give a regular file")
-        try:
-            return handle.read()
-        except OSError as exc:
-            raise _read_error(exc, path) from None
-
-
-def read_text(path: Path) -> str:
-    """The whole file, a leading BOM dropped; bad bytes are reported by line so they can be found."""
-    raw = read_bytes(path)
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise SpartaError(f"{path} is UTF-16 text, not UTF-8: re-save the file as UTF-8 "
-                              "(e.g. `iconv -f UTF-16 -t UTF-8`)") from None
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise SpartaError(f"{path} is not UTF-8 text (bad byte on line {line}): re-save the file as UTF-8") from None
 
 
 def csv_reader(text: str, **options: Any) -> Any:

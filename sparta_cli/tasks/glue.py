@@ -13,8 +13,9 @@ import datasets
 
 from sparta_cli.config import TaskConfig
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_text
 from sparta_cli.tasks.base import Task, as_dataset
-from sparta_cli.tasks.files import label_parser, local_folder, no_rows, read_text, require_file
+from sparta_cli.tasks.files import label_parser, local_folder, no_rows, require_file
 from sparta_cli.tasks.hub import hub_split
 from sparta_cli.tasks.kinds import CLASSIFICATION, REGRESSION
 

@@ -18,8 +18,9 @@ import datasets
 
 from sparta_cli.config import TaskConfig
 from sparta_cli.errors import SpartaError
+from sparta_cli.fileio import read_text
 from sparta_cli.tasks.base import Task, as_dataset
-from sparta_cli.tasks.files import csv_reader, local_folder, no_rows, read_text, require_file
+from sparta_cli.tasks.files import csv_reader, local_folder, no_rows, require_file
 from sparta_cli.tasks.hub import from_hub
 from sparta_cli.tasks.kinds import CLASSIFICATION, LM_CHOICE
 
