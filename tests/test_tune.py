@@ -414,3 +414,12 @@ def test_a_trial_with_a_nan_objective_or_a_train_fix_says_why(tmp_path, data_dir
                                           r"move .*trial-0001 aside and rerun it, or give --output a new folder$"):
         run_trial(study, study.ask(), plan)
     assert "pass --overwrite" not in study.trials[1].user_attrs["failure"]
+
+
+def test_the_start_line_prints_a_storage_without_its_password():
+    """`sparta tune` prints its storage when it starts: a database URL's password never reaches the log."""
+    from sparta_cli.tune.study import shown_url
+
+    assert shown_url("postgresql://ann:s3cret@db.example:5432/studies") == "postgresql://ann:***@db.example:5432/studies"
+    assert "s3cret" not in shown_url("mysql+pymysql://root:s3cret@localhost/optuna")
+    assert shown_url("/runs/tunes/stsb/journal.log") == "/runs/tunes/stsb/journal.log"

@@ -25,7 +25,17 @@ from sparta_cli.outputs import check_not_an_input, recipe_inputs
 from sparta_cli.tune.folder import check_study_folder, check_trial_folders
 from sparta_cli.tune.results import best_trial, counts, state_name, write_outputs
 from sparta_cli.tune.space import decode
-from sparta_cli.tune.study import JOURNAL_FILE, Plan, open_study, require_optuna, retire_stale, retries, trials_left, write_plan
+from sparta_cli.tune.study import (
+    JOURNAL_FILE,
+    Plan,
+    open_study,
+    require_optuna,
+    retire_stale,
+    retries,
+    shown_url,
+    trials_left,
+    write_plan,
+)
 
 POLL_SECONDS = 1.0
 
@@ -213,7 +223,7 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
     space_text = "; ".join(f"{k}: {p.describe()}" for k, p in plan.params.items())
     console.print(f"[bold]sparta tune[/] {plan.study}: {plan.trials} trials ({left} to run) · {plan.sampler} sampler · "
                   f"{plan.pruner} pruner · {plan.direction} validation {plan.metric} · {space_text}")
-    console.print(f"study folder {plan.study_dir} · storage {plan.storage}")
+    console.print(f"study folder {plan.study_dir} · storage {shown_url(plan.storage)}")
     try:
         if left > 0:
             supervise(study, plan, start_workers(plan, min(workers, left), shared))

@@ -154,9 +154,11 @@ def check_journal(path: Path) -> None:
 
 
 def shown_url(url: str) -> str:
-    """A storage URL as it may be printed: without its password."""
+    """A storage as it may be printed: a URL without its password, a journal file's path as it is."""
     from sqlalchemy.engine import make_url
 
+    if "://" not in url:
+        return url
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse: show its scheme only
