@@ -182,7 +182,7 @@ class Adapter:
     base: nn.Module  # the transformers model underneath
     head_modules: list[str]
     base_params: int  # parameters of the base model before adaptation
-    # SpaRTA's layers: read by tuners/sparta/ (and, until they ask the tuner, sharding.shard_adapter and train.py)
+    # SpaRTA's layers: read by tuners/sparta/ (and, until FSDP asks the tuner, sharding.shard_adapter; issue 21)
     sparta: SpartaModel | None = None
 
     @property
