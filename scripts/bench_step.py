@@ -15,6 +15,13 @@ Rows (each a fresh copy of the same random- or real-weight model, the same batch
 One step = forward, loss, backward, optimizer step (--optimizer), zero_grad (as `sparta train` runs it; weights
 in --dtype, head in fp32 under autocast when the body is half precision).
 
+--task sft: the same rows on a causal LM trained on an assistant-masked batch (SFT: each row's prompt
+tokens labelled -100, its answer supervised, rows of uneven length padded), no head trained (the limit
+then trains nothing: forward + input-gradient backward only), and peft-sparta is its own SFT trainer's
+step (`peft_sparta.trainer.sft`): its SpaRTA wrapper, its optimizer (`build_optimizer`, AdamW betas
+0.9/0.99), its LR schedule, and its loop body (forward with use_cache=False, loss.item(), zero_grad,
+backward, step, schedule), fp32 (its `amp: false`).
+
 Timing: all rows in this one process, after --warmup steps; on CPU the rows' steps interleave
 (rotating order), so load from other processes spreads over every row alike; step_s is the
 median, step_s_min/max show the spread.
@@ -25,6 +32,7 @@ extra_bytes_per_trainable = (peak - limit's peak) / trainable parameters.
 
   python scripts/bench_step.py --size small                      # CPU table
   python scripts/bench_step.py --size 7b --densities 0.106 --batch 8 --seq 512 --json   # GPU
+  python scripts/bench_step.py --task sft --size smollm2 --densities 0.0421 --methods limit,sparta,peft-sparta,lora,full
 """
 
 from __future__ import annotations
@@ -61,12 +69,17 @@ SIZES = {
     "small": {"hidden_size": 512, "intermediate_size": 1792, "num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000},
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
     "7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
+    # SmolLM2-135M-Instruct's shape (a Llama: the same blocks as Mistral without a sliding window), tied embeddings
+    "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "vocab_size": 49152, "tie_word_embeddings": True},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=["classification", "sft"], default="classification",
+                   help="a sequence classifier (head trained), or a causal LM on an assistant-masked batch (no head)")
     p.add_argument("--size", choices=SIZES, default="small", help="random-weight Mistral-shaped model")
     p.add_argument("--model", help="a local model folder instead of --size")
     p.add_argument("--densities", default="0.01", help="comma-separated SpaRTA densities (per target matrix)")
@@ -101,16 +114,18 @@ def row_specs(args: argparse.Namespace) -> list[str]:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The same weights every call (fixed seed), built directly on the device in --dtype."""
-    from transformers import AutoModelForSequenceClassification, MistralConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, MistralConfig
 
     dtype = DTYPES[args.dtype]
+    auto = AutoModelForCausalLM if args.task == "sft" else AutoModelForSequenceClassification
+    head = {} if args.task == "sft" else {"num_labels": NUM_LABELS}
     torch.manual_seed(0)
     with torch.device(args.device):
         if args.model:
-            model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=NUM_LABELS, dtype=dtype, device_map=args.device)
+            model = auto.from_pretrained(args.model, dtype=dtype, device_map=args.device, **head)
         else:
-            config = MistralConfig(**SIZES[args.size], num_labels=NUM_LABELS, pad_token_id=0, max_position_embeddings=max(4096, args.seq))
-            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+            config = MistralConfig(**SIZES[args.size], **head, pad_token_id=0, max_position_embeddings=max(4096, args.seq))
+            model = auto.from_config(config, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0
     for name in head_modules(model):  # the head trains in fp32, as in `sparta train`
@@ -119,14 +134,32 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
+    """The classifier's head; none on a causal LM (SFT keeps the pretrained LM head)."""
     return [name for name in HEAD_NAMES if hasattr(model, name)]
 
 
 def make_batch(args: argparse.Namespace, vocab_size: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, vocab_size, (args.batch, args.seq), generator=g)
+    if args.task == "sft":
+        return {name: t.to(args.device) for name, t in sft_batch(ids, g).items()}
     labels = torch.randint(0, NUM_LABELS, (args.batch,), generator=g)
     return {"input_ids": ids.to(args.device), "attention_mask": torch.ones_like(ids).to(args.device), "labels": labels.to(args.device)}
+
+
+def sft_batch(ids: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """An assistant-masked batch as the SFT collator pads it: rows of 3/4 to all of the length
+    (right-padded, pad id 0, attention 0, label -100), the first 2/3 of each row a prompt (label
+    -100), the rest its answer (supervised)."""
+    rows, seq = ids.shape
+    lengths = torch.randint(max(2, 3 * seq // 4), seq + 1, (rows,), generator=g)
+    lengths[0] = seq  # the longest row sets the padded width
+    positions = torch.arange(seq)
+    real = positions < lengths[:, None]
+    answer = positions >= (2 * lengths // 3)[:, None]
+    ids = ids.masked_fill(~real, 0)
+    labels = ids.masked_fill(~(real & answer), -100)
+    return {"input_ids": ids, "attention_mask": real.long(), "labels": labels}
 
 
 def peft_sparta_model(model: torch.nn.Module, args: argparse.Namespace, density: float):
@@ -137,13 +170,35 @@ def peft_sparta_model(model: torch.nn.Module, args: argparse.Namespace, density:
     targets = [t.strip() for t in args.targets.split(",")]
     target_weights = {f"{name}.weight" for name in resolve_targets(model, targets)}
     heads = head_modules(model)
-    if heads != ["score"]:
+    if heads not in (["score"], []):
         raise SystemExit("peft-sparta trains only a head named `score` (decoder classifiers): drop peft-sparta from --methods")
     params = dict(model.named_parameters())
-    ours = sum(round(density * params[w].numel()) for w in target_weights) + params["score.weight"].numel()
+    ours = sum(round(density * params[w].numel()) for w in target_weights) + sum(params[f"{h}.weight"].numel() for h in heads)
     total = sum(p.numel() for p in params.values())
     frozen = [name for name in params if name not in target_weights and not name.startswith("score.")]
     return SpaRTA(model, sparsity=1 - ours / total, frozen_modules=frozen)
+
+
+def peft_sparta_sft_step(run, args: argparse.Namespace, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One step of peft-sparta's own SFT trainer (peft_sparta/trainer/sft/sft.py, `SFT.train`'s loop
+    body), with its optimizer and LR schedule, fp32 (`amp: false`) and no clipping (its default)."""
+    from peft_sparta.trainer.sft.optim import build_lr_scheduler
+    from peft_sparta.trainer.sft.optim import build_optimizer as sft_optimizer
+
+    config = {"weight_decay": 0.0, "peft_method": "sparse", "lr": 1e-5, "lr_min": 1e-6, "lr_scheduler_type": "cosine",
+              "warmup_steps": 1, "num_epochs": 1}
+    optimizer = sft_optimizer(run, config, "CAUSAL_LM")
+    scheduler = build_lr_scheduler(optimizer, config, steps_per_epoch=10**6)
+
+    def step() -> None:
+        loss = run(**batch, use_cache=False).loss
+        loss.item()  # its trainer records every step's loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    return step
 
 
 @dataclass
@@ -161,6 +216,10 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
     batch = make_batch(args, model.config.vocab_size)
     heads = head_modules(model)
     inputs = batch
+    if method == "peft-sparta" and args.task == "sft":
+        run = peft_sparta_model(model, args, float(density))
+        return Row(peft_sparta_sft_step(run, args, batch), sum(p.numel() for p in run.parameters()), base_params)
+    optimizer = None
     if method == "peft-sparta":
         run = peft_sparta_model(model, args, float(density))
         params = list(run.parameters())
@@ -177,10 +236,12 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
         adapter = apply_adapter(model, cfg, seed=0, head_modules=heads)
         run = adapter.model
         params = [p for _, p in adapter.trainable()]
-        optimizer = build_optimizer(adapter, args.optimizer, lr=1e-5, head_lr=None, weight_decay=0.0)
+        if params:  # an SFT limit trains nothing
+            optimizer = build_optimizer(adapter, args.optimizer, lr=1e-5, head_lr=None, weight_decay=0.0)
     embed = model.get_input_embeddings()
     half = DTYPES[args.dtype] != torch.float32
     device_type = torch.device(args.device).type
+    cache_off = {"use_cache": False} if args.task == "sft" else {}  # as `sparta train` runs a causal LM
 
     def step() -> None:
         nonlocal inputs
@@ -188,10 +249,11 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
             embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
             inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
         with torch.autocast(device_type, dtype=DTYPES[args.dtype]) if half else nullcontext():
-            loss = run(**inputs).loss
+            loss = run(**inputs, **cache_off).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return Row(step, sum(p.numel() for p in params), base_params)
 

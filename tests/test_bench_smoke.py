@@ -28,3 +28,19 @@ def test_bench_step_tiny_json():
     # same matrices, same budget: peft-sparta's Bernoulli draw lands near our exact count
     assert abs(by["peft-sparta"]["trainable_params"] - by["sparta"]["trainable_params"]) < 0.2 * by["sparta"]["trainable_params"]
     assert by["full"]["trainable_params"] == by["full"]["params"]
+
+
+def test_bench_step_sft_tiny_json():
+    """The SFT mode: a causal LM on an assistant-masked batch, no head; peft-sparta is its own SFT trainer's step."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--task", "sft", "--size", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1",
+         "--batch", "2", "--seq", "16", "--methods", "limit,sparta,peft-sparta", "--json"],
+        capture_output=True, text=True, timeout=1200, check=False,  # a guard against hangs only
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    by = {r["method"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
+    assert list(by) == ["limit", "sparta", "peft-sparta"]
+    assert by["limit"]["trainable_params"] == 0  # no head in SFT: the limit trains nothing
+    # v,o at density 0.01 of the tiny model (2 layers, 128 x 64 and 128 x 128 matrices): 2 x (82 + 164) entries
+    assert by["sparta"]["trainable_params"] == 492
+    assert abs(by["peft-sparta"]["trainable_params"] - 492) < 0.2 * 492
