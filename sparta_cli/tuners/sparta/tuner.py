@@ -10,7 +10,9 @@ from torch import nn
 
 from sparta_cli.tuners.base import (
     Adapter,
+    MeshRank,
     Overwritten,
+    OwnedShards,
     Tuner,
     check_base_matches,
     count_params,
@@ -72,6 +74,13 @@ class SpartaTuner(Tuner):
 
     def write_weights(self, adapter: Adapter) -> None:
         adapter.sparta.write_weights()
+
+    def shard(self, adapter: Adapter, place: MeshRank) -> OwnedShards:
+        """Every SpaRTA layer becomes its row-owned form; `adapter.sparta` is then the sharded one."""
+        from sparta_cli.tuners.sparta.sharded import ShardedSparta
+
+        adapter.sparta = ShardedSparta.own_rows(adapter.sparta, place)
+        return adapter.sparta
 
     def check_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
         check_adapter_tensors(tensors, config, path)
