@@ -101,6 +101,11 @@ class Tuner(ABC):
         """The `adapter.*` keys it reads besides `method` and `seed`."""
         return tuple(key for key in self.config.model_fields if key not in ("method", "seed"))
 
+    def resolve_settings(self, cfg: MethodConfig, model: nn.Module) -> MethodConfig:
+        """The settings as they train on `model` (a loaded model or a meta-device skeleton): what only
+        the model can fix resolved (SpaRTA: adapter.budget to its density); the settings themselves by default."""
+        return cfg
+
     @abstractmethod
     def apply(self, model: nn.Module, cfg: MethodConfig, seed: int, head_modules: list[str]) -> Adapter:
         """Freeze `model` and make the method's parameters trainable, in place."""
