@@ -60,9 +60,9 @@ def worker(rank: int, world: int, port: int, layers: int, density: float, loadin
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from sparta_cli.sharding import shard
     from sparta_cli.tuners import apply_adapter
     from sparta_cli.tuners.sparta.config import SpartaConfig
+    from sparta_cli.tuners.sparta.sharded import shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

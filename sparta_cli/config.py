@@ -523,11 +523,13 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         set_dotted(tree, key, value)
         overridden.add(key)
     _drop_keys_of_the_old_method(tree, overridden, from_run)
+    _drop_alternatives_of_overridden(tree, overridden)
     _drop_trust_remote_code(tree, trust_remote_code)
     if trust_remote_code and isinstance(tree.get("model"), dict):
         tree["model"] = {**tree["model"], "trust_remote_code": True}
     try:
-        recipe = Recipe.model_validate(tree)
+        # a run's config.yaml records what the run resolved (SpaRTA's budget beside the density it gave)
+        recipe = Recipe.model_validate(tree, context={"recorded": from_run})
     except ValidationError as exc:
         # an unknown key first: `modle:` also makes `model` missing, and the typo is the cause
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
@@ -559,6 +561,18 @@ def _drop_keys_of_the_old_method(tree: dict[str, Any], overridden: set[str], fro
         return  # validation names the valid methods
     tree["adapter"] = {key: value for key, value in adapter.items()
                        if not read_by_another_method(key, method) or f"adapter.{key}" in overridden}
+
+
+def _drop_alternatives_of_overridden(tree: dict[str, Any], overridden: set[str]) -> None:
+    """An override of a key that sizes the adapter one way drops the file's keys that size it another
+    (`adapter.budget=...` on a recipe with a density, or on a run's config.yaml that records both)."""
+    adapter = tree.get("adapter")
+    if not isinstance(adapter, dict) or adapter.get("method", "sparta") not in METHODS:
+        return
+    for group in METHODS[adapter.get("method", "sparta")].one_of:
+        if any(f"adapter.{key}" in overridden for key in group):
+            tree["adapter"] = {key: value for key, value in tree["adapter"].items()
+                               if key not in group or f"adapter.{key}" in overridden}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:

@@ -29,7 +29,8 @@ def check_data_dir(recipe: Recipe) -> Path | None:
 
 def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -> None:
     """Checks against a skeleton of the model built from its config.json on the meta device (no weights):
-    adapter.targets exist in it, and data.max_length fits its learned positions (models.fit_max_length).
+    adapter.targets exist in it (and SpaRTA's adapter.budget fits them: resolved here to its density,
+    which `sparta validate` prints), and data.max_length fits its learned positions (models.fit_max_length).
     Says nothing for a Hub name (no config.json here to read offline) or a GGUF file (its config is in
     the weights): the checks after the load cover those."""
     if recipe.model.gguf_file or not (Path(source) / "config.json").is_file():
@@ -39,6 +40,7 @@ def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -
 
     from sparta_cli.models import fit_max_length
     from sparta_cli.targets import resolve_targets
+    from sparta_cli.tuners import get_tuner
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
@@ -50,6 +52,7 @@ def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -
     chosen = recipe.adapter.recorded()["targets"]  # null for a method without targets
     if targets and chosen is not None:
         resolve_targets(skeleton, chosen)
+        recipe.adapter = get_tuner(recipe.adapter.method).resolve_settings(recipe.adapter, skeleton)  # a budget's density
 
 
 def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:

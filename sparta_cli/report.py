@@ -48,9 +48,10 @@ class ReportedRun(Run):
 
     @property
     def adapter(self) -> MethodConfig:
-        """The run's adapter settings: the keys its method reads (older runs recorded every method's)."""
+        """The run's adapter settings as it ran (SpaRTA's budget beside its density): the keys its method
+        reads (older runs recorded every method's)."""
         settings = method_config(self.method)
-        return settings.model_validate(settings.own_keys(self.recipe["adapter"]))
+        return settings.model_validate(settings.own_keys(self.recipe["adapter"]), context={"recorded": True})
 
     @property
     def density(self) -> float | None:

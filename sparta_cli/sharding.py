@@ -3,18 +3,19 @@
 FSDP2 shards every weight it manages by rows (Shard(0) DTensors); this module shards the model
 (one group per transformer block, the heads, then the root), checks the launch, and gives the
 checkpoint and adapter code the tensors and optimizer state one process would hold, so their files
-keep today's format whatever the world size. SpaRTA's deltas are not FSDP's: they are sharded by
-the same rows but owned outside FSDP (`tuners/sparta/sharded.py`), and `ShardedModel` asks them
-how to gather and split their parts.
+keep today's format whatever the world size. A method may shard some tensors itself, beside FSDP
+(`Tuner.shard`: SpaRTA's deltas, by the same rows, in `tuners/sparta/sharded.py`); `ShardedModel`
+asks those `OwnedShards` how to gather and split their parts, and knows nothing of the method.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,11 +24,10 @@ from torch import nn
 
 from sparta_cli.dtensors import full_tensor, reshard
 from sparta_cli.errors import RunFailure, SpartaError
+from sparta_cli.tuners.base import MeshRank
 
 if TYPE_CHECKING:
-    from sparta_cli.tuners.base import Adapter, Tuner
-    from sparta_cli.tuners.sparta.model import SpartaModel
-    from sparta_cli.tuners.sparta.sharded import ShardedSparta
+    from sparta_cli.tuners.base import Adapter, OwnedShards, Tuner
 
 ACCELERATE_SHARDING = ("FSDP", "DEEPSPEED")
 
@@ -93,10 +93,10 @@ class ShardedModel:
 
     model: nn.Module
     group: Any  # the process group of the FSDP mesh
-    sparta: ShardedSparta | None = None  # SpaRTA's row-owned deltas, when the method has them
+    owned: OwnedShards | None = None  # what the method shards itself (`Tuner.shard`), if anything
 
-    def _owner(self, param: torch.Tensor):
-        return self.sparta.owner(param) if self.sparta is not None else None
+    def _owns(self, tensor: torch.Tensor) -> bool:
+        return self.owned is not None and self.owned.owns(tensor)
 
     @property
     def writes(self) -> bool:
@@ -111,8 +111,7 @@ class ShardedModel:
         holds more than its shards and one whole tensor (a `full` model and its AdamW state, gathered
         on every GPU, would not fit beside the shards)."""
         value = param.detach() if value is None else value
-        layer = self._owner(param)
-        whole = self.sparta.gather_delta(layer, value) if layer is not None else full_tensor(value)
+        whole = self.owned.gather(param, value) if self._owns(param) else full_tensor(value)
         return whole.cpu() if self.writes else None
 
     def gather_all(self, params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
@@ -125,14 +124,24 @@ class ShardedModel:
         return {name: torch.empty(self._whole_shape(param), dtype=param.dtype) for name, param in params.items()}
 
     def _whole_shape(self, param: torch.Tensor) -> torch.Size:
-        layer = self._owner(param)
-        return layer.sparta_indices.shape if layer is not None else param.shape  # a DTensor's shape is the whole one
+        return self.owned.whole_shape(param) if self._owns(param) else param.shape  # a DTensor's shape is the whole one
 
     def local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of a whole tensor shaped like `param`, in memory of its own (the inverse
         of `gather`; no collective)."""
-        part = _part(full, param, self._owner(param))
+        part = self._part(full, param)
         return part if hasattr(part, "to_local") else part.clone()
+
+    def _part(self, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This rank's part of `whole`, for a tensor shaped like `like`: the method's own part of one of
+        its owned tensors, the rows of an FSDP shard (a DTensor), or all of it."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if self._owns(like):
+            return self.owned.part(like, whole)
+        if isinstance(like, DTensor):
+            return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return whole
 
     def local_parts(self, params: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self.local_part(param, full[name]) for name, param in params.items()}
@@ -146,10 +155,10 @@ class ShardedModel:
         self.write_weights()
 
     def write_weights(self) -> None:
-        """After parameters were loaded in place: the next forward gathers them (and SpaRTA's
-        weights hold W0 + delta again)."""
-        if self.sparta is not None:
-            self.sparta.write_weights()
+        """After parameters were loaded in place: the next forward gathers them (and the weights follow
+        the method's owned tensors again: SpaRTA's hold W0 + delta)."""
+        if self.owned is not None:
+            self.owned.write_weights()
         else:
             reshard(self.model)
 
@@ -176,43 +185,34 @@ class ShardedModel:
     def receive_from_rank0(self, sent: dict[str, torch.Tensor] | None, device: torch.device) -> None:
         """Fill every rank's parts from rank 0's whole tensors (`sent`, by name; None elsewhere), one
         broadcast per tensor: a rank that built a skeleton (meta) is allocated first, and never holds
-        more than its shards plus one whole tensor. SpaRTA's indices are computed on every rank, not sent."""
+        more than its shards plus one whole tensor. What the method computes on every rank (SpaRTA's
+        indices) is not sent."""
         rank = dist.get_rank(self.group)
         if any(t.is_meta for t in _tensors(self.model).values()):
-            real = {name: b for name, b in self.model.named_buffers() if not b.is_meta}  # SpaRTA's indices
+            real = {name: b for name, b in self.model.named_buffers() if not b.is_meta}  # built on every rank (SpaRTA's indices)
             self.model.to_empty(device=device)
             for name, buffer in real.items():
                 module, _, leaf = name.rpartition(".")
                 self.model.get_submodule(module)._buffers[leaf] = buffer
         incoming = self._incoming()
-        plan = [[name, list(shape), str(local.dtype)] for name, local, shape, _ in incoming]
+        plan = [[name, list(shape), str(local.dtype)] for name, local, shape in incoming]
         theirs = broadcast_json(plan, self.group)
         if theirs != plan:
             ours, first = next(((a, b) for a, b in zip(plan, theirs) if a != b), (plan[len(theirs):] or [None], theirs[len(plan):] or [None]))
             raise RunFailure(f"rank {rank} built another model than rank 0 ({ours} here, {first} there): every rank "
                              "must run the same recipe, sparta and transformers version")
         src = dist.get_global_rank(self.group, 0)
-        for name, local, shape, owner in incoming:
+        for name, local, shape in incoming:
             whole = sent[name].to(device, local.dtype) if rank == 0 else torch.empty(shape, dtype=local.dtype, device=device)
             dist.broadcast(whole, src=src, group=self.group)
-            _local(local).copy_(_local(_part(whole, local, owner)))
+            _local(local).copy_(_local(self._part(whole, local)))
 
-    def _incoming(self) -> list[tuple[str, torch.Tensor, torch.Size, Any]]:
-        """(name, this rank's tensor, whole shape, owning SpaRTA layer or None) of everything rank 0 sends."""
-        from sparta_cli.tuners.sparta.sharded import ShardedSpartaLinear
-
-        rows = []
-        for name, local in _tensors(self.model).items():
-            module, _, leaf = name.rpartition(".")
-            owner = self.model.get_submodule(module) if module else self.model
-            if isinstance(owner, ShardedSpartaLinear):
-                if leaf in ("sparta_indices", "sparta_local"):
-                    continue  # computed from the seed on every rank
-                if leaf in ("sparta_delta", "sparta_origin"):
-                    rows.append((name, local, owner.sparta_indices.shape, owner))
-                    continue
-            rows.append((name, local, local.shape, None))
-        return rows
+    def _incoming(self) -> list[tuple[str, torch.Tensor, torch.Size]]:
+        """(name, this rank's tensor, whole shape) of everything rank 0 sends: all but what the method
+        computes on every rank."""
+        owned = self.owned
+        return [(name, local, self._whole_shape(local)) for name, local in _tensors(self.model).items()
+                if owned is None or not owned.computed(local)]
 
     def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """`module.state_dict()` (default: the sharded model's) with every shard gathered, on CPU:
@@ -220,19 +220,6 @@ class ShardedModel:
         take part in each gather, keep nothing, and get an empty dict."""
         gathered = {name: self.gather(value) for name, value in (module or self.model).state_dict().items()}
         return {name: whole for name, whole in gathered.items() if whole is not None}
-
-
-def _part(whole: torch.Tensor, like: torch.Tensor, layer) -> torch.Tensor:
-    """This rank's part of `whole`, for a tensor shaped like `like`: the owned entries of a SpaRTA
-    `layer`'s per-entry tensor (a slice), the rows of an FSDP shard (a DTensor), or all of it."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if layer is not None:
-        lo, hi = layer.slices[layer.rank]
-        return whole[lo:hi]
-    if isinstance(like, DTensor):
-        return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-    return whole
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -248,10 +235,10 @@ def _shaped_like(value, param: torch.Tensor) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
 
 
-def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterable[nn.Module] | None = None, mesh=None,
-          mp_policy=None, reshard_after_forward: bool = True) -> ShardedModel:
-    """`fully_shard` the blocks (default: `default_blocks`), then the root; SpaRTA's layers, when
-    given, first become their row-owned form, their deltas left out of FSDP (`ignored_params`).
+def shard(model: nn.Module, *, own: Callable[[MeshRank], OwnedShards | None] | None = None,
+          blocks: Iterable[nn.Module] | None = None, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> ShardedModel:
+    """`fully_shard` the blocks (default: `default_blocks`), then the root. `own`, when given, first
+    shards what the method shards itself (`Tuner.shard`), which FSDP then leaves alone (`ignored_params`).
 
     When some rank holds a skeleton (meta tensors: it did not read the weights), rank 0 holds the
     loaded model and sends each rank its parts once everything is sharded (`receive_from_rank0`)."""
@@ -272,13 +259,9 @@ def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterab
     dist.all_reduce(skeletons, group=group)
     receiving = bool(skeletons.item())
     sent = _tensors(model) if receiving and rank == 0 else None  # rank 0's whole tensors, kept until sent
-    owned = None
-    if sparta is not None:
-        from sparta_cli.tuners.sparta.sharded import ShardedSparta
-
-        owned = ShardedSparta.own_rows(sparta, rank, dist.get_world_size(group), group, device)
+    owned = own(MeshRank(rank, dist.get_world_size(group), group, device)) if own is not None else None
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy(),
-                   ignored_params=owned.deltas() if owned is not None else None)
+                   ignored_params=owned.ignored_params() if owned is not None else None)
     for block in default_blocks(model) if blocks is None else blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
@@ -294,7 +277,7 @@ def shard(model: nn.Module, *, sparta: SpartaModel | None = None, blocks: Iterab
 
 def shard_adapter(adapter: Adapter, mixed_precision: str) -> ShardedModel:
     """FSDP2 over the adapter's model (one group per transformer block, each head alone, then the
-    root); for SpaRTA, `adapter.sparta` becomes the row-owned one.
+    root), what its method shards itself sharded by its tuner (`Tuner.shard`).
 
     bf16 is FSDP's MixedPrecisionPolicy (weights all-gathered in bf16, gradients reduced in fp32),
     standing in for autocast: the fp32 shards (SpaRTA's deltas, LoRA's factors, full's weights) stay fp32."""
@@ -302,10 +285,7 @@ def shard_adapter(adapter: Adapter, mixed_precision: str) -> ShardedModel:
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else None
     heads = [adapter.base.get_submodule(name) for name in adapter.head_modules]
-    sharded = shard(adapter.base, sparta=adapter.sparta, blocks=default_blocks(adapter.base) + heads, mp_policy=policy)
-    if sharded.sparta is not None:
-        adapter.sparta = sharded.sparta
-    return sharded
+    return shard(adapter.base, own=partial(adapter.tuner.shard, adapter), blocks=default_blocks(adapter.base) + heads, mp_policy=policy)
 
 
 class GatheredOptimizer:

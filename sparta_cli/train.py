@@ -50,7 +50,7 @@ from sparta_cli.runs import (
 )
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
-from sparta_cli.tuners import apply_adapter
+from sparta_cli.tuners import apply_adapter, get_tuner
 
 if TYPE_CHECKING:
     from sparta_cli.tuners.base import Adapter
@@ -264,7 +264,8 @@ class Model:
 
 
 def setup_model(recipe: Recipe, task: Task) -> Model:
-    """The classifier and its adapter (under FSDP only rank 0 reads the weights: `load_classifier`)."""
+    """The classifier and its adapter (under FSDP only rank 0 reads the weights: `load_classifier`);
+    the recipe's adapter settings resolved against the model (`Tuner.resolve_settings`)."""
     loaded = load_classifier(recipe, task.num_labels, list(task.label_names or []) or None,
                              task.kind.problem_type)
     model = loaded.model
@@ -272,6 +273,8 @@ def setup_model(recipe: Recipe, task: Task) -> Model:
     dtype = next(model.parameters()).dtype
     for name in loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
         model.get_submodule(name).float()
+    # what only the model fixes (SpaRTA's budget -> density), so config.yaml, checkpoints and the adapter record it
+    recipe.adapter = get_tuner(recipe.adapter.method).resolve_settings(recipe.adapter, model)
     adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, loaded.head_modules)
     if recipe.training.gradient_checkpointing:
         adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_batch, tiny_model
 
-from sparta_cli.sharding import ShardedModel, clip_grad_norm_, full_tensor, shard
+from sparta_cli.sharding import ShardedModel, clip_grad_norm_, full_tensor
 from sparta_cli.tuners import apply_adapter
 from sparta_cli.tuners.sparta.config import SpartaConfig
 from sparta_cli.tuners.sparta.mask import select_indices
-from sparta_cli.tuners.sparta.sharded import owned_slices, row_split
+from sparta_cli.tuners.sparta.sharded import owned_slices, row_split, shard
 
 ARCHS = ["llama", "gemma2"]
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]  # out features 32, 16, 16, 32, 64, 64, 32

@@ -167,3 +167,28 @@ def test_no_import_cycle_among_sparta_modules():
 
     for name in sorted(graph):
         visit(name, [])
+
+
+SPARTA_PRIVATE = {"SpartaLinear", "ShardedSpartaLinear", "ShardedSparta", "ShardedSpartaModel", "SpartaModel",
+                  "sparta_delta", "sparta_indices", "sparta_origin", "sparta_local"}
+
+
+def test_nothing_outside_tuners_sparta_reads_spartas_own_state():
+    """`Adapter.sparta` and SpaRTA's layers are read by tuners/sparta/ only: the rest of sparta asks the
+    Tuner (FSDP too: `Tuner.shard`). tuners/base.py declares the field, so it may name its type."""
+    allowed = {"sparta_cli/tuners/base.py": {"SpartaModel"}}
+    found = []
+    for path in sorted((ROOT / "sparta_cli").rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        if where.startswith("sparta_cli/tuners/sparta/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = {node.attr} if isinstance(node, ast.Attribute) else {node.id} if isinstance(node, ast.Name) else set()
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = {alias.name.rpartition(".")[2] for alias in node.names}
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = {node.value}
+            if isinstance(node, ast.Attribute) and node.attr == "sparta":
+                found.append(f"{where}:{node.lineno} .sparta")
+            found += [f"{where}:{node.lineno} {name}" for name in sorted(names & SPARTA_PRIVATE - allowed.get(where, set()))]
+    assert not found, found

@@ -34,6 +34,38 @@ class Gathering(Protocol):
     def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]: ...
 
 
+@dataclass(frozen=True)
+class MeshRank:
+    """This process's place in an FSDP2 mesh (sharding.shard), for a method that shards its own tensors."""
+
+    rank: int
+    world: int
+    group: Any  # the mesh's process group
+    device: torch.device  # where this rank's shards live
+
+
+class OwnedShards(Protocol):
+    """What a method shards itself beside FSDP (`Tuner.shard`; SpaRTA's deltas, split by the weights'
+    rows): what FSDP must leave alone, and the conversions between whole tensors and this rank's parts
+    that sharding.ShardedModel asks of them. `gather` is a collective: every rank calls it."""
+
+    def ignored_params(self) -> set[nn.Parameter]: ...  # left out of `fully_shard`: already sharded
+
+    def owns(self, tensor: torch.Tensor) -> bool: ...  # one of its sharded tensors (a parameter or buffer)
+
+    def computed(self, tensor: torch.Tensor) -> bool: ...  # built alike on every rank, so never sent by rank 0
+
+    def whole_shape(self, tensor: torch.Tensor) -> torch.Size: ...
+
+    def gather(self, tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor: ...  # `value`, shaped like `tensor`, whole
+
+    def part(self, tensor: torch.Tensor, whole: torch.Tensor) -> torch.Tensor: ...  # this rank's part of `whole`
+
+    def check_layout(self) -> None: ...  # after `fully_shard`: the weights are split as it assumed
+
+    def write_weights(self) -> None: ...  # after a load: what the forward reads follows its tensors
+
+
 @dataclass
 class Overwritten:
     """What `Tuner.apply_in_place` overwrote in a base model, kept to put it back bit for bit."""
@@ -68,6 +100,11 @@ class Tuner(ABC):
     def config_keys(self) -> tuple[str, ...]:
         """The `adapter.*` keys it reads besides `method` and `seed`."""
         return tuple(key for key in self.config.model_fields if key not in ("method", "seed"))
+
+    def resolve_settings(self, cfg: MethodConfig, model: nn.Module) -> MethodConfig:
+        """The settings as they train on `model` (a loaded model or a meta-device skeleton): what only
+        the model can fix resolved (SpaRTA: adapter.budget to its density); the settings themselves by default."""
+        return cfg
 
     @abstractmethod
     def apply(self, model: nn.Module, cfg: MethodConfig, seed: int, head_modules: list[str]) -> Adapter:
@@ -112,6 +149,11 @@ class Tuner(ABC):
 
     def write_weights(self, adapter: Adapter) -> None:
         """After trainable tensors were loaded in place (resume, best adapter): what the forward reads follows them."""
+
+    def shard(self, adapter: Adapter, place: MeshRank) -> OwnedShards | None:
+        """Under FSDP2, before `fully_shard`: turn what the method shards itself into this rank's part
+        and return it (SpaRTA: its deltas, by the weights' rows), or None when FSDP shards all of it."""
+        return None
 
     # ------------------------------------------------------------ files
 
@@ -182,7 +224,7 @@ class Adapter:
     base: nn.Module  # the transformers model underneath
     head_modules: list[str]
     base_params: int  # parameters of the base model before adaptation
-    # SpaRTA's layers: read by tuners/sparta/ (and, until FSDP asks the tuner, sharding.shard_adapter; issue 21)
+    # SpaRTA's layers: read by tuners/sparta/ only (tests/test_method_interface.py checks)
     sparta: SpartaModel | None = None
 
     @property

@@ -24,6 +24,8 @@ class MethodConfig(Strict):
     tuner: ClassVar[str]  # `module:Class` of its Tuner, imported on first use (tuners.get_tuner)
     # `sparta tune`'s search when the recipe gives none
     tune_space: ClassVar[dict[str, str]] = {"training.lr": "log:1e-4..3e-2"}
+    # keys that size it in alternative ways (SpaRTA: density or budget): overriding one drops the others
+    one_of: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     @classmethod
     def name(cls) -> str:

@@ -18,6 +18,10 @@ because each rank's batch contributes a gradient to every entry.
   Reduce-scatter rather than all-reduce: it moves half the bytes of an all-reduce, and only the
   owner needs the sum. The weight itself is frozen (requires_grad False), so FSDP never builds,
   stores or reduces a dense gradient for it.
+
+`SpartaTuner.shard` makes the row-owned layers (`ShardedSparta.own_rows`) when `sharding.shard`
+asks, and `ShardedSparta` is the `OwnedShards` that the method-agnostic `sharding.ShardedModel`
+gathers and splits through.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from sparta_cli import sharding
 from sparta_cli.dtensors import reshard
 from sparta_cli.errors import SpartaError
+from sparta_cli.tuners.base import MeshRank
 from sparta_cli.tuners.sparta.layer import SpartaLinear, WrappedLinear, autocast_input, sparse_weight_grad
 from sparta_cli.tuners.sparta.model import SpartaModel, _set_submodule
 
@@ -76,7 +82,7 @@ class _ShardedDeltaLinear(torch.autograd.Function):
 
 def _owned(values: torch.Tensor, lo: int, hi: int, device: torch.device | None) -> torch.Tensor:
     """This rank's slice of a per-entry tensor, on `device`; uninitialised on a skeleton (meta), whose
-    values arrive from rank 0 (`sharding.shard`)."""
+    values arrive from rank 0 (`sharding.ShardedModel.receive_from_rank0`)."""
     if values.is_meta:
         return torch.empty(hi - lo, dtype=values.dtype, device=device)
     return values[lo:hi].to(device, copy=True)
@@ -139,24 +145,44 @@ class ShardedSpartaLinear(WrappedLinear):
 @dataclass
 class ShardedSparta(SpartaModel):
     """The SpaRTA layers of an FSDP2-sharded model (`sharding.shard`), with SpartaModel's interface:
-    counts and shapes are the whole adapter's, `state_tensors` gathers, `load_deltas` keeps this rank's slice."""
+    counts and shapes are the whole adapter's, `state_tensors` gathers, `load_deltas` keeps this rank's
+    slice; and the `OwnedShards` (tuners/base.py) that `sharding.ShardedModel` asks about its deltas."""
 
     group: Any = None  # the process group of the FSDP mesh
 
     @classmethod
-    def own_rows(cls, sparta: SpartaModel, rank: int, world: int, group: dist.ProcessGroup | None,
-                 device: torch.device) -> ShardedSparta:
+    def own_rows(cls, sparta: SpartaModel, place: MeshRank) -> ShardedSparta:
         """Swap every SpaRTA layer for its row-owned form (before `fully_shard`, which must leave
-        `deltas()` out: they are already sharded by ownership, and placed on `device` here)."""
+        `ignored_params()` out: they are already sharded by ownership, and placed on `place.device` here)."""
         layers = {}
         for name, layer in sparta.layers.items():
-            layers[name] = ShardedSpartaLinear(layer, rank, world, group, device)
+            layers[name] = ShardedSpartaLinear(layer, place.rank, place.world, place.group, place.device)
             _set_submodule(sparta.model, name, layers[name])
         sparta.layers = {}  # the unsharded layers are gone from the model
-        return cls(sparta.model, layers, dict(sparta.target_of), group)
+        return cls(sparta.model, layers, dict(sparta.target_of), place.group)
 
-    def deltas(self) -> set[nn.Parameter]:
+    def ignored_params(self) -> set[nn.Parameter]:
+        """The owned deltas: FSDP neither shards nor reduces them."""
         return {layer.sparta_delta for layer in self.layers.values()}
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        return self.owner(tensor) is not None
+
+    def computed(self, tensor: torch.Tensor) -> bool:
+        """The global indices and the owned entries' local positions: drawn from the seed on every rank."""
+        return any(tensor is layer.sparta_indices or tensor is layer.sparta_local for layer in self.layers.values())
+
+    def whole_shape(self, tensor: torch.Tensor) -> torch.Size:
+        return self.owner(tensor).sparta_indices.shape
+
+    def gather(self, tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return self.gather_delta(self.owner(tensor), value)
+
+    def part(self, tensor: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        """The owned slice of a whole per-entry tensor (no collective)."""
+        layer = self.owner(tensor)
+        lo, hi = layer.slices[layer.rank]
+        return whole[lo:hi]
 
     def check_layout(self) -> None:
         from torch.distributed.tensor import DTensor, Shard
@@ -178,9 +204,9 @@ class ShardedSparta(SpartaModel):
     def num_owned(self) -> int:
         return sum(layer.sparta_delta.numel() for layer in self.layers.values())
 
-    def owner(self, param: torch.Tensor) -> ShardedSpartaLinear | None:
-        """The layer whose owned deltas `param` is, if any."""
-        return next((layer for layer in self.layers.values() if layer.sparta_delta is param), None)
+    def owner(self, tensor: torch.Tensor) -> ShardedSpartaLinear | None:
+        """The layer whose owned deltas (or their W0 values) `tensor` is, if any."""
+        return next((layer for layer in self.layers.values() if tensor is layer.sparta_delta or tensor is layer.sparta_origin), None)
 
     def gather_delta(self, layer: ShardedSpartaLinear, value: torch.Tensor) -> torch.Tensor:
         """All k entries of a tensor shaped like `layer`'s owned deltas (the deltas, an AdamW moment):
@@ -210,3 +236,20 @@ class ShardedSparta(SpartaModel):
             lo, hi = layer.slices[layer.rank]
             layer.sparta_delta.copy_(delta[lo:hi])
         self.write_weights()
+
+
+@dataclass
+class ShardedSpartaModel(sharding.ShardedModel):
+    """`sharding.ShardedModel` of a model sharded with its SpaRTA layers (`shard`), which it names."""
+
+    @property
+    def sparta(self) -> ShardedSparta:
+        return self.owned
+
+
+def shard(model: nn.Module, *, sparta: SpartaModel, **options: Any) -> ShardedSpartaModel:
+    """`sharding.shard(model, **options)` with `sparta`'s layers made row-owned first, for a model
+    sharded without its `Adapter` (tests/test_fsdp.py, scripts/bench_fsdp_memory.py; `sparta train`
+    goes through `SpartaTuner.shard`)."""
+    sharded = sharding.shard(model, own=lambda place: ShardedSparta.own_rows(sparta, place), **options)
+    return ShardedSpartaModel(sharded.model, sharded.group, sharded.owned)

@@ -8,9 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparta_cli.targets import is_head, resolve_targets
 from sparta_cli.tuners.base import (
     Adapter,
+    MeshRank,
     Overwritten,
+    OwnedShards,
     Tuner,
     check_base_matches,
     count_params,
@@ -34,7 +37,18 @@ class SpartaTuner(Tuner):
     # the deltas by the weights' rows instead (sharded.py, docs/scaling.md)
     shardable = False
 
+    def resolve_settings(self, cfg: SpartaConfig, model: nn.Module) -> SpartaConfig:
+        """A budget's density over `model`: the paper counts all the base model's parameters, embeddings
+        included and each shared (tied) tensor once, without the new classification head (`score` /
+        `classifier`), against the entries of every target matrix."""
+        if cfg.budget is None:
+            return cfg
+        base = sum(p.numel() for name, p in model.named_parameters() if not is_head(name))
+        sizes = [model.get_submodule(name).weight.numel() for name in resolve_targets(model, cfg.targets)]
+        return cfg.with_budget(base, sizes)
+
     def apply(self, model: nn.Module, cfg: SpartaConfig, seed: int, head_modules: list[str]) -> Adapter:
+        cfg = self.resolve_settings(cfg, model)
         base_params = count_params(model)
         freeze_all_but_heads(model, head_modules)
         sparta = SpartaModel.inject(model, cfg.targets, cfg.density, seed)
@@ -72,6 +86,13 @@ class SpartaTuner(Tuner):
 
     def write_weights(self, adapter: Adapter) -> None:
         adapter.sparta.write_weights()
+
+    def shard(self, adapter: Adapter, place: MeshRank) -> OwnedShards:
+        """Every SpaRTA layer becomes its row-owned form; `adapter.sparta` is then the sharded one."""
+        from sparta_cli.tuners.sparta.sharded import ShardedSparta
+
+        adapter.sparta = ShardedSparta.own_rows(adapter.sparta, place)
+        return adapter.sparta
 
     def check_tensors(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
         check_adapter_tensors(tensors, config, path)
