@@ -17,7 +17,7 @@ from torch import nn
 
 from sparta_cli.config import ModelConfig, Recipe, TrainingConfig
 from sparta_cli.errors import SpartaError
-from sparta_cli.serve.swap import SparseSwap
+from sparta_cli.serve.swap import BaseParameters, SparseSwap
 from sparta_cli.tasks import Task
 
 BASE_NAME = "base"
@@ -116,6 +116,7 @@ class ServedModels:
 
     def __post_init__(self) -> None:
         self.active: ServedModel = self.entries[BASE_NAME]
+        self.base_parameters = BaseParameters(self.model)  # taken before any PEFT wrapping renames them
 
     def get(self, name: Any) -> ServedModel:
         if not isinstance(name, str) or name not in self.entries:
@@ -178,7 +179,7 @@ class ServedModels:
         if self.model_cfg is not None and not _same_base(recipe.model, self.model_cfg):
             raise SpartaError(f"adapter `{name}` was trained on {recipe.model.name_or_path}, not on {self.model_cfg.name_or_path}: "
                               "serve each base model in a server of its own")
-        return _load_adapter(name, path, self.model, recipe, _resolve_task(recipe))
+        return _load_adapter(name, path, self.model, self.base_parameters, recipe, _resolve_task(recipe))
 
     def check_name_free(self, name: str) -> None:
         """Refuse (409) a name already served."""
@@ -327,7 +328,7 @@ def _same_base(a: ModelConfig, b: ModelConfig) -> bool:
     return where(a) == where(b) and (a.revision, a.gguf_file, a.dtype) == (b.revision, b.gguf_file, b.dtype)
 
 
-def _load_adapter(name: str, path: Path, model: nn.Module, recipe: Recipe, task: Task) -> ServedModel:
+def _load_adapter(name: str, path: Path, model: nn.Module, params: BaseParameters, recipe: Recipe, task: Task) -> ServedModel:
     from sparta_cli.models import fit_max_length
     from sparta_cli.runs import read_adapter_config, read_adapter_tensors
     from sparta_cli.tuners import check_base_matches
@@ -342,5 +343,5 @@ def _load_adapter(name: str, path: Path, model: nn.Module, recipe: Recipe, task:
         raise SpartaError(f"run {path} has {trained} outputs but its task now has {task.num_labels}: check its task files")
     check_base_matches(config, model)
     fit_max_length(recipe, model)
-    swap = SparseSwap(model, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
+    swap = SparseSwap(params, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
     return ServedModel(name, task, recipe, method, swap, config.get("density"), config.get("trainable_params"), str(path))
