@@ -5,6 +5,7 @@ restore the base bit for bit; bad requests get a 4xx naming the problem; SIGTERM
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -276,21 +277,22 @@ def test_other_malformed_requests_and_the_api_key(server):
 
 
 def weights_digest(model: torch.nn.Module) -> str:
+    """Of every parameter, by name (the server's `base_parameters`: the base's own, under PEFT's layers too)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.named_parameters()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference, pool, pool_reference):
-    """Swap among 14 adapters (SpaRTA on v,o and on q,k,v,o, head only, at several densities) in a
+    """Swap among 16 adapters (SpaRTA on v,o and on q,k,v,o, head only, at several densities, LoRA, DoRA) in a
     random order, 10,000 times, unloading and reloading one every 500 swaps: back on the base, every
     weight hashes as the freshly loaded base's; on the way, each adapter still gives its own answers."""
     from sparta_cli.serve.registry import load_served
 
     served = load_served(str(runs["vo"]), [(name, runs[name]) for name in ("qkvo", "head", "drop")])
-    fresh = weights_digest(served.model)
+    fresh = weights_digest(served.base_parameters)
     for name, run in pool.items():
         served.add(served.load_run(name, run))
     names = [*served.entries]
@@ -308,10 +310,10 @@ def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference
                 assert_matches({"data": served.run(name, features)}, expected)
     seconds = time.perf_counter() - start
     served.activate("base")
-    assert served.swaps > 9000  # repeats are no swap: 10,000 x 14/15 = 9,333 expected, sd 25
-    assert weights_digest(served.model) == fresh
+    assert served.swaps > 9000  # repeats are no swap: 10,000 x 16/17 = 9,412 expected, sd 24
+    assert weights_digest(served.base_parameters) == fresh
     served.activate("vo")
-    assert weights_digest(served.model) != fresh  # the digest sees an adapter's k writes
+    assert weights_digest(served.base_parameters) != fresh  # the digest sees an adapter's k writes
     print(f"10,000 swaps with 20 reloads and 60 checked forwards: {seconds:.2f} s")
 
 
@@ -399,14 +401,14 @@ def test_a_merged_checkpoint_serves_as_the_base_with_its_own_head(runs, referenc
 
 def test_serve_refuses_what_it_cannot_serve_in_one_line(runs, tiny_bert_nodropout_dir, tiny_bert_dir, tmp_path):
     import_or_require("peft")
-    lora = make_run(tmp_path / "lora", str(tiny_bert_nodropout_dir), method="lora")
+    full = make_run(tmp_path / "full", str(tiny_bert_nodropout_dir), method="full")
     elsewhere = make_run(tmp_path / "elsewhere", str(tiny_bert_dir), seed=5)
     vo = str(runs["vo"])
     cases = [
         ((vo, "--adapter", "noequals"), "write NAME=RUN"),
         ((vo, "--adapter", f"base={vo}"), "not `base`"),
         ((vo, "--adapter", f"vo={runs['qkvo']}"), "two adapters are named `vo`"),
-        ((vo, "--adapter", f"lora={lora}"), "is a lora run: serve takes SpaRTA and head-only runs"),
+        ((vo, "--adapter", f"full={full}"), "is a full run: serve takes SpaRTA, head-only, LoRA and DoRA runs"),
         ((vo, "--adapter", f"other={elsewhere}"), "serve each base model in a server of its own"),
         ((str(tiny_bert_nodropout_dir),), "no trained head and no --adapter"),
         ((vo, "--api-key-file", str(tmp_path / "missing")), "does not exist"),
@@ -424,11 +426,15 @@ POOL = 10  # SpaRTA runs under --adapters-dir: the issue asks for 8+ adapters un
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, tiny_bert_nodropout_dir) -> dict[str, Path]:
-    """POOL SpaRTA runs in one --adapters-dir, their targets and densities varied (v,o; q,k,v,o)."""
+    """POOL SpaRTA runs in one --adapters-dir, their targets and densities varied (v,o; q,k,v,o), and a LoRA and a DoRA run."""
     root = tmp_path_factory.mktemp("pool")
     base = str(tiny_bert_nodropout_dir)
-    return {f"a{i}": make_run(root / f"a{i}", base, seed=10 + i, targets=("v", "o") if i % 2 else ("q", "k", "v", "o"),
-                              density=0.05 + 0.02 * (i % 3), scale=0.3) for i in range(POOL)}
+    found = {f"a{i}": make_run(root / f"a{i}", base, seed=10 + i, targets=("v", "o") if i % 2 else ("q", "k", "v", "o"),
+                               density=0.05 + 0.02 * (i % 3), scale=0.3) for i in range(POOL)}
+    if importlib.util.find_spec("peft") is not None:  # LoRA and DoRA runs, served through PEFT beside them (CI has PEFT)
+        for seed, method in enumerate(("lora", "dora")):
+            found[method] = make_run(root / method, base, seed=30 + seed, targets=("q", "v"), scale=0.3, method=method)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -499,7 +505,7 @@ def test_adapters_loaded_and_unloaded_while_mixed_traffic_runs_answer_as_each_al
         for name in pool:
             response = load(client, name)
             assert response.status_code == 201, response.text
-            assert response.json()["id"] == name and response.json()["method"] == "sparta"
+            assert response.json()["id"] == name and response.json()["method"] == (name if name in ("lora", "dora") else "sparta")
         names = list(pool)
         churning = set(names[::2])
         stop = threading.Event()
@@ -542,6 +548,20 @@ def test_adapters_loaded_and_unloaded_while_mixed_traffic_runs_answer_as_each_al
         assert models == {"base", *names}
         for name in names:  # and afterwards, every adapter still answers as itself
             assert_matches(classify(client, name, TEXTS), pool_reference[name])
+        described = {entry["id"]: entry for entry in client.get("/v1/models").json()["data"]}
+        for method in set(pool) & {"lora", "dora"}:  # as `sparta predict` labels them; described with PEFT's own bytes
+            entry, run = described[method], pool[method]
+            config = json.loads((run / "adapter_config.json").read_text())
+            assert (entry["method"], entry["rank"], entry["trainable_params"]) == (method, 8, config["trainable_params"])
+            from safetensors.torch import load_file
+
+            saved = load_file(run / "peft" / "adapter_model.safetensors")
+            assert entry["resident_bytes"] == sum(t.numel() * t.element_size() for t in saved.values())
+            file, out = tmp_path / f"{method}.jsonl", tmp_path / f"{method}.tsv"
+            file.write_text("".join(json.dumps({"sentence": text}) + "\n" for text in TEXTS))
+            assert sparta("predict", str(run), "--file", str(file), "--output", str(out)).exit_code == 0
+            predicted = [line.split("\t")[1] for line in out.read_text().splitlines()[1:]]
+            assert [row["label"] for row in classify(client, method, TEXTS)["data"]] == predicted
 
 
 def test_adapter_loading_refuses_paths_outside_the_folder_names_and_runs_it_cannot_serve(pool, pool_reference, runs, tiny_bert_nodropout_dir,

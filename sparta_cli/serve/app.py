@@ -137,7 +137,11 @@ def add_admin_routes(app: FastAPI, served: ServedModels) -> None:
             entry = await asyncio.to_thread(served.load_run, name, folder)
         except SpartaError as exc:
             raise RequestError(400, str(exc)) from None
-        served.add(entry)
+        try:
+            served.add(entry)
+        except RequestError:  # the name was taken while it loaded: let its PEFT layers go again
+            await asyncio.to_thread(served.retire, entry)
+            raise
         return entry.describe()
 
     @app.delete("/v1/adapters/{name}")

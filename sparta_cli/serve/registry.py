@@ -17,11 +17,12 @@ from torch import nn
 
 from sparta_cli.config import ModelConfig, Recipe, TrainingConfig
 from sparta_cli.errors import SpartaError
-from sparta_cli.serve.swap import BaseParameters, SparseSwap
+from sparta_cli.serve.swap import BaseParameters, PeftSwap, SparseSwap
 from sparta_cli.tasks import Task
 
 BASE_NAME = "base"
-SERVED_METHODS = ("sparta", "head")  # whose saved tensors are deltas and a head (LoRA/DoRA via PEFT come later)
+IN_PLACE_METHODS = ("sparta", "head")  # whose saved tensors are deltas and a head, written into the base in place
+PEFT_METHODS = ("lora", "dora")  # served through PEFT's multi-adapter API on the same base
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -44,8 +45,9 @@ class ServedModel:
     task: Task | None  # None: a base model with no trained head (refused for classification)
     recipe: Recipe | None
     method: str
-    swap: SparseSwap | None = None
+    swap: SparseSwap | PeftSwap | None = None
     density: float | None = None
+    rank: int | None = None
     trainable_params: int | None = None
     source: str = ""
     pending: set[Future] = field(default_factory=set)
@@ -59,7 +61,7 @@ class ServedModel:
             "type": None if task is None else ("regression" if task.is_regression else "classification"),
             "labels": list(task.label_names) if task and task.label_names else None,
             "text_fields": list(task.text_fields) if task else None,
-            "density": self.density, "trainable_params": self.trainable_params,
+            "density": self.density, "rank": self.rank, "trainable_params": self.trainable_params,
             "resident_bytes": self.swap.nbytes if self.swap else 0,
         }
 
@@ -117,6 +119,8 @@ class ServedModels:
     def __post_init__(self) -> None:
         self.active: ServedModel = self.entries[BASE_NAME]
         self.base_parameters = BaseParameters(self.model)  # taken before any PEFT wrapping renames them
+        self.peft_model: nn.Module | None = None  # the one PeftModel on the base, from the first LoRA/DoRA run on
+        self._peft_loads = 0
 
     def get(self, name: Any) -> ServedModel:
         if not isinstance(name, str) or name not in self.entries:
@@ -179,8 +183,34 @@ class ServedModels:
         if self.model_cfg is not None and not _same_base(recipe.model, self.model_cfg):
             raise SpartaError(f"adapter `{name}` was trained on {recipe.model.name_or_path}, not on {self.model_cfg.name_or_path}: "
                               "serve each base model in a server of its own")
-        return _load_adapter(name, path, self.model, self.base_parameters, recipe, _resolve_task(recipe))
+        entry = _load_adapter(name, path, self.model, self.base_parameters, recipe, _resolve_task(recipe))
+        if entry.method in PEFT_METHODS:
+            entry.swap = self._load_peft(path)
+        return entry
 
+    def _load_peft(self, path: Path) -> PeftSwap:
+        """The run as one more adapter of the one PeftModel (PEFT reads its files and adds its layers to
+        the model, so this holds the model between batches), left disabled until it is activated."""
+        from sparta_cli.runs.layout import PEFT_DIR
+
+        with self.lock:
+            self.activate(self.entries[BASE_NAME])  # PEFT copies the head it wraps: copy the base's
+            self._peft_loads += 1
+            adapter_name = f"served{self._peft_loads}"  # PEFT's names take no `.`; a reloaded name gets a new one
+            try:
+                if self.peft_model is None:
+                    from peft import PeftModel
+
+                    self.peft_model = PeftModel.from_pretrained(self.model, str(path / PEFT_DIR), adapter_name=adapter_name)
+                else:
+                    self.peft_model.load_adapter(str(path / PEFT_DIR), adapter_name=adapter_name)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise SpartaError(f"PEFT could not load {path / PEFT_DIR} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
+                                  "check that the run finished and was trained on this base") from None
+            self.model.requires_grad_(False)
+            swap = PeftSwap(self.peft_model, adapter_name)
+            swap.revert()  # PEFT enables what it loads: the base computes as before
+            return swap
     def check_name_free(self, name: str) -> None:
         """Refuse (409) a name already served."""
         if name in self.entries:
@@ -201,10 +231,13 @@ class ServedModels:
         return entry
 
     def retire(self, entry: ServedModel) -> None:
-        """After its last request: if `entry` is still applied, put the base back (between batches)."""
+        """After its last request: if `entry` is still applied, put the base back, and drop a PEFT
+        adapter's layers (between batches)."""
         with self.lock:
             if self.active is entry:
                 self.activate(self.entries[BASE_NAME])
+            if isinstance(entry.swap, PeftSwap):
+                entry.swap.unload()
 
 
 def run_folder_under(root: Path, given: Any) -> Path:
@@ -335,13 +368,15 @@ def _load_adapter(name: str, path: Path, model: nn.Module, params: BaseParameter
 
     config = read_adapter_config(path)
     method = config.get("method")
-    if method not in SERVED_METHODS:
-        raise SpartaError(f"adapter `{name}` ({path}) is a {method} run: serve takes SpaRTA and head-only runs for now; "
-                          f"`sparta merge {path}` and `sparta eval` or `sparta predict` the merged checkpoint instead")
+    if method not in (*IN_PLACE_METHODS, *PEFT_METHODS):
+        raise SpartaError(f"adapter `{name}` ({path}) is a {method} run: serve takes SpaRTA, head-only, LoRA and DoRA runs; "
+                          f"`sparta merge {path}` and serve the merged checkpoint instead")
     trained = config.get("task", {}).get("num_labels")
     if trained is not None and trained != task.num_labels:
         raise SpartaError(f"run {path} has {trained} outputs but its task now has {task.num_labels}: check its task files")
     check_base_matches(config, model)
     fit_max_length(recipe, model)
+    if method in PEFT_METHODS:  # its swap is PEFT's, made by `ServedModels.load_run` between batches
+        return ServedModel(name, task, recipe, method, None, None, recipe.adapter.r, config.get("trainable_params"), str(path))
     swap = SparseSwap(params, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
-    return ServedModel(name, task, recipe, method, swap, config.get("density"), config.get("trainable_params"), str(path))
+    return ServedModel(name, task, recipe, method, swap, config.get("density"), None, config.get("trainable_params"), str(path))

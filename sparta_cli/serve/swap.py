@@ -96,3 +96,29 @@ class SparseSwap:
             raise RuntimeError("this adapter is not applied")
         self.tuner.revert(self.model, self._overwritten)
         self._overwritten = None
+
+
+class PeftSwap:
+    """A LoRA or DoRA run as one named adapter of the one `PeftModel` on the base (PEFT's multi-adapter
+    API, as LoRA servers batch them): `apply()` enables PEFT's layers and selects it (`set_adapter`),
+    `revert()` disables them, so the base and SpaRTA adapters (written in place) compute without it.
+    Its low-rank factors and its head copy (PEFT's modules_to_save) stay resident beside the base."""
+
+    def __init__(self, peft_model: nn.Module, adapter_name: str) -> None:
+        self.peft_model, self.adapter_name = peft_model, adapter_name
+        own = [param for name, param in peft_model.named_parameters() if f".{adapter_name}." in name or name.endswith(f".{adapter_name}")]
+        self.nbytes = sum(param.numel() * param.element_size() for param in own)
+        self.applied = False
+
+    def apply(self) -> None:
+        self.peft_model.base_model.enable_adapter_layers()
+        self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
+        self.applied = True
+
+    def revert(self) -> None:
+        self.peft_model.base_model.disable_adapter_layers()
+        self.applied = False
+
+    def unload(self) -> None:
+        """Drop its layers' weights from the model (the caller has reverted it, between batches)."""
+        self.peft_model.delete_adapter(self.adapter_name)
