@@ -28,3 +28,19 @@ def test_bench_step_tiny_json():
     # same matrices, same budget: peft-sparta's Bernoulli draw lands near our exact count
     assert abs(by["peft-sparta"]["trainable_params"] - by["sparta"]["trainable_params"]) < 0.2 * by["sparta"]["trainable_params"]
     assert by["full"]["trainable_params"] == by["full"]["params"]
+
+
+def test_bench_serve_quick_json(tiny_bert_nodropout_dir):
+    """scripts/bench_serve.py --quick on a tiny base: a row per system, adapter count, mix and batch (no timing asserted)."""
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("bench_serve.py")), "--quick", "--json", "--base", str(tiny_bert_nodropout_dir)],
+                         capture_output=True, text=True, timeout=1200, check=False)  # a guard against hangs only
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["system"], r["adapters"], r["mix"]) for r in rows] == [
+        (system, count, mix) for system in ("sparta", "peft-lora") for count, mix in ((1, "uniform"), (3, "uniform"), (3, "zipf"))]
+    for row in rows:
+        assert row["requests"] > 0 and row["requests_per_s"] > 0 and row["rss_mib"] > 0 and row["p99_ms"] >= row["p50_ms"]
+    by = {(r["system"], r["adapters"], r["mix"]): r for r in rows}
+    assert by[("sparta", 1, "uniform")]["vs_ceiling"] == 1.0
+    assert by[("sparta", 3, "uniform")]["swaps_per_s"] > 0 and by[("sparta", 3, "uniform")]["adapter_bytes"] > 0
+    assert "merged model per adapter" in out.stdout
