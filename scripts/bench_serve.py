@@ -49,7 +49,10 @@ def rss():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) * 1024
 models, sizes = [], [rss()]
 for _ in range(int(sys.argv[2])):
-    models.append(AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2).eval())
+    model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2).eval()
+    for param in model.parameters():  # a merged model's weights are its own: no page shared with the file or the others
+        param.data = param.data.clone()
+    models.append(model)
     sizes.append(rss())
 print("RESULT", *sizes)
 """
