@@ -286,35 +286,37 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference, pool, pool_reference):
-    """Swap among 16 adapters (SpaRTA on v,o and on q,k,v,o, head only, at several densities, LoRA, DoRA) in a
-    random order, 10,000 times, unloading and reloading one every 500 swaps: back on the base, every
-    weight hashes as the freshly loaded base's; on the way, each adapter still gives its own answers."""
-    from sparta_cli.serve.registry import load_served
+    """Swap among 16 adapters (SpaRTA on v,o and on q,k,v,o, head only, at several densities; LoRA and
+    DoRA through PEFT every 50th swap, theirs visiting every layer) in a random order, 10,000 times,
+    unloading and reloading one every 1,000: back on the base, every weight hashes as the freshly
+    loaded base's; on the way, each adapter still gives its own answers."""
+    from sparta_cli.serve.registry import PEFT_METHODS, load_served
 
     served = load_served(str(runs["vo"]), [(name, runs[name]) for name in ("qkvo", "head", "drop")])
     fresh = weights_digest(served.base_parameters)
     for name, run in pool.items():
         served.add(served.load_run(name, run))
-    names = [*served.entries]
+    in_place = [name for name, entry in served.entries.items() if entry.method not in PEFT_METHODS]
+    through_peft = sorted(set(served.entries) - set(in_place))
     generator = random.Random(1)
     start = time.perf_counter()
     for step in range(10_000):
-        served.activate(generator.choice(names))
-        if step % 500 == 0:
+        served.activate(generator.choice(through_peft if step % 50 == 49 and through_peft else in_place))
+        if step % 1000 == 0:
             name = generator.choice(list(pool))
             served.retire(served.remove(name))
             served.add(served.load_run(name, pool[name]))
-            for name in ("vo", "qkvo", generator.choice(list(pool))):
-                features = served.entries[name].encode(TEXTS, served.tokenizer)
+            for name in ("qkvo", generator.choice(list(pool))):  # short inputs: a forward costs more than 1,000 swaps
+                features = served.entries[name].encode(TEXTS[:4], served.tokenizer)
                 expected = pool_reference[name] if name in pool else reference[name]["rows"]
-                assert_matches({"data": served.run(name, features)}, expected)
+                assert_matches({"data": served.run(name, features)}, expected[:4])
     seconds = time.perf_counter() - start
     served.activate("base")
-    assert served.swaps > 9000  # repeats are no swap: 10,000 x 16/17 = 9,412 expected, sd 24
+    assert served.swaps > 9000  # repeats are no swap: about 10,000 x 14/15 = 9,333 expected, sd 25
     assert weights_digest(served.base_parameters) == fresh
     served.activate("vo")
     assert weights_digest(served.base_parameters) != fresh  # the digest sees an adapter's k writes
-    print(f"10,000 swaps with 20 reloads and 60 checked forwards: {seconds:.2f} s")
+    print(f"10,000 swaps with 10 reloads and 20 checked forwards: {seconds:.2f} s")
 
 
 def test_the_scheduler_serves_the_longest_waiting_adapter_in_batches_of_at_most_max_batch():
