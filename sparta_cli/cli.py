@@ -202,11 +202,13 @@ def serve(
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="file holding the key /v1/* requests must send as `Authorization: Bearer KEY`")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="most inputs per forward, all for one adapter")] = 8,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="longest an input waits for its batch to fill")] = 5.0,
+    adapters_dir: Annotated[Path | None, typer.Option("--adapters-dir", help="folder whose run folders POST /v1/adapters may load at run time")] = None,
 ) -> None:
     """Serve classification runs over HTTP: one base model, SpaRTA adapters swapped in place (docs/serve.md)."""
     from sparta_cli.serve import serve as run_server
 
-    run_server(target, adapters=adapter or [], host=host, port=port, api_key_file=api_key_file, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    run_server(target, adapters=adapter or [], host=host, port=port, api_key_file=api_key_file, max_batch=max_batch, max_wait_ms=max_wait_ms,
+               adapters_dir=adapters_dir)
 
 
 GLOBAL_OPTIONS = {"--debug", "--version", "-V", "--help", "-h"}

@@ -1,4 +1,4 @@
-"""scripts/bench_step.py runs end to end at --size tiny and prints one JSON row per method (no timing asserted)."""
+"""The benchmark scripts run end to end on tiny models and print their JSON rows (no timing asserted)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,19 @@ def test_bench_step_sft_tiny_json():
     # v,o at density 0.01 of the tiny model (2 layers, 128 x 64 and 128 x 128 matrices): 2 x (82 + 164) entries
     assert by["sparta"]["trainable_params"] == 492
     assert abs(by["peft-sparta"]["trainable_params"] - 492) < 0.2 * 492
+
+
+def test_bench_serve_quick_json(tiny_bert_nodropout_dir):
+    """scripts/bench_serve.py --quick on a tiny base: a row per system, adapter count, mix and batch (no timing asserted)."""
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("bench_serve.py")), "--quick", "--json", "--base", str(tiny_bert_nodropout_dir)],
+                         capture_output=True, text=True, timeout=1200, check=False)  # a guard against hangs only
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["system"], r["adapters"], r["mix"]) for r in rows] == [
+        (system, count, mix) for system in ("sparta", "peft-lora") for count, mix in ((1, "uniform"), (3, "uniform"), (3, "zipf"))]
+    for row in rows:
+        assert row["requests"] > 0 and row["requests_per_s"] > 0 and row["rss_mib"] > 0 and row["p99_ms"] >= row["p50_ms"]
+    by = {(r["system"], r["adapters"], r["mix"]): r for r in rows}
+    assert by[("sparta", 1, "uniform")]["vs_ceiling"] == 1.0
+    assert by[("sparta", 3, "uniform")]["swaps_per_s"] > 0 and by[("sparta", 3, "uniform")]["adapter_bytes"] > 0
+    assert "merged model per adapter" in out.stdout

@@ -35,8 +35,20 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def check_adapters_dir(adapters_dir: Path, host: str, has_key: bool) -> Path:
+    """The folder runs may be loaded from at run time; refused beyond loopback without a key, where
+    anyone who reaches the port could make the server read (and serve) its runs."""
+    folder = Path(adapters_dir).expanduser()
+    if not folder.is_dir():
+        raise SpartaError(f"--adapters-dir {folder} is not a folder: give the folder that holds the run folders to serve")
+    if not is_loopback(host) and not has_key:
+        raise SpartaError(f"--adapters-dir on {host} without an API key would let anyone load and unload adapters: "
+                          "pass --api-key-file, or serve on 127.0.0.1")
+    return folder
+
+
 def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_file: Path | None = None,
-          max_batch: int = 8, max_wait_ms: float = 5.0) -> None:
+          max_batch: int = 8, max_wait_ms: float = 5.0, adapters_dir: Path | None = None) -> None:
     """Load the base once and every adapter beside it, then answer HTTP until SIGINT/SIGTERM (which drains)."""
     if max_batch < 1:
         raise SpartaError(f"--max-batch {max_batch}: give 1 or more")
@@ -52,11 +64,14 @@ def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: in
     from sparta_cli.serve.registry import load_served, parse_adapter_specs
 
     api_key = read_api_key(api_key_file) if api_key_file is not None else None
-    served = load_served(target, parse_adapter_specs(adapters))
+    folder = check_adapters_dir(adapters_dir, host, api_key is not None) if adapters_dir is not None else None
+    served = load_served(target, parse_adapter_specs(adapters), folder)
     if not is_loopback(host) and api_key is None:
         errors.print(f"warning: serving on {host} without an API key: anyone who can reach this port can use it "
                      "(pass --api-key-file)", markup=False, soft_wrap=True)
     names = [name for name in served.entries if served.entries[name].swap]
+    if folder is not None:
+        console.print(f"POST /v1/adapters loads runs from {folder.resolve()}; DELETE /v1/adapters/NAME unloads", soft_wrap=True)
     mib = 1 << 20
     console.print(f"serving {len(names)} adapter(s) ({', '.join(names)}) on one base on {served.device}: base {served.base_bytes / mib:.1f} MiB "
                   f"+ adapters {served.adapter_bytes() / mib:.2f} MiB", soft_wrap=True)

@@ -16,8 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
+from sparta_cli.errors import SpartaError
 from sparta_cli.serve.metrics import ServerMetrics
-from sparta_cli.serve.registry import BASE_NAME, RequestError, ServedModels
+from sparta_cli.serve.registry import ADAPTER_NAME, BASE_NAME, RequestError, ServedModels, run_folder_under
 from sparta_cli.serve.scheduler import Scheduler
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 inputs of ~4 KB each
@@ -26,7 +27,8 @@ MAX_INPUTS = 256  # inputs per request
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     """OpenAI's error object."""
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+            413: "request_too_large"}.get(status, "invalid_request_error")
     return {"error": {"message": message, "type": kind, "code": status}}
 
 
@@ -97,7 +99,12 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
             inputs = check_inputs(payload.get("input"))
             count = len(inputs)
             features = entry.encode(inputs, served.tokenizer)
-            results = await asyncio.wrap_future(scheduler.submit(entry.name, features))
+            future = scheduler.submit(entry, features)  # no await since `get`: an unload sees this request pending
+            entry.pending.add(future)
+            try:
+                results = await asyncio.wrap_future(future)
+            finally:
+                entry.pending.discard(future)
             return {"object": "list", "model": entry.name, "data": [{"index": i, **result} for i, result in enumerate(results)]}
         except RequestError as exc:
             status = exc.status
@@ -108,7 +115,42 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
         finally:
             metrics.request(name, status, time.perf_counter() - start, count if status == 200 else 0)
 
+    if served.adapters_dir is not None:
+        add_admin_routes(app, served)
     return app
+
+
+def add_admin_routes(app: FastAPI, served: ServedModels) -> None:
+    """POST /v1/adapters and DELETE /v1/adapters/{name}: runs loaded from, and only from, --adapters-dir."""
+    assert served.adapters_dir is not None
+    root = served.adapters_dir
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load(request: Request):
+        payload = parse_json(await read_body(request), needs="path")
+        folder = run_folder_under(root, payload["path"])
+        name = payload.get("name", folder.name)
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name == BASE_NAME:
+            raise RequestError(400, f"name {str(name)[:80]!r}: use letters, digits, `.`, `_` or `-` (at most 64), not `{BASE_NAME}`")
+        served.check_name_free(name)
+        try:  # reading and checking the files happens here, off the event loop and off the model worker
+            entry = await asyncio.to_thread(served.load_run, name, folder)
+        except SpartaError as exc:
+            raise RequestError(400, str(exc)) from None
+        try:
+            served.add(entry)
+        except RequestError:  # the name was taken while it loaded: let its PEFT layers go again
+            await asyncio.to_thread(served.retire, entry)
+            raise
+        return entry.describe()
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload(name: str):
+        entry = served.remove(name)  # new requests naming it get 404 from here on
+        pending = tuple(entry.pending)
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in pending), return_exceptions=True)
+        await asyncio.to_thread(served.retire, entry)  # between batches: the base back if it was applied
+        return {"id": entry.name, "object": "model", "deleted": True, "answered_first": len(pending)}
 
 
 async def read_body(request: Request) -> bytes:
@@ -125,15 +167,17 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes, needs: str = "model") -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the body is not JSON ({exc}): send {{\"model\": NAME, \"input\": [TEXT, ...]}}") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "the body must be a JSON object: {\"model\": NAME, \"input\": [TEXT, ...]}")
-    if "model" not in payload:
+    if needs == "model" and "model" not in payload:
         raise RequestError(400, "the body has no `model`: name an adapter (GET /v1/models lists them)")
+    if needs == "path" and "path" not in payload:
+        raise RequestError(400, "the body has no `path`: name a run folder under --adapters-dir, e.g. {\"path\": \"sst2-d0.05\"}")
     return payload
 
 

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparta_cli.config import ModelConfig, Recipe
+from sparta_cli.config import ModelConfig, Recipe, TrainingConfig
 from sparta_cli.errors import SpartaError
-from sparta_cli.serve.swap import SparseSwap
+from sparta_cli.serve.swap import BaseParameters, PeftSwap, SparseSwap
 from sparta_cli.tasks import Task
 
 BASE_NAME = "base"
-SERVED_METHODS = ("sparta", "head")  # whose saved tensors are deltas and a head (LoRA/DoRA via PEFT come later)
+IN_PLACE_METHODS = ("sparta", "head")  # whose saved tensors are deltas and a head, written into the base in place
+PEFT_METHODS = ("lora", "dora")  # served through PEFT's multi-adapter API on the same base
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -31,19 +35,22 @@ class RequestError(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the scheduler queues by entry, so a name can be reused at once
 class ServedModel:
     """The base or one adapter: its task, its tokenisation policy (the run's data.max_length and
-    data.overlong) and, for an adapter, its swap."""
+    data.overlong) and, for an adapter, its swap. `pending`: its requests not yet answered (an
+    unload waits for them)."""
 
     name: str
     task: Task | None  # None: a base model with no trained head (refused for classification)
     recipe: Recipe | None
     method: str
-    swap: SparseSwap | None = None
+    swap: SparseSwap | PeftSwap | None = None
     density: float | None = None
+    rank: int | None = None
     trainable_params: int | None = None
     source: str = ""
+    pending: set[Future] = field(default_factory=set)
 
     def describe(self) -> dict[str, Any]:
         """Its entry in GET /v1/models (OpenAI's model object plus what the run records)."""
@@ -54,7 +61,7 @@ class ServedModel:
             "type": None if task is None else ("regression" if task.is_regression else "classification"),
             "labels": list(task.label_names) if task and task.label_names else None,
             "text_fields": list(task.text_fields) if task else None,
-            "density": self.density, "trainable_params": self.trainable_params,
+            "density": self.density, "rank": self.rank, "trainable_params": self.trainable_params,
             "resident_bytes": self.swap.nbytes if self.swap else 0,
         }
 
@@ -91,7 +98,11 @@ def _texts(item: Any, fields: int, position: int, name: str) -> list[str]:
 
 @dataclass
 class ServedModels:
-    """One base model and its adapters, at most one applied at a time (`activate`)."""
+    """One base model and its adapters, at most one applied at a time (`activate`).
+
+    Threads: the HTTP handlers read `entries`, which is replaced whole (never changed in place) when
+    an adapter is added or removed; `lock` is held by every forward and every swap, so a change
+    that touches the model (`retire`) waits for the batch running and no swap races a forward."""
 
     model: nn.Module
     tokenizer: Any
@@ -99,9 +110,17 @@ class ServedModels:
     device: torch.device
     autocast_dtype: torch.dtype | None  # the eval path's mixed precision (None: none)
     base_bytes: int
-    active: str = BASE_NAME
+    model_cfg: ModelConfig | None = None  # the base's weights, which every adapter must have been trained on
+    adapters_dir: Path | None = None  # where POST /v1/adapters may load runs from (None: no loading at run time)
     swaps: int = 0
     swap_seconds: float = 0.0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        self.active: ServedModel = self.entries[BASE_NAME]
+        self.base_parameters = BaseParameters(self.model)  # taken before any PEFT wrapping renames them
+        self.peft_model: nn.Module | None = None  # the one PeftModel on the base, from the first LoRA/DoRA run on
+        self._peft_loads = 0
 
     def get(self, name: Any) -> ServedModel:
         if not isinstance(name, str) or name not in self.entries:
@@ -112,33 +131,37 @@ class ServedModels:
     def adapter_bytes(self) -> int:
         return sum(entry.swap.nbytes for entry in self.entries.values() if entry.swap)
 
-    def activate(self, name: str) -> None:
-        """Make the model compute `name`: revert the applied adapter, apply this one (O(k) each)."""
-        if name == self.active:
-            return
-        start = time.perf_counter()
-        current = self.entries[self.active].swap
-        if current is not None:
-            current.revert()
-        target = self.entries[name].swap
-        if target is not None:
-            target.apply()
-        self.active = name
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.swaps += 1
-        self.swap_seconds += time.perf_counter() - start
+    def _entry(self, model: str | ServedModel) -> ServedModel:
+        return self.entries[model] if isinstance(model, str) else model
 
-    def run(self, name: str, features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
+    def activate(self, model: str | ServedModel) -> None:
+        """Make the model compute `model` (an entry or its name): revert the applied adapter, apply this one (O(k) each)."""
+        target = self._entry(model)
+        with self.lock:
+            if target is self.active:
+                return
+            start = time.perf_counter()
+            if self.active.swap is not None:
+                self.active.swap.revert()
+            if target.swap is not None:
+                target.swap.apply()
+            self.active = target
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.swaps += 1
+            self.swap_seconds += time.perf_counter() - start
+
+    def run(self, model: str | ServedModel, features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
         """Classify one same-adapter batch: label, score and probabilities per input (regression: the score)."""
-        entry = self.entries[name]
+        entry = self._entry(model)
         assert entry.task is not None
-        self.activate(name)
         batch = self.tokenizer.pad(features, return_tensors="pt")  # DataCollatorWithPadding's padding
         batch = {key: value.to(self.device) for key, value in batch.items()}
         autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        with torch.inference_mode(), autocast:
-            logits = self.model(**batch).logits.float()
+        with self.lock:
+            self.activate(entry)
+            with torch.inference_mode(), autocast:
+                logits = self.model(**batch).logits.float()
         if entry.task.is_regression:
             return [{"score": float(value)} for value in logits.squeeze(-1).cpu()]
         probabilities = torch.softmax(logits.double(), dim=-1).cpu()
@@ -149,6 +172,96 @@ class ServedModels:
             results.append({"label": labels[best], "score": float(row[best]),
                             "probabilities": {label: float(p) for label, p in zip(labels, row)}})
         return results
+
+    # ------------------------------------------------------------ loading and unloading at run time
+
+    def load_run(self, name: str, path: Path) -> ServedModel:
+        """A run resident beside the base, not yet served (`add` serves it): its recipe, its task, its
+        tensors read and checked, all off the model worker; refused in one line when it does not fit
+        this base."""
+        recipe = _run_recipe(name, path)
+        if self.model_cfg is not None and not _same_base(recipe.model, self.model_cfg):
+            raise SpartaError(f"adapter `{name}` was trained on {recipe.model.name_or_path}, not on {self.model_cfg.name_or_path}: "
+                              "serve each base model in a server of its own")
+        entry = _load_adapter(name, path, self.model, self.base_parameters, recipe, _resolve_task(recipe))
+        if entry.method in PEFT_METHODS:
+            entry.swap = self._load_peft(path)
+        return entry
+
+    def _load_peft(self, path: Path) -> PeftSwap:
+        """The run as one more adapter of the one PeftModel (PEFT reads its files and adds its layers to
+        the model, so this holds the model between batches), left disabled until it is activated."""
+        from sparta_cli.runs.layout import PEFT_DIR
+
+        with self.lock:
+            self.activate(self.entries[BASE_NAME])  # PEFT copies the head it wraps: copy the base's
+            self._peft_loads += 1
+            adapter_name = f"served{self._peft_loads}"  # PEFT's names take no `.`; a reloaded name gets a new one
+            try:
+                if self.peft_model is None:
+                    from peft import PeftModel
+
+                    self.peft_model = PeftModel.from_pretrained(self.model, str(path / PEFT_DIR), adapter_name=adapter_name)
+                else:
+                    self.peft_model.load_adapter(str(path / PEFT_DIR), adapter_name=adapter_name)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise SpartaError(f"PEFT could not load {path / PEFT_DIR} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
+                                  "check that the run finished and was trained on this base") from None
+            self.model.requires_grad_(False)
+            swap = PeftSwap(self.peft_model, adapter_name)
+            swap.revert()  # PEFT enables what it loads: the base computes as before
+            return swap
+    def check_name_free(self, name: str) -> None:
+        """Refuse (409) a name already served."""
+        if name in self.entries:
+            raise RequestError(409, f"a model named `{name}` is already served: unload it first (DELETE /v1/adapters/{name}) "
+                                    "or give another name")
+
+    def add(self, entry: ServedModel) -> None:
+        """Serve `entry` from the next request on (409 when its name is taken)."""
+        self.check_name_free(entry.name)
+        self.entries = {**self.entries, entry.name: entry}
+
+    def remove(self, name: Any) -> ServedModel:
+        """Stop serving `name`: from now on a request naming it gets 404 (its queued requests still run)."""
+        entry = self.get(name)
+        if entry.name == BASE_NAME:
+            raise RequestError(400, f"`{BASE_NAME}` is the model every adapter runs on: it cannot be unloaded")
+        self.entries = {key: value for key, value in self.entries.items() if key != entry.name}
+        return entry
+
+    def retire(self, entry: ServedModel) -> None:
+        """After its last request: if `entry` is still applied, put the base back, and drop a PEFT
+        adapter's layers (between batches)."""
+        with self.lock:
+            if self.active is entry:
+                self.activate(self.entries[BASE_NAME])
+            if isinstance(entry.swap, PeftSwap):
+                entry.swap.unload()
+
+
+def run_folder_under(root: Path, given: Any) -> Path:
+    """The run folder a request names, relative to `--adapters-dir`, refused unless it stays inside:
+    no absolute path, no `..`, no symlink (of the folder or any file in it) that leads outside."""
+    if not isinstance(given, str) or not given.strip():
+        raise RequestError(400, "`path` must name a run folder relative to --adapters-dir, e.g. {\"path\": \"sst2-d0.05\"}")
+    relative = Path(given)
+    if relative.is_absolute() or given.startswith(("/", "\\")) or relative.drive:
+        raise RequestError(400, f"`path` {given!r} is absolute: name a run folder relative to --adapters-dir")
+    if ".." in relative.parts or "\x00" in given:
+        raise RequestError(400, f"`path` {given!r} climbs out with `..`: name a run folder under --adapters-dir")
+    base = root.resolve()
+    folder = root / relative
+    if not folder.resolve().is_relative_to(base):
+        raise RequestError(403, f"`path` {given!r} is a symlink that leads outside --adapters-dir: serve only what is under it")
+    if not folder.is_dir():
+        raise RequestError(404, f"no run folder {given!r} under --adapters-dir (GET /v1/models lists what is served)")
+    for parent, dirs, files in os.walk(folder):
+        for item in (*dirs, *files):
+            if not (Path(parent) / item).resolve().is_relative_to(base):
+                inside = (Path(parent) / item).relative_to(folder)
+                raise RequestError(403, f"{given}/{inside} is a symlink that leads outside --adapters-dir: serve only what is under it")
+    return folder
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
@@ -164,7 +277,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
+def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Path | None = None) -> ServedModels:
     """The base model (TARGET's, or TARGET itself) loaded once, and every run resident on it."""
     from sparta_cli.evaluate_cmd import BASE, MERGED, RUN, eval_recipe, target_kind
     from sparta_cli.models import fit_max_length, load_for_classification
@@ -183,11 +296,10 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise SpartaError(f"two adapters are named `{duplicate}`: give each --adapter its own NAME")
-    if kind == BASE and not runs:
+    if kind == BASE and not runs and adapters_dir is None:
         raise SpartaError(f"{target} is a base model with no trained head and no --adapter was given: pass --adapter NAME=RUN "
-                          "for each run to serve")
-    recipes = {name: _run_recipe(name, path) for name, path in runs}
-    tasks = {name: resolve_task(recipe.task) for name, recipe in recipes.items()}
+                          "for each run to serve (or --adapters-dir DIR to load them at run time)")
+    first = _run_recipe(*runs[0]) if runs else None
 
     base_task = None
     if kind == MERGED:
@@ -197,14 +309,13 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     elif kind == BASE:
         base_recipe, model_cfg = None, ModelConfig(name_or_path=target)
     else:
-        base_recipe, model_cfg = None, recipes[runs[0][0]].model
-    for name, recipe in recipes.items():
-        if not _same_base(recipe.model, model_cfg):
-            raise SpartaError(f"adapter `{name}` was trained on {recipe.model.name_or_path}, not on {model_cfg.name_or_path}: "
-                              "serve each base model in a server of its own")
-    sizing = base_task or tasks[runs[0][0]]
-    loaded = load_for_classification(model_cfg, sizing.num_labels, list(sizing.label_names or []) or None,
-                                     problem_type="regression" if sizing.is_regression else "single_label_classification")
+        base_recipe, model_cfg = None, first.model
+    sizing = base_task or (_resolve_task(first) if first else None)
+    if sizing is None:  # a bare base whose runs all come later: any head will do, each run brings its own
+        loaded = load_for_classification(model_cfg, 2, None, problem_type="single_label_classification")
+    else:
+        loaded = load_for_classification(model_cfg, sizing.num_labels, list(sizing.label_names or []) or None,
+                                         problem_type="regression" if sizing.is_regression else "single_label_classification")
     model = loaded.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval().requires_grad_(False)
@@ -214,12 +325,19 @@ def load_served(target: str, adapters: list[tuple[str, Path]]) -> ServedModels:
     if base_recipe is not None:
         fit_max_length(base_recipe, model)
     method = "merged" if kind == MERGED else "base"
-    entries = {BASE_NAME: ServedModel(BASE_NAME, base_task, base_recipe, method, source=str(model_cfg.name_or_path))}
-    for name, path in runs:
-        entries[name] = _load_adapter(name, path, model, recipes[name], tasks[name])
-    precision = mixed_precision(base_recipe or recipes[runs[0][0]], next(model.parameters()).dtype)
+    base = ServedModel(BASE_NAME, base_task, base_recipe, method, source=str(model_cfg.name_or_path))
+    precision = mixed_precision(base_recipe or first or Recipe.model_construct(training=TrainingConfig()), next(model.parameters()).dtype)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return ServedModels(model, loaded.tokenizer, entries, device, autocast, base_bytes)
+    served = ServedModels(model, loaded.tokenizer, {BASE_NAME: base}, device, autocast, base_bytes, model_cfg, adapters_dir)
+    for name, path in runs:
+        served.add(served.load_run(name, path))
+    return served
+
+
+def _resolve_task(recipe: Recipe) -> Task:
+    from sparta_cli.tasks import resolve_task
+
+    return resolve_task(recipe.task)
 
 
 def _run_recipe(name: str, path: Path) -> Recipe:
@@ -243,20 +361,22 @@ def _same_base(a: ModelConfig, b: ModelConfig) -> bool:
     return where(a) == where(b) and (a.revision, a.gguf_file, a.dtype) == (b.revision, b.gguf_file, b.dtype)
 
 
-def _load_adapter(name: str, path: Path, model: nn.Module, recipe: Recipe, task: Task) -> ServedModel:
+def _load_adapter(name: str, path: Path, model: nn.Module, params: BaseParameters, recipe: Recipe, task: Task) -> ServedModel:
     from sparta_cli.models import fit_max_length
     from sparta_cli.runs import read_adapter_config, read_adapter_tensors
     from sparta_cli.tuners import check_base_matches
 
     config = read_adapter_config(path)
     method = config.get("method")
-    if method not in SERVED_METHODS:
-        raise SpartaError(f"adapter `{name}` ({path}) is a {method} run: serve takes SpaRTA and head-only runs for now; "
-                          f"`sparta merge {path}` and `sparta eval` or `sparta predict` the merged checkpoint instead")
+    if method not in (*IN_PLACE_METHODS, *PEFT_METHODS):
+        raise SpartaError(f"adapter `{name}` ({path}) is a {method} run: serve takes SpaRTA, head-only, LoRA and DoRA runs; "
+                          f"`sparta merge {path}` and serve the merged checkpoint instead")
     trained = config.get("task", {}).get("num_labels")
     if trained is not None and trained != task.num_labels:
         raise SpartaError(f"run {path} has {trained} outputs but its task now has {task.num_labels}: check its task files")
     check_base_matches(config, model)
     fit_max_length(recipe, model)
-    swap = SparseSwap(model, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
-    return ServedModel(name, task, recipe, method, swap, config.get("density"), config.get("trainable_params"), str(path))
+    if method in PEFT_METHODS:  # its swap is PEFT's, made by `ServedModels.load_run` between batches
+        return ServedModel(name, task, recipe, method, None, None, recipe.adapter.r, config.get("trainable_params"), str(path))
+    swap = SparseSwap(params, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
+    return ServedModel(name, task, recipe, method, swap, config.get("density"), None, config.get("trainable_params"), str(path))

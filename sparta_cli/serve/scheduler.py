@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-RunBatch = Callable[[str, list[Any]], list[Any]]  # (adapter, inputs) -> one result per input
+RunBatch = Callable[[Any, list[Any]], list[Any]]  # (adapter, inputs) -> one result per input
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
-        self.queues: dict[str, deque[_Item]] = {}
+        self.queues: dict[Hashable, deque[_Item]] = {}
         self.condition = threading.Condition()
         self.stopping = False
         self.worker = threading.Thread(target=self._work, name="sparta-serve-worker", daemon=True)
@@ -59,8 +59,9 @@ class Scheduler:
         with self.condition:
             return sum(len(queue) for queue in self.queues.values())
 
-    def submit(self, adapter: str, inputs: list[Any]) -> Future:
-        """A future of the results of `inputs`, in order."""
+    def submit(self, adapter: Hashable, inputs: list[Any]) -> Future:
+        """A future of the results of `inputs`, in order; `adapter` is whatever `run_batch` takes (the
+        server's entry objects, so an unloaded name can be loaded again while its last requests run)."""
         future: Future = Future()
         request = _Request(future, [None] * len(inputs), len(inputs))
         with self.condition:
@@ -71,11 +72,13 @@ class Scheduler:
             self.condition.notify_all()
         return future
 
-    def next_batch(self) -> tuple[str, list[_Item]] | None:
+    def next_batch(self) -> tuple[Hashable, list[_Item]] | None:
         """Block until a batch is due; None once stopping with nothing queued."""
         with self.condition:
             while True:
-                waiting = {name: queue for name, queue in self.queues.items() if queue}
+                for name in [name for name, queue in self.queues.items() if not queue]:
+                    del self.queues[name]  # an unloaded adapter's entry is let go once its queue is empty
+                waiting = self.queues
                 if not waiting:
                     if self.stopping:
                         return None

@@ -17,6 +17,26 @@ from sparta_cli.tuners import get_tuner
 from sparta_cli.tuners.base import Overwritten, in_modules
 
 
+class BaseParameters(nn.Module):
+    """A base model's parameters under the names they had when it was loaded, as the methods'
+    `apply_in_place` / `revert` look them up: the same `Parameter` objects, so writes reach the model.
+
+    Why: PEFT's multi-adapter API wraps the layers it adapts (`value` -> `value.base_layer`, the head ->
+    `classifier.original_module`), renaming the very weights a SpaRTA adapter writes; and a swap then
+    finds its tensors in a dict instead of walking the module tree (a swap on a tiny model: 0.5 ms -> ~0.1 ms)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._params = dict(model.named_parameters())
+        self._linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return iter(self._params.items())
+
+    def is_linear(self, name: str) -> bool:
+        return name in self._linears
+
+
 class SparseSwap:
     """An adapter as (indices, fp32 deltas) per target weight plus its head tensors, on `model`'s device.
 
@@ -25,6 +45,7 @@ class SparseSwap:
     Only one adapter may be applied to a model at a time (the caller's invariant: `ServedModels.activate`)."""
 
     def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor], head_modules: list[str], method: str = "sparta") -> None:
+        model = model if isinstance(model, BaseParameters) else BaseParameters(model)
         device = next(model.parameters()).device
         self.model, self.tuner = model, get_tuner(method)
         params = dict(model.named_parameters())
@@ -34,7 +55,7 @@ class SparseSwap:
                 continue
             name = key.removesuffix(".indices")
             weight = params.get(f"{name}.weight")
-            if weight is None or not isinstance(model.get_submodule(name), nn.Linear):
+            if weight is None or not model.is_linear(name):
                 raise SpartaError(f"the adapter targets `{name}`, which is not a linear layer of this base model: serve it on its own base")
             if indices.numel() and int(indices.max()) >= weight.numel():
                 raise SpartaError(f"adapter indices for `{name}` exceed its weight {tuple(weight.shape)}: the adapter was made for another base model")
@@ -75,3 +96,29 @@ class SparseSwap:
             raise RuntimeError("this adapter is not applied")
         self.tuner.revert(self.model, self._overwritten)
         self._overwritten = None
+
+
+class PeftSwap:
+    """A LoRA or DoRA run as one named adapter of the one `PeftModel` on the base (PEFT's multi-adapter
+    API, as LoRA servers batch them): `apply()` enables PEFT's layers and selects it (`set_adapter`),
+    `revert()` disables them, so the base and SpaRTA adapters (written in place) compute without it.
+    Its low-rank factors and its head copy (PEFT's modules_to_save) stay resident beside the base."""
+
+    def __init__(self, peft_model: nn.Module, adapter_name: str) -> None:
+        self.peft_model, self.adapter_name = peft_model, adapter_name
+        own = [param for name, param in peft_model.named_parameters() if f".{adapter_name}." in name or name.endswith(f".{adapter_name}")]
+        self.nbytes = sum(param.numel() * param.element_size() for param in own)
+        self.applied = False
+
+    def apply(self) -> None:
+        self.peft_model.base_model.enable_adapter_layers()
+        self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
+        self.applied = True
+
+    def revert(self) -> None:
+        self.peft_model.base_model.disable_adapter_layers()
+        self.applied = False
+
+    def unload(self) -> None:
+        """Drop its layers' weights from the model (the caller has reverted it, between batches)."""
+        self.peft_model.delete_adapter(self.adapter_name)
