@@ -545,6 +545,25 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     return recipe
 
 
+def build_model_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> ModelConfig:
+    """The model of a command that needs no task (`sparta generate BASE model.gguf_file=F`), from `model.*`
+    overrides, validated and described as a recipe's model section is."""
+    tree: dict[str, Any] = {"model": {"name_or_path": name_or_path}}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] != "model":
+            raise SpartaError(f"override {text}: a base model takes model.* settings only (model.gguf_file=..., model.dtype=...): drop it")
+        set_dotted(tree, key, value)
+    _drop_trust_remote_code(tree, trust_remote_code)
+    if trust_remote_code and isinstance(tree.get("model"), dict):
+        tree["model"] = {**tree["model"], "trust_remote_code": True}
+    try:
+        return ModelConfig.model_validate(tree["model"])
+    except ValidationError as exc:
+        first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise SpartaError(_describe({**first, "loc": ("model", *first["loc"])})) from None
+
+
 def _drop_keys_of_the_old_method(tree: dict[str, Any], overridden: set[str], from_run: bool) -> None:
     """Drop the adapter keys of the method the file named when an override chose another
     (`adapter.method=lora` on a SpaRTA recipe drops its density), and those a run's config.yaml of an

@@ -115,3 +115,54 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 def tiny_bert_nodropout_dir(tmp_path_factory) -> Path:
     """Dropout off: runs that must agree across world sizes draw no randomness."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+# ---------------------------------------------------------------- causal LMs for SFT and generation
+
+# Meta's Llama 3 template, trimmed to what text chat uses (the `| trim` and the BOS kept).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_byte_tokenizer():
+    """A small fast tokenizer, one token per byte plus Llama 3's special tokens, with no chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|im_start|>", "<|im_end|>"])
+
+
+def save_tiny_chat_lm(folder: Path, *, tie_word_embeddings: bool = True, seed: int = 0) -> Path:
+    """A random two-layer Llama causal LM with the byte tokenizer and ChatML as its chat template: a base
+    model folder that generates, merges and exports in a second (ties its embeddings, as SmolLM2 does)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_byte_tokenizer()
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256, initializer_range=0.5, tie_word_embeddings=tie_word_embeddings,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm_dir(tmp_path_factory) -> Path:
+    return save_tiny_chat_lm(tmp_path_factory.mktemp("tiny-chat-lm"))
