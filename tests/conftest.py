@@ -117,15 +117,7 @@ def tiny_bert_nodropout_dir(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
 
 
-# ---------------------------------------------------------------- causal LMs for SFT and generation
 
-# Meta's Llama 3 template, trimmed to what text chat uses (the `| trim` and the BOS kept).
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -146,23 +138,24 @@ def make_byte_tokenizer():
                                    additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|im_start|>", "<|im_end|>"])
 
 
-def save_tiny_chat_lm(folder: Path, *, tie_word_embeddings: bool = True, seed: int = 0) -> Path:
-    """A random two-layer Llama causal LM with the byte tokenizer and ChatML as its chat template: a base
-    model folder that generates, merges and exports in a second (ties its embeddings, as SmolLM2 does)."""
+def save_tiny_llama(path: Path, tie: bool = False, initializer_range: float = 0.02) -> Path:
+    """A tiny random Llama causal LM with `make_byte_tokenizer`'s tokenizer and a ChatML chat template: fast SFT runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_byte_tokenizer()
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256, initializer_range=0.5, tie_word_embeddings=tie_word_embeddings,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tie,
+                         initializer_range=initializer_range)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_lm_dir(tmp_path_factory) -> Path:
-    return save_tiny_chat_lm(tmp_path_factory.mktemp("tiny-chat-lm"))
+    """A tiny causal LM with its embeddings tied (as SmolLM2's), initialised wide (std 0.5) so that greedy
+    generation varies its tokens (at 0.02 it repeats one): generate, merge and export compare tokens on it."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-lm"), tie=True, initializer_range=0.5)

@@ -24,7 +24,8 @@ from sparta_cli.generation import (
     stop_ids,
 )
 from sparta_cli.sft import parse_prompts, parse_records, resolve_chat_template, tokenize_row
-from tests.conftest import CHATML_TEMPLATE, LLAMA3_TEMPLATE, make_byte_tokenizer
+from tests.conftest import CHATML_TEMPLATE, make_byte_tokenizer
+from tests.test_sft_data import LLAMA3_TEMPLATE
 
 # ---------------------------------------------------------------- metrics (hand-computed)
 

@@ -26,7 +26,7 @@ from sparta_cli.sft import (
     resolve_chat_template,
     tokenize_row,
 )
-from tests.conftest import CHATML_TEMPLATE, LLAMA3_TEMPLATE, REPO, make_byte_tokenizer, require_or_skip, tiny_config
+from tests.conftest import CHATML_TEMPLATE, REPO, make_byte_tokenizer, require_or_skip, tiny_config
 
 SYSTEM_CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -35,6 +35,14 @@ SYSTEM_CHAT = [
     {"role": "user", "content": "Bye"},
     {"role": "assistant", "content": "Bye."},
 ]
+
+# Meta's Llama 3 template, trimmed to what text chat uses (the `| trim` and the BOS kept).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
