@@ -181,6 +181,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from sparta_cli.data import task_loader, tokenize_split
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
+    from sparta_cli.generation import generation_sets
     from sparta_cli.models import fit_max_length
     from sparta_cli.placement import mixed_precision
     from sparta_cli.preflight import preflight
@@ -229,6 +230,9 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
                                                      shuffle=False, seed=recipe.seed))
             bar = progress.add_task(f"{task_obj.name}/{name}", total=len(loader))
             scores = evaluate_split(model, loader, accelerator, task_obj, name, scorer, progress=partial(progress.advance, bar))
+            metrics.update({f"eval_{key}": value for key, value in scores.items()})
+        for prompts in generation_sets(task_obj, recipe, tokenizer, splits):  # task.generation_metrics
+            scores = prompts.score(model, tokenizer, recipe.training.eval_batch_size)
             metrics.update({f"eval_{key}": value for key, value in scores.items()})
 
     label = split or "+".join(splits)

@@ -4,8 +4,8 @@
 TARGET is an SFT run (its base with the adapter, its task's chat template), a merged causal-LM
 checkpoint or a base model (a folder, `pkg:` name or Hub name, with `model.*` overrides such as
 `model.gguf_file=F`). Prompts are rendered with the chat template when there is one (the run's
-`task.chat_template`, else the tokenizer's), as training rendered them; without one they are given
-to the model as they are. The output is written atomically, replaces a file only with `--overwrite`,
+`task.chat_template`, else the tokenizer's), as training rendered them; without one, or for a run
+trained on plain text (`task.format` text or prompt_completion), they are given to the model as they are. The output is written atomically, replaces a file only with `--overwrite`,
 and is never one of the command's inputs; without `--output` the rows go to stdout.
 """
 
@@ -22,6 +22,10 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.generation import Sampling, generate, prompt_ids
 from sparta_cli.sft import SftRow, parse_prompts, read_prompt_file, resolve_chat_template
 
+# a run trained on these (`task.format`) saw its prompts as plain text; prompt_completion with message
+# lists says so by its rows only, so such a run should record task.format: chat-like rows are rendered
+PLAIN_FORMATS = ("text", "prompt_completion")
+
 
 @dataclass
 class Generator:
@@ -37,8 +41,9 @@ def load_generator(target: str, overrides: list[str] | None = None, trust_remote
     """The model TARGET names, on the GPU when there is one, in eval mode."""
     import torch
 
-    from sparta_cli.config import build_model_config
+    from sparta_cli.config import build_model_config, user_path
     from sparta_cli.evaluate_cmd import MERGED, RUN, eval_recipe, target_kind
+    from sparta_cli.fileio import read_json
     from sparta_cli.models import load_for_causal_lm
     from sparta_cli.outputs import recipe_inputs
     from sparta_cli.runs import read_run
@@ -46,28 +51,29 @@ def load_generator(target: str, overrides: list[str] | None = None, trust_remote
 
     kind = target_kind(target)
     path = Path(target).expanduser()
-    if kind == MERGED:
+    if kind == MERGED and not any(name.endswith("ForCausalLM") for name in read_json(path / "config.json").get("architectures") or []):
         raise SpartaError(f"{target} is a sequence classifier, which predicts labels, not text: use `sparta predict`")
-    template_file = None
+    template_file, chat = None, True
     if kind == RUN:
-        config = read_run(path, tensors=False).config
-        if (config.get("task") or {}).get("kind") != "sft":
+        run = read_run(path, tensors=False)
+        if not run.causal_lm:
             raise SpartaError(f"{target} is a classification run, which predicts labels, not text: use `sparta predict` "
                               "(sparta generate runs SFT runs, task.type: sft)")
         recipe = eval_recipe(target, kind, None, list(overrides or []), trust_remote_code)
         cfg, inputs = recipe.model, [path, *recipe_inputs(recipe)]
-        template_file = getattr(recipe.task, "chat_template", None)
+        template_file = recipe.task.chat_template
+        chat = (run.config.get("task") or {}).get("format") not in PLAIN_FORMATS
     else:
         cfg = build_model_config(target, list(overrides or []), trust_remote_code=trust_remote_code)
         inputs = [path] if path.exists() else []
     loaded = load_for_causal_lm(cfg)
     model = loaded.model
     if kind == RUN:
-        model = load_adapter(path, model, config).model
+        model = load_adapter(path, model, run.config).model
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     tokenizer = loaded.tokenizer
-    has_template = template_file is not None or bool(tokenizer.chat_template)
-    template = resolve_chat_template(tokenizer, Path(template_file) if template_file else None) if has_template else None
+    chat = chat and (template_file is not None or bool(tokenizer.chat_template))
+    template = resolve_chat_template(tokenizer, user_path(template_file, "task.chat_template") if template_file else None) if chat else None
     return Generator(model, tokenizer, template, inputs)
 
 

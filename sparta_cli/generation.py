@@ -182,3 +182,46 @@ def generation_metrics(model, tokenizer, rows: Sequence[SftRow], template: str |
     reference answers: `task.generation_metrics` with `training.eval_generate_samples` rows."""
     prompts, references = zip(*(generation_prompt(row, tokenizer, template) for row in rows))
     return score_generations(generate(model, tokenizer, prompts, sampling, template), references)
+
+
+# ---------------------------------------------------------------- generation metrics at evaluation
+
+ANSWER_ROOM = 16  # tokens a model may write past the longest reference answer before generation stops
+
+
+@dataclass(frozen=True)
+class GenerationSet:
+    """The validation prompts a model answers at each evaluation, and their reference answers."""
+
+    split: str
+    suffix: str  # the split's metric suffix (`_mismatched`), as evaluate_split names its metrics
+    prompts: list[list[int]]
+    references: list[str]
+    template: str | None
+    max_new_tokens: int  # the longest reference's tokens, plus ANSWER_ROOM
+
+    def score(self, model, tokenizer, batch_size: int) -> dict[str, float]:
+        """`exact_match` and `rouge_l` of the greedy answers (with the split's suffix)."""
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, batch_size=batch_size)
+        scores = score_generations(generate(model, tokenizer, self.prompts, sampling, self.template), self.references)
+        return {f"{key}{self.suffix}": value for key, value in scores.items()}
+
+
+def generation_sets(task, recipe, tokenizer, splits: Sequence[str]) -> list[GenerationSet]:
+    """With `task.generation_metrics`, the first `training.eval_generate_samples` rows of each split
+    (default: the rows evaluated, `data.max_eval_samples`), rendered as training renders them; built
+    before training starts, so a split without prompts (text rows) is an error then, not at step N."""
+    if not getattr(recipe.task, "generation_metrics", False):
+        return []
+    from sparta_cli.data import chat_template, subsample
+    from sparta_cli.tasks import load_split, sft_rows
+
+    limit = recipe.training.eval_generate_samples or recipe.data.max_eval_samples
+    sets = []
+    for split in splits:
+        rows = sft_rows(subsample(load_split(task, recipe.task, split, recipe.data_dir()), limit, None))
+        template = chat_template(rows, tokenizer, recipe)
+        prompts, references = zip(*(generation_prompt(row, tokenizer, template) for row in rows))
+        longest = max(len(tokenizer(reference, add_special_tokens=False)["input_ids"]) for reference in references)
+        sets.append(GenerationSet(split, task.metric_suffixes.get(split, ""), list(prompts), list(references), template, longest + ANSWER_ROOM))
+    return sets

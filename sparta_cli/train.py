@@ -34,6 +34,7 @@ from sparta_cli.dtensors import local_tensor
 from sparta_cli.errors import Diverged, Interrupted, SpartaError
 from sparta_cli.evaluation import evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
+from sparta_cli.generation import generation_sets
 from sparta_cli.metrics import lower_is_better, selectable_metrics
 from sparta_cli.models import LoadedModel, fit_max_length, output_head
 from sparta_cli.optim import build_optimizer, resolve_optimizer
@@ -425,6 +426,7 @@ class Trainer:
         self.trainable, self.masks, self.selection, self.state = trainable, masks, selection, state
         self.on_evaluate = on_evaluate
         self.scorer = task.kind.scorer(task, model.loaded.tokenizer)
+        self.generation = generation_sets(task, recipe, model.loaded.tokenizer, task.eval_splits)  # task.generation_metrics
         self.window = LossWindow(self.accelerator.device)
         self.logged = LogWindow()
         self.stopped_early = selection is not None and selection.should_stop  # resumed after it stopped
@@ -548,6 +550,9 @@ class Trainer:
         results: dict[str, float] = {}
         for split, loader in loaders.items():
             results.update(evaluate_split(self.model, loader, self.accelerator, self.task, split, self.scorer))
+        if prefix == "eval_":  # generation metrics: greedy answers to the first validation prompts, at every evaluation
+            for prompts in self.generation:
+                results.update(prompts.score(self.accelerator.unwrap_model(self.model), self.loaded.tokenizer, self.cfg.eval_batch_size))
         results = {f"{prefix}{k}": v for k, v in results.items()}
         step = self.state.step
         log_record(self.accelerator, {"step": step, **results})
