@@ -112,14 +112,14 @@ def test_batched_left_padded_greedy_is_the_token_by_token_argmax(chat_lm):
 def test_sampling_is_reproducible_from_its_seed_and_leaves_the_callers_rng(chat_lm):
     model, tokenizer, template = chat_lm
     prompts = prompt_ids(parse_prompts([("x", {"prompt": "Hi"}), ("y", {"prompt": "Yo"})], chat=True), tokenizer, template)
-    sampled = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=5)
+    sampled = Sampling(max_new_tokens=5, temperature=1.0, top_p=0.95, seed=5)
     torch.manual_seed(123)
     first = generate(model, tokenizer, prompts, sampled, template)
     after = torch.rand(1)
     torch.manual_seed(123)
     assert generate(model, tokenizer, prompts, sampled, template) == first and torch.equal(torch.rand(1), after)
-    assert generate(model, tokenizer, prompts, Sampling(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=6), template) != first
-    assert generate(model, tokenizer, prompts, Sampling(max_new_tokens=8), template) != first  # greedy is another draw
+    assert generate(model, tokenizer, prompts, Sampling(max_new_tokens=5, temperature=1.0, top_p=0.95, seed=6), template) != first
+    assert generate(model, tokenizer, prompts, Sampling(max_new_tokens=5), template) != first  # greedy is another draw
 
 
 def test_generation_metrics_score_the_greedy_answers_against_the_last_assistant_turn(chat_lm):
