@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, input_file, parse_yaml, read_bytes
@@ -366,6 +367,14 @@ def _field_at(loc: tuple[Any, ...], method: str) -> Any:
             return None
         model = _section(model, str(part), method)
     return field
+
+
+def default_of(section: str, key: str, method: str = "sparta") -> Any:
+    """The default of recipe key `section.key` (None for a key with no default, or none such): what a
+    run written before the key existed trained with."""
+    field = _field_at((section, key), method)
+    default = getattr(field, "default", None)
+    return None if default is PydanticUndefined else default
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparta_cli.config import Recipe, build_recipe, read_yaml
 from sparta_cli.console import console
@@ -31,6 +31,9 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
 from sparta_cli.runs import CONFIG_YAML, STATE_FILE, eval_results_name, has_checkpoints, read_run, run_config_path
 from sparta_cli.tasks import Task, resolve_task
+
+if TYPE_CHECKING:
+    from sparta_cli.tuners.base import Adapter
 
 RUN, MERGED, BASE = "run", "merged", "base"
 
@@ -124,8 +127,8 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
             raise SpartaError(f"{target} has a trained classification head: score it with task.head=classifier (task.head=lm is for base models)")
         loaded = load_for_causal_lm(recipe.model)
         model, tokenizer = loaded.model, loaded.tokenizer
-        if kind == RUN:
-            model = _with_adapter(target, model)
+        if kind == RUN:  # the body with the adapter in it (PEFT injects its layers in place), as the scorers call it
+            model = _with_adapter(target, model).base
         if not task.kind.token_level:  # letters scored at a prompt's last token
             tokenizer.padding_side = "right"  # positions stay 0.. for every prompt
             tokenizer.truncation_side = "left"  # a long prompt loses its first shots, never "Answer:"
@@ -148,7 +151,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
         trained = config.get("task", {}).get("num_labels")
         if trained is not None and trained != task.num_labels:
             raise SpartaError(f"run {target} has {trained} outputs but its task now has {task.num_labels}: check its task files")
-        model = _with_adapter(target, model)
+        model = _with_adapter(target, model).model
     return model, loaded.tokenizer, task.kind.scorer(task, loaded.tokenizer), "untrained" if kind == BASE else "trained"
 
 
@@ -160,14 +163,14 @@ def _causal_target(kind: str, target: str) -> bool:
     return _causal(read_json(path / "config.json").get("architectures") or [])
 
 
-def _with_adapter(target: str, model):
+def _with_adapter(target: str, model) -> Adapter:
     """The run's adapter on its freshly loaded base (heads in fp32, as train.py trains and saves them)."""
     from sparta_cli.tuners import load_adapter
 
     config = read_run(Path(target).expanduser(), tensors=False).config
     for name in config.get("head_modules", []):
         model.get_submodule(name).float()
-    return load_adapter(Path(target).expanduser(), model, config).model
+    return load_adapter(Path(target).expanduser(), model, config)
 
 
 def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str],
