@@ -17,14 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.generation import Sampling, generate, prompt_ids
+from sparta_cli.runs import Run
 from sparta_cli.sft import SftRow, parse_prompts, read_prompt_file, resolve_chat_template
 
 # a run trained on these (`task.format`) saw its prompts as plain text; prompt_completion with message
 # lists says so by its rows only, so such a run should record task.format: chat-like rows are rendered
 PLAIN_FORMATS = ("text", "prompt_completion")
+
+
+@dataclass
+class Target:
+    """What TARGET names, before any weight loads: the model to load and how prompts are rendered."""
+
+    model: ModelConfig
+    run: Run | None  # an SFT run: its adapter goes onto the model
+    template_file: str | None  # the run's task.chat_template
+    chat: bool  # prompts go through a chat template when there is one
+    inputs: list[Path]  # what it reads on this machine (an output may not be one)
 
 
 @dataclass
@@ -34,47 +47,49 @@ class Generator:
     model: Any
     tokenizer: Any
     template: str | None  # None: prompts go in as plain text
-    inputs: list[Path]  # what it was loaded from on this machine (an output may not be one)
 
 
-def load_generator(target: str, overrides: list[str] | None = None, trust_remote_code: bool = False) -> Generator:
-    """The model TARGET names, on the GPU when there is one, in eval mode."""
-    import torch
-
-    from sparta_cli.config import build_model_config, user_path
+def resolve_target(target: str, overrides: list[str] | None = None, trust_remote_code: bool = False) -> Target:
+    """An SFT run, a merged causal LM or a base model; a classifier is refused."""
+    from sparta_cli.config import build_model_config
     from sparta_cli.evaluate_cmd import MERGED, RUN, eval_recipe, target_kind
     from sparta_cli.fileio import read_json
-    from sparta_cli.models import load_for_causal_lm
     from sparta_cli.outputs import recipe_inputs
     from sparta_cli.runs import read_run
-    from sparta_cli.tuners import load_adapter
 
     kind = target_kind(target)
     path = Path(target).expanduser()
     if kind == MERGED and not any(name.endswith("ForCausalLM") for name in read_json(path / "config.json").get("architectures") or []):
         raise SpartaError(f"{target} is a sequence classifier, which predicts labels, not text: use `sparta predict`")
-    template_file, chat = None, True
-    if kind == RUN:
-        run = read_run(path, tensors=False)
-        if not run.causal_lm:
-            raise SpartaError(f"{target} is a classification run, which predicts labels, not text: use `sparta predict` "
-                              "(sparta generate runs SFT runs, task.type: sft)")
-        recipe = eval_recipe(target, kind, None, list(overrides or []), trust_remote_code)
-        cfg, inputs = recipe.model, [path, *recipe_inputs(recipe)]
-        template_file = recipe.task.chat_template
-        chat = (run.config.get("task") or {}).get("format") not in PLAIN_FORMATS
-    else:
-        cfg = build_model_config(target, list(overrides or []), trust_remote_code=trust_remote_code)
-        inputs = [path] if path.exists() else []
-    loaded = load_for_causal_lm(cfg)
+    if kind != RUN:
+        return Target(build_model_config(target, list(overrides or []), trust_remote_code=trust_remote_code), None, None, True,
+                      [path] if path.exists() else [])
+    run = read_run(path, tensors=False)
+    if not run.causal_lm:
+        raise SpartaError(f"{target} is a classification run, which predicts labels, not text: use `sparta predict` "
+                          "(sparta generate runs SFT runs, task.type: sft)")
+    recipe = eval_recipe(target, kind, None, list(overrides or []), trust_remote_code)
+    plain = (run.config.get("task") or {}).get("format") in PLAIN_FORMATS
+    return Target(recipe.model, run, recipe.task.chat_template, not plain, [path, *recipe_inputs(recipe)])
+
+
+def load_generator(target: Target) -> Generator:
+    """The model, on the GPU when there is one, in eval mode, and its chat template (if prompts use one)."""
+    import torch
+
+    from sparta_cli.config import user_path
+    from sparta_cli.models import load_for_causal_lm
+    from sparta_cli.tuners import load_adapter
+
+    loaded = load_for_causal_lm(target.model)
     model = loaded.model
-    if kind == RUN:
-        model = load_adapter(path, model, run.config).model
+    if target.run is not None:
+        model = load_adapter(target.run.path, model, target.run.config).model
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     tokenizer = loaded.tokenizer
-    chat = chat and (template_file is not None or bool(tokenizer.chat_template))
-    template = resolve_chat_template(tokenizer, user_path(template_file, "task.chat_template") if template_file else None) if chat else None
-    return Generator(model, tokenizer, template, inputs)
+    chat = target.chat and (target.template_file is not None or bool(tokenizer.chat_template))
+    template_file = user_path(target.template_file, "task.chat_template") if target.template_file else None
+    return Generator(model, tokenizer, resolve_chat_template(tokenizer, template_file) if chat else None)
 
 
 def prompt_rows(prompt: str | None, file: Path | None, chat: bool) -> list[SftRow]:
@@ -103,12 +118,13 @@ def run_generate(target: str, *, prompt: str | None = None, file: Path | None = 
         if output.is_dir():
             raise SpartaError(f"--output {output} is a folder: name a file, e.g. {output / 'completions.jsonl'}")
         given = [Path(target).expanduser(), *([Path(file).expanduser()] if file is not None else [])]
-        check_not_an_input(output, given, fix="choose another file for --output")
+        check_not_an_input(output, given, fix="choose another file for --output")  # before the target is even read
+    source = resolve_target(target, overrides, trust_remote_code)
+    if output is not None:
+        check_not_an_input(output, source.inputs, fix="choose another file for --output")  # the run's base and data too
         if (output.exists() or output.is_symlink()) and not overwrite:
             raise SpartaError(f"--output {output} exists: pass --overwrite to replace it, or choose another file")
-    generator = load_generator(target, overrides, trust_remote_code)
-    if output is not None:
-        check_not_an_input(output, generator.inputs, fix="choose another file for --output")
+    generator = load_generator(source)
     rows = prompt_rows(prompt, file, chat=generator.template is not None)
     completions = generate(generator.model, generator.tokenizer, prompt_ids(rows, generator.tokenizer, generator.template),
                            sampling, generator.template)

@@ -14,7 +14,7 @@ import torch
 from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.generation import ANSWER_ROOM, Sampling, score_generations, stop_ids
-from sparta_cli.runs import ADAPTER_FILE, TRAINED_PREFIX, TRAINER_LOG
+from sparta_cli.runs import ADAPTER_FILE, TRAINED_PREFIX, TRAINER_LOG, read_run
 from tests.test_generation import reference_greedy
 
 QUESTIONS = [(3, 4), (10, 20), (7, 7), (41, 1), (5, 50), (12, 30), (9, 0), (2, 2)]
@@ -49,7 +49,6 @@ def sft_run(tmp_path_factory, tiny_chat_lm_dir) -> Path:
 def run_model(sft_run):
     from sparta_cli.config import ModelConfig
     from sparta_cli.models import load_for_causal_lm
-    from sparta_cli.runs import read_run
     from sparta_cli.tuners import load_adapter
 
     run = read_run(sft_run, tensors=False)
@@ -99,6 +98,8 @@ def test_merged_checkpoint_keeps_the_tie_and_generates_the_runs_greedy_tokens(sf
     from_run = run_generate(str(sft_run), file=rows, output=tmp_path / "run.jsonl", sampling=sampling)
     assert run_generate(str(merged), file=rows, output=tmp_path / "merged.jsonl", sampling=sampling) == from_run
     assert [record["completion"] for record in from_run] == [tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]
+    with pytest.raises(SpartaError, match="is inside the input .*: sparta never writes over what it reads"):  # the run's base model
+        run_generate(str(sft_run), file=rows, output=Path(read_run(sft_run, tensors=False).base["name_or_path"]) / "x.jsonl")
 
 
 def test_a_head_trained_apart_from_tied_embeddings_unties_them(sft_run, tiny_chat_lm_dir, tmp_path):
@@ -143,7 +144,6 @@ def test_peft_sparta_causal_lm_loader_rebuilds_the_runs_weights(sft_run, tiny_ch
     from transformers import AutoModelForCausalLM
 
     from sparta_cli.export import export_run
-    from sparta_cli.runs import read_run
 
     export_run(sft_run, format="peft-sparta", output=tmp_path / "ps")
     theirs = SpaRTAforCausalLM(str(tmp_path / "ps"))  # loads the base itself, in bf16
