@@ -94,9 +94,9 @@ def test_merged_checkpoint_keeps_the_tie_and_generates_the_runs_greedy_tokens(sf
     assert tokens == [reference_greedy(model, ids, 8, stops) for ids in prompts] and all(tokens)
     rows = tmp_path / "prompts.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{a}+{b}"}) + "\n" for a, b in QUESTIONS[:2]))
-    sampling = Sampling(max_new_tokens=8, batch_size=2)
-    from_run = run_generate(str(sft_run), file=rows, output=tmp_path / "run.jsonl", sampling=sampling)
-    assert run_generate(str(merged), file=rows, output=tmp_path / "merged.jsonl", sampling=sampling) == from_run
+    sampling, fp32 = Sampling(max_new_tokens=8, batch_size=2), ["model.dtype=float32"]  # as the reference runs (auto: bf16 on a GPU)
+    from_run = run_generate(str(sft_run), file=rows, output=tmp_path / "run.jsonl", sampling=sampling, overrides=fp32)
+    assert run_generate(str(merged), file=rows, output=tmp_path / "merged.jsonl", sampling=sampling, overrides=fp32) == from_run
     assert [record["completion"] for record in from_run] == [tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]
     with pytest.raises(SpartaError, match="is inside the input .*: sparta never writes over what it reads"):  # the run's base model
         run_generate(str(sft_run), file=rows, output=Path(read_run(sft_run, tensors=False).base["name_or_path"]) / "x.jsonl")
