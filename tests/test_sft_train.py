@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.sft import IGNORE, read_sft_file, tokenize_row
-from tests.conftest import save_tiny_llama
+from tests.conftest import IN_CI, save_tiny_llama
 
 
 def write_chat(path: Path, rows: int, seed: int = 0) -> Path:
@@ -176,6 +180,30 @@ def test_a_step_is_the_mean_token_loss_gradient_of_its_rows_however_they_are_acc
         expected = -grad.reshape(-1)[indices].float()
         torch.testing.assert_close(deltas[4][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(deltas[2][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists() and not IN_CI,
+                    reason="torchrun missing")  # it comes with torch: under CI it must be there
+def test_two_processes_weight_their_micro_batches_by_tokens(tiny_llama_dir, chat_files, tmp_path):
+    """2 processes (gloo) with 2 rows each take the step of 1 process with those 4 rows: each process's
+    summed token loss over the step's tokens of both, not the mean of two per-process means."""
+    from safetensors.torch import load_file
+
+    from sparta_cli.train import train
+
+    step = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": None, "scheduler": "constant"}
+    single = load_file(str(train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "one", **step, batch_size=4))
+                           / "adapter_model.safetensors"))
+    recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "two", **step, batch_size=2)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "sparta_cli", "train",
+                             str(tmp_path / "two.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert single.keys() == double.keys()
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-7)
 
 
 def test_eval_loss_is_the_summed_token_loss_over_the_supervised_tokens(tiny_llama_dir, chat_files, tmp_path):
