@@ -231,6 +231,7 @@ def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_
     """Stopped at its step-4 evaluation (checkpoint-2 kept), resumed: the same adapter, byte for byte, as
     the run that never stopped; `sparta eval RUN` then gives the loss training recorded for it."""
     from sparta_cli.evaluate_cmd import run_eval
+    from sparta_cli.report import write_report
     from sparta_cli.train import train
 
     def recipe(name: str):
@@ -259,6 +260,9 @@ def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_
     assert config["task"]["kind"] == "sft" and config["base_model"]["architecture"] == "LlamaForCausalLM"
     scored = run_eval(str(reference), task=None, split=None, output=tmp_path / "eval.json", overrides=[])
     assert scored["metrics"]["eval_loss"] == pytest.approx(recorded["test_loss"], rel=1e-6)
+    report = (write_report([str(reference)], output=tmp_path / "report") / "report.csv").read_text()
+    metric, mean = report.splitlines()[1].split(",")[-3:-1]  # sparta report: the run's (selected) loss, one seed
+    assert metric == "loss" and float(mean) == pytest.approx(recorded["eval_loss"], rel=1e-9)
 
 
 # ---------------------------------------------------------------- eval targets and preflight
