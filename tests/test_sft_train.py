@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.sft import IGNORE, read_sft_file, tokenize_row
-from tests.conftest import save_tiny_llama
+from tests.conftest import IN_CI, save_tiny_llama
 
 
 def write_chat(path: Path, rows: int, seed: int = 0) -> Path:
@@ -178,6 +182,30 @@ def test_a_step_is_the_mean_token_loss_gradient_of_its_rows_however_they_are_acc
         torch.testing.assert_close(deltas[2][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists() and not IN_CI,
+                    reason="torchrun missing")  # it comes with torch: under CI it must be there
+def test_two_processes_weight_their_micro_batches_by_tokens(tiny_llama_dir, chat_files, tmp_path):
+    """2 processes (gloo) with 2 rows each take the step of 1 process with those 4 rows: each process's
+    summed token loss over the step's tokens of both, not the mean of two per-process means."""
+    from safetensors.torch import load_file
+
+    from sparta_cli.train import train
+
+    step = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": None, "scheduler": "constant"}
+    single = load_file(str(train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "one", **step, batch_size=4))
+                           / "adapter_model.safetensors"))
+    recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "two", **step, batch_size=2)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "sparta_cli", "train",
+                             str(tmp_path / "two.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert single.keys() == double.keys()
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-7)
+
+
 def test_eval_loss_is_the_summed_token_loss_over_the_supervised_tokens(tiny_llama_dir, chat_files, tmp_path):
     """`sparta eval` of a base causal LM on an SFT file, in batches of 3 rows, against each row run alone."""
     from transformers import AutoModelForCausalLM
@@ -203,6 +231,7 @@ def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_
     """Stopped at its step-4 evaluation (checkpoint-2 kept), resumed: the same adapter, byte for byte, as
     the run that never stopped; `sparta eval RUN` then gives the loss training recorded for it."""
     from sparta_cli.evaluate_cmd import run_eval
+    from sparta_cli.report import write_report
     from sparta_cli.train import train
 
     def recipe(name: str):
@@ -231,6 +260,9 @@ def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_
     assert config["task"]["kind"] == "sft" and config["base_model"]["architecture"] == "LlamaForCausalLM"
     scored = run_eval(str(reference), task=None, split=None, output=tmp_path / "eval.json", overrides=[])
     assert scored["metrics"]["eval_loss"] == pytest.approx(recorded["test_loss"], rel=1e-6)
+    report = (write_report([str(reference)], output=tmp_path / "report") / "report.csv").read_text()
+    metric, mean = report.splitlines()[1].split(",")[-3:-1]  # sparta report: the run's (selected) loss, one seed
+    assert metric == "loss" and float(mean) == pytest.approx(recorded["eval_loss"], rel=1e-9)
 
 
 # ---------------------------------------------------------------- eval targets and preflight
