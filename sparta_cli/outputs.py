@@ -146,14 +146,16 @@ def check_not_an_input(output: Path, inputs: Sequence[Path], *, option: str = "-
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
-    """What a recipe reads from this machine: the base model's folder and the task's own data files."""
+    """What a recipe reads from this machine: the base model's folder and the task's own data files (and
+    SFT's chat template file)."""
     from sparta_cli.models import resolve_model_path
 
     try:
         model = [Path(resolve_model_path(recipe.model.name_or_path))]
     except SpartaError:  # a `pkg:` model not installed here: the command that loads it says so
         model = []
-    files = [Path(name).expanduser() for name in (recipe.task.train_file, recipe.task.validation_file, recipe.task.test_file) if name]
+    files = [Path(name).expanduser() for name in (recipe.task.train_file, recipe.task.validation_file, recipe.task.test_file,
+                                                  recipe.task.chat_template) if name]
     return [path for path in [*model, *files] if path.exists()]
 
 
