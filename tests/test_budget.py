@@ -15,6 +15,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.preflight import check_against_config
 from sparta_cli.report import ReportedRun
 from sparta_cli.runs import ALL_RESULTS, read_started_run
+from sparta_cli.tasks import resolve_task
 from sparta_cli.tuners import apply_adapter, get_tuner
 from sparta_cli.tuners.sparta.config import SpartaConfig
 
@@ -79,7 +80,7 @@ def test_an_override_of_one_size_drops_the_other_and_a_run_record_keeps_both():
 
 def test_validate_resolves_the_budget_on_a_skeleton(tiny_bert_dir):
     recipe = build_recipe(_recipe({"budget": 2000, "targets": ["v", "o"]}, model={"name_or_path": str(tiny_bert_dir)}))
-    check_against_config(recipe, str(tiny_bert_dir))
+    check_against_config(recipe, str(tiny_bert_dir), resolve_task(recipe.task))
     # BERT's v and o are 32 x 32 in each of 2 layers
     assert recipe.adapter.density == 2000 / (4 * 32 * 32)
 
@@ -99,9 +100,9 @@ def test_a_budget_run_records_both_and_resumes_only_with_the_same_budget(tmp_pat
     assert ReportedRun(**vars(read_started_run(run_dir))).density == config["density"]
     Path(run_dir / ALL_RESULTS).unlink()  # as if stopped after its checkpoint
     same = build_recipe(raw)
-    check_against_config(same, str(tiny_bert_dir))
+    check_against_config(same, str(tiny_bert_dir), resolve_task(same.task))
     assert _resume_point(run_dir, same, print) is not None
     other = build_recipe(raw, ["adapter.budget=0.003"])
-    check_against_config(other, str(tiny_bert_dir))
+    check_against_config(other, str(tiny_bert_dir), resolve_task(other.task))
     with pytest.raises(SpartaError, match="adapter.budget: 0.002 there, 0.003 now"):
         _resume_point(run_dir, other, print)
