@@ -197,7 +197,7 @@ def test_two_processes_weight_their_micro_batches_by_tokens(tiny_llama_dir, chat
     recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "two", **step, batch_size=2)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "sparta_cli", "train",
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "sparta_cli", "train",
                              str(tmp_path / "two.yaml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     double = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
