@@ -29,7 +29,15 @@ from sparta_cli.config import Recipe, build_recipe, read_yaml
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
-from sparta_cli.runs import CONFIG_YAML, STATE_FILE, eval_results_name, has_checkpoints, read_run, run_config_path
+from sparta_cli.runs import (
+    CONFIG_YAML,
+    STATE_FILE,
+    causal_lm_architecture,
+    eval_results_name,
+    has_checkpoints,
+    read_run,
+    run_config_path,
+)
 from sparta_cli.tasks import Task, resolve_task
 
 if TYPE_CHECKING:
@@ -56,13 +64,9 @@ def target_kind(target: str) -> str:
         architectures = recorded.get("architectures") or []
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return MERGED
-        if recorded.get("finetuning_task") and _causal(architectures):
+        if recorded.get("finetuning_task") and causal_lm_architecture(architectures):
             return MERGED
     return BASE
-
-
-def _causal(architectures: list[str]) -> bool:
-    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def _looks_local(target: str) -> bool:
@@ -90,7 +94,7 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
             what = "checkpoint records no task (config.json finetuning_task)" if kind == MERGED else "is a base model"
             raise SpartaError(f"{target} {what}: pass --task, e.g. --task sst2")
         section = {"name": task} if task else {}
-        if task and kind == MERGED and _causal(read_json(path / "config.json").get("architectures") or []):
+        if task and kind == MERGED and causal_lm_architecture(read_json(path / "config.json").get("architectures") or []):
             section["type"] = "sft"  # a merged SFT run writes answers: scored by its loss on the task as chat
         raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": section}
     return build_recipe(raw, overrides, trust_remote_code=trust_remote_code)
@@ -123,7 +127,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     from sparta_cli.models import load_for_causal_lm, load_for_classification
 
     if task.kind.head == "lm":
-        if kind != BASE and not _causal_target(kind, target):
+        if kind != BASE and not causal_target(kind, target):
             raise SpartaError(f"{target} has a trained classification head: score it with task.head=classifier (task.head=lm is for base models)")
         loaded = load_for_causal_lm(recipe.model)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -133,7 +137,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
             tokenizer.padding_side = "right"  # positions stay 0.. for every prompt
             tokenizer.truncation_side = "left"  # a long prompt loses its first shots, never "Answer:"
         return model, tokenizer, task.kind.scorer(task, tokenizer), "lm" if kind == BASE else "trained"
-    if kind != BASE and _causal_target(kind, target):
+    if kind != BASE and causal_target(kind, target):
         raise SpartaError(f"{target} is a causal LM fine-tuned to write answers: score it on its task as chat (task.type=sft), "
                           "or on MMLU's letters (task.type=null task.head=lm)")
 
@@ -155,12 +159,12 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     return model, loaded.tokenizer, task.kind.scorer(task, loaded.tokenizer), "untrained" if kind == BASE else "trained"
 
 
-def _causal_target(kind: str, target: str) -> bool:
+def causal_target(kind: str, target: str) -> bool:
     """Whether a run or merged checkpoint is a causal LM (an SFT run), from the architecture it records."""
     path = Path(target).expanduser()
     if kind == RUN:
-        return _causal([read_run(path, tensors=False).config.get("base_model", {}).get("architecture") or ""])
-    return _causal(read_json(path / "config.json").get("architectures") or [])
+        return read_run(path, tensors=False).causal_lm
+    return causal_lm_architecture(read_json(path / "config.json").get("architectures") or [])
 
 
 def _with_adapter(target: str, model) -> Adapter:

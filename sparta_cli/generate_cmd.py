@@ -52,14 +52,13 @@ class Generator:
 def resolve_target(target: str, overrides: list[str] | None = None, trust_remote_code: bool = False) -> Target:
     """An SFT run, a merged causal LM or a base model; a classifier is refused."""
     from sparta_cli.config import build_model_config
-    from sparta_cli.evaluate_cmd import MERGED, RUN, eval_recipe, target_kind
-    from sparta_cli.fileio import read_json
+    from sparta_cli.evaluate_cmd import MERGED, RUN, causal_target, eval_recipe, target_kind
     from sparta_cli.outputs import recipe_inputs
     from sparta_cli.runs import read_run
 
     kind = target_kind(target)
     path = Path(target).expanduser()
-    if kind == MERGED and not any(name.endswith("ForCausalLM") for name in read_json(path / "config.json").get("architectures") or []):
+    if kind == MERGED and not causal_target(kind, target):
         raise SpartaError(f"{target} is a sequence classifier, which predicts labels, not text: use `sparta predict`")
     if kind != RUN:
         return Target(build_model_config(target, list(overrides or []), trust_remote_code=trust_remote_code), None, None, True,

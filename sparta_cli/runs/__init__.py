@@ -49,6 +49,7 @@ from sparta_cli.runs.layout import (  # the names and the adapter files as store
     TRAINER_LOG,
     TRAINING_LOSS_PNG,
     WANDB_DIR,
+    causal_lm_architecture,
     checkpoint_dir_name,
     eval_results_name,
     has_checkpoints,
@@ -64,7 +65,7 @@ __all__ = [
     "CHECKPOINT_FILE_PATTERNS", "CONFIG_FILE", "CONFIG_YAML", "EVAL_RESULTS", "EVAL_RESULTS_PREFIX",
     "EVAL_RESULTS_SUFFIX", "MASKS_FILE", "OPTIMIZER_STATE", "OPTIMIZER_TENSORS", "PEFT_DIR", "RECIPE_FILE",
     "RUN_MARKERS", "Run", "SCHEDULER_STATE", "STATE_FILE", "TENSORBOARD_DIR", "TENSORS_FILE", "TRAINED_PREFIX",
-    "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "checkpoint_dir_name",
+    "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "causal_lm_architecture", "checkpoint_dir_name",
     "eval_results_name", "has_checkpoints", "read_adapter_config", "read_adapter_tensors", "read_recipe_record",
     "read_run", "read_started_run", "rng_file", "run_config_path", "run_entry_patterns",
     "split_adapter_tensors", "truncate_log", "versions", "write_run_config",
@@ -116,7 +117,7 @@ class Run:
     @property
     def causal_lm(self) -> bool:
         """An SFT run: a causal LM that writes answers (its base's recorded architecture), not a classifier."""
-        return str(self.base.get("architecture") or "").endswith("ForCausalLM")
+        return causal_lm_architecture([self.base.get("architecture") or ""])
 
     @property
     def base_name(self) -> str:

@@ -52,6 +52,12 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"  # param groups and non-tensor state
 SCHEDULER_STATE = "scheduler.json"
 MASKS_FILE = "masks.json"  # sha256 of every SpaRTA layer's indices
+
+
+def causal_lm_architecture(architectures: list[str] | tuple[str, ...]) -> bool:
+    """Whether recorded architecture names (a run's base, a checkpoint's config.json) are a causal LM
+    that writes text (an SFT run or its merge), not a classifier."""
+    return any(str(name).endswith("ForCausalLM") for name in architectures)
 BEST_FILE = "best_trainable.safetensors"  # the best evaluation's tensors, when a validation set selects
 RECIPE_FILE = "recipe.json"
 
