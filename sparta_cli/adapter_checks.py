@@ -8,7 +8,7 @@ satisfy is its tuner's check (`Tuner.check_tensors`; SpaRTA's: tuners/sparta/che
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +25,14 @@ class _TaskRecord(BaseModel):
     num_labels: int = Field(ge=1)
 
 
+class _SftTaskRecord(BaseModel):
+    """An SFT run's task (tasks/kinds.py SFT.recorded): a causal LM, no label count."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    kind: Literal["sft"]
+
+
 class AdapterConfigFile(BaseModel):
     """adapter_config.json: the keys sparta reads (a newer sparta may add others)."""
 
@@ -39,11 +47,17 @@ class AdapterConfigFile(BaseModel):
     trainable_params: int | None = Field(None, ge=0)
 
 
+class SftAdapterConfigFile(AdapterConfigFile):
+    task: _SftTaskRecord
+
+
 def check_adapter_config(config: Any, path: Path) -> None:
     if not isinstance(config, dict):
         raise SpartaError(f"{path} is not an adapter config (a JSON object): the file is damaged; retrain or restore it")
+    task = config.get("task")
+    record = SftAdapterConfigFile if isinstance(task, dict) and task.get("kind") == "sft" else AdapterConfigFile
     try:
-        AdapterConfigFile.model_validate(config)
+        record.model_validate(config)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])

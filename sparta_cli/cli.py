@@ -126,6 +126,30 @@ def predict(
 
 
 @app.command()
+def generate(
+    target: Annotated[str, typer.Argument(help="an SFT run, a merged causal-LM checkpoint, or a base model name/path")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="model.* overrides for a base model, e.g. model.gguf_file=F", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(help="one prompt (a user turn when the model has a chat template)")] = None,
+    file: Annotated[Path | None, typer.Option(help='JSONL of {"prompt": ...} or {"messages": [...]} rows')] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSONL file for the {prompt, completion} rows (default: stdout)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="most tokens generated per prompt (default: 128)", show_default=False)] = None,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="sample from the smallest set of tokens holding this probability")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of the sampling (the same seed gives the same completions)")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="prompts generated at once")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Generate completions from a causal LM with its chat template applied, as a JSONL of {prompt, completion}."""
+    from sparta_cli.generate_cmd import run_generate
+    from sparta_cli.generation import Sampling
+
+    sampling = Sampling.of(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    run_generate(target, prompt=prompt, file=file, output=output, sampling=sampling, overwrite=overwrite, overrides=overrides or [],
+                 trust_remote_code=trust_remote_code)
+
+
+@app.command()
 def merge(
     run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories on the same base")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for the merged checkpoint")],

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, input_file, parse_yaml, read_bytes
@@ -53,8 +54,8 @@ ADAPTER_KEYS = list(dict.fromkeys(key for config in METHODS.values() for key in 
 
 class TaskConfig(_Strict):
     name: str | None = None
-    # your own data (name null or a label of your choosing)
-    type: Literal["classification", "regression"] | None = None
+    # your own data (name null or a label of your choosing); sft: a causal LM learns to write the answers
+    type: Literal["classification", "regression", "sft"] | None = None
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
@@ -64,6 +65,12 @@ class TaskConfig(_Strict):
     # MMLU
     head: Literal["classifier", "lm"] = "classifier"
     shots: int = Field(0, ge=0, le=5)
+    # sft (docs/sft.md): null keys take their default, so a classification recipe never holds them
+    format: Literal["chat", "prompt_completion", "text"] | None = None  # null: read from the rows' fields
+    chat_template: str | None = None  # a Jinja file, for a tokenizer without a chat template
+    loss_on: Literal["assistant", "last_assistant", "all"] | None = None  # null: assistant
+    instruction: str | None = None  # sst2 / mmlu as chat: the text before each row (null: the task's own)
+    generation_metrics: bool = False  # greedy answers on validation prompts, scored by exact match and ROUGE-L
 
     @model_validator(mode="after")
     def _named_or_custom(self) -> TaskConfig:
@@ -72,12 +79,34 @@ class TaskConfig(_Strict):
                 "task needs `name` (e.g. sst2) or, for your own data, "
                 "`type`, `train_file` and `text_fields`"
             )
-        if self.type is not None:
+        if self.type == "sft":
+            for key in self._set_keys({"text_fields": None, "label_field": "label", "head": "classifier", "shots": 0}):
+                raise ValueError(f"task.{key} does not apply to task.type: sft (its rows are chat, prompt_completion or "
+                                 "text records, docs/sft.md): remove it")
+            if self.name is None and not self.from_files:
+                raise ValueError("task.type: sft needs task.train_file (and task.validation_file), or task.name: sst2 or mmlu "
+                                 "for a built-in task as chat")
+        else:
+            for key in self._set_keys({"format": None, "chat_template": None, "loss_on": None, "instruction": None,
+                                       "generation_metrics": False}):
+                raise ValueError(f"task.{key} is task.type: sft's and does not apply to "
+                                 f"{'task.type: ' + self.type if self.type else 'task ' + str(self.name)}: "
+                                 "remove it, or set task.type: sft")
+        if self.type in ("classification", "regression"):
             if not self.train_file and not self.validation_file:
                 raise ValueError("a custom task (task.type set) needs task.train_file or task.validation_file")
             if not self.text_fields:
                 raise ValueError("a custom task (task.type set) needs task.text_fields, e.g. [sentence]")
         return self
+
+    def _set_keys(self, defaults: dict[str, Any]) -> list[str]:
+        """The keys of `defaults` set to something else: another kind of task's keys, refused (never ignored)."""
+        return [key for key, default in defaults.items() if getattr(self, key) != default]
+
+    @property
+    def from_files(self) -> bool:
+        """A custom task: its splits are the recipe's own files."""
+        return self.type is not None and bool(self.train_file or self.validation_file or self.test_file)
 
     @property
     def label(self) -> str:
@@ -95,6 +124,7 @@ class DataConfig(_Strict):
     # held out of the training rows (after max_train_samples) with the run's seed, for model selection:
     # a fraction (< 1) or a count (>= 1); null: evaluate on the task's evaluation split(s) as before
     validation_size: int | float | None = Field(None, gt=0)
+    packing: bool = False  # sft: training rows packed end to end into max_length sequences (docs/sft.md)
 
     @model_validator(mode="after")
     def _whole_count(self) -> DataConfig:
@@ -126,6 +156,7 @@ class TrainingConfig(_Strict):
     # model selection on data.validation_size's held-out rows
     best_metric: str | None = None  # null: the task's main metric; `loss` (lower is better) or any metric it reports
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
+    eval_generate_samples: int | None = Field(None, ge=1)  # sft with task.generation_metrics: validation prompts answered
     # fsdp: frozen weights sharded by FSDP2 and SpaRTA deltas by the same rows (torchrun; docs/scaling.md)
     sharding: Literal["none", "fsdp"] = "none"
 
@@ -198,7 +229,13 @@ class Recipe(_Strict):
                 "training.early_stopping_patience counts evaluations, but training.eval_every is not set: "
                 "set training.eval_every (steps between evaluations) or drop early_stopping_patience"
             )
-        if (self.training.eval_every and self.task.type is not None and not self.task.validation_file
+        sft = self.task.type == "sft"
+        if self.data.packing and not sft:
+            raise ValueError("data.packing is task.type: sft's (it packs rows end to end) and does not apply to this task: remove it")
+        if self.training.eval_generate_samples is not None and not self.task.generation_metrics:
+            raise ValueError("training.eval_generate_samples is set but task.generation_metrics is not: "
+                             "set task.generation_metrics: true (task.type: sft) or drop eval_generate_samples")
+        if (self.training.eval_every and self.task.from_files and not self.task.validation_file
                 and self.data.validation_size is None):
             raise ValueError(
                 "training.eval_every is set but the custom task has no task.validation_file to evaluate on: "
@@ -330,6 +367,14 @@ def _field_at(loc: tuple[Any, ...], method: str) -> Any:
             return None
         model = _section(model, str(part), method)
     return field
+
+
+def default_of(section: str, key: str, method: str = "sparta") -> Any:
+    """The default of recipe key `section.key` (None for a key with no default, or none such): what a
+    run written before the key existed trained with."""
+    field = _field_at((section, key), method)
+    default = getattr(field, "default", None)
+    return None if default is PydanticUndefined else default
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -545,6 +590,25 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     values["name"] = recipe.run_name
     recipe.output_dir = _interpolate(recipe.output_dir, values)
     return recipe
+
+
+def build_model_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> ModelConfig:
+    """The model of a command that needs no task (`sparta generate BASE model.gguf_file=F`), from `model.*`
+    overrides, validated and described as a recipe's model section is."""
+    tree: dict[str, Any] = {"model": {"name_or_path": name_or_path}}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] != "model":
+            raise SpartaError(f"override {text}: a base model takes model.* settings only (model.gguf_file=..., model.dtype=...): drop it")
+        set_dotted(tree, key, value)
+    _drop_trust_remote_code(tree, trust_remote_code)
+    if trust_remote_code and isinstance(tree.get("model"), dict):
+        tree["model"] = {**tree["model"], "trust_remote_code": True}
+    try:
+        return ModelConfig.model_validate(tree["model"])
+    except ValidationError as exc:
+        first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise SpartaError(_describe({**first, "loc": ("model", *first["loc"])})) from None
 
 
 def _drop_keys_of_the_old_method(tree: dict[str, Any], overridden: set[str], from_run: bool) -> None:

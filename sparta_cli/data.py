@@ -1,5 +1,11 @@
 """Tokenized splits and their data loaders, cached on disk so a second run does not tokenize again.
 
+A token-level task (SFT, `task.kind.token_level`) is tokenised by sparta_cli/sft/ instead: its rows
+rendered with the chat template, labelled on the answer's tokens and fitted to data.max_length (the
+rows left with no answer token dropped and counted), cached the same way under a key that adds the
+format, loss_on and the template's text. Packing happens after the cache, per loader (the held-out
+rows of model selection are chosen among rows, not packed sequences).
+
 A cache entry (`$SPARTA_CACHE_DIR/tokenized/<key>/`) is the tokenized split (`data/`, datasets'
 own format) and `stats.json`: its counts and the sha256 of every file in `data/`, checked on every
 read. An entry that fails the check (a bit flipped, a file truncated or replaced) is rebuilt, with a
@@ -10,16 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sparta_cli.config import Recipe
+from sparta_cli.config import Recipe, user_path
 from sparta_cli.errors import SpartaError
-from sparta_cli.tasks import Task, load_split
+from sparta_cli.tasks import Task, load_split, sft_rows
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 CACHE_FORMAT = 2  # 2: stats.json records each data file's sha256 (entries of format 1 are never read)
@@ -34,10 +41,19 @@ class TokenizedSplit:
     dataset: object  # datasets.Dataset with model inputs (and `subject` for MMLU)
     split: str
     truncated: int  # examples cut to max_length
-    dropped: int  # examples left out for being too long (data.overlong: drop)
+    dropped: int  # examples left out for being too long (data.overlong: drop), or (SFT) with no answer token left
+    fitting: str | None = None  # SFT: what fitting to max_length did, in words (sft.Fitted.note)
+
+    def note(self, task: Task, max_length: int) -> str | None:
+        """The log line about what max_length cost this split, or None."""
+        if self.fitting is not None:
+            return f"{task.name}/{self.split}: {self.fitting}"
+        if self.truncated or self.dropped:
+            return f"{task.name}/{self.split}: {self.truncated} examples truncated, {self.dropped} dropped at max_length={max_length}"
+        return None
 
 
-def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: str) -> str:
+def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: str, template: str | None = None) -> str:
     parts = {
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "vocab": len(tokenizer),
@@ -52,6 +68,9 @@ def _cache_key(tokenizer, task: Task, split: str, recipe: Recipe, fingerprint: s
         "overlong": recipe.data.overlong,
         "data": fingerprint,
     }
+    if task.kind.token_level:  # what else decides an SFT row's ids and labels
+        parts["sft"] = {"format": recipe.task.format, "loss_on": recipe.task.loss_on or "assistant", "eos": tokenizer.eos_token_id,
+                        "template": hashlib.sha256(template.encode()).hexdigest() if template is not None else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -62,13 +81,57 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     from sparta_cli.fileio import replace_dir, write_json
 
     raw = subsample(load_split(task, recipe.task, split, recipe.data_dir()), limit, shuffle_seed)
-    key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint)
+    rows = sft_rows(raw) if task.kind.token_level else None
+    template = chat_template(rows, tokenizer, recipe) if rows is not None else None
+    key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint, template)
     folder = cache_root() / key
     if recipe.data.cache and (folder / "stats.json").is_file():
         cached = _read_cache(folder, split)
         if cached is not None:
             return cached
+    if rows is not None:
+        encoded, stats = _encode_sft(task, split, rows, tokenizer, template, recipe)
+    else:
+        encoded, stats = _encode(task, raw, tokenizer, recipe, split)
+    if recipe.data.cache:
+        def write(tmp: Path) -> None:
+            encoded.save_to_disk(str(tmp / "data"))
+            write_json(tmp / "stats.json", {**stats, "rows": len(encoded), "sha256": _digests(tmp / "data")})
 
+        replace_dir(write, folder)
+        encoded = load_from_disk(str(folder / "data"))
+    return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"))
+
+
+def chat_template(rows: Sequence, tokenizer, recipe: Recipe) -> str | None:
+    """The Jinja text conversations render with (`task.chat_template`, else the tokenizer's); None for plain rows."""
+    from sparta_cli.sft import resolve_chat_template
+
+    if not rows or rows[0].messages is None:
+        return None
+    given = recipe.task.chat_template
+    return resolve_chat_template(tokenizer, user_path(given, "task.chat_template") if given else None)
+
+
+def _encode_sft(task: Task, split: str, rows: Sequence, tokenizer, template: str | None, recipe: Recipe):
+    """SFT rows as input_ids and labels, fitted to data.max_length, and what fitting did."""
+    from datasets import Dataset
+
+    from sparta_cli.sft import fit_to_length, tokenize_rows
+
+    tokenized = tokenize_rows(rows, tokenizer, template, recipe.task.loss_on or "assistant")
+    fitted = fit_to_length(tokenized, recipe.data.max_length, recipe.data.overlong)
+    if not fitted.rows:
+        raise SpartaError(f"{task.name}/{split}: no row keeps an answer token within data.max_length={recipe.data.max_length} "
+                          "(data.overlong: drop drops every row that does not fit): raise data.max_length")
+    encoded = Dataset.from_dict({"input_ids": [row.input_ids for row in fitted.rows], "labels": [row.labels for row in fitted.rows]})
+    stats = {"truncated": fitted.truncated, "dropped": fitted.dropped_overlong + fitted.dropped_unsupervised,
+             "fitting": fitted.note(recipe.data.max_length)}
+    return encoded, stats
+
+
+def _encode(task: Task, raw, tokenizer, recipe: Recipe, split: str):
+    """Rows of text fields as the kind's model inputs, cut (or dropped) at data.max_length, and the counts."""
     def encode(batch):
         out = task.kind.encode(tokenizer, [batch[f] for f in task.text_fields], recipe.data.max_length)
         out["labels"] = batch["label"]
@@ -81,17 +144,7 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     if recipe.data.overlong == "drop":
         encoded = encoded.filter(lambda ex: not ex["overlong"])
         dropped, overlong = overlong, 0
-    encoded = encoded.remove_columns("overlong")
-    if recipe.data.cache:
-        stats = {"truncated": overlong, "dropped": dropped, "rows": len(encoded)}
-
-        def write(tmp: Path) -> None:
-            encoded.save_to_disk(str(tmp / "data"))
-            write_json(tmp / "stats.json", {**stats, "sha256": _digests(tmp / "data")})
-
-        replace_dir(write, folder)
-        encoded = load_from_disk(str(folder / "data"))
-    return TokenizedSplit(encoded, split, overlong, dropped)
+    return encoded.remove_columns("overlong"), {"truncated": overlong, "dropped": dropped}
 
 
 def _read_cache(folder: Path, split: str) -> TokenizedSplit | None:
@@ -104,7 +157,7 @@ def _read_cache(folder: Path, split: str) -> TokenizedSplit | None:
         dataset = load_from_disk(str(folder / "data"))
         if len(dataset) != stats.get("rows", len(dataset)) or len(dataset.data.column("labels")) != len(dataset):
             raise _Damaged("its row count differs from stats.json")
-        return TokenizedSplit(dataset, split, int(stats["truncated"]), int(stats["dropped"]))
+        return TokenizedSplit(dataset, split, int(stats["truncated"]), int(stats["dropped"]), stats.get("fitting"))
     except Exception as exc:  # noqa: BLE001 - any damage has one fix: tokenize again
         from rich.markup import escape
 
@@ -208,3 +261,27 @@ def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int) -
         # a private generator: building an iterator must not draw from the global RNG
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def task_loader(task: Task, dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, *, packing: bool = False,
+                max_length: int | None = None) -> DataLoader:
+    """The loader of a tokenized split of `task`: `make_loader`'s, or for a token-level task (SFT) its
+    rows padded (`sft.collate_padded`), or with `packing` packed into `max_length` sequences
+    (`sft.pack`, `sft.collate_packed`). SFT batches carry `num_tokens`, the real (non-pad) tokens,
+    for the throughput numbers (a packed batch has no attention mask to count them by)."""
+    if not task.kind.token_level:
+        return make_loader(dataset, tokenizer, batch_size, shuffle, seed)
+    from sparta_cli.sft import TokenizedRow, collate_packed, collate_padded, pack
+
+    columns = dataset.with_format(None)
+    rows = [TokenizedRow(input_ids=ids, labels=labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
+    sequences = pack(rows, max_length or max(len(row) for row in rows)) if packing else rows
+    collate = partial(_counted, collate_packed if packing else collate_padded, pad_id=tokenizer.pad_token_id)
+    return DataLoader(sequences, batch_size=batch_size, sampler=EpochShuffleSampler(len(sequences), seed) if shuffle else None,
+                      collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+
+
+def _counted(collate: Callable, sequences: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+    batch = collate(sequences, pad_id=pad_id)
+    batch["num_tokens"] = torch.tensor(sum(len(sequence) for sequence in sequences))
+    return batch

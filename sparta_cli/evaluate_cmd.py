@@ -4,7 +4,8 @@ TARGET is one of
   run        a folder with adapter_config.json (sparta_config.json for a full fine-tune): the base
              model from its config.yaml plus its adapter, on the run's own task;
   merged     a folder whose config.json is a `*ForSequenceClassification` model (what `sparta merge`
-             writes): the task from --task, else config.json's `finetuning_task`;
+             writes), or a `*ForCausalLM` one that records a `finetuning_task` (a merged SFT run): the
+             task from --task, else config.json's `finetuning_task` (as `task.type: sft` for a causal LM);
   base       any other model name or path (--task required). A base model has no trained
              classification head, so a classification task gets a random (seeded) one: that score
              is the chance baseline, and the output says so. MMLU with `task.head=lm` needs no new
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparta_cli.config import Recipe, build_recipe, read_yaml
 from sparta_cli.console import console
@@ -30,6 +31,9 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
 from sparta_cli.runs import CONFIG_YAML, STATE_FILE, eval_results_name, has_checkpoints, read_run, run_config_path
 from sparta_cli.tasks import Task, resolve_task
+
+if TYPE_CHECKING:
+    from sparta_cli.tuners.base import Adapter
 
 RUN, MERGED, BASE = "run", "merged", "base"
 
@@ -48,10 +52,17 @@ def target_kind(target: str) -> str:
         raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model (a Hub name is org/model)")
     config = path / "config.json"
     if config.is_file():
-        architectures = read_json(config).get("architectures") or []
+        recorded = read_json(config)
+        architectures = recorded.get("architectures") or []
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return MERGED
+        if recorded.get("finetuning_task") and _causal(architectures):
+            return MERGED
     return BASE
+
+
+def _causal(architectures: list[str]) -> bool:
+    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def _looks_local(target: str) -> bool:
@@ -78,7 +89,10 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
         if task is None and not any(text.startswith("task.") for text in overrides):
             what = "checkpoint records no task (config.json finetuning_task)" if kind == MERGED else "is a base model"
             raise SpartaError(f"{target} {what}: pass --task, e.g. --task sst2")
-        raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": {"name": task} if task else {}}
+        section = {"name": task} if task else {}
+        if task and kind == MERGED and _causal(read_json(path / "config.json").get("architectures") or []):
+            section["type"] = "sft"  # a merged SFT run writes answers: scored by its loss on the task as chat
+        raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": section}
     return build_recipe(raw, overrides, trust_remote_code=trust_remote_code)
 
 
@@ -109,13 +123,19 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     from sparta_cli.models import load_for_causal_lm, load_for_classification
 
     if task.kind.head == "lm":
-        if kind != BASE:
+        if kind != BASE and not _causal_target(kind, target):
             raise SpartaError(f"{target} has a trained classification head: score it with task.head=classifier (task.head=lm is for base models)")
         loaded = load_for_causal_lm(recipe.model)
-        tokenizer = loaded.tokenizer
-        tokenizer.padding_side = "right"  # positions stay 0.. for every prompt
-        tokenizer.truncation_side = "left"  # a long prompt loses its first shots, never "Answer:"
-        return loaded.model, tokenizer, task.kind.scorer(task, tokenizer), "lm"
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if kind == RUN:  # the body with the adapter in it (PEFT injects its layers in place), as the scorers call it
+            model = _with_adapter(target, model).base
+        if not task.kind.token_level:  # letters scored at a prompt's last token
+            tokenizer.padding_side = "right"  # positions stay 0.. for every prompt
+            tokenizer.truncation_side = "left"  # a long prompt loses its first shots, never "Answer:"
+        return model, tokenizer, task.kind.scorer(task, tokenizer), "lm" if kind == BASE else "trained"
+    if kind != BASE and _causal_target(kind, target):
+        raise SpartaError(f"{target} is a causal LM fine-tuned to write answers: score it on its task as chat (task.type=sft), "
+                          "or on MMLU's letters (task.type=null task.head=lm)")
 
     if kind == MERGED:
         have = len(read_json(Path(target).expanduser() / "config.json").get("id2label") or {})
@@ -127,16 +147,30 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
     )
     model = loaded.model
     if kind == RUN:
-        from sparta_cli.tuners import load_adapter
-
         config = read_run(Path(target).expanduser(), tensors=False).config
         trained = config.get("task", {}).get("num_labels")
         if trained is not None and trained != task.num_labels:
             raise SpartaError(f"run {target} has {trained} outputs but its task now has {task.num_labels}: check its task files")
-        for name in config.get("head_modules", []):  # heads are trained and saved in fp32, as train.py keeps them
-            model.get_submodule(name).float()
-        model = load_adapter(Path(target).expanduser(), model, config).model
+        model = _with_adapter(target, model).model
     return model, loaded.tokenizer, task.kind.scorer(task, loaded.tokenizer), "untrained" if kind == BASE else "trained"
+
+
+def _causal_target(kind: str, target: str) -> bool:
+    """Whether a run or merged checkpoint is a causal LM (an SFT run), from the architecture it records."""
+    path = Path(target).expanduser()
+    if kind == RUN:
+        return _causal([read_run(path, tensors=False).config.get("base_model", {}).get("architecture") or ""])
+    return _causal(read_json(path / "config.json").get("architectures") or [])
+
+
+def _with_adapter(target: str, model) -> Adapter:
+    """The run's adapter on its freshly loaded base (heads in fp32, as train.py trains and saves them)."""
+    from sparta_cli.tuners import load_adapter
+
+    config = read_run(Path(target).expanduser(), tensors=False).config
+    for name in config.get("head_modules", []):
+        model.get_submodule(name).float()
+    return load_adapter(Path(target).expanduser(), model, config)
 
 
 def run_eval(target: str, *, task: str | None, split: str | None, output: Path | None, overrides: list[str],
@@ -147,9 +181,10 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     from accelerate.utils import set_seed
     from rich.progress import Progress
 
-    from sparta_cli.data import make_loader, tokenize_split
+    from sparta_cli.data import task_loader, tokenize_split
     from sparta_cli.evaluation import evaluate_split
     from sparta_cli.fileio import write_json
+    from sparta_cli.generation import generation_sets
     from sparta_cli.models import fit_max_length
     from sparta_cli.placement import mixed_precision
     from sparta_cli.preflight import preflight
@@ -178,7 +213,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     with accelerator.main_process_first():
         data = {s: tokenize_split(task_obj, s, tokenizer, recipe, recipe.data.max_eval_samples) for s in splits}
     for name, tokenized in data.items():
-        if all(label == -1 for label in tokenized.dataset["labels"]):
+        if not task_obj.kind.token_level and all(label == -1 for label in tokenized.dataset["labels"]):
             instead = next((s for s in task_obj.eval_splits if s != name), "validation")
             raise SpartaError(f"split {name} has no labels: score {instead} instead")
 
@@ -191,11 +226,16 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
     metrics: dict[str, float] = {}
     with Progress(console=console, transient=True, disable=not main) as progress:
         for name, tokenized in data.items():
-            if tokenized.truncated or tokenized.dropped:
-                say(f"{task_obj.name}/{name}: {tokenized.truncated} examples truncated, {tokenized.dropped} dropped at max_length={recipe.data.max_length}")
-            loader = accelerator.prepare(make_loader(tokenized.dataset, tokenizer, recipe.training.eval_batch_size, shuffle=False, seed=recipe.seed))
+            note = tokenized.note(task_obj, recipe.data.max_length)
+            if note:
+                say(note)
+            loader = accelerator.prepare(task_loader(task_obj, tokenized.dataset, tokenizer, recipe.training.eval_batch_size,
+                                                     shuffle=False, seed=recipe.seed))
             bar = progress.add_task(f"{task_obj.name}/{name}", total=len(loader))
             scores = evaluate_split(model, loader, accelerator, task_obj, name, scorer, progress=partial(progress.advance, bar))
+            metrics.update({f"eval_{key}": value for key, value in scores.items()})
+        for prompts in generation_sets(task_obj, recipe, tokenizer, splits):  # task.generation_metrics
+            scores = prompts.score(model, tokenizer, recipe.training.eval_batch_size)
             metrics.update({f"eval_{key}": value for key, value in scores.items()})
 
     label = split or "+".join(splits)

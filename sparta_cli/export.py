@@ -12,7 +12,10 @@
 - `peft-sparta`: the paper authors' package (`peft_sparta`): `sparse_deltas.safetensors`
   with `indices.<param>` (n, ndim) int32 coordinates and `deltas.<param>` for every
   parameter of the headless base, `head_init.safetensors`, and the classifier's
-  `config.json` with `sparta_pretrained_model`.
+  `config.json` with `sparta_pretrained_model`. An SFT run (a causal LM) is written for
+  `peft_sparta.SpaRTAforCausalLM`: deltas for every parameter of the causal LM, no head.
+
+An SFT run's PEFT adapter is a `CAUSAL_LM` one, loaded onto `AutoModelForCausalLM`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sparta_cli import FORMAT_VERSION
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import replace_dir, write_json, write_safetensors, write_text
-from sparta_cli.merge import classifier_config, meta_classifier
+from sparta_cli.merge import merged_config, meta_model
 from sparta_cli.models import resolve_model_path
 from sparta_cli.outputs import check_replaceable, locked_output
 from sparta_cli.runs import ADAPTER_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
@@ -80,7 +83,7 @@ def shira_tensors(run: Run, value_dtype: torch.dtype) -> tuple[dict[str, torch.T
 
 def peft_sparta_tensors(run: Run, base_params: dict[str, list[int]], value_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """`indices.<param>` as (n, ndim) int32 coordinates and `deltas.<param>` for every base parameter
-    (the loader looks each one up), plus the fully trained `score.weight` as deltas over a zero init."""
+    (the loader looks each one up), plus a classifier's fully trained `score.weight` as deltas over a zero init."""
     tensors = {}
     for name, shape in base_params.items():
         module = name.removesuffix(".weight")
@@ -91,6 +94,8 @@ def peft_sparta_tensors(run: Run, base_params: dict[str, list[int]], value_dtype
         else:
             tensors[f"indices.{name}"] = torch.empty((0, len(shape)), dtype=torch.int32)
             tensors[f"deltas.{name}"] = torch.empty(0, dtype=value_dtype)
+    if "score.weight" not in run.trained:  # a causal LM: nothing but the body's deltas
+        return tensors
     head = run.trained["score.weight"]
     tensors["indices.score.weight"] = torch.ones(head.shape).nonzero().to(torch.int32).contiguous()  # every entry, as peft_sparta samples a full head
     tensors["deltas.score.weight"] = head.reshape(-1).to(value_dtype)
@@ -134,7 +139,7 @@ def _write_peft(run: Run, out: Path, value_dtype: torch.dtype) -> dict[str, Any]
         return {"library": "peft", "kind": run.method}
     tensors, r, padding = shira_tensors(run, value_dtype)
     config = ShiraConfig(r=r, mask_type="sparta", target_modules=sorted(run.indices), modules_to_save=list(run.config.get("head_modules", [])),
-                         task_type="SEQ_CLS", inference_mode=True, base_model_name_or_path=base_reference(run),
+                         task_type="CAUSAL_LM" if run.causal_lm else "SEQ_CLS", inference_mode=True, base_model_name_or_path=base_reference(run),
                          revision=run.base.get("revision"))
     write_safetensors(out / ADAPTER_FILE, tensors, {"format": "pt"})
     config.save_pretrained(str(out))
@@ -144,21 +149,25 @@ def _write_peft(run: Run, out: Path, value_dtype: torch.dtype) -> dict[str, Any]
 def _write_peft_sparta(run: Run, out: Path, value_dtype: torch.dtype, trust_remote_code: bool = False) -> dict[str, Any]:
     task = run.config.get("task") or {}
     heads = sorted(run.trained)
-    if heads != ["score.weight"] or task.get("is_regression"):
+    if run.causal_lm and heads:
+        raise SpartaError(f"peft_sparta's SpaRTAforCausalLM adds sparse deltas to its base and has no trained head; this run trained "
+                          f"{', '.join(heads)} whole: use --format sparta or --format peft, or `sparta merge`")
+    if not run.causal_lm and (heads != ["score.weight"] or task.get("is_regression")):
         raise SpartaError(f"peft_sparta's loader runs classifiers with one bias-free `score` head (decoder models); this run "
                           f"({run.base.get('architecture')}) trained {', '.join(heads) or 'no head'}: use --format peft or `sparta merge`")
     if run.base.get("gguf_file"):
         raise SpartaError("peft_sparta loads its base with AutoModel.from_pretrained, which cannot read this run's GGUF base: "
                           "use --format peft or `sparta merge`")
     reference = resolve_model_path(base_reference(run))  # peft_sparta loads it with from_pretrained: no `pkg:`
-    config = classifier_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32),
-                               trust_remote_code=trust_remote_code)
-    model = meta_classifier(config)
-    prefix = model.base_model_prefix + "."
+    config = merged_config(reference, run, getattr(torch, run.base.get("dtype") or "float32", torch.float32),
+                           trust_remote_code=trust_remote_code)
+    model = meta_model(config, run.causal_lm)
+    prefix = "" if run.causal_lm else model.base_model_prefix + "."  # the classifier's loader adapts the headless body
     base_params = {name: list(p.shape) for name, p in model.named_parameters() if name.startswith(prefix)}
     write_safetensors(out / SPARTA_WEIGHTS, peft_sparta_tensors(run, base_params, value_dtype), {"format": "pt"})
-    head = run.trained["score.weight"]
-    write_safetensors(out / "head_init.safetensors", {"head": torch.zeros(head.shape, dtype=head.dtype)}, {"format": "pt"})
+    if not run.causal_lm:
+        head = run.trained["score.weight"]
+        write_safetensors(out / "head_init.safetensors", {"head": torch.zeros(head.shape, dtype=head.dtype)}, {"format": "pt"})
     config.sparta_pretrained_model = reference
     config.save_pretrained(str(out))
     return {"library": "peft_sparta", "kind": "SpaRTA"}
@@ -174,6 +183,8 @@ def model_card(run: Run, fmt: str, info: dict[str, Any], size: int) -> str:
     results = run.results or {}
     command = _recipe_command(run.path)
     labels = ", ".join(task.get("label_names") or []) or ("regression" if task.get("is_regression") else "")
+    if run.causal_lm:
+        labels = f"SFT, loss on {task.get('loss_on') or 'assistant'}"
     by_kind = ", ".join(f"{kind}: {count:,}" for kind, count in (config.get("trainable_by_kind") or {}).items())
     rows = [
         ("base model", f"`{config.get('base_model', {}).get('name_or_path')}`" + (f" ({run.base['gguf_file']})" if run.base.get("gguf_file") else "")),
@@ -215,18 +226,21 @@ def _load_snippet(fmt: str, run: Run, info: dict[str, Any]) -> list[str]:
     task = run.config.get("task") or {}
     if fmt == "sparta":
         return ["# from the shell: `sparta eval ADAPTER_DIR`, or `sparta merge ADAPTER_DIR --output DIR` for a plain checkpoint"]
+    if fmt == "peft-sparta" and run.causal_lm:
+        return ["from peft_sparta import SpaRTAforCausalLM", "", "model = SpaRTAforCausalLM('ADAPTER_DIR')  # the base with the deltas merged"]
     if fmt == "peft-sparta":
         return ["from peft_sparta import SpaRTAforSequenceClassification", "", "model = SpaRTAforSequenceClassification('ADAPTER_DIR')",
                 "print(model.decide_class(['your text']))"]
     base = base_reference(run)
-    lines = ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", ""]
+    auto = "AutoModelForCausalLM" if run.causal_lm else "AutoModelForSequenceClassification"
+    lines = ["from peft import PeftModel", f"from transformers import {auto}", ""]
     if base.startswith("pkg:"):  # a model shipped inside a Python package
         lines += ["from sparta_cli.models import resolve_model_path", ""]
         base_arg = f"resolve_model_path('{base}')"
     else:
         base_arg = f"'{base}'"
-    return [*lines, f"base = AutoModelForSequenceClassification.from_pretrained({base_arg}, num_labels={task.get('num_labels')})",
-            "model = PeftModel.from_pretrained(base, 'ADAPTER_DIR')"]
+    head = "" if run.causal_lm else f", num_labels={task.get('num_labels')}"
+    return [*lines, f"base = {auto}.from_pretrained({base_arg}{head})", "model = PeftModel.from_pretrained(base, 'ADAPTER_DIR')"]
 
 
 # ---------------------------------------------------------------- the command
@@ -244,8 +258,9 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
     run = read_run(run_dir)
     tuner = get_tuner(run.method)
     if tuner.standalone:
+        auto = "AutoModelForCausalLM" if run.causal_lm else "AutoModelForSequenceClassification"
         raise SpartaError(f"{run_dir} is a {run.method} run: its folder already is a transformers checkpoint "
-                          "(AutoModelForSequenceClassification.from_pretrained loads it): share the folder as it is")
+                          f"({auto}.from_pretrained loads it): share the folder as it is")
     if format not in tuner.export_formats:
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
                           "merge it into a checkpoint with `sparta merge`")

@@ -5,6 +5,11 @@ output shard is written as soon as it is full, so peak memory is about one shard
 the adapters, not the model: a model larger than the machine's RAM can be merged.
 Each merged weight is `(W0.float() + sum_i w_i * delta_i).to(dtype)`, computed once,
 the same expression the adapter evaluates on the fly (exact in fp32).
+
+An SFT run (a causal LM, `Run.causal_lm`) merges into a `*ForCausalLM` checkpoint the same way: its
+base's keys are the model's own, and embeddings tied to the LM head (SmolLM2) stay tied, the shared
+tensor written once, unless the run trained the head apart from them (then both are written and the
+config unties them).
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import torch
 from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import checkpoint_files, read_json, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.fileio import checkpoint_files, read_json, read_text, replace_dir, write_json, write_safetensors
+from sparta_cli.models import DTYPES, check_model_source, load_for_causal_lm, load_for_classification, load_tokenizer, resolve_model_path
 from sparta_cli.outputs import MERGE_MARKER, check_replaceable, locked_output
 from sparta_cli.runs import CONFIG_FILE, Run, read_run
 from sparta_cli.tuners import get_tuner
@@ -311,21 +316,66 @@ def classifier_config(source: str, head_run: Run, dtype: torch.dtype, gguf_file:
     return config
 
 
+def causal_lm_config(source: str, head_run: Run, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base's config as the causal LM an SFT run fine-tuned, recording its task (`sparta eval`
+    scores a merged SFT checkpoint on it) and its pad token."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config.pad_token_id = head_run.config.get("pad_token_id", config.pad_token_id)
+    config.finetuning_task = (head_run.config.get("task") or {}).get("name")
+    config.dtype = dtype
+    return config
+
+
+def merged_config(source: str, head_run: Run, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The merged checkpoint's config: a causal LM for an SFT run, else a classifier for the run's task."""
+    build = causal_lm_config if head_run.causal_lm else classifier_config
+    return build(source, head_run, dtype, trust_remote_code=trust_remote_code)
+
+
 def meta_classifier(config) -> torch.nn.Module:
     """The classification model without memory: its parameter names, shapes and prefix."""
     from transformers import AutoModelForSequenceClassification
 
+    return _meta_model(AutoModelForSequenceClassification, config)
+
+
+def meta_model(config, causal_lm: bool) -> torch.nn.Module:
+    """The merged model without memory: the causal LM (an SFT run) or the classifier."""
+    from transformers import AutoModelForCausalLM
+
+    return _meta_model(AutoModelForCausalLM, config) if causal_lm else meta_classifier(config)
+
+
+def _meta_model(auto, config) -> torch.nn.Module:
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto.from_config(config)
     model.config.architectures = [type(model).__name__]
     return model
+
+
+def untie_trained_apart(config, model: torch.nn.Module, combined, trained: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The meta model with its embeddings untied from the LM head when the run trained one apart from
+    the other (a tensor or delta under the alias's name): tying would drop what it trained."""
+    aliases = tied_aliases(model)
+    if not any(alias in trained or alias.removesuffix(".weight") in combined for alias in aliases):
+        return model
+    config.tie_word_embeddings = False
+    untied = meta_model(config, causal_lm=True)
+    untied.config.tie_word_embeddings = False
+    return untied
 
 
 def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, trained: dict[str, torch.Tensor],
                  runs: list[Run], max_bytes: int) -> list[str]:
     """Read the base tensor by tensor, merge each one once, write shards as they fill."""
     dtype = config.dtype
-    model = meta_classifier(config)
+    model = meta_model(config, runs[0].causal_lm)
+    base_aliases = tied_aliases(model)  # the base's own ties: its checkpoint holds each shared tensor once
+    if runs[0].causal_lm:
+        model = untie_trained_apart(config, model, combined, trained)
+    copies = {source: alias for alias, source in base_aliases.items() if alias not in tied_aliases(model)}
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
     prefix = model.base_model_prefix
     headers = {path: safetensors_header(path) for path in files}
@@ -342,22 +392,20 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
         with open(path, "rb") as handle:
             for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
                 name = classifier_key(key, expected, prefix)
-                if name is None or name in trained or name in written:
+                # the tensor, and an LM head untied from it (it starts from the embeddings it was tied to)
+                targets = [t for t in (name, copies.get(name or "")) if t is not None and t not in trained and t not in written]
+                if not targets:
                     continue
-                tensor = read_tensor(handle, info, data_start)
-                module = name.removesuffix(".weight")
-                if name.endswith(".weight") and module in combined:
-                    tensor = merge_weight(tensor, *combined[module], dtype, name)
-                elif tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                writer.add(name, tensor)
-                written.add(name)
+                base = read_tensor(handle, info, data_start)
+                for target in targets:
+                    writer.add(target, merged_tensor(base, target, combined, dtype))
+                    written.add(target)
     for name, value in trained.items():
         value = value.to(dtype) if value.is_floating_point() else value
         check_finite(name, value, dtype)
         writer.add(name, value)
         written.add(name)
-    missing = [name for name in expected if name not in written and name not in _tied_keys(model)]
+    missing = [name for name in expected if name not in written and name not in tied_aliases(model)]
     if missing:
         raise SpartaError(f"base {folder} lacks {len(missing)} weight(s) of {type(model).__name__} (e.g. `{missing[0]}`) "
                           "and no run trained them: pass the base the adapter was trained on (--base)")
@@ -366,23 +414,35 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
     return writer.finish()
 
 
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    """Parameters that share storage with another one: transformers restores them on load."""
+def merged_tensor(base: torch.Tensor, name: str, combined, dtype: torch.dtype) -> torch.Tensor:
+    """One base tensor in the output dtype, with the runs' deltas at `name` added."""
+    module = name.removesuffix(".weight")
+    if name.endswith(".weight") and module in combined:
+        return merge_weight(base, *combined[module], dtype, name)
+    return base.to(dtype) if base.is_floating_point() else base
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters that share storage with an earlier one (`lm_head.weight` -> `model.embed_tokens.weight`):
+    transformers restores them on load, so a checkpoint holds only the first."""
     seen: dict[int, str] = {}
-    tied = set()
+    aliases = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = id(tensor)
         if key in seen:
-            tied.add(name)
+            aliases[name] = seen[key]
         seen.setdefault(key, name)
-    return tied
+    return aliases
 
 
 def memory_merge(runs: list[Run], cfg: ModelConfig, combined, trained, head_run: Run, dtype: torch.dtype, out: Path, max_shard_size: int) -> None:
     """Load the whole base through transformers (GGUF files, .bin checkpoints, LoRA/DoRA), merge, save."""
     task = head_run.config.get("task") or {}
-    loaded = load_for_classification(cfg, task.get("num_labels", 2), task.get("label_names"),
-                                     problem_type="regression" if task.get("is_regression") else "single_label_classification")
+    if head_run.causal_lm:
+        loaded = load_for_causal_lm(cfg)
+    else:
+        loaded = load_for_classification(cfg, task.get("num_labels", 2), task.get("label_names"),
+                                         problem_type="regression" if task.get("is_regression") else "single_label_classification")
     tuner = get_tuner(runs[0].method)
     model = tuner.merged_in_memory(runs[0].path, loaded.model, runs[0].config)
     if model is None:  # sparta merge adds the saved tensors itself
@@ -470,7 +530,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
 
     def build(tmp: Path) -> None:
         if streaming:
-            config = classifier_config(str(folder), head_run, out_dtype, trust_remote_code=trust_remote_code)
+            config = merged_config(str(folder), head_run, out_dtype, trust_remote_code=trust_remote_code)
             report["shards"] = stream_merge(files, folder, tmp, config, combined, trained, runs, max_bytes)
         else:
             memory_merge(runs, model_config(runs[0], base, str(own).removeprefix("torch."), trust_remote_code), combined, trained, head_run, out_dtype, tmp, max_bytes)
@@ -479,6 +539,9 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         pad = (head_run.config.get("tokenizer") or {}).get("pad_token")
         if pad is not None:
             tokenizer.pad_token = pad
+        template = trained_chat_template(head_run)
+        if template is not None:  # the template the run trained with goes with its weights (`sparta generate`, chat servers)
+            tokenizer.chat_template = template
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / MERGE_MARKER, report)
 
@@ -486,6 +549,18 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         replace_dir(build, output)
     _print_report(report, output)
     return report
+
+
+def trained_chat_template(run: Run) -> str | None:
+    """The Jinja file an SFT run trained with (`task.chat_template`), when it is still there to copy."""
+    recorded = (run.config.get("task") or {}).get("chat_template")
+    if not recorded:
+        return None
+    path = Path(recorded).expanduser()
+    if not path.is_file():
+        raise SpartaError(f"{run.path} trained with task.chat_template {recorded}, which is gone: restore the file, since the "
+                          "merged model must render prompts as the run was trained on them")
+    return read_text(path)
 
 
 def _print_report(report: dict[str, Any], output: Path) -> None:

@@ -25,8 +25,11 @@ def compute_metrics(
 def selectable_metrics(task: Task) -> tuple[str, ...]:
     """The metrics `compute_metrics` reports for every split of `task`, plus the loss: what a
     run can select its best evaluation by."""
-    return (*task.kind.metric_names(task), "loss")
+    return tuple(dict.fromkeys((*task.kind.metric_names(task), "loss")))
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def lower_is_better(metric: str) -> bool:
-    return metric == "loss"
+    return metric in LOWER_IS_BETTER

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from sparta_cli.config import ModelConfig, Recipe, user_path
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.targets import HEAD_NAMES
+
+if TYPE_CHECKING:
+    from sparta_cli.tasks import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -141,20 +145,29 @@ def load_for_classification(cfg: ModelConfig, num_labels: int, label_names: list
     return LoadedModel(model, tokenizer, source, head_modules(model, info.get("missing_keys", ())))
 
 
-def load_skeleton(cfg: ModelConfig, num_labels: int, label_names: list[str] | None, *, problem_type: str | None,
-                  dtype: torch.dtype, head_modules: list[str]) -> LoadedModel:
-    """The classifier `load_for_classification` gives, built on the meta device without reading a
-    weight: what an FSDP rank other than 0 holds until rank 0 sends it its shards (`sharding.shard`).
-    `dtype` and `head_modules` are rank 0's (the latter come from what its checkpoint lacked)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_model(cfg: ModelConfig, task: Task) -> LoadedModel:
+    """The model a task trains: a sequence classifier, or (a kind whose head is "lm": SFT) the causal LM itself."""
+    if task.kind.head == "lm":
+        return load_for_causal_lm(cfg)
+    return load_for_classification(cfg, task.num_labels, list(task.label_names or []) or None, problem_type=task.kind.problem_type)
+
+
+def load_skeleton(cfg: ModelConfig, task: Task, *, dtype: torch.dtype, head_modules: list[str]) -> LoadedModel:
+    """The model `load_model` gives, built on the meta device without reading a weight: what an FSDP
+    rank other than 0 holds until rank 0 sends it its shards (`sharding.shard`). `dtype` and
+    `head_modules` are rank 0's (the latter come from what its checkpoint lacked)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = check_model_source(cfg)
     tokenizer = load_tokenizer(cfg, source)
+    causal = task.kind.head == "lm"
+    kwargs = {} if causal else _head_kwargs(task.num_labels, list(task.label_names or []) or None, task.kind.problem_type)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(source, gguf_file=cfg.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                            **_head_kwargs(num_labels, label_names, problem_type))
+                                            **kwargs)
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _hub_error(exc, source) from None
     if model.config.pad_token_id is None:
@@ -163,15 +176,16 @@ def load_skeleton(cfg: ModelConfig, num_labels: int, label_names: list[str] | No
 
 
 def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:
-    """The base model with its own language-model head (MMLU `task.head: lm`: nothing new to train)."""
+    """The base model with its own language-model head (MMLU `task.head: lm`, SFT), its pad token set;
+    a module the checkpoint lacks is a head module (trained fully: it starts random)."""
     from transformers import AutoModelForCausalLM
 
     source = check_model_source(cfg)
     tokenizer = load_tokenizer(cfg, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source, gguf_file=cfg.gguf_file, revision=cfg.revision, dtype=torch_dtype(cfg),
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, output_loading_info=True,
         )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
@@ -179,7 +193,22 @@ def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:
         raise _hub_error(exc, source) from None
     except OSError as exc:
         raise _hub_error(exc, source) from None
-    return LoadedModel(model, tokenizer, source, [])
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, source, head_modules(model, info.get("missing_keys", ())))
+
+
+def output_head(model: nn.Module) -> str:
+    """The module name of a causal LM's next-token head (`lm_head`): what `adapter.method: head` trains
+    for SFT. A head tied to the input embeddings (SmolLM2, Gemma) is refused: training it would change
+    every input token's embedding as well, which is not head-only training."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None:
+        raise SpartaError(f"this {model.config.model_type} model has no output embeddings to train: use another adapter.method")
+    if embeddings is not None and head.weight is embeddings.weight:
+        raise SpartaError(f"this {model.config.model_type} model ties its LM head to its input embeddings (tie_word_embeddings), so "
+                          "adapter.method: head would train the input embeddings too: use adapter.method sparta, lora, dora or full")
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def learned_positions(model: nn.Module) -> int | None:

@@ -18,7 +18,7 @@ import torch
 
 from sparta_cli.checkpoint import TrainerState, load_best, load_checkpoint, save_checkpoint
 from sparta_cli.errors import RunFailure, SpartaError
-from sparta_cli.models import LoadedModel, load_for_classification, load_skeleton
+from sparta_cli.models import LoadedModel, load_model, load_skeleton
 from sparta_cli.sharding import (
     GatheredOptimizer,
     ShardedModel,
@@ -31,6 +31,7 @@ from sparta_cli.sharding import (
 
 if TYPE_CHECKING:
     from sparta_cli.config import Recipe
+    from sparta_cli.tasks import Task
     from sparta_cli.tuners.base import Adapter
 
 
@@ -47,15 +48,16 @@ def mixed_precision(recipe: Recipe, model_dtype: torch.dtype) -> str:
     return "no"
 
 
-def load_classifier(recipe: Recipe, num_labels: int, label_names: list[str] | None, problem_type: str) -> LoadedModel:
-    """The classifier to train. Under FSDP with several processes only rank 0 reads the weights; the
-    others build a skeleton that `place` fills with their parts alone (rank 0's load error, if any,
-    is raised on every rank, so none waits for weights that never come)."""
+def load_trained_model(recipe: Recipe, task: Task) -> LoadedModel:
+    """The model to train (a classifier, or the causal LM for SFT: `models.load_model`). Under FSDP
+    with several processes only rank 0 reads the weights; the others build a skeleton that `place`
+    fills with their parts alone (rank 0's load error, if any, is raised on every rank, so none waits
+    for weights that never come)."""
     rank, world = start_process_group() if recipe.training.sharding == "fsdp" else (0, 1)
     loaded = None
     if rank == 0:
         try:
-            loaded = load_for_classification(recipe.model, num_labels, label_names, problem_type=problem_type)
+            loaded = load_model(recipe.model, task)
         except SpartaError as exc:
             if world > 1:  # the others wait for what rank 0 loaded: tell them why nothing comes
                 broadcast_json({"error": str(exc)})
@@ -67,8 +69,7 @@ def load_classifier(recipe: Recipe, num_labels: int, label_names: list[str] | No
     if "error" in shape:
         raise SpartaError(shape["error"])
     if rank > 0:
-        loaded = load_skeleton(recipe.model, num_labels, label_names, problem_type=problem_type,
-                               dtype=getattr(torch, shape["dtype"]), head_modules=shape["head_modules"])
+        loaded = load_skeleton(recipe.model, task, dtype=getattr(torch, shape["dtype"]), head_modules=shape["head_modules"])
     return loaded
 
 

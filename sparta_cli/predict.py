@@ -79,6 +79,9 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     run_task = resolve_task(recipe.task)
     if not run_task.kind.trainable:
         raise SpartaError("predict writes a classifier's predictions; task.head=lm scores a base model: use sparta eval")
+    if run_task.kind.token_level:
+        raise SpartaError(f"predict writes a classifier's labels; {target} was fine-tuned to write answers (task.type: sft): "
+                          "use sparta generate for its answers, or sparta eval for its loss")
     scored_task = file_task(run_task, Path(file).expanduser()) if file is not None else run_task
     where = "test" if file is not None else (split or DEFAULT_SPLIT)
     if file is None:

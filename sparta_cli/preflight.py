@@ -1,22 +1,28 @@
 """Checks that need no weights, run before any command loads a model: the model folder and its
 config.json, the data folder, the adapter's targets and data.max_length against the model's learned
-positions (on a skeleton of the model built from config.json on the meta device), and the trackers
-the recipe turns on. `sparta validate` runs them all; `train` and `eval` run them first, so a typo
-fails in a second instead of after the load."""
+positions (on a skeleton of the model built from config.json on the meta device), the trackers
+the recipe turns on, and for SFT every row and the chat template (with the tokenizer alone).
+`sparta validate` runs them all; `train` and `eval` run them first, so a typo fails in a second
+instead of after the load."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparta_cli.config import Recipe
 from sparta_cli.errors import SpartaError
+
+if TYPE_CHECKING:
+    from sparta_cli.tasks import Task
 
 
 def check_data_dir(recipe: Recipe) -> Path | None:
     """`data.dir` (or $SPARTA_DATA_DIR) exists when given; None means the Hub."""
     folder = recipe.data_dir()
-    if folder is None or recipe.task.type is not None:  # a custom task names its own files
+    if folder is None or recipe.task.from_files:  # a custom task names its own files
         return folder
     setting = "data.dir" if recipe.data.dir else "$SPARTA_DATA_DIR"
     if not folder.exists():
@@ -27,7 +33,7 @@ def check_data_dir(recipe: Recipe) -> Path | None:
     return folder
 
 
-def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -> None:
+def check_against_config(recipe: Recipe, source: str, task: Task, *, targets: bool = True) -> None:
     """Checks against a skeleton of the model built from its config.json on the meta device (no weights):
     adapter.targets exist in it (and SpaRTA's adapter.budget fits them: resolved here to its density,
     which `sparta validate` prints), and data.max_length fits its learned positions (models.fit_max_length).
@@ -36,16 +42,17 @@ def check_against_config(recipe: Recipe, source: str, *, targets: bool = True) -
     if recipe.model.gguf_file or not (Path(source) / "config.json").is_file():
         return
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from sparta_cli.models import fit_max_length
     from sparta_cli.targets import resolve_targets
     from sparta_cli.tuners import get_tuner
 
+    auto = AutoModelForCausalLM if task.kind.head == "lm" else AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
         with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+            skeleton = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except (ValueError, OSError, KeyError):
         return  # the model load names these (an architecture without a classifier, a damaged config)
     fit_max_length(recipe, skeleton)
@@ -69,5 +76,24 @@ def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | N
         splits = [s for s in ("train", *task.eval_splits) if s in task.splits or s in task.aliases]
     check_split_files(task, recipe.task, splits, data_dir)
     enabled_trackers(recipe)
-    check_against_config(recipe, source, targets=targets)
+    check_against_config(recipe, source, task, targets=targets)
+    if task.kind.token_level:
+        check_sft_rows(recipe, task, source, splits)
     return source
+
+
+def check_sft_rows(recipe: Recipe, task: Task, source: str, splits: Sequence[str]) -> None:
+    """Every row of the splits read and validated, and the rows the command uses rendered with the chat
+    template and tokenised (`data.tokenize_split`, which verifies each answer's span and caches what it
+    makes, so the command that follows reuses it), with the tokenizer alone. Once per launch (rank 0)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from sparta_cli.data import tokenize_split
+    from sparta_cli.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model, source)
+    for split in splits:
+        if split == "train":
+            tokenize_split(task, split, tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
+        else:
+            tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples)

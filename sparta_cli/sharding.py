@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparta_cli.dtensors import full_tensor, reshard
+from sparta_cli.dtensors import full_tensor, local_tensor, reshard
 from sparta_cli.errors import RunFailure, SpartaError
 from sparta_cli.tuners.base import MeshRank
 
@@ -151,7 +151,7 @@ class ShardedModel:
         """Copy whole tensors (as `gather` made them, e.g. a checkpoint's) into this rank's parts of `params`."""
         for name, param in params.items():
             part = self.local_part(param, tensors[name])
-            _local(param).copy_(_local(part))
+            local_tensor(param).copy_(local_tensor(part))
         self.write_weights()
 
     def write_weights(self) -> None:
@@ -205,7 +205,7 @@ class ShardedModel:
         for name, local, shape in incoming:
             whole = sent[name].to(device, local.dtype) if rank == 0 else torch.empty(shape, dtype=local.dtype, device=device)
             dist.broadcast(whole, src=src, group=self.group)
-            _local(local).copy_(_local(self._part(whole, local)))
+            local_tensor(local).copy_(local_tensor(self._part(whole, local)))
 
     def _incoming(self) -> list[tuple[str, torch.Tensor, torch.Size]]:
         """(name, this rank's tensor, whole shape) of everything rank 0 sends: all but what the method
@@ -225,10 +225,6 @@ class ShardedModel:
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name (shared ones once), the same order on every rank."""
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _shaped_like(value, param: torch.Tensor) -> bool:
@@ -313,7 +309,7 @@ class GatheredOptimizer:
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """torch's clip_grad_norm_ over gradients that are disjoint shards across ranks: owned delta
     gradients (plain tensors) and FSDP's Shard(0) DTensor gradients. One all-reduce of a scalar."""
-    grads = [_local(param.grad) for param in params if param.grad is not None]
+    grads = [local_tensor(param.grad) for param in params if param.grad is not None]
     total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
     for grad in grads:
         total += grad.double().pow(2).sum()

@@ -27,17 +27,19 @@ import torch
 from rich.markup import escape
 
 from sparta_cli.checkpoint import TrainerState, checkpoints, usable_checkpoint
-from sparta_cli.config import Recipe
+from sparta_cli.config import Recipe, default_of
 from sparta_cli.console import TrainingProgress, console
-from sparta_cli.data import make_loader, tokenize_split, validation_indices
+from sparta_cli.data import task_loader, tokenize_split, validation_indices
+from sparta_cli.dtensors import local_tensor
 from sparta_cli.errors import Diverged, Interrupted, SpartaError
 from sparta_cli.evaluation import evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
+from sparta_cli.generation import generation_sets
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import LoadedModel, fit_max_length
+from sparta_cli.models import LoadedModel, fit_max_length, output_head
 from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.outputs import check_output_dir, prepare_output_dir, release_run_dir
-from sparta_cli.placement import Placement, load_classifier, mixed_precision, place
+from sparta_cli.placement import Placement, load_trained_model, mixed_precision, place
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
@@ -156,8 +158,15 @@ def selection_metric(recipe: Recipe, task: Task) -> str:
 
 
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`section.key: OLD there, NEW now` for every recipe key whose value differs from the saved recipe's."""
-    keys = [(f"{section}.{key}", saved.get(section, {}).get(key), value)
+    """`section.key: OLD there, NEW now` for every recipe key whose value differs from the saved recipe's
+    (a key the saved recipe lacks, added to sparta since, held its default there)."""
+    method = (saved.get("adapter") or {}).get("method", "sparta")
+
+    def there(section: str, key: str) -> Any:
+        recorded = saved.get(section, {})
+        return recorded[key] if key in recorded else default_of(section, key, method)
+
+    keys = [(f"{section}.{key}", there(section, key), value)
             for section in now if isinstance(now[section], dict) for key, value in now[section].items()]
     keys += [(key, saved.get(key), now.get(key)) for key in ("seed",)]
     return [f"{name}: {old!r} there, {new!r} now" for name, old, new in sorted(keys) if old != new]
@@ -264,18 +273,22 @@ class Model:
 
 
 def setup_model(recipe: Recipe, task: Task) -> Model:
-    """The classifier and its adapter (under FSDP only rank 0 reads the weights: `load_classifier`);
-    the recipe's adapter settings resolved against the model (`Tuner.resolve_settings`)."""
-    loaded = load_classifier(recipe, task.num_labels, list(task.label_names or []) or None,
-                             task.kind.problem_type)
+    """The model (a classifier, or the causal LM for SFT) and its adapter (under FSDP only rank 0
+    reads the weights: `load_trained_model`), the recipe's adapter settings resolved against the model
+    (`Tuner.resolve_settings`). A causal LM has no new head: every method trains what it trains in the
+    body, and a method that trains no body (`head`) trains the LM head."""
+    loaded = load_trained_model(recipe, task)
     model = loaded.model
     fit_max_length(recipe, model)
     dtype = next(model.parameters()).dtype
-    for name in loaded.head_modules:  # the head trains in fp32 whatever the body's dtype
+    heads = loaded.head_modules
+    if task.kind.head == "lm" and not get_tuner(recipe.adapter.method).trains_body:
+        heads = sorted({*heads, output_head(model)})
+    for name in heads:  # the head trains in fp32 whatever the body's dtype
         model.get_submodule(name).float()
     # what only the model fixes (SpaRTA's budget -> density), so config.yaml, checkpoints and the adapter record it
     recipe.adapter = get_tuner(recipe.adapter.method).resolve_settings(recipe.adapter, model)
-    adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, loaded.head_modules)
+    adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, heads)
     if recipe.training.gradient_checkpointing:
         adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Model(loaded, adapter, dtype)
@@ -309,9 +322,9 @@ def setup_data(recipe: Recipe, task: Task, tokenizer, accelerator, metric: str |
         train_split = tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
         splits = {split: tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples) for split in task.eval_splits}
     for split in [train_split, *splits.values()]:
-        if split.truncated or split.dropped:
-            say(f"{task.name}/{split.split}: {split.truncated} examples truncated, {split.dropped} dropped "
-                f"at max_length={recipe.data.max_length}")
+        note = split.note(task, recipe.data.max_length)
+        if note:
+            say(note)
     train_data = train_split.dataset
     eval_data, test_data = {s: t.dataset for s, t in splits.items()}, {}
     if metric is not None:  # evaluations score held-out training rows; the evaluation splits are scored once, at the end
@@ -319,10 +332,14 @@ def setup_data(recipe: Recipe, task: Task, tokenizer, accelerator, metric: str |
         train_data, test_data, eval_data = train_data.select(kept), eval_data, {"heldout": train_data.select(held_out)}
         say(f"model selection: {len(held_out):,} training rows held out as the validation set, best by {metric}")
     eval_loaders, test_loaders = (
-        {s: make_loader(d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in data.items()}
+        {s: task_loader(task, d, tokenizer, cfg.eval_batch_size, shuffle=False, seed=recipe.seed) for s, d in data.items()}
         for data in (eval_data, test_data))
-    return Data(make_loader(train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed), eval_loaders, test_loaders,
-                len(train_data))
+    train_loader = task_loader(task, train_data, tokenizer, cfg.batch_size, shuffle=True, seed=recipe.seed,
+                               packing=recipe.data.packing, max_length=recipe.data.max_length)
+    if recipe.data.packing:
+        say(f"data.packing: {len(train_data):,} training rows packed into {len(train_loader.dataset):,} sequences "
+            f"of up to {recipe.data.max_length} tokens")
+    return Data(train_loader, eval_loaders, test_loaders, len(train_data))
 
 
 @dataclass
@@ -419,6 +436,7 @@ class Trainer:
         self.trainable, self.masks, self.selection, self.state = trainable, masks, selection, state
         self.on_evaluate = on_evaluate
         self.scorer = task.kind.scorer(task, model.loaded.tokenizer)
+        self.generation = generation_sets(task, recipe, model.loaded.tokenizer, task.eval_splits)  # task.generation_metrics
         self.window = LossWindow(self.accelerator.device)
         self.logged = LogWindow()
         self.stopped_early = selection is not None and selection.should_stop  # resumed after it stopped
@@ -432,9 +450,9 @@ class Trainer:
             with TrainingProgress(self.steps, self.state.step, enabled=self.main) as self.progress:
                 for batch in self.micro_batches() if self.state.step < self.steps and not self.stopped_early else ():
                     with self.accelerator.accumulate(self.model):
-                        loss = self.model(**batch).loss
+                        loss, weight = self.task.kind.train_loss(self.model, batch)
                         self.accelerator.backward(loss)
-                    self.window.add(loss, batch)
+                    self.window.add(loss, batch, weight)
                     examples = batch["input_ids"].shape[0] * self.accelerator.num_processes
                     self.state.seen += examples
                     self.session_seen += examples
@@ -459,6 +477,11 @@ class Trainer:
     def optimizer_step(self) -> None:
         """The one path every optimizer step takes."""
         cfg, state = self.cfg, self.state
+        scale = self.window.gradient_scale(self.accelerator)
+        if scale is not None:  # summed token losses: the step's gradient becomes their mean over its tokens
+            for param in self.trainable.values():
+                if param.grad is not None:
+                    local_tensor(param.grad).mul_(scale.to(param.grad.dtype))
         if cfg.max_grad_norm:
             self.placement.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
         self.optimizer.step()
@@ -537,6 +560,9 @@ class Trainer:
         results: dict[str, float] = {}
         for split, loader in loaders.items():
             results.update(evaluate_split(self.model, loader, self.accelerator, self.task, split, self.scorer))
+        if prefix == "eval_":  # generation metrics: greedy answers to the first validation prompts, at every evaluation
+            for prompts in self.generation:
+                results.update(prompts.score(self.accelerator.unwrap_model(self.model), self.loaded.tokenizer, self.cfg.eval_batch_size))
         results = {f"{prefix}{k}": v for k, v in results.items()}
         step = self.state.step
         log_record(self.accelerator, {"step": step, **results})
@@ -627,8 +653,7 @@ class Trainer:
                            "dtype": str(self.model_dtype).removeprefix("torch.")},
             **recipe.adapter.recorded(),  # density, targets
             "seed": recipe.adapter_seed,
-            "task": {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
-                     "num_labels": task.num_labels, "is_regression": task.is_regression},
+            "task": task.kind.recorded(task, recipe.task),
             "pad_token_id": adapter.base.config.pad_token_id,
             "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
         }
@@ -637,13 +662,18 @@ class Trainer:
 
 class LossWindow:
     """The training loss of the optimizer steps since the last read, kept on the device so the loop
-    never waits for it; read (reduced across processes) every log_every steps."""
+    never waits for it; read (reduced across processes) every log_every steps.
+
+    A step's loss is the mean of its micro-batches' losses, or for a token-level kind (SFT, whose
+    micro-batches give summed token losses and their token counts) the summed loss over the step's
+    tokens, of every process (`gradient_scale`, which also makes the gradient that mean)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
         self._micro_sum = torch.zeros((), device=device)
-        self._micro_batches = 0
+        self._micro_weight = torch.zeros((), device=device)
+        self._weighted = False
 
     def reset(self) -> None:
         self.steps = 0
@@ -651,19 +681,34 @@ class LossWindow:
         self._tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None) -> None:
+        """One micro-batch's loss: a mean (`weight` None), or a sum over `weight` tokens."""
         loss = loss.detach().float()
         self._micro_sum += loss
-        self._micro_batches += 1
+        self._micro_weight += 1 if weight is None else weight.detach()
+        self._weighted = weight is not None
         self._nonfinite |= ~torch.isfinite(loss)
-        mask = batch.get("attention_mask")
-        self._tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+        self._tokens += _real_tokens(batch)
+
+    def gradient_scale(self, accelerator) -> torch.Tensor | None:
+        """For summed token losses (None otherwise), the factor that turns the step's accumulated gradient
+        into that of the mean token loss over all its micro-batches and processes: Accelerate divided
+        each micro-batch's by the accumulation steps and DDP / FSDP average over processes, so it is
+        accumulation x processes / tokens. The step's (loss, tokens) are summed across processes here,
+        so every process logs the same step loss."""
+        if not self._weighted:
+            return None
+        totals = torch.stack([self._micro_sum.double(), self._micro_weight.double()])
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, reduction="sum")
+        self._micro_sum, self._micro_weight = totals[0].float(), totals[1].float()
+        return accelerator.gradient_accumulation_steps * accelerator.num_processes / totals[1].clamp_min(1)
 
     def end_step(self) -> None:
-        """A step's loss is the mean over its micro-batches."""
-        self._step_sum += self._micro_sum / max(1, self._micro_batches)
-        self._micro_sum.zero_()
-        self._micro_batches = 0
+        """The step's loss: its micro-batches' mean, or its token loss over its tokens."""
+        self._step_sum += self._micro_sum / self._micro_weight.clamp_min(1)
+        self._micro_sum = torch.zeros((), device=self.device)
+        self._micro_weight = torch.zeros((), device=self.device)
         self.steps += 1
 
     def read(self, accelerator) -> tuple[float, int, bool]:
@@ -673,6 +718,14 @@ class LossWindow:
             packed = accelerator.reduce(packed, reduction="sum")
         loss_sum, tokens, nonfinite = packed.tolist()
         return loss_sum / accelerator.num_processes, int(tokens), nonfinite > 0
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A batch's non-pad tokens: SFT's loaders count them (`num_tokens`; a packed batch has no attention mask)."""
+    if "num_tokens" in batch:
+        return batch["num_tokens"]
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 class LogWindow:

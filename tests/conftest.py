@@ -115,3 +115,52 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 def tiny_bert_nodropout_dir(tmp_path_factory) -> Path:
     """Dropout off: runs that must agree across world sizes draw no randomness."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_byte_tokenizer():
+    """A small fast tokenizer, one token per byte plus Llama 3's special tokens, with no chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|im_start|>", "<|im_end|>"])
+
+
+def save_tiny_llama(path: Path, tie: bool = False, initializer_range: float = 0.02) -> Path:
+    """A tiny random Llama causal LM with `make_byte_tokenizer`'s tokenizer and a ChatML chat template: fast SFT runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_byte_tokenizer()
+    tokenizer.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tie,
+                         initializer_range=initializer_range)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny causal LM folder (untied LM head), loadable by `sparta train` / `sparta eval`."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm_dir(tmp_path_factory) -> Path:
+    """A tiny causal LM with its embeddings tied (as SmolLM2's), initialised wide (std 0.5) so that greedy
+    generation varies its tokens (at 0.02 it repeats one): generate, merge and export compare tokens on it."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-lm"), tie=True, initializer_range=0.5)

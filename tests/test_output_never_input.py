@@ -82,6 +82,16 @@ def test_predict_never_writes_into_the_base_model_folder(here):
     assert sorted(p.name for p in (here / "tiny-bert").iterdir()) == ["config.json"]
 
 
+@pytest.mark.parametrize(("output", "says"), [("run/completions.jsonl", "is inside the input run"), ("prompts.jsonl", "is the input prompts.jsonl"),
+                                            ("tiny-bert/out.jsonl", "is inside the input tiny-bert")])
+def test_generate_never_writes_over_its_prompts_nor_into_its_model(here, output, says):
+    (here / "prompts.jsonl").write_text('{"prompt": "Hi"}\n')
+    target = "tiny-bert" if output.startswith("tiny-bert") else "run"
+    before = snapshot(here / "run"), (here / "prompts.jsonl").read_bytes()
+    refused("generate", target, "--file", "prompts.jsonl", "--output", output, "--overwrite", says=says)
+    assert (snapshot(here / "run"), (here / "prompts.jsonl").read_bytes()) == before
+
+
 @pytest.mark.parametrize("output", ["run/adapter_config.json", "scores.json"])
 def test_eval_output_never_goes_into_the_run_it_scores(here, output):
     (here / "scores.json").symlink_to(here / "run" / "eval_results.json")  # an earlier result's name, linked into the run

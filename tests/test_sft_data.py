@@ -26,7 +26,7 @@ from sparta_cli.sft import (
     resolve_chat_template,
     tokenize_row,
 )
-from tests.conftest import REPO, require_or_skip, tiny_config
+from tests.conftest import CHATML_TEMPLATE, REPO, make_byte_tokenizer, require_or_skip, tiny_config
 
 SYSTEM_CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -42,10 +42,6 @@ LLAMA3_TEMPLATE = (
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -65,20 +61,6 @@ def smollm2():
 @pytest.fixture(scope="module")
 def byte_tokenizer():
     return make_byte_tokenizer()
-
-
-def make_byte_tokenizer():
-    """A small fast tokenizer, one token per byte plus Llama 3's special tokens, with no chat template."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|im_start|>", "<|im_end|>"])
 
 
 def chat(messages, where: str = "data.jsonl line 1"):

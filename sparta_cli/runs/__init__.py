@@ -114,6 +114,11 @@ class Run:
         return self.config.get("base_model") or {}
 
     @property
+    def causal_lm(self) -> bool:
+        """An SFT run: a causal LM that writes answers (its base's recorded architecture), not a classifier."""
+        return str(self.base.get("architecture") or "").endswith("ForCausalLM")
+
+    @property
     def base_name(self) -> str:
         gguf = self.base.get("gguf_file")
         return f"{self.base.get('name_or_path')}" + (f" ({gguf})" if gguf else "")

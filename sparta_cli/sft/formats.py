@@ -85,6 +85,55 @@ def parse_records(records: Iterable[tuple[str, Mapping[str, Any]]], format: Form
     return SftData(format=format or first[0].split(" ")[0], rows=tuple(rows))
 
 
+def read_prompt_file(path: Path, chat: bool) -> list[SftRow]:
+    """The rows of a file to generate from (`sparta generate --file`), validated; see `parse_prompts`."""
+    return parse_prompts(((f"{path} {place}", record) for place, record in _records(path)), chat, str(path))
+
+
+def parse_prompts(records: Iterable[tuple[str, Mapping[str, Any]]], chat: bool, source: str = "the prompts") -> list[SftRow]:
+    """Rows to generate from, each a prompt only (`prompt_messages` covers every message):
+
+      {"prompt": "..."}          a user turn when `chat` (the model has a chat template), else the text as is
+      {"prompt": [messages]}     a conversation ending in a user turn
+      {"messages": [messages]}   the same; a final assistant turn (a reference answer) is left out
+
+    Other fields (`completion`, ids) are ignored, so an SFT validation file generates as it is. A text
+    prompt is kept in `prompt` also when it became a user turn."""
+    rows = []
+    for where, record in records:
+        if "messages" in record and "prompt" in record:
+            raise SpartaError(f"{where}: the row has both `messages` and `prompt`: keep one")
+        field = "messages" if "messages" in record else "prompt"
+        value = record.get(field)
+        if value is None:
+            fields = ", ".join(f"`{name}`" for name in record) or "none"
+            raise SpartaError(f"{where}: no `prompt` or `messages` to generate from (it has: {fields}): "
+                              'write {"prompt": "..."} or {"messages": [...]} rows')
+        if field == "prompt" and isinstance(value, str):
+            if not value.strip():
+                raise SpartaError(f"{where}: `prompt` is empty: write the prompt or remove that row")
+            if not chat:
+                rows.append(SftRow(where, prompt=value))
+                continue
+            messages: tuple[dict[str, str], ...] = ({"role": "user", "content": value},)
+        else:
+            messages = _messages(_decode_json(value, where), field, where)
+            if field == "messages" and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        _check_prompt(messages, field, where)
+        rows.append(SftRow(where, messages=messages, prompt_messages=len(messages), prompt=value if isinstance(value, str) else ""))
+    if not rows:
+        raise SpartaError(f"{source} has no rows: write one prompt a line")
+    return rows
+
+
+def _check_prompt(messages: Sequence[Mapping[str, str]], field: str, where: str) -> None:
+    roles = [message["role"] for message in messages if message["role"] != "system"]
+    if not roles or roles[0] != "user" or roles[-1] != "user":
+        raise SpartaError(f"{where}: `{field}` must open with a user turn (after an optional system message) and end with "
+                          "the user turn to answer: fix that row")
+
+
 def _prompt_kind(row: SftRow) -> str:
     return "message lists" if row.messages is not None else "strings"
 

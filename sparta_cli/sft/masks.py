@@ -131,7 +131,8 @@ def render_with_spans(row: SftRow, tokenizer, template: str) -> tuple[str, list[
 def generation_prompt(row: SftRow, tokenizer, template: str | None = None) -> tuple[list[int], str]:
     """The ids a model generates the row's (last) answer from, and that answer: for generation metrics.
 
-    A conversation is cut before its last assistant turn and ends in the generation prompt."""
+    A conversation is cut before its last assistant turn and ends in the generation prompt; one that is
+    all prompt (`formats.parse_prompts`) is rendered whole, with no reference answer."""
     if row.messages is None:
         if not row.prompt:
             raise SpartaError(f"{row.where}: the row has no prompt to generate from: generation metrics need "
@@ -139,9 +140,13 @@ def generation_prompt(row: SftRow, tokenizer, template: str | None = None) -> tu
         return list(tokenizer(row.prompt, add_special_tokens=True)["input_ids"]), row.completion
     if template is None:
         raise ValueError("a conversation needs its chat template: call resolve_chat_template first")
-    last = max(index for index, message in enumerate(row.messages) if message["role"] == "assistant")
+    if row.prompt_messages == len(row.messages):
+        last, answer = len(row.messages), ""
+    else:
+        last = max(index for index, message in enumerate(row.messages) if message["role"] == "assistant")
+        answer = row.messages[last]["content"]
     text = _render_row(row, tokenizer, template, list(row.messages[:last]), add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), row.messages[last]["content"]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), answer
 
 
 def _tokenize_plain(row: SftRow, tokenizer, loss_on: str) -> TokenizedRow:

@@ -1,14 +1,15 @@
 """Tasks: which benchmark or user files a recipe names, what kind of task it is, and how its splits are read.
 
-A `Task` states its kind (`task.kind`, kinds.py): CLASSIFICATION, REGRESSION or LM_CHOICE (MMLU
-scored through the LM head). Data, training, evaluation and prediction ask the kind (its label
+A `Task` states its kind (`task.kind`, kinds.py): CLASSIFICATION, REGRESSION, LM_CHOICE (MMLU
+scored through the LM head) or SFT_KIND (`task.type: sft`: a causal LM trained on answers' tokens). Data, training, evaluation and prediction ask the kind (its label
 type, scorer, metrics, whether it trains) rather than telling tasks apart.
 
 A split always comes back as a `datasets.Dataset` with the task's text columns (strings)
 and `label` (class id, or float for regression; -1 on every row of an unlabelled test
 split), plus `subject` for MMLU, whether it was read from a local copy or the Hub.
 
-Each family of tasks is one module (glue.py, imdb.py, mmlu.py, custom.py: your own files), registered
+Each family of tasks is one module (glue.py, imdb.py, mmlu.py, custom.py: your own files, sft.py: SFT
+files or a built-in task as chat; its splits are `where`/`row` columns, `sft_rows` reads them), registered
 below by `Task.source`; files.py reads the files. Local copies (`data.dir` or `$SPARTA_DATA_DIR`)
 may point at the data root or at the GLUE folder itself; with no directory the same data comes from
 the Hugging Face Hub. Split names follow the Hub; each family's module lists its aliases.
@@ -25,25 +26,29 @@ import datasets
 
 from sparta_cli.config import TaskConfig
 from sparta_cli.errors import SpartaError
-from sparta_cli.tasks import custom, glue, imdb, mmlu
+from sparta_cli.tasks import custom, glue, imdb, mmlu, sft
 from sparta_cli.tasks.base import Family, Scorer, Task, TaskKind, canonical_split, normalise
-from sparta_cli.tasks.kinds import CLASSIFICATION, LM_CHOICE, REGRESSION
+from sparta_cli.tasks.kinds import CLASSIFICATION, LM_CHOICE, REGRESSION, SFT_KIND
 from sparta_cli.tasks.mmlu import MMLU_CATEGORIES, MMLU_CHOICES, format_mmlu_prompt, mmlu_prompt_with_shots
+from sparta_cli.tasks.sft import rows as sft_rows
 
 __all__ = [
-    "CLASSIFICATION", "KNOWN_TASKS", "LM_CHOICE", "MMLU_CATEGORIES", "MMLU_CHOICES", "REGRESSION", "Scorer", "Task",
-    "TaskKind", "canonical_split", "check_split_files", "check_trainable", "format_mmlu_prompt", "load_split",
-    "mmlu_prompt_with_shots", "normalise", "resolve_task", "split_names",
+    "CLASSIFICATION", "KNOWN_TASKS", "LM_CHOICE", "MMLU_CATEGORIES", "MMLU_CHOICES", "REGRESSION", "SFT_KIND", "Scorer",
+    "Task", "TaskKind", "canonical_split", "check_split_files", "check_trainable", "format_mmlu_prompt", "load_split",
+    "mmlu_prompt_with_shots", "normalise", "resolve_task", "sft_rows", "split_names",
 ]
 
-FAMILIES: dict[str, Family] = {"glue": glue, "imdb": imdb, "mmlu": mmlu, "custom": custom}
+FAMILIES: dict[str, Family] = {"glue": glue, "imdb": imdb, "mmlu": mmlu, "custom": custom, "sft": sft}
 
 KNOWN_TASKS: tuple[str, ...] = tuple(name for family in FAMILIES.values() for name in family.NAMES)
 
 
 def resolve_task(task_cfg: TaskConfig) -> Task:
     """The Task a recipe's `task:` section names; custom tasks read their training file for the labels."""
-    task = custom.task("", task_cfg) if task_cfg.type is not None else _named_task(str(task_cfg.name), task_cfg)
+    if task_cfg.type == "sft":
+        task = sft.task("", task_cfg)
+    else:
+        task = custom.task("", task_cfg) if task_cfg.type is not None else _named_task(str(task_cfg.name), task_cfg)
     if task_cfg.shots and task.kind is not LM_CHOICE:
         raise SpartaError(
             f"task.shots = {task_cfg.shots} only applies to mmlu with task.head: lm: "

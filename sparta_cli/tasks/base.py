@@ -32,6 +32,15 @@ class TaskKind:
     trainable: ClassVar[bool] = True  # `sparta train` has something to fit
     label_dtype: ClassVar[str] = "int64"  # the Arrow type of the `label` column
     problem_type: ClassVar[str | None] = None  # transformers' problem_type of the classification head
+    # the loss is over the tokens of sequences (SFT), not one label a row: rows are tokenised by sft/,
+    # training weights each micro-batch by its supervised tokens, and a split's scorer gives each row's
+    # summed loss and supervised tokens
+    token_level: ClassVar[bool] = False
+
+    def train_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """(the loss to train on, its weight): the model's own mean loss, weight None (micro-batches count
+        alike); a token-level kind gives the summed token loss and the supervised tokens it sums over."""
+        return model(**batch).loss, None
 
     def encode(self, tokenizer: Any, texts: Sequence[list[str]], max_length: int) -> dict[str, list]:
         """Model inputs of a batch of rows (`texts`: one list per text field), cut at `max_length`,
@@ -43,6 +52,11 @@ class TaskKind:
 
     def scorer(self, task: Task, tokenizer: Any) -> Scorer:
         raise NotImplementedError
+
+    def recorded(self, task: Task, task_cfg: TaskConfig) -> dict[str, Any]:
+        """What a run's adapter_config.json records of its task (`task`): what loading it back needs."""
+        return {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
+                "num_labels": task.num_labels, "is_regression": task.is_regression}
 
     def scores(self, task: Task, predictions: Any, labels: Any, subjects: Sequence[str] | None) -> dict[str, float]:
         """Metric name -> value of one split's predictions against its labels."""
@@ -68,10 +82,11 @@ class Task:
     eval_splits: tuple[str, ...]
     metric_suffixes: dict[str, str] = field(default_factory=dict)
     splits: tuple[str, ...] = ("train", "validation", "test")
-    source: str = "custom"  # the family that reads it: "glue", "imdb", "mmlu" or "custom"
+    source: str = "custom"  # the family that reads it: "glue", "imdb", "mmlu", "custom" or "sft"
     aliases: dict[str, str] = field(default_factory=dict)  # other accepted split name -> split
     files: dict[str, str] = field(default_factory=dict)  # custom: split -> path as the recipe gives it
     subject_categories: Mapping[str, str] = field(default_factory=dict)  # MMLU: subject -> category, for metrics
+    based_on: str | None = None  # sft of a built-in task (sst2, mmlu): the task whose rows it renders as chat
 
     @property
     def num_labels(self) -> int:
@@ -105,7 +120,7 @@ def canonical_split(task: Task, split: str) -> str:
     split = task.aliases.get(split, split)
     if split in task.splits:
         return split
-    if task.source == "custom" and split in ("train", "validation", "test"):
+    if task.files and split in ("train", "validation", "test"):  # a task of the recipe's own files
         raise SpartaError(f"task {task.name} has no {split} split: set task.{split}_file")
     raise SpartaError(f"task {task.name} has no `{split}` split: use one of {', '.join(task.splits)}")
 

@@ -45,17 +45,17 @@ def task(key: str, task_cfg: TaskConfig) -> Task:
 
 
 def check(task: Task, split: str, data_dir: Path | None) -> None:
-    _path(split, task.files[split])
+    split_path(split, task.files[split])
 
 
 def read(task: Task, task_cfg: TaskConfig, split: str, data_dir: Path | None) -> datasets.Dataset:
-    path = _path(split, task.files[split])
+    path = split_path(split, task.files[split])
     keys = None if task.label_names is None else {name: i for i, name in enumerate(task.label_names)}
     return as_dataset(task, table_columns(task, path, task_cfg.label_field, keys, required=split != "test"))
 
 
 def _discover_labels(task_cfg: TaskConfig, split: str, given: str) -> tuple[str, ...]:
-    path = _path(split, given)
+    path = split_path(split, given)
     header, rows = read_table(path)
     require_columns(path, header, tuple(task_cfg.text_fields or ()), "task.text_fields")
     require_columns(path, header, (task_cfg.label_field,), "task.label_field")
@@ -73,9 +73,10 @@ def _discover_labels(task_cfg: TaskConfig, split: str, given: str) -> tuple[str,
     return sorted_labels(found)
 
 
-def _path(split: str, given: str) -> Path:
+def split_path(split: str, given: str, types: str = "CSV, TSV or JSONL") -> Path:
+    """The file `task.<split>_file` names, a regular file (`types`: the kinds of file it may be, for the message)."""
     path = user_path(given, f"task.{split}_file")
     return input_file(
         path, f"task.{split}_file {path} not found (relative paths start at the current folder {Path.cwd()}): fix the path",
-        "give the path of a CSV, TSV or JSONL file", setting=f"task.{split}_file ",
+        f"give the path of a {types} file", setting=f"task.{split}_file ",
     )

@@ -7,6 +7,8 @@
   their mean as `combined_score`.
 - LM_CHOICE: multiple choice scored by the model's own next-token logits over the answer letters
   (MMLU with `task.head: lm`); nothing to train; classification's metrics.
+- SFT: a causal LM trained on the answers' tokens (`task.type: sft`, docs/sft.md) through its own
+  next-token head; loss (summed token loss over supervised tokens) and perplexity, lower is better.
 
 Metric names follow GLUE so results compare with papers; split suffixes (MNLI's `_mm`) are the caller's.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sparta_cli.config import TaskConfig
 from sparta_cli.errors import SpartaError
 from sparta_cli.tasks.base import Scorer, Task, TaskKind
 
@@ -142,6 +145,63 @@ def lm_choice_scorer(choice_ids: list[int], trailing: int = 0) -> Scorer:
     return score
 
 
+IGNORE = -100  # sft.masks.IGNORE: a label the loss skips (not imported: sft/ reads task files through tasks/)
+
+
+def token_losses(model: Any, batch: dict[str, Any]) -> Any:
+    """Each position's next-token cross-entropy in fp32, 0 where the label is off: [batch, length - 1].
+
+    The model runs with `use_cache=False`: a packed batch (position ids and no attention mask) keeps
+    attention within rows only then (sft/packing.py)."""
+    import torch
+
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=IGNORE, reduction="none")
+    return losses.view(targets.shape)
+
+
+def sft_scorer(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Each row's summed token loss and its supervised tokens (a split's loss is their ratio, not a mean of batch means)."""
+    losses = token_losses(model, batch)
+    return losses.double().sum(-1), (batch["labels"][:, 1:] != IGNORE).sum(-1)
+
+
+class SFT(TaskKind):
+    """Supervised fine-tuning: the model writes the answer, through the model's own next-token head.
+
+    The loss is a mean over supervised tokens wherever it is taken: a training step weights each
+    micro-batch (and process) by its tokens, and a split's loss is its summed token loss over its
+    supervised tokens; perplexity is exp(loss)."""
+
+    name = "sft"
+    head = "lm"
+    token_level = True
+
+    def train_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+        losses = token_losses(model, batch)
+        return losses.sum(), (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def scorer(self, task: Task, tokenizer: Any) -> Scorer:
+        return sft_scorer
+
+    def recorded(self, task: Task, task_cfg: TaskConfig) -> dict[str, Any]:
+        return {"name": task.name, "kind": self.name, "based_on": task.based_on, "format": task_cfg.format,
+                "loss_on": task_cfg.loss_on or "assistant", "chat_template": task_cfg.chat_template,
+                "instruction": task_cfg.instruction}
+
+    def scores(self, task: Task, predictions: Any, labels: Any, subjects: Sequence[str] | None) -> dict[str, float]:
+        """`predictions`: each row's summed token loss; `labels`: its supervised tokens."""
+        tokens = float(np.asarray(labels, dtype=np.float64).sum())
+        loss = float(np.asarray(predictions, dtype=np.float64).sum()) / tokens if tokens else float("nan")
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0)))}
+
+    def metric_names(self, task: Task) -> tuple[str, ...]:
+        return ("loss", "perplexity")
+
+
 def _by_subject(correct: np.ndarray, subjects: np.ndarray, categories: Mapping[str, str]) -> dict[str, float]:
     """Accuracy per category (over its questions, as hendrycks does for MMLU) and per subject."""
     category_of = np.array([categories.get(str(subject), "") for subject in subjects])
@@ -157,3 +217,4 @@ def _by_subject(correct: np.ndarray, subjects: np.ndarray, categories: Mapping[s
 CLASSIFICATION = Classification()
 REGRESSION = Regression()
 LM_CHOICE = LMChoice()
+SFT_KIND = SFT()

@@ -67,10 +67,11 @@ def _settings(section: dict[str, Any]) -> TuneSettings:
 def objective(recipe: Recipe) -> tuple[str, str]:
     """(validation metric, direction): the run's own selection metric, so each trial's reported score
     is the one its best step was chosen by."""
+    from sparta_cli.metrics import lower_is_better
     from sparta_cli.tasks import resolve_task
 
     metric = recipe.training.best_metric or resolve_task(recipe.task).main_metric
-    return metric, "minimize" if metric == "loss" else "maximize"
+    return metric, "minimize" if lower_is_better(metric.removeprefix("eval_")) else "maximize"
 
 
 def plan_study(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), flags: dict[str, Any] | None = None,

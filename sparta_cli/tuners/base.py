@@ -85,6 +85,7 @@ class Tuner(ABC):
     peft_native: ClassVar[bool] = False  # saved as PEFT's own adapter files (under peft/)
     shardable: ClassVar[bool] = True  # trains under accelerate's FSDP / DeepSpeed ZeRO-3 plugins
     standalone: ClassVar[bool] = False  # its run folder is a whole transformers checkpoint (no base needed)
+    trains_body: ClassVar[bool] = True  # False (head): only head modules train; for SFT that is the LM head
     config_file: ClassVar[str] = CONFIG_FILE  # where the run's adapter config is recorded
 
     @property

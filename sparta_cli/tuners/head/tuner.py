@@ -11,6 +11,7 @@ from sparta_cli.tuners.head.config import HeadConfig
 class HeadTuner(Tuner):
     config = HeadConfig
     adds_up = True  # a head-only run merges with sparta runs (its head can be the one kept)
+    trains_body = False
 
     def apply(self, model: nn.Module, cfg: HeadConfig, seed: int, head_modules: list[str]) -> Adapter:
         base_params = count_params(model)

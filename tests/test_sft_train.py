@@ -1,0 +1,264 @@
+"""SFT training and evaluation (issue 22): the recipe keys, the causal LM each method trains, a step's
+gradient and a split's loss against dense references, exact resume, eval targets, preflight."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparta_cli.config import build_recipe
+from sparta_cli.errors import SpartaError
+from sparta_cli.sft import IGNORE, read_sft_file, tokenize_row
+from tests.conftest import save_tiny_llama
+
+
+def write_chat(path: Path, rows: int, seed: int = 0) -> Path:
+    """Sums as chat, answers of 1 to 12 tokens (so batches hold unequal numbers of supervised tokens)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(rows):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        records.append({"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": f"{a}+{b}"},
+                                     {"role": "assistant", "content": " ".join([str(a + b)] * rng.randint(1, 4))}]})
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("sft-data")
+    return write_chat(folder / "train.jsonl", 24), write_chat(folder / "val.jsonl", 7, seed=1)
+
+
+def sft_recipe(model_dir: Path, train_file: Path | None, out: Path, *, adapter=None, task=None, data=None, **training):
+    return build_recipe({
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": adapter or {"method": "sparta", "density": 0.5, "targets": ["v", "o"]},
+        "task": {"type": "sft", **({"train_file": str(train_file)} if train_file else {}), **(task or {})},
+        "data": {"max_length": 64, **(data or {})},
+        "training": {"batch_size": 4, "lr": 1e-2, "log_every": 1, **training},
+        "seed": 3,
+        "output_dir": str(out),
+    })
+
+
+def reference_rows(model_dir: Path, path: Path):
+    """The file's rows tokenised as training sees them (the tokenizer's ChatML template, loss on the assistant)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return [tokenize_row(row, tokenizer, tokenizer.chat_template) for row in read_sft_file(path).rows]
+
+
+def summed_token_loss(model, row) -> tuple[torch.Tensor, int]:
+    """Dense reference: one row alone, no padding, its supervised tokens' cross-entropy summed."""
+    ids, labels = torch.tensor([row.input_ids]), torch.tensor([row.labels])
+    logits = model(input_ids=ids).logits[0, :-1].double()
+    return torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=IGNORE, reduction="sum"), row.supervised
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+@pytest.mark.parametrize(("task", "data", "message"), [
+    ({"name": "sst2", "loss_on": "all"}, {}, "task.loss_on is task.type: sft's and does not apply to task sst2: remove it, or set task.type: sft"),
+    ({"type": "classification", "train_file": "t.csv", "text_fields": ["s"], "format": "chat"}, {},
+     "task.format is task.type: sft's and does not apply to task.type: classification: remove it, or set task.type: sft"),
+    ({"type": "sft", "train_file": "t.jsonl", "text_fields": ["s"]}, {},
+     "task.text_fields does not apply to task.type: sft (its rows are chat, prompt_completion or text records, docs/sft.md): remove it"),
+    ({"type": "sft", "name": "mmlu", "shots": 5}, {}, "task.shots does not apply to task.type: sft (its rows are chat, "
+                                                      "prompt_completion or text records, docs/sft.md): remove it"),
+    ({"type": "sft"}, {}, "task.type: sft needs task.train_file (and task.validation_file), or task.name: sst2 or mmlu "
+                          "for a built-in task as chat"),
+    ({"name": "sst2"}, {"packing": True}, "data.packing is task.type: sft's (it packs rows end to end) and does not apply to this "
+                                          "task: remove it"),
+])
+def test_keys_of_another_kind_of_task_are_refused(task, data, message):
+    with pytest.raises(SpartaError) as error:
+        build_recipe({"model": {"name_or_path": "m"}, "task": task, "data": data})
+    assert str(error.value) == message
+
+
+def test_a_named_task_that_does_not_render_as_chat_is_refused():
+    from sparta_cli.tasks import resolve_task
+
+    with pytest.raises(SpartaError, match="`cola` is neither: set the files, or task.name to one of those"):
+        resolve_task(build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "cola", "type": "sft"}}).task)
+
+
+def test_sst2_and_mmlu_as_chat(data_dir):
+    import datasets
+
+    from sparta_cli.tasks import load_split, resolve_task, sft_rows
+    from sparta_cli.tasks.sft import chat_records
+
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "sst2", "type": "sft"}})
+    task = resolve_task(recipe.task)
+    assert (task.kind.name, task.main_metric, task.eval_splits) == ("sft", "loss", ("validation",))
+    row = sft_rows(load_split(task, recipe.task, "validation", data_dir))[0]
+    assert row.messages == ({"role": "user", "content": "Is the sentiment of this sentence positive or negative? Answer with one "
+                                                        "word.\n\nit 's a charming and often affecting journey . "},
+                            {"role": "assistant", "content": "positive"})
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "mmlu", "type": "sft", "train_split": "test",
+                                                                     "instruction": "Topic: {subject}."}})
+    task = resolve_task(recipe.task)
+    row = sft_rows(load_split(task, recipe.task, "train", data_dir))[0]  # train is MMLU's test split here
+    user, answer = row.messages
+    assert user["content"].startswith("Topic: abstract algebra.\n\nFind the degree for the given field extension")
+    assert user["content"].endswith("\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:") and answer == {"role": "assistant", "content": "B"}
+    sst2 = build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "sst2", "type": "sft"}}).task
+    unlabelled = datasets.Dataset.from_dict({"sentence": ["fine"], "label": [-1]})  # GLUE's test split
+    with pytest.raises(SpartaError, match="sst2/test row 1 has no label"):
+        list(chat_records(resolve_task(sst2), sst2, "test", unlabelled))
+
+
+# ---------------------------------------------------------------- the model each method trains
+
+
+def test_methods_train_the_body_of_a_causal_lm_and_head_its_lm_head(tiny_llama_dir, chat_files, tmp_path):
+    from sparta_cli.tasks import resolve_task
+    from sparta_cli.train import setup_model
+
+    def trained(adapter):
+        recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "run", adapter=adapter)
+        model = setup_model(recipe, resolve_task(recipe.task))
+        assert type(model.adapter.base).__name__ == "LlamaForCausalLM"
+        return sorted({name.split(".")[-1] if "sparta" in name or "lora" in name else name for name, _ in model.adapter.trainable()})
+
+    assert trained(None) == ["sparta_delta"]  # no head: the LM head stays the model's
+    assert trained({"method": "lora", "r": 2, "targets": ["v", "o"]}) == ["weight"]  # lora_A / lora_B
+    assert trained({"method": "head"}) == ["lm_head.weight"]
+    tied = save_tiny_llama(tmp_path / "tied", tie=True)
+    recipe = sft_recipe(tied, chat_files[0], tmp_path / "run", adapter={"method": "head"})
+    with pytest.raises(SpartaError, match=r"ties its LM head to its input embeddings \(tie_word_embeddings\), so adapter.method: "
+                                          "head would train the input embeddings too: use adapter.method sparta, lora, dora or full"):
+        setup_model(recipe, resolve_task(recipe.task))
+
+
+# ---------------------------------------------------------------- the numbers
+
+
+def test_a_step_is_the_mean_token_loss_gradient_of_its_rows_however_they_are_accumulated(tiny_llama_dir, chat_files, tmp_path):
+    """One SGD step at lr 1 writes minus the gradient into SpaRTA's deltas: 4 rows in one batch, or 2 x 2
+    accumulated, give the gradient of the mean token loss over the 4 rows (a dense reference)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sparta_cli.data import EpochShuffleSampler
+    from sparta_cli.train import train
+
+    step = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": None, "scheduler": "constant"}
+    deltas = {}
+    for batch, accumulation in ((4, 1), (2, 2)):
+        run = train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / f"b{batch}", **{**step, "batch_size": batch,
+                                                                                           "grad_accum": accumulation}))
+        deltas[batch] = load_file(str(run / "adapter_model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    rows = reference_rows(tiny_llama_dir, chat_files[0])
+    first = [rows[index] for index in list(EpochShuffleSampler(len(rows), 3))[:4]]
+    losses, tokens = zip(*(summed_token_loss(model, row) for row in first))
+    keys = sorted(key for key in deltas[4] if key.endswith(".delta"))
+    assert keys and set(deltas[2]) == set(deltas[4])  # deltas only: no head, nothing else trained
+    modules = [key.removesuffix(".delta") for key in keys]
+    weights = [model.get_submodule(module).weight for module in modules]
+    token_mean = torch.stack(losses).sum() / sum(tokens)
+    batch_means = (sum(losses[:2]) / sum(tokens[:2]) + sum(losses[2:]) / sum(tokens[2:])) / 2
+    grads = torch.autograd.grad(token_mean, weights, retain_graph=True)
+    other = torch.autograd.grad(batch_means, weights)
+    # a mean of the two micro-batches' means is another gradient, far beyond the tolerance below
+    assert max(float((g - o).abs().max() / g.abs().max()) for g, o in zip(grads, other)) > 1e-2
+    for module, grad in zip(modules, grads):
+        indices = deltas[4][f"{module}.indices"].long()
+        expected = -grad.reshape(-1)[indices].float()
+        torch.testing.assert_close(deltas[4][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(deltas[2][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_eval_loss_is_the_summed_token_loss_over_the_supervised_tokens(tiny_llama_dir, chat_files, tmp_path):
+    """`sparta eval` of a base causal LM on an SFT file, in batches of 3 rows, against each row run alone."""
+    from transformers import AutoModelForCausalLM
+
+    from sparta_cli.evaluate_cmd import run_eval
+
+    validation = chat_files[1]
+    results = run_eval(str(tiny_llama_dir), task=None, split=None, output=tmp_path / "eval.json",
+                       overrides=["task.type=sft", f"task.validation_file={validation}", "training.eval_batch_size=3"])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    with torch.no_grad():
+        losses, tokens = zip(*(summed_token_loss(model, row) for row in reference_rows(tiny_llama_dir, validation)))
+    expected = float(sum(losses) / sum(tokens))
+    metrics = results["metrics"]
+    assert results["head"] == "lm" and metrics["eval_num_examples"] == 7
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-6)
+    batch_means = [float(sum(losses[i:i + 3]) / sum(tokens[i:i + 3])) for i in range(0, 7, 3)]
+    assert abs(sum(batch_means) / 3 - expected) > 1e-3  # the mean of batch means differs: the test can tell them apart
+
+
+def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_llama_dir, chat_files, tmp_path):
+    """Stopped at its step-4 evaluation (checkpoint-2 kept), resumed: the same adapter, byte for byte, as
+    the run that never stopped; `sparta eval RUN` then gives the loss training recorded for it."""
+    from sparta_cli.evaluate_cmd import run_eval
+    from sparta_cli.train import train
+
+    def recipe(name: str):
+        return sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / name, task={"validation_file": str(chat_files[1])},
+                          data={"packing": True, "validation_size": 6, "max_length": 48}, batch_size=2, max_steps=6, eval_every=2,
+                          save_every=2, best_metric="perplexity")
+
+    reference = train(recipe("reference"))
+
+    def stop_at_4(step: int, metrics: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe("killed"), on_evaluate=stop_at_4)
+    killed = tmp_path / "killed"
+    assert [path.name for path in killed.glob("checkpoint-*")] == ["checkpoint-2"] and not (killed / "all_results.json").exists()
+    train(recipe("killed"), resume=True)
+    assert (killed / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
+    recorded = json.loads((reference / "eval_results.json").read_text())
+    assert json.loads((killed / "eval_results.json").read_text()) == recorded
+    assert recorded["best_step"] in (2, 4, 6) and "eval_perplexity" in recorded and "test_loss" in recorded
+    log = [json.loads(line) for line in (reference / "trainer_log.jsonl").read_text().splitlines()]
+    assert all(record["tokens_per_s"] > 0 for record in log if "loss" in record)
+    config = json.loads((reference / "adapter_config.json").read_text())
+    assert config["task"]["kind"] == "sft" and config["base_model"]["architecture"] == "LlamaForCausalLM"
+    scored = run_eval(str(reference), task=None, split=None, output=tmp_path / "eval.json", overrides=[])
+    assert scored["metrics"]["eval_loss"] == pytest.approx(recorded["test_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- eval targets and preflight
+
+
+def test_a_causal_lm_folder_is_merged_when_it_records_a_finetuning_task(tmp_path):
+    from sparta_cli.evaluate_cmd import BASE, MERGED, target_kind
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert target_kind(str(tmp_path)) == BASE  # a base model: plain transformers checkpoints record no task
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "finetuning_task": "sst2"}))
+    assert target_kind(str(tmp_path)) == MERGED
+
+
+def test_preflight_reads_every_row_and_checks_the_template_before_weights_load(tiny_llama_dir, tmp_path):
+    from sparta_cli.preflight import preflight
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}) + "\n")
+    with pytest.raises(SpartaError) as error:
+        preflight(sft_recipe(tiny_llama_dir, bad, tmp_path / "run"))
+    assert str(error.value) == (f"{bad} line 2: message 2 (assistant) is empty, so there is no answer to train on: "
+                                "write it or remove that row") and error.value.exit_code == 2
+    good = write_chat(tmp_path / "good.jsonl", 3)
+    prefixed = tmp_path / "prefixed.jinja"  # writes "Answer: " before every answer, which the data does not hold
+    prefixed.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ ('Answer: ' if m['role'] == 'assistant' else '') "
+                        "+ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(SpartaError, match=rf"{good} line 1: the chat template renders message 3 \(assistant\) as .*not as the "
+                                          "data's text, so the loss mask would be wrong"):
+        preflight(sft_recipe(tiny_llama_dir, good, tmp_path / "run", task={"chat_template": str(prefixed)}))
