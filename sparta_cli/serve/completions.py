@@ -129,7 +129,9 @@ def chat_row(messages: Any, entry: ServedModel) -> SftRow:
     if entry.template is None:
         raise RequestError(400, f"`{entry.name}` has no chat template (it was trained on plain text, or its tokenizer has none): "
                                 "use POST /v1/completions")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+    if not isinstance(messages, list):  # the SFT layer would read a string as JSON (a parquet column's): not here
+        raise RequestError(400, f"`messages` is {type(messages).__name__}: send a list of {{\"role\": ..., \"content\": ...}} objects")
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         raise RequestError(400, "`messages` ends with an assistant turn: end with the user turn to answer")
     try:
         return parse_prompts([("the request", {"messages": messages})], chat=True)[0]
