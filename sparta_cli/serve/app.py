@@ -17,7 +17,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.serve import completions as gen
+from sparta_cli.generation import stop_ids
+from sparta_cli.serve.completions import (
+    Job,
+    StreamedText,
+    chat_row,
+    check_settings,
+    completion_prompts,
+    completion_response,
+    event_chunk,
+    new_id,
+    prompt_ids,
+    run_jobs,
+)
 from sparta_cli.serve.metrics import ServerMetrics
 from sparta_cli.serve.registry import ADAPTER_NAME, BASE_NAME, RequestError, ServedModel, ServedModels, run_folder_under
 from sparta_cli.serve.scheduler import Scheduler
@@ -37,7 +49,8 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_key: str | None = None) -> FastAPI:
     """The ASGI app; its lifespan starts the worker and, on shutdown, drains it."""
     metrics = ServerMetrics()
-    scheduler = Scheduler(served.run, max_batch, max_wait_s, metrics.batch)
+    run_batch = (lambda entry, jobs: run_jobs(served, entry, jobs)) if served.causal_lm else served.run  # generate, or classify
+    scheduler = Scheduler(run_batch, max_batch, max_wait_s, metrics.batch)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -142,26 +155,26 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
             name = entry.name
             if not entry.causal:
                 raise RequestError(400, f"`{entry.name}` is a classifier, which predicts labels, not text: use POST /v1/classify")
-            settings = gen.check_settings(payload)
+            settings = check_settings(payload)
             field = "messages" if chat else "prompt"
             if field not in payload:
                 raise RequestError(400, f"the body has no `{field}`: send " + ('{"messages": [{"role": "user", "content": TEXT}]}' if chat
                                                                                else '{"prompt": TEXT}'))
-            rows = ([gen.chat_row(payload["messages"], entry)] if chat else
-                    [SftRow(f"prompt[{i}]", prompt=text) for i, text in enumerate(gen.completion_prompts(payload["prompt"]))])
-            prompts = [gen.prompt_ids(row, entry, served.tokenizer, i) for i, row in enumerate(rows)]
+            rows = ([chat_row(payload["messages"], entry)] if chat else
+                    [SftRow(f"prompt[{i}]", prompt=text) for i, text in enumerate(completion_prompts(payload["prompt"]))])
+            prompts = [prompt_ids(row, entry, served.tokenizer, i) for i, row in enumerate(rows)]
             count = len(prompts)
             kind = "chat.completion" if chat else "text_completion"
-            request_id = gen.new_id("chatcmpl" if chat else "cmpl")
+            request_id = new_id("chatcmpl" if chat else "cmpl")
             if settings.stream:
                 if len(prompts) > 1:
                     raise RequestError(400, f"`stream` takes one prompt, not {len(prompts)}: send one request per prompt")
                 streamed = True
-                return StreamingResponse(stream(entry, gen.Job(prompts[0], settings), kind, request_id, start),
+                return StreamingResponse(stream(entry, Job(prompts[0], settings), kind, request_id, start),
                                          media_type="text/event-stream")
-            answers = await answered(entry, [gen.Job(prompt, settings) for prompt in prompts])
+            answers = await answered(entry, [Job(prompt, settings) for prompt in prompts])
             metrics.generated(entry.name, sum(answer.completion_tokens for answer in answers))
-            return gen.response(kind, request_id, entry.name, answers)
+            return completion_response(kind, request_id, entry.name, answers)
         except RequestError as exc:
             status = exc.status
             raise
@@ -172,7 +185,7 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
             if not streamed:
                 metrics.request(name, status, time.perf_counter() - start, count if status == 200 else 0)
 
-    def stream(entry: ServedModel, job: gen.Job, kind: str, request_id: str, start: float):
+    def stream(entry: ServedModel, job: Job, kind: str, request_id: str, start: float):
         """Server-sent events: a chunk per piece of text the tokens make, the finish reason, `[DONE]`.
         The job is queued now (no await since `served.get`); the worker hands over each token."""
         loop = asyncio.get_running_loop()
@@ -181,19 +194,19 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
         future = scheduler.submit(entry, [job])
         entry.pending.add(future)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))  # after every token
-        text = gen.StreamedText(served.tokenizer, gen.stop_ids(served.tokenizer, entry.template), job.settings.stop)
+        text = StreamedText(served.tokenizer, stop_ids(served.tokenizer, entry.template), job.settings.stop)
 
         async def events():
             created, status, sent_tokens = int(time.time()), 200, 0
             try:
                 if kind == "chat.completion":
-                    yield sse(gen.chunk(kind, request_id, created, entry.name, "", role=True))
+                    yield sse(event_chunk(kind, request_id, created, entry.name, "", role=True))
                 while (token := await tokens.get()) is not None:
                     piece = text.add(token)
                     if text.done:
                         job.cancel.set()  # a stop token or string: the worker ends at the next token
                     if piece:
-                        yield sse(gen.chunk(kind, request_id, created, entry.name, piece))
+                        yield sse(event_chunk(kind, request_id, created, entry.name, piece))
                 try:
                     answer = future.result()[0]
                 except Exception as exc:  # noqa: BLE001 - the stream is open: the error goes in it
@@ -202,8 +215,8 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
                 else:
                     sent_tokens = answer.completion_tokens
                     if answer.text[text.sent:]:
-                        yield sse(gen.chunk(kind, request_id, created, entry.name, answer.text[text.sent:]))
-                    yield sse(gen.chunk(kind, request_id, created, entry.name, finish_reason=answer.finish_reason))
+                        yield sse(event_chunk(kind, request_id, created, entry.name, answer.text[text.sent:]))
+                    yield sse(event_chunk(kind, request_id, created, entry.name, finish_reason=answer.finish_reason))
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancel.set()  # also when the client left mid-stream

@@ -268,7 +268,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def response(kind: str, request_id: str, model: str, answers: list[Answer]) -> dict[str, Any]:
+def completion_response(kind: str, request_id: str, model: str, answers: list[Answer]) -> dict[str, Any]:
     """OpenAI's text_completion or chat.completion object."""
     chat = kind == "chat.completion"
     choices = [{"index": i, **({"message": {"role": "assistant", "content": a.text}} if chat else {"text": a.text, "logprobs": None}),
@@ -279,7 +279,7 @@ def response(kind: str, request_id: str, model: str, answers: list[Answer]) -> d
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def chunk(kind: str, request_id: str, created: int, model: str, text: str | None = None, *, role: bool = False,
+def event_chunk(kind: str, request_id: str, created: int, model: str, text: str | None = None, *, role: bool = False,
           finish_reason: str | None = None) -> dict[str, Any]:
     """One server-sent event's object: a `text_completion` chunk, or a `chat.completion.chunk` with its `delta`."""
     if kind == "chat.completion":

@@ -159,15 +159,7 @@ class ServedModels:
         """The eval path's mixed precision (bf16 on a GPU with bf16), or nothing."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
-    def run(self, model: str | ServedModel, features: list[Any]) -> list[Any]:
-        """One same-adapter batch, as the scheduler's worker runs it: generated on a causal-LM server, classified otherwise."""
-        if self.causal_lm:
-            from sparta_cli.serve.completions import run_jobs
-
-            return run_jobs(self, self._entry(model), features)
-        return self.classify(model, features)
-
-    def classify(self, model: str | ServedModel, features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
+    def run(self, model: str | ServedModel, features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
         """Classify one same-adapter batch: label, score and probabilities per input (regression: the score)."""
         entry = self._entry(model)
         assert entry.task is not None
