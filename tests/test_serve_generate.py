@@ -166,7 +166,7 @@ def test_concurrent_mixed_traffic_answers_as_sparta_generate_on_each_run_alone(s
 
 
 def test_streamed_deltas_add_up_to_the_answer_and_end_in_done(server, reference):
-    client, _ = server
+    client, log = server
     for name in ("sp", "lora"):
         text, chunks, last = streamed(client, "/v1/chat/completions", {"model": name, "messages": CHATS[0], "max_tokens": MAX_TOKENS})
         assert text == reference[name]["chat"][0] and last == "[DONE]"
@@ -174,6 +174,10 @@ def test_streamed_deltas_add_up_to_the_answer_and_end_in_done(server, reference)
         assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
         text, chunks, last = streamed(client, "/v1/completions", {"model": name, "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS})
         assert text == reference[name]["completion"][1] and last == "[DONE]" and {c["object"] for c in chunks} == {"text_completion"}
+    with client.stream("POST", CHAT, json={"model": "sp", "messages": CHATS[0], "max_tokens": 2000, "stream": True}) as response:
+        next(response.iter_lines())  # the client leaves after the first event: the generation is cancelled
+    assert chat(client, "sp", CHATS[0])["choices"][0]["message"]["content"] == reference["sp"]["chat"][0]
+    assert "Traceback" not in log.read_text()
 
 
 def test_stop_strings_sampling_seeds_and_generated_token_metrics(server, reference):
@@ -254,3 +258,22 @@ def test_serve_refuses_mixing_causal_lm_and_classification_runs_in_one_line(sft_
     for args, says in cases:
         result = sparta("serve", *args)
         assert result.exit_code != 0 and says in str(result.exception), (args, result.output, result.exception)
+
+
+def test_a_merged_sft_checkpoint_and_a_bare_causal_lm_serve_as_base(sft_runs, reference, tiny_chat_lm_dir, tmp_path):
+    """In process (no HTTP): the worker's own batch function on what `sparta serve MERGED` and `sparta serve MODEL` load."""
+    from sparta_cli.merge import merge_runs
+    from sparta_cli.serve.completions import Job, check_settings, prompt_ids, run_jobs
+    from sparta_cli.serve.registry import load_served
+    from sparta_cli.sft import parse_prompts
+
+    merged = tmp_path / "merged"
+    merge_runs([sft_runs["sp"]], output=merged)
+    settings = check_settings({"max_tokens": MAX_TOKENS})
+    for target, expected in ((merged, reference["sp"]["chat"]), (tiny_chat_lm_dir, reference["base"]["chat"])):
+        served = load_served(str(target), [])
+        base = served.entries["base"]
+        assert served.causal_lm and base.causal and base.template is not None and base.method == ("merged" if target == merged else "base")
+        rows = parse_prompts([("chat", {"messages": messages}) for messages in CHATS], chat=True)
+        jobs = [Job(prompt_ids(row, base, served.tokenizer), settings) for row in rows]
+        assert [answer.text for answer in run_jobs(served, base, jobs)] == expected

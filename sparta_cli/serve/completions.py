@@ -204,8 +204,8 @@ def _generate(served: ServedModels, jobs: list[Job], stops: list[int]) -> list[l
                     pass
 
             hooks["streamer"] = Tokens()
-    with served.autocast():
-        return generate_ids(served.model, [job.prompt for job in jobs], sampling, stops, pad_id_of(served.tokenizer, stops), **hooks)
+    # in the model's own dtype, no autocast: as `sparta generate` runs it
+    return generate_ids(served.model, [job.prompt for job in jobs], sampling, stops, pad_id_of(served.tokenizer, stops), **hooks)
 
 
 def answer(job: Job, generated: list[int], stops: list[int], tokenizer) -> Answer:

@@ -155,17 +155,13 @@ class ServedModels:
             self.swaps += 1
             self.swap_seconds += time.perf_counter() - start
 
-    def autocast(self):
-        """The eval path's mixed precision (bf16 on a GPU with bf16), or nothing."""
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-
     def run(self, model: str | ServedModel, features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
         """Classify one same-adapter batch: label, score and probabilities per input (regression: the score)."""
         entry = self._entry(model)
         assert entry.task is not None
         batch = self.tokenizer.pad(features, return_tensors="pt")  # DataCollatorWithPadding's padding
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        autocast = self.autocast()
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with self.lock:
             self.activate(entry)
             with torch.inference_mode(), autocast:
@@ -362,13 +358,13 @@ def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Pat
 
 
 def _serves_causal_lm(target: str, kind: str, first: Recipe | None) -> bool:
-    """Whether the server holds a causal LM: its first run is an SFT run, or, with none, TARGET is a
-    causal-LM checkpoint (a merged SFT run, or a base whose config names a ...ForCausalLM)."""
-    from sparta_cli.evaluate_cmd import RUN
+    """Whether the server holds a causal LM: a merged checkpoint's architecture says, else the first run
+    (an SFT run), else, with none, whether the base's config names a ...ForCausalLM."""
+    from sparta_cli.evaluate_cmd import BASE, RUN
     from sparta_cli.fileio import read_json
     from sparta_cli.models import resolve_model_path
 
-    if kind == RUN or first is not None:
+    if kind == RUN or (kind == BASE and first is not None):
         return first is not None and first.task.type == "sft"
     config = Path(resolve_model_path(target)) / "config.json"
     architectures = (read_json(config).get("architectures") or []) if config.is_file() else []
