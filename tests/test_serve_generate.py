@@ -214,6 +214,9 @@ DONE = "/v1/completions"
     (DONE, {"model": "sp", "prompt": "x", "max_tokens": 4096}, 400, "`max_tokens` 4096 is not from 1 to 2048"),
     (DONE, {"model": "sp", "prompt": "x", "max_tokens": "8"}, 400, "`max_tokens` is str"),
     (DONE, {"model": "sp", "prompt": "x", "temperature": -1}, 400, "`temperature` -1.0 is negative"),
+    (DONE, '{"model": "sp", "prompt": "x", "temperature": Infinity}', 400, "`temperature` inf is negative or not finite"),
+    (DONE, '{"model": "sp", "prompt": "x", "top_p": NaN}', 400, "`top_p` nan is not in (0, 1]"),
+    (DONE, {"model": "sp", "prompt": "x", "seed": -1}, 400, "`seed` -1 is not from 0"),
     (DONE, {"model": "sp", "prompt": "x", "top_p": 0}, 400, "`top_p` 0.0 is not in (0, 1]"),
     (DONE, {"model": "sp", "prompt": "x", "top_p": 1.5}, 400, "`top_p` 1.5 is not in (0, 1]"),
     (DONE, {"model": "sp", "prompt": "x", "n": 2}, 400, "`n` 2"),
@@ -237,7 +240,7 @@ DONE = "/v1/completions"
 ])
 def test_a_bad_request_gets_a_4xx_naming_the_problem(server, route, body, status, says):
     client, log = server
-    response = client.post(route, json=body)
+    response = client.post(route, content=body) if isinstance(body, str) else client.post(route, json=body)  # str: JSON httpx won't write
     assert response.status_code == status, response.text
     assert says in response.json()["error"]["message"], response.json()
     assert complete(client, "sp", "still serving")["choices"][0]["finish_reason"] in ("stop", "length")

@@ -86,13 +86,15 @@ def check_settings(payload: dict[str, Any]) -> Settings:
     if not 1 <= max_tokens <= MAX_TOKENS:
         raise RequestError(400, f"`max_tokens` {max_tokens} is not from 1 to {MAX_TOKENS}: ask for fewer tokens")
     temperature = _number(payload, "temperature", 0.0)
-    if not temperature >= 0:
-        raise RequestError(400, f"`temperature` {temperature} is negative: use 0 (greedy) or more")
+    if not 0 <= temperature < float("inf"):  # also refuses NaN, which JSON parsing lets through
+        raise RequestError(400, f"`temperature` {temperature} is negative or not finite: use 0 (greedy) or more")
     top_p = _number(payload, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise RequestError(400, f"`top_p` {top_p} is not in (0, 1]: use e.g. 0.9, or 1 for no cut")
     seed = payload.get("seed")
     seed = random.randrange(1 << 31) if seed is None else _integer(payload, "seed", 0)
+    if not 0 <= seed < 1 << 63:
+        raise RequestError(400, f"`seed` {seed} is not from 0 to 2**63 - 1: use a smaller one")
     n = _integer(payload, "n", 1)
     if n != 1:
         raise RequestError(400, f"`n` {n}: this server answers each prompt once (n: 1); send the request again for more")
