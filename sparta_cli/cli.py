@@ -220,7 +220,7 @@ def tune(
 @app.command()
 def serve(
     target: Annotated[str, typer.Argument(help="a run directory (its base is loaded once), or a base model or merged checkpoint")],
-    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=RUN: one more SpaRTA run on the same base (repeatable)")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=RUN: one more run (SpaRTA, head, LoRA, DoRA) on the same base (repeatable)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on (anything but loopback exposes the server: pass --api-key-file)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="file holding the key /v1/* requests must send as `Authorization: Bearer KEY`")] = None,
@@ -228,7 +228,7 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="longest an input waits for its batch to fill")] = 5.0,
     adapters_dir: Annotated[Path | None, typer.Option("--adapters-dir", help="folder whose run folders POST /v1/adapters may load at run time")] = None,
 ) -> None:
-    """Serve classification runs over HTTP: one base model, SpaRTA adapters swapped in place (docs/serve.md)."""
+    """Serve classification or SFT runs over HTTP: one base model, adapters swapped in place (docs/serve.md)."""
     from sparta_cli.serve import serve as run_server
 
     run_server(target, adapters=adapter or [], host=host, port=port, api_key_file=api_key_file, max_batch=max_batch, max_wait_ms=max_wait_ms,

@@ -76,7 +76,6 @@ def load_generator(target: Target) -> Generator:
     """The model, on the GPU when there is one, in eval mode, and its chat template (if prompts use one)."""
     import torch
 
-    from sparta_cli.config import user_path
     from sparta_cli.models import load_for_causal_lm
     from sparta_cli.tuners import load_adapter
 
@@ -85,10 +84,17 @@ def load_generator(target: Target) -> Generator:
     if target.run is not None:
         model = load_adapter(target.run.path, model, target.run.config).model
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    tokenizer = loaded.tokenizer
-    chat = target.chat and (target.template_file is not None or bool(tokenizer.chat_template))
-    template_file = user_path(target.template_file, "task.chat_template") if target.template_file else None
-    return Generator(model, tokenizer, resolve_chat_template(tokenizer, template_file) if chat else None)
+    return Generator(model, loaded.tokenizer, prompt_template(loaded.tokenizer, target.template_file, target.chat))
+
+
+def prompt_template(tokenizer, template_file: str | None, chat: bool) -> str | None:
+    """The chat template prompts are rendered with (a run's task.chat_template, else the tokenizer's),
+    or None when they go in as plain text: a run trained on plain text (`chat` False), or no template."""
+    from sparta_cli.config import user_path
+
+    if not chat or (template_file is None and not tokenizer.chat_template):
+        return None
+    return resolve_chat_template(tokenizer, user_path(template_file, "task.chat_template") if template_file else None)
 
 
 def prompt_rows(prompt: str | None, file: Path | None, chat: bool) -> list[SftRow]:

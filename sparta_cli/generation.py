@@ -147,20 +147,25 @@ def completion_ids(generated: Sequence[int], stops: Sequence[int]) -> list[int]:
     return out
 
 
+def pad_id_of(tokenizer, stops: Sequence[int]) -> int:
+    """The id left padding uses: the tokenizer's pad token, else the first stop id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-             template: str | None = None) -> list[str]:
-    """The decoded completion of each prompt (without the prompt, the stop token or special tokens)."""
-    stops = stop_ids(tokenizer, template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+def generate_ids(model, prompts: Sequence[Sequence[int]], sampling: Sampling, stops: Sequence[int], pad_id: int,
+                 **hooks) -> list[list[int]]:
+    """The ids generated after each prompt, stop ids and the padding after them included (`completion_ids`
+    cuts them): batches of `sampling.batch_size` prompts, left-padded. `hooks` go to `model.generate`
+    (a `streamer`, `stopping_criteria`: what `sparta serve` streams and cancels with)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": not sampling.greedy, "eos_token_id": stops or None,
-               "pad_token_id": pad_id, "top_k": None, "temperature": None, "top_p": None}
+    options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": not sampling.greedy, "eos_token_id": list(stops) or None,
+               "pad_token_id": pad_id, "top_k": None, "temperature": None, "top_p": None, **hooks}
     if not sampling.greedy:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-    completions: list[str] = []
+    generated: list[list[int]] = []
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -169,11 +174,18 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampl
                 batch = left_padded(prompts[start:start + sampling.batch_size], pad_id)
                 width = batch["input_ids"].shape[1]
                 output = model.generate(**{key: value.to(device) for key, value in batch.items()}, **options)
-                for row in output[:, width:].tolist():
-                    completions.append(tokenizer.decode(completion_ids(row, stops), skip_special_tokens=True))
+                generated += output[:, width:].tolist()
     finally:
         model.train(was_training)
-    return completions
+    return generated
+
+
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+             template: str | None = None) -> list[str]:
+    """The decoded completion of each prompt (without the prompt, the stop token or special tokens)."""
+    stops = stop_ids(tokenizer, template)
+    generated = generate_ids(model, prompts, sampling, stops, pad_id_of(tokenizer, stops))
+    return [tokenizer.decode(completion_ids(row, stops), skip_special_tokens=True) for row in generated]
 
 
 def generation_metrics(model, tokenizer, rows: Sequence[SftRow], template: str | None = None,

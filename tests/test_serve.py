@@ -268,6 +268,9 @@ def test_other_malformed_requests_and_the_api_key(server):
     assert client.post("/v1/classify", content=b"{not json").status_code == 400
     assert client.get("/v1/nothing").status_code == 404 and "no route" in client.get("/v1/nothing").json()["error"]["message"]
     assert classify(client, "drop", ["short enough"])["data"][0]["label"] in ("negative", "positive")
+    for route, body in (("/v1/completions", {"model": "vo", "prompt": "x"}), ("/v1/chat/completions", {"model": "base", "messages": []})):
+        response = client.post(route, json=body)  # a classifier server writes no text
+        assert response.status_code == 400 and "is a classifier, which predicts labels" in response.json()["error"]["message"]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         response = httpx.post(f"{client.base_url}/v1/classify", json={"model": "vo", "input": ["x"]}, headers=headers)
         assert response.status_code == 401 and "API key" in response.json()["error"]["message"]

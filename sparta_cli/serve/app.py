@@ -13,13 +13,27 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from sparta_cli.errors import SpartaError
+from sparta_cli.generation import stop_ids
+from sparta_cli.serve.completions import (
+    Job,
+    StreamedText,
+    chat_row,
+    check_settings,
+    completion_prompts,
+    completion_response,
+    event_chunk,
+    new_id,
+    prompt_ids,
+    run_jobs,
+)
 from sparta_cli.serve.metrics import ServerMetrics
-from sparta_cli.serve.registry import ADAPTER_NAME, BASE_NAME, RequestError, ServedModels, run_folder_under
+from sparta_cli.serve.registry import ADAPTER_NAME, BASE_NAME, RequestError, ServedModel, ServedModels, run_folder_under
 from sparta_cli.serve.scheduler import Scheduler
+from sparta_cli.sft import SftRow
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 inputs of ~4 KB each
 MAX_INPUTS = 256  # inputs per request
@@ -35,7 +49,8 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_key: str | None = None) -> FastAPI:
     """The ASGI app; its lifespan starts the worker and, on shutdown, drains it."""
     metrics = ServerMetrics()
-    scheduler = Scheduler(served.run, max_batch, max_wait_s, metrics.batch)
+    run_batch = (lambda entry, jobs: run_jobs(served, entry, jobs)) if served.causal_lm else served.run  # generate, or classify
+    scheduler = Scheduler(run_batch, max_batch, max_wait_s, metrics.batch)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -85,6 +100,16 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
     async def models():
         return {"object": "list", "data": [entry.describe() for entry in served.entries.values()]}
 
+    async def answered(entry: ServedModel, items: list[Any]) -> list[Any]:
+        """The worker's results for `items`; pending on `entry` meanwhile, so an unload waits for them.
+        Called with no await since `served.get`: an unload then sees this request pending."""
+        future = scheduler.submit(entry, items)
+        entry.pending.add(future)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            entry.pending.discard(future)
+
     @app.post("/v1/classify")
     async def classify(request: Request):
         start = time.perf_counter()
@@ -93,18 +118,15 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
             payload = parse_json(await read_body(request))
             entry = served.get(payload.get("model"))
             name = entry.name
+            if entry.causal:
+                raise RequestError(400, f"`{entry.name}` is a causal LM, which writes text, not labels: "
+                                        "use POST /v1/completions or /v1/chat/completions")
             if entry.task is None:
                 raise RequestError(400, f"model `{BASE_NAME}` has no trained classification head: its answers would be random; "
                                         f"name an adapter ({', '.join(n for n in served.entries if n != BASE_NAME)})")
             inputs = check_inputs(payload.get("input"))
             count = len(inputs)
-            features = entry.encode(inputs, served.tokenizer)
-            future = scheduler.submit(entry, features)  # no await since `get`: an unload sees this request pending
-            entry.pending.add(future)
-            try:
-                results = await asyncio.wrap_future(future)
-            finally:
-                entry.pending.discard(future)
+            results = await answered(entry, entry.encode(inputs, served.tokenizer))
             return {"object": "list", "model": entry.name, "data": [{"index": i, **result} for i, result in enumerate(results)]}
         except RequestError as exc:
             status = exc.status
@@ -115,9 +137,103 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
         finally:
             metrics.request(name, status, time.perf_counter() - start, count if status == 200 else 0)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generation(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generation(request, chat=True)
+
+    async def generation(request: Request, chat: bool):
+        """OpenAI's completions (a prompt or a list of them) or chat completions (one conversation)."""
+        start = time.perf_counter()
+        name, status, count, streamed = "unknown", 200, 0, False
+        try:
+            payload = parse_json(await read_body(request))
+            entry = served.get(payload.get("model"))
+            name = entry.name
+            if not entry.causal:
+                raise RequestError(400, f"`{entry.name}` is a classifier, which predicts labels, not text: use POST /v1/classify")
+            settings = check_settings(payload)
+            field = "messages" if chat else "prompt"
+            if field not in payload:
+                raise RequestError(400, f"the body has no `{field}`: send " + ('{"messages": [{"role": "user", "content": TEXT}]}' if chat
+                                                                               else '{"prompt": TEXT}'))
+            rows = ([chat_row(payload["messages"], entry)] if chat else
+                    [SftRow(f"prompt[{i}]", prompt=text) for i, text in enumerate(completion_prompts(payload["prompt"]))])
+            prompts = [prompt_ids(row, entry, served.tokenizer, i) for i, row in enumerate(rows)]
+            count = len(prompts)
+            kind = "chat.completion" if chat else "text_completion"
+            request_id = new_id("chatcmpl" if chat else "cmpl")
+            if settings.stream:
+                if len(prompts) > 1:
+                    raise RequestError(400, f"`stream` takes one prompt, not {len(prompts)}: send one request per prompt")
+                streamed = True
+                return StreamingResponse(stream(entry, Job(prompts[0], settings), kind, request_id, start),
+                                         media_type="text/event-stream")
+            answers = await answered(entry, [Job(prompt, settings) for prompt in prompts])
+            metrics.generated(entry.name, sum(answer.completion_tokens for answer in answers))
+            return completion_response(kind, request_id, entry.name, answers)
+        except RequestError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            if not streamed:
+                metrics.request(name, status, time.perf_counter() - start, count if status == 200 else 0)
+
+    def stream(entry: ServedModel, job: Job, kind: str, request_id: str, start: float):
+        """Server-sent events: a chunk per piece of text the tokens make, the finish reason, `[DONE]`.
+        The job is queued now (no await since `served.get`); the worker hands over each token."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        job.on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)
+        future = scheduler.submit(entry, [job])
+        entry.pending.add(future)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))  # after every token
+        text = StreamedText(served.tokenizer, stop_ids(served.tokenizer, entry.template), job.settings.stop)
+
+        async def events():
+            created, status, sent_tokens = int(time.time()), 200, 0
+            try:
+                if kind == "chat.completion":
+                    yield sse(event_chunk(kind, request_id, created, entry.name, "", role=True))
+                while (token := await tokens.get()) is not None:
+                    piece = text.add(token)
+                    if text.done:
+                        job.cancel.set()  # a stop token or string: the worker ends at the next token
+                    if piece:
+                        yield sse(event_chunk(kind, request_id, created, entry.name, piece))
+                try:
+                    answer = future.result()[0]
+                except Exception as exc:  # noqa: BLE001 - the stream is open: the error goes in it
+                    status = 500
+                    yield sse(error_body(500, f"generation failed ({type(exc).__name__}); the server keeps serving"))
+                else:
+                    sent_tokens = answer.completion_tokens
+                    if answer.text[text.sent:]:
+                        yield sse(event_chunk(kind, request_id, created, entry.name, answer.text[text.sent:]))
+                    yield sse(event_chunk(kind, request_id, created, entry.name, finish_reason=answer.finish_reason))
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel.set()  # also when the client left mid-stream
+                entry.pending.discard(future)
+                metrics.generated(entry.name, sent_tokens)
+                metrics.request(entry.name, status, time.perf_counter() - start, 1 if status == 200 else 0)
+
+        return events()
+
     if served.adapters_dir is not None:
         add_admin_routes(app, served)
     return app
+
+
+def sse(event: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 def add_admin_routes(app: FastAPI, served: ServedModels) -> None:

@@ -37,6 +37,7 @@ class ServerMetrics:
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.inputs: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_sizes = Histogram(BATCH_BUCKETS)
 
@@ -45,6 +46,10 @@ class ServerMetrics:
             self.requests[(model, status)] += 1
             self.inputs[model] += inputs
             self.latency.observe(seconds)
+
+    def generated(self, model: str, tokens: int) -> None:
+        with self.lock:
+            self.tokens[model] += tokens
 
     def batch(self, size: int) -> None:
         with self.lock:
@@ -57,8 +62,11 @@ class ServerMetrics:
             lines = ["# HELP sparta_requests_total Requests by model and HTTP status.", "# TYPE sparta_requests_total counter"]
             lines += [f'sparta_requests_total{{model="{model}",status="{status}"}} {count}'
                       for (model, status), count in sorted(self.requests.items())]
-            lines += ["# HELP sparta_inputs_total Inputs classified, by model.", "# TYPE sparta_inputs_total counter"]
+            lines += ["# HELP sparta_inputs_total Inputs answered (texts classified, prompts completed), by model.",
+                      "# TYPE sparta_inputs_total counter"]
             lines += [f'sparta_inputs_total{{model="{model}"}} {count}' for model, count in sorted(self.inputs.items())]
+            lines += ["# HELP sparta_generated_tokens_total Tokens generated, by model.", "# TYPE sparta_generated_tokens_total counter"]
+            lines += [f'sparta_generated_tokens_total{{model="{model}"}} {count}' for model, count in sorted(self.tokens.items())]
             lines += ["# HELP sparta_request_latency_seconds Time from a request's arrival to its answer.",
                       "# TYPE sparta_request_latency_seconds histogram", *self.latency.lines("sparta_request_latency_seconds")]
             lines += ["# HELP sparta_batch_size Inputs per model forward.", "# TYPE sparta_batch_size histogram",

@@ -50,15 +50,18 @@ class ServedModel:
     rank: int | None = None
     trainable_params: int | None = None
     source: str = ""
+    causal: bool = False  # a causal LM (an SFT run, or the base of a causal-LM server): it writes text
+    template: str | None = None  # a causal LM's chat template (None: no chat, prompts are plain text)
     pending: set[Future] = field(default_factory=set)
 
     def describe(self) -> dict[str, Any]:
         """Its entry in GET /v1/models (OpenAI's model object plus what the run records)."""
-        task = self.task
+        task = None if self.causal else self.task
+        kind = "generation" if self.causal else None if task is None else ("regression" if task.is_regression else "classification")
         return {
             "id": self.name, "object": "model", "owned_by": "sparta", "source": self.source, "method": self.method,
             "task": task.name if task else None,
-            "type": None if task is None else ("regression" if task.is_regression else "classification"),
+            "type": kind, **({"chat": self.template is not None} if self.causal else {}),
             "labels": list(task.label_names) if task and task.label_names else None,
             "text_fields": list(task.text_fields) if task else None,
             "density": self.density, "rank": self.rank, "trainable_params": self.trainable_params,
@@ -111,6 +114,7 @@ class ServedModels:
     autocast_dtype: torch.dtype | None  # the eval path's mixed precision (None: none)
     base_bytes: int
     model_cfg: ModelConfig | None = None  # the base's weights, which every adapter must have been trained on
+    causal_lm: bool = False  # a causal LM that writes text (SFT runs), not a classifier
     adapters_dir: Path | None = None  # where POST /v1/adapters may load runs from (None: no loading at run time)
     swaps: int = 0
     swap_seconds: float = 0.0
@@ -180,10 +184,20 @@ class ServedModels:
         tensors read and checked, all off the model worker; refused in one line when it does not fit
         this base."""
         recipe = _run_recipe(name, path)
+        if (recipe.task.type == "sft") != self.causal_lm:
+            kind, other = ("an SFT run (a causal LM)", "a classifier") if self.causal_lm is False else ("a classification run", "a causal LM")
+            raise SpartaError(f"adapter `{name}` ({path}) is {kind}, and this server serves {other}: "
+                              "serve classification and SFT runs in servers of their own")
         if self.model_cfg is not None and not _same_base(recipe.model, self.model_cfg):
             raise SpartaError(f"adapter `{name}` was trained on {recipe.model.name_or_path}, not on {self.model_cfg.name_or_path}: "
                               "serve each base model in a server of its own")
         entry = _load_adapter(name, path, self.model, self.base_parameters, recipe, _resolve_task(recipe))
+        if self.causal_lm:
+            from sparta_cli.generate_cmd import PLAIN_FORMATS, prompt_template
+            from sparta_cli.runs import read_adapter_config
+
+            plain = (read_adapter_config(path).get("task") or {}).get("format") in PLAIN_FORMATS
+            entry.causal, entry.template = True, prompt_template(self.tokenizer, recipe.task.chat_template, not plain)
         if entry.method in PEFT_METHODS:
             entry.swap = self._load_peft(path)
         return entry
@@ -280,7 +294,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Path | None = None) -> ServedModels:
     """The base model (TARGET's, or TARGET itself) loaded once, and every run resident on it."""
     from sparta_cli.evaluate_cmd import BASE, MERGED, RUN, eval_recipe, target_kind
-    from sparta_cli.models import fit_max_length, load_for_classification
+    from sparta_cli.models import fit_max_length, load_for_causal_lm, load_for_classification
     from sparta_cli.placement import mixed_precision
     from sparta_cli.tasks import resolve_task
 
@@ -296,13 +310,16 @@ def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Pat
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise SpartaError(f"two adapters are named `{duplicate}`: give each --adapter its own NAME")
-    if kind == BASE and not runs and adapters_dir is None:
+    first = _run_recipe(*runs[0]) if runs else None
+    causal = _serves_causal_lm(target, kind, first)
+    if kind == BASE and not runs and adapters_dir is None and not causal:
         raise SpartaError(f"{target} is a base model with no trained head and no --adapter was given: pass --adapter NAME=RUN "
                           "for each run to serve (or --adapters-dir DIR to load them at run time)")
-    first = _run_recipe(*runs[0]) if runs else None
 
     base_task = None
-    if kind == MERGED:
+    if kind == MERGED and causal:
+        base_recipe, model_cfg = None, ModelConfig(name_or_path=target)  # a causal LM: its own LM head, no task to score
+    elif kind == MERGED:
         base_recipe = eval_recipe(target, MERGED, None, [])
         base_task = resolve_task(base_recipe.task)
         model_cfg = base_recipe.model
@@ -311,7 +328,9 @@ def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Pat
     else:
         base_recipe, model_cfg = None, first.model
     sizing = base_task or (_resolve_task(first) if first else None)
-    if sizing is None:  # a bare base whose runs all come later: any head will do, each run brings its own
+    if causal:
+        loaded = load_for_causal_lm(model_cfg)
+    elif sizing is None:  # a bare base whose runs all come later: any head will do, each run brings its own
         loaded = load_for_classification(model_cfg, 2, None, problem_type="single_label_classification")
     else:
         loaded = load_for_classification(model_cfg, sizing.num_labels, list(sizing.label_names or []) or None,
@@ -325,13 +344,31 @@ def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Pat
     if base_recipe is not None:
         fit_max_length(base_recipe, model)
     method = "merged" if kind == MERGED else "base"
-    base = ServedModel(BASE_NAME, base_task, base_recipe, method, source=str(model_cfg.name_or_path))
+    base = ServedModel(BASE_NAME, base_task, base_recipe, method, source=str(model_cfg.name_or_path), causal=causal)
+    if causal:  # its own LM head is trained: `model: base` answers as the base (or merged model) does
+        from sparta_cli.generate_cmd import prompt_template
+
+        base.template = prompt_template(loaded.tokenizer, None, True)
     precision = mixed_precision(base_recipe or first or Recipe.model_construct(training=TrainingConfig()), next(model.parameters()).dtype)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    served = ServedModels(model, loaded.tokenizer, {BASE_NAME: base}, device, autocast, base_bytes, model_cfg, adapters_dir)
+    served = ServedModels(model, loaded.tokenizer, {BASE_NAME: base}, device, autocast, base_bytes, model_cfg, causal, adapters_dir)
     for name, path in runs:
         served.add(served.load_run(name, path))
     return served
+
+
+def _serves_causal_lm(target: str, kind: str, first: Recipe | None) -> bool:
+    """Whether the server holds a causal LM: a merged checkpoint's architecture says, else the first run
+    (an SFT run), else, with none, whether the base's config names a ...ForCausalLM."""
+    from sparta_cli.evaluate_cmd import BASE, RUN
+    from sparta_cli.fileio import read_json
+    from sparta_cli.models import resolve_model_path
+
+    if kind == RUN or (kind == BASE and first is not None):
+        return first is not None and first.task.type == "sft"
+    config = Path(resolve_model_path(target)) / "config.json"
+    architectures = (read_json(config).get("architectures") or []) if config.is_file() else []
+    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def _resolve_task(recipe: Recipe) -> Task:
