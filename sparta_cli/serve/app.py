@@ -8,7 +8,8 @@ import asyncio
 import hmac
 import json
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -112,12 +113,10 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        start = time.perf_counter()
-        name, status, count = "unknown", 200, 0
-        try:
+        with recorded(metrics) as outcome:
             payload = parse_json(await read_body(request))
             entry = served.get(payload.get("model"))
-            name = entry.name
+            outcome.name = entry.name
             if entry.causal:
                 raise RequestError(400, f"`{entry.name}` is a causal LM, which writes text, not labels: "
                                         "use POST /v1/completions or /v1/chat/completions")
@@ -125,17 +124,9 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
                 raise RequestError(400, f"model `{BASE_NAME}` has no trained classification head: its answers would be random; "
                                         f"name an adapter ({', '.join(n for n in served.entries if n != BASE_NAME)})")
             inputs = check_inputs(payload.get("input"))
-            count = len(inputs)
+            outcome.count = len(inputs)
             results = await answered(entry, entry.encode(inputs, served.tokenizer))
             return {"object": "list", "model": entry.name, "data": [{"index": i, **result} for i, result in enumerate(results)]}
-        except RequestError as exc:
-            status = exc.status
-            raise
-        except Exception:
-            status = 500
-            raise
-        finally:
-            metrics.request(name, status, time.perf_counter() - start, count if status == 200 else 0)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -147,12 +138,10 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
 
     async def generation(request: Request, chat: bool):
         """OpenAI's completions (a prompt or a list of them) or chat completions (one conversation)."""
-        start = time.perf_counter()
-        name, status, count, streamed = "unknown", 200, 0, False
-        try:
+        with recorded(metrics) as outcome:
             payload = parse_json(await read_body(request))
             entry = served.get(payload.get("model"))
-            name = entry.name
+            outcome.name = entry.name
             if not entry.causal:
                 raise RequestError(400, f"`{entry.name}` is a classifier, which predicts labels, not text: use POST /v1/classify")
             settings = check_settings(payload)
@@ -163,27 +152,18 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
             rows = ([chat_row(payload["messages"], entry)] if chat else
                     [SftRow(f"prompt[{i}]", prompt=text) for i, text in enumerate(completion_prompts(payload["prompt"]))])
             prompts = [prompt_ids(row, entry, served.tokenizer, i) for i, row in enumerate(rows)]
-            count = len(prompts)
+            outcome.count = len(prompts)
             kind = "chat.completion" if chat else "text_completion"
             request_id = new_id("chatcmpl" if chat else "cmpl")
             if settings.stream:
                 if len(prompts) > 1:
                     raise RequestError(400, f"`stream` takes one prompt, not {len(prompts)}: send one request per prompt")
-                streamed = True
-                return StreamingResponse(stream(entry, Job(prompts[0], settings), kind, request_id, start),
+                outcome.streamed = True  # the stream records itself when it ends
+                return StreamingResponse(stream(entry, Job(prompts[0], settings), kind, request_id, outcome.start),
                                          media_type="text/event-stream")
             answers = await answered(entry, [Job(prompt, settings) for prompt in prompts])
             metrics.generated(entry.name, sum(answer.completion_tokens for answer in answers))
             return completion_response(kind, request_id, entry.name, answers)
-        except RequestError as exc:
-            status = exc.status
-            raise
-        except Exception:
-            status = 500
-            raise
-        finally:
-            if not streamed:
-                metrics.request(name, status, time.perf_counter() - start, count if status == 200 else 0)
 
     def stream(entry: ServedModel, job: Job, kind: str, request_id: str, start: float):
         """Server-sent events: a chunk per piece of text the tokens make, the finish reason, `[DONE]`.
@@ -229,6 +209,32 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
     if served.adapters_dir is not None:
         add_admin_routes(app, served)
     return app
+
+
+class Outcome:
+    """What a request's metrics record: the model it named, its status, how many inputs it answered."""
+
+    def __init__(self) -> None:
+        self.start, self.name, self.status, self.count, self.streamed = time.perf_counter(), "unknown", 200, 0, False
+
+
+@contextmanager
+def recorded(metrics: ServerMetrics) -> Iterator[Outcome]:
+    """One request's metrics, however it ends: a refusal's status, 500 for anything else; a streamed
+    response records itself when its stream ends."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except RequestError as exc:
+        outcome.status = exc.status
+        raise
+    except Exception:
+        outcome.status = 500
+        raise
+    finally:
+        if not outcome.streamed:
+            metrics.request(outcome.name, outcome.status, time.perf_counter() - outcome.start,
+                            outcome.count if outcome.status == 200 else 0)
 
 
 def sse(event: dict[str, Any]) -> str:
