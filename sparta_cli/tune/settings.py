@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError
 from sparta_cli.config import Recipe, build_recipe, parse_override, read_yaml, set_dotted
 from sparta_cli.errors import SpartaError
 from sparta_cli.strict import Strict
-from sparta_cli.tune.space import as_override, default_space, encode_params, flatten, parse_space, parse_space_flag
+from sparta_cli.tune.space import as_override, default_space, encode_params, flatten_space, parse_space, parse_space_flag
 from sparta_cli.tune.study import JOURNAL_FILE, Plan
 
 
@@ -93,7 +93,7 @@ def plan_study(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] =
                           "data.validation_size is not set: add data.validation_size=0.1 (a fraction, or a count of training rows)")
     metric, direction = objective(recipe)
 
-    given = flatten(settings.space)
+    given = flatten_space(settings.space)
     given.update(dict(parse_space_flag(text) for text in space_flags))
     space = given or default_space(recipe.adapter.method)
     params = parse_space(space)
@@ -105,9 +105,9 @@ def plan_study(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] =
         if ranges:
             raise SpartaError(f"tune.sampler = grid needs a list of choices for every key, but {', '.join(ranges)} "
                               "is a range: write e.g. adapter.density: [0.001, 0.01, 0.1]")
-    enqueue = [encode_params(params, flatten(values)) for values in settings.enqueue]
+    enqueue = [encode_params(params, flatten_space(values)) for values in settings.enqueue]
     for values in settings.enqueue:
-        build_recipe(tree, [as_override(k, v) for k, v in flatten(values).items()])
+        build_recipe(tree, [as_override(k, v) for k, v in flatten_space(values).items()])
 
     study = settings.study or Path(recipe_path).stem
     study_dir = Path(settings.output_dir or Path("tunes") / study)

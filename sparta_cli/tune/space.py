@@ -116,14 +116,14 @@ def _range(where: str, key: str, low: float, high: float, log: bool) -> Param:
     return Param(key, low=low, high=high, log=log, integer=isinstance(low, int) and isinstance(high, int))
 
 
-def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_space(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{adapter: {density: spec}}` and `{adapter.density: spec}` both give {"adapter.density": spec}:
     overrides such as `tune.space.adapter.density=...` nest, recipe files often do not."""
     flat: dict[str, Any] = {}
     for key, value in section.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value and not set(value) & _SPEC_KEYS:
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten_space(value, f"{name}."))
         else:
             flat[name] = value
     return flat
@@ -137,7 +137,7 @@ def default_space(method: str) -> dict[str, str]:
 
 
 def parse_space(section: dict[str, Any]) -> dict[str, Param]:
-    return {key: parse_param(key, spec) for key, spec in flatten(section).items()}
+    return {key: parse_param(key, spec) for key, spec in flatten_space(section).items()}
 
 
 def parse_space_flag(text: str) -> tuple[str, Any]:
