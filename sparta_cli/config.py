@@ -377,6 +377,26 @@ def default_of(section: str, key: str, method: str = "sparta") -> Any:
     return None if default is PydanticUndefined else default
 
 
+def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value there, value now) for every recipe key whose value differs from a saved
+    recipe's; a key the saved recipe lacks, added to sparta since, held its default there."""
+    method = (saved.get("adapter") or {}).get("method", "sparta")
+
+    def there(section: str, key: str) -> Any:
+        recorded = saved.get(section) or {}
+        return recorded[key] if key in recorded else default_of(section, key, method)
+
+    keys = [(f"{section}.{key}", there(section, key), value)
+            for section in now if isinstance(now[section], dict) for key, value in now[section].items()]
+    keys += [(key, saved.get(key), now.get(key)) for key in ("seed",)]
+    return [(name, old, new) for name, old, new in sorted(keys, key=lambda k: k[0]) if old != new]
+
+
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`section.key: OLD there, NEW now` for each key `changed_keys` finds."""
+    return [f"{name}: {old!r} there, {new!r} now" for name, old, new in changed_keys(saved, now)]
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     method = "sparta"

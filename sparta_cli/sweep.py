@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparta_cli.config import Recipe, load_recipe, read_yaml
+from sparta_cli.config import Recipe, changed_keys, load_recipe, read_yaml
 from sparta_cli.errors import SpartaError
 from sparta_cli.outputs import run_dir_is_empty
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
@@ -63,13 +63,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:
-    """Dotted keys at which two nested mappings differ."""
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-        return [d for key in sorted(set(ours) | set(theirs)) for d in differences(ours.get(key), theirs.get(key), f"{prefix}{key}.")]
-    return [] if ours == theirs else [prefix.rstrip(".")]
-
-
 def run_action(recipe: Recipe) -> str:
     """What the sweep does with a run's folder: train it anew, skip it, resume it (from its newest
     checkpoint, or from the start if it has none), or refuse because it holds a run of another recipe."""
@@ -79,7 +72,7 @@ def run_action(recipe: Recipe) -> str:
     if (out / CONFIG_YAML).is_file():
         theirs = read_yaml(out / CONFIG_YAML)
         theirs.pop("run", None)
-        differ = differences(recipe.to_dict(), theirs)
+        differ = [name for name, _, _ in changed_keys(theirs, recipe.to_dict())]
         if differ:
             return f"conflict:{out} holds a run of another recipe ({', '.join(differ[:3])} differ): set output_dir elsewhere or remove it"
     if (out / ALL_RESULTS).is_file():

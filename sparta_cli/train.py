@@ -27,7 +27,7 @@ import torch
 from rich.markup import escape
 
 from sparta_cli.checkpoint import TrainerState, checkpoints, usable_checkpoint
-from sparta_cli.config import Recipe, default_of
+from sparta_cli.config import Recipe, recipe_changes
 from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import task_loader, tokenize_split, validation_indices
 from sparta_cli.dtensors import local_tensor
@@ -155,21 +155,6 @@ def selection_metric(recipe: Recipe, task: Task) -> str:
     if metric.removeprefix("eval_") not in choices:
         raise SpartaError(f"training.best_metric = {metric}: {task.name} reports {', '.join(choices)}: choose one of them")
     return metric.removeprefix("eval_")
-
-
-def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`section.key: OLD there, NEW now` for every recipe key whose value differs from the saved recipe's
-    (a key the saved recipe lacks, added to sparta since, held its default there)."""
-    method = (saved.get("adapter") or {}).get("method", "sparta")
-
-    def there(section: str, key: str) -> Any:
-        recorded = saved.get(section, {})
-        return recorded[key] if key in recorded else default_of(section, key, method)
-
-    keys = [(f"{section}.{key}", there(section, key), value)
-            for section in now if isinstance(now[section], dict) for key, value in now[section].items()]
-    keys += [(key, saved.get(key), now.get(key)) for key in ("seed",)]
-    return [f"{name}: {old!r} there, {new!r} now" for name, old, new in sorted(keys) if old != new]
 
 
 def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Path | None:

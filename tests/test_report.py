@@ -21,7 +21,7 @@ from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import write_yaml
 from sparta_cli.plots import write_training_loss_png
-from sparta_cli.sweep import LORA_BASELINE, plan_sweep
+from sparta_cli.sweep import LORA_BASELINE, plan_sweep, run_action
 
 RECIPE = str(REPO / "configs" / "quickstart.yaml")
 TINY = ["data.max_train_samples=32", "data.max_eval_samples=32", "data.max_length=32", "training.max_steps=2",
@@ -161,6 +161,20 @@ def test_sweep_resumes_unfinished_runs_without_checkpoints_and_refuses_other_rec
     assert "adapter.method=full training.lr=2e-05" in calls[3]
     assert "holds a run of another recipe (model.name_or_path differ)" in result.stderr
     assert (other / "all_results.json").read_text() == "{}"  # untouched
+
+
+def test_a_sweep_resumes_a_run_written_before_a_recipe_key_existed(tmp_path):
+    # The paper table's seed-2 runs, started before data.packing existed, were refused as "another
+    # recipe" on restart: a key the old config.yaml lacks held its default there.
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path / 'run'}", "seed=2"])
+    old = recipe.to_dict()
+    del old["data"]["packing"], old["task"]["generation_metrics"]
+    (tmp_path / "run").mkdir()
+    write_yaml(tmp_path / "run" / "config.yaml", {**old, "run": {"world_size": 1}})
+    assert run_action(recipe) == "resume"
+    old["data"]["max_length"] = 7
+    write_yaml(tmp_path / "run" / "config.yaml", old)
+    assert run_action(recipe).startswith("conflict:") and "(data.max_length differ)" in run_action(recipe)
 
 
 def test_sweep_refuses_runs_sharing_an_output_dir(tmp_path):

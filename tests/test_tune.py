@@ -18,7 +18,8 @@ import yaml
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.tune.space import as_override, decode, parse_param, parse_space_flag
-from sparta_cli.tune.study import is_stale, read_plan, require_optuna, retries
+from sparta_cli.config import load_recipe
+from sparta_cli.tune.study import identity_differences, is_stale, read_plan, require_optuna, retries
 
 optuna = pytest.importorskip("optuna")
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,16 @@ def _recipe(tmp_path: Path, model: str, data_dir: Path, **tune) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def test_a_study_started_before_a_recipe_key_existed_is_still_this_study():
+    recipe = load_recipe(REPO / "configs" / "quickstart.yaml").to_dict()
+    ours = {"recipe": recipe, "space": {"training.lr": "log(1e-4,1e-2)"}, "metric": "eval_loss", "direction": "minimize"}
+    old = json.loads(json.dumps(ours))
+    del old["recipe"]["data"]["packing"]
+    assert identity_differences(ours, old) == []
+    old["recipe"]["data"]["max_length"], old["metric"] = 7, "eval_accuracy"
+    assert identity_differences(ours, old) == ["recipe.data.max_length", "metric"]
 
 
 def test_a_study_without_a_validation_set_is_refused_with_the_fix(tmp_path, data_dir):

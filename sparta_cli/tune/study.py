@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparta_cli.config import Recipe, build_recipe
+from sparta_cli.config import Recipe, build_recipe, changed_keys
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import make_dir, read_json, write_json
-from sparta_cli.sweep import differences
 from sparta_cli.tune.space import Param, as_override, decode, parse_space
 
 PLAN_FILE = "study.json"
@@ -243,12 +242,27 @@ def open_study(plan: Plan, *, worker_index: int = 0, shared: bool = False, creat
         if "sparta" not in study.user_attrs:
             study.set_user_attr("sparta", plan.identity())
     stored = study.user_attrs.get("sparta")
-    if stored is not None and stored != plan.identity():
-        differ = differences(plan.identity(), stored)
+    differ = [] if stored is None else identity_differences(plan.identity(), stored)
+    if differ:
         raise SpartaError(f"study {plan.study} in {plan.storage} was started with another recipe, space or objective "
                           f"({', '.join(differ[:3])} differ): give another --study, or rerun with the same recipe and overrides")
     study.sampler = make_sampler(plan, worker_index, shared, len(study.get_trials(deepcopy=False)))
     return study
+
+
+def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:
+    """Dotted keys at which two nested mappings differ."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [d for key in sorted(set(ours) | set(theirs)) for d in differences(ours.get(key), theirs.get(key), f"{prefix}{key}.")]
+    return [] if ours == theirs else [prefix.rstrip(".")]
+
+
+def identity_differences(ours: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """Where a stored study's identity differs from this one's; a recipe key added to sparta since the
+    study started counts as its default there, so a study outlives an upgrade."""
+    recipe = [f"recipe.{name}" for name, _, _ in changed_keys(stored.get("recipe") or {}, ours["recipe"])]
+    return recipe + differences({k: v for k, v in ours.items() if k != "recipe"},
+                                {k: v for k, v in stored.items() if k != "recipe"})
 
 
 def retries(trials) -> dict[int, Any]:
