@@ -206,6 +206,71 @@ def test_two_processes_weight_their_micro_batches_by_tokens(tiny_llama_dir, chat
         torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-7)
 
 
+def _random_rows(count: int, seed: int):
+    """Rows of random ids with about 60% of their labels on (the first always off, as tokenize_row makes it)."""
+    from sparta_cli.sft import TokenizedRow
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        size = int(torch.randint(3, 14, (1,), generator=generator))
+        ids = torch.randint(1, 96, (size,), generator=generator).tolist()
+        on = (torch.rand(size, generator=generator) < 0.6).tolist()
+        rows.append(TokenizedRow(ids, [IGNORE] + [token if keep else IGNORE for token, keep in zip(ids[1:], on[1:])]))
+    return rows
+
+
+@pytest.mark.parametrize(("adapter", "tie"), [({"method": "full"}, False), ({"method": "full"}, True), ({"method": "head"}, False),
+                                              ({"method": "lora", "r": 2, "targets": ["v", "o"]}, True),
+                                              ({"method": "dora", "r": 2, "targets": ["v", "o"]}, False),
+                                              ({"method": "sparta", "density": 0.5, "targets": ["v", "o"]}, True)])
+def test_only_the_supervised_positions_reach_the_lm_head_with_the_full_logits_losses_and_gradients(adapter, tie):
+    """The SFT loss and scorer apply the LM head to the supervised positions only: the same per-token losses,
+    per-row sums and gradients as the plain computation from every position's logits, padded and packed,
+    whatever wraps the model (PEFT's LoRA / DoRA, SpaRTA; a tied head; the head trained)."""
+    from transformers import LlamaForCausalLM
+
+    from sparta_cli.sft import collate_packed, collate_padded, pack
+    from sparta_cli.tasks.kinds import SFT_KIND, sft_scorer, supervised_token_losses
+    from sparta_cli.tuners import apply_adapter
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = tie
+    base = LlamaForCausalLM(config)
+    cfg = build_recipe({"model": {"name_or_path": "m"}, "adapter": adapter, "task": {"name": "sst2", "type": "sft"}}).adapter
+    model = apply_adapter(base, cfg, 0, ["lm_head"] if adapter["method"] == "head" else []).model
+    if adapter["method"] in ("lora", "dora"):  # PEFT starts B at 0: move it, so the adapter's path counts in the losses
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    rows = _random_rows(7, seed=2)
+    widths = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: widths.append(out.shape[:-1]))
+    for batch in (collate_padded(rows, pad_id=0), collate_packed(pack(rows, max_length=16), pad_id=0)):
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        targets = batch["labels"][:, 1:]
+        full = model(**inputs, use_cache=False).logits[:, :-1].float()  # the plain reference: every position's logits
+        reference = torch.nn.functional.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                                      reduction="none").view(targets.shape)
+        reference_grads = torch.autograd.grad(reference.sum(), trainable)
+        losses, supervised = supervised_token_losses(model, batch)
+        assert widths[-1] == (int(supervised.sum()),)  # the head saw the supervised rows alone
+        torch.testing.assert_close(losses, reference[supervised], rtol=1e-6, atol=0)
+        loss, tokens = SFT_KIND.train_loss(model, batch)
+        assert int(tokens) == sum(row.supervised for row in rows)
+        # measured: losses and gradients bitwise equal on the 2-core CPU (the same fp32 products); the
+        # tolerances leave room for another BLAS's blocking of a matmul with fewer rows
+        for grad, expected in zip(torch.autograd.grad(loss, trainable), reference_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+        with torch.no_grad():
+            sums, counts = sft_scorer(model, batch)
+        torch.testing.assert_close(sums, reference.double().sum(-1), rtol=1e-6, atol=0)
+        assert counts.tolist() == (targets != IGNORE).sum(-1).tolist()
+
+
 def test_eval_loss_is_the_summed_token_loss_over_the_supervised_tokens(tiny_llama_dir, chat_files, tmp_path):
     """`sparta eval` of a base causal LM on an SFT file, in batches of 3 rows, against each row run alone."""
     from transformers import AutoModelForCausalLM
