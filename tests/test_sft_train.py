@@ -376,6 +376,7 @@ def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_
     assert all(record["tokens_per_s"] > 0 for record in log if "loss" in record)
     config = json.loads((reference / "adapter_config.json").read_text())
     assert config["task"]["kind"] == "sft" and config["base_model"]["architecture"] == "LlamaForCausalLM"
+    assert (config["task"]["format"], config["task"]["chat"]) == ("chat", True)  # task.format left out: read from the fields
     scored = run_eval(str(reference), task=None, split=None, output=tmp_path / "eval.json", overrides=[])
     assert scored["metrics"]["eval_loss"] == pytest.approx(recorded["test_loss"], rel=1e-6)
     report = (write_report([str(reference)], output=tmp_path / "report") / "report.csv").read_text()
