@@ -31,6 +31,7 @@ class _SftTaskRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     kind: Literal["sft"]
+    chat: bool | None = None  # prompts through the chat template (absent in runs written before it was recorded)
 
 
 class AdapterConfigFile(BaseModel):

@@ -17,9 +17,10 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -27,6 +28,9 @@ from torch.utils.data import DataLoader, Sampler
 from sparta_cli.config import Recipe, user_path
 from sparta_cli.errors import SpartaError
 from sparta_cli.tasks import Task, load_split, sft_rows
+
+if TYPE_CHECKING:
+    from sparta_cli.sft import Rendering
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 CACHE_FORMAT = 2  # 2: stats.json records each data file's sha256 (entries of format 1 are never read)
@@ -43,6 +47,7 @@ class TokenizedSplit:
     truncated: int  # examples cut to max_length
     dropped: int  # examples left out for being too long (data.overlong: drop), or (SFT) with no answer token left
     fitting: str | None = None  # SFT: what fitting to max_length did, in words (sft.Fitted.note)
+    rendering: Rendering | None = None  # SFT: how its rows became text (sft.Rendering), which a run records
 
     def note(self, task: Task, max_length: int) -> str | None:
         """The log line about what max_length cost this split, or None."""
@@ -79,16 +84,18 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     from datasets import load_from_disk
 
     from sparta_cli.fileio import replace_dir, write_json
+    from sparta_cli.sft import Rendering
 
     raw = subsample(load_split(task, recipe.task, split, recipe.data_dir()), limit, shuffle_seed)
     rows = sft_rows(raw) if task.kind.token_level else None
     template = chat_template(rows, tokenizer, recipe) if rows is not None else None
     key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint, template)
     folder = cache_root() / key
+    rendering = Rendering.of(rows, recipe.task.format) if rows is not None else None
     if recipe.data.cache and (folder / "stats.json").is_file():
         cached = _read_cache(folder, split)
         if cached is not None:
-            return cached
+            return replace(cached, rendering=rendering)
     if rows is not None:
         encoded, stats = _encode_sft(task, split, rows, tokenizer, template, recipe)
     else:
@@ -100,7 +107,7 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
 
         replace_dir(write, folder)
         encoded = load_from_disk(str(folder / "data"))
-    return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"))
+    return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"), rendering)
 
 
 def chat_template(rows: Sequence, tokenizer, recipe: Recipe) -> str | None:

@@ -5,14 +5,17 @@ TARGET is an SFT run (its base with the adapter, its task's chat template), a me
 checkpoint or a base model (a folder, `pkg:` name or Hub name, with `model.*` overrides such as
 `model.gguf_file=F`). Prompts are rendered with the chat template when there is one (the run's
 `task.chat_template`, else the tokenizer's), as training rendered them; without one, or for a run
-trained on plain text (`task.format` text or prompt_completion), they are given to the model as they are. The output is written atomically, replaces a file only with `--overwrite`,
-and is never one of the command's inputs; without `--output` the rows go to stdout.
+trained on plain text (text rows, prompt_completion rows of strings: what the run records,
+`renders_chat`), they are given to the model as they are. The output is written atomically,
+replaces a file only with `--overwrite`, and is never one of the command's inputs; without
+`--output` the rows go to stdout.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,8 @@ from sparta_cli.generation import Sampling, generate, prompt_ids
 from sparta_cli.runs import Run
 from sparta_cli.sft import SftRow, parse_prompts, read_prompt_file, resolve_chat_template
 
-# a run trained on these (`task.format`) saw its prompts as plain text; prompt_completion with message
-# lists says so by its rows only, so such a run should record task.format: chat-like rows are rendered
+# before runs recorded `chat`, a run that recorded one of these as its task.format (the one it was given,
+# null when left out) had its prompts given as plain text, every other one through the chat template
 PLAIN_FORMATS = ("text", "prompt_completion")
 
 
@@ -68,8 +71,16 @@ def resolve_target(target: str, overrides: list[str] | None = None, trust_remote
         raise SpartaError(f"{target} is a classification run, which predicts labels, not text: use `sparta predict` "
                           "(sparta generate runs SFT runs, task.type: sft)")
     recipe = eval_recipe(target, kind, None, list(overrides or []), trust_remote_code)
-    plain = (run.config.get("task") or {}).get("format") in PLAIN_FORMATS
-    return Target(recipe.model, run, recipe.task.chat_template, not plain, [path, *recipe_inputs(recipe)])
+    return Target(recipe.model, run, recipe.task.chat_template, renders_chat(run.config.get("task") or {}),
+                  [path, *recipe_inputs(recipe)])
+
+
+def renders_chat(task: Mapping[str, Any]) -> bool:
+    """Whether an SFT run's prompts go through the chat template, as its training rows did: the `chat` its
+    adapter config records of its task (kinds.SFT.recorded); for a run written before it recorded one, as
+    generation did then (unless its recorded task.format is text or prompt_completion)."""
+    chat = task.get("chat")
+    return chat if isinstance(chat, bool) else task.get("format") not in PLAIN_FORMATS
 
 
 def load_generator(target: Target) -> Generator:

@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
 from sparta_cli.tuners import apply_adapter, get_tuner
 
 if TYPE_CHECKING:
+    from sparta_cli.sft import Rendering
     from sparta_cli.tuners.base import Adapter
 
 
@@ -298,6 +299,7 @@ class Data:
     eval_loaders: dict[str, Any]  # scored at every evaluation (the held-out rows when selecting)
     test_loaders: dict[str, Any]  # scored once with the best adapter (when selecting)
     train_rows: int
+    rendering: Rendering | None = None  # SFT: how the training rows became text, which the adapter records
 
 
 def setup_data(recipe: Recipe, task: Task, tokenizer, accelerator, metric: str | None, say) -> Data:
@@ -324,7 +326,7 @@ def setup_data(recipe: Recipe, task: Task, tokenizer, accelerator, metric: str |
     if recipe.data.packing:
         say(f"data.packing: {len(train_data):,} training rows packed into {len(train_loader.dataset):,} sequences "
             f"of up to {recipe.data.max_length} tokens")
-    return Data(train_loader, eval_loaders, test_loaders, len(train_data))
+    return Data(train_loader, eval_loaders, test_loaders, len(train_data), train_split.rendering)
 
 
 @dataclass
@@ -343,8 +345,8 @@ def setup_optimizer(recipe: Recipe, placement: Placement, data: Data) -> tuple[O
     optimizer = build_optimizer(placement.adapter, resolve_optimizer(cfg.optimizer, accelerator.device), cfg.lr, cfg.head_lr,
                                 cfg.weight_decay)
     model, optimizer, train_loader = placement.prepare(optimizer, data.train_loader)
-    data = Data(train_loader, {s: accelerator.prepare(loader) for s, loader in data.eval_loaders.items()},
-                {s: accelerator.prepare(loader) for s, loader in data.test_loaders.items()}, data.train_rows)
+    data = replace(data, train_loader=train_loader, eval_loaders={s: accelerator.prepare(loader) for s, loader in data.eval_loaders.items()},
+                   test_loaders={s: accelerator.prepare(loader) for s, loader in data.test_loaders.items()})
     steps = total_steps(recipe, len(train_loader))
     # stepped once per optimizer step, by this loop (Accelerate is not given it, so it never steps it per process)
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", optimizer,
@@ -415,8 +417,8 @@ class Trainer:
         self.loaded, self.adapter, self.model_dtype = model.loaded, model.adapter, model.dtype
         self.placement, self.accelerator = placement, placement.accelerator
         self.main, self.say = self.accelerator.is_main_process, say
-        self.train_loader, self.eval_loaders, self.test_loaders, self.train_rows = (
-            data.train_loader, data.eval_loaders, data.test_loaders, data.train_rows)
+        self.train_loader, self.eval_loaders, self.test_loaders, self.train_rows, self.rendering = (
+            data.train_loader, data.eval_loaders, data.test_loaders, data.train_rows, data.rendering)
         self.model, self.optimizer, self.scheduler, self.steps = optim.model, optim.optimizer, optim.scheduler, optim.steps
         self.trainable, self.masks, self.selection, self.state = trainable, masks, selection, state
         self.on_evaluate = on_evaluate
@@ -638,7 +640,7 @@ class Trainer:
                            "dtype": str(self.model_dtype).removeprefix("torch.")},
             **recipe.adapter.recorded(),  # density, targets
             "seed": recipe.adapter_seed,
-            "task": task.kind.recorded(task, recipe.task),
+            "task": task.kind.recorded(task, recipe.task, self.rendering),
             "pad_token_id": adapter.base.config.pad_token_id,
             "tokenizer": {"pad_token": loaded.tokenizer.pad_token},
         }

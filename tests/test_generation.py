@@ -190,3 +190,47 @@ def test_sparta_generate_writes_jsonl_safely(tiny_chat_lm_dir, tmp_path, capsys)
     capsys.readouterr()
     assert run_generate(str(tiny_chat_lm_dir), prompt="Hi", sampling=Sampling(max_new_tokens=3)) == records[:1]
     assert json.loads(capsys.readouterr().out) == records[0]  # no --output: the rows on stdout
+
+
+# ---------------------------------------------------------------- a run's prompts, rendered as it trained
+
+
+def test_a_run_trained_on_string_prompts_generates_from_the_plain_prompt_it_trained_on(tiny_chat_lm_dir, tmp_path):
+    """prompt_completion rows of strings, task.format left out: the run records the format and that no chat
+    template rendered its rows, so `sparta generate` gives the model the prompt's plain ids (the tokenizer's,
+    as training tokenised it), not the chat template's rendering; a run written before it recorded that
+    (format null, no `chat`) is taken as chat, as before."""
+    from transformers import AutoTokenizer
+
+    from sparta_cli.config import build_recipe
+    from sparta_cli.generate_cmd import load_generator, prompt_rows, prompt_template, resolve_target
+    from sparta_cli.train import train
+
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((3, 4), (10, 20), (7, 7), (41, 1))]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = train(build_recipe({"model": {"name_or_path": str(tiny_chat_lm_dir)}, "adapter": {"method": "sparta", "density": 0.5, "targets": ["v", "o"]},
+                              "task": {"type": "sft", "train_file": str(data)}, "data": {"max_length": 32},
+                              "training": {"batch_size": 4, "max_steps": 1, "log_every": 1}, "seed": 3, "output_dir": str(tmp_path / "run")}))
+    config_path = run / "adapter_config.json"
+    task = json.loads(config_path.read_text())["task"]
+    assert (task["format"], task["chat"]) == ("prompt_completion", False)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_lm_dir)
+    plain = tokenizer("3+4=", add_special_tokens=True)["input_ids"]  # the reference, by hand
+    trained = tokenize_row(parse_records([("t", rows[0])]).rows[0], tokenizer)
+    assert trained.input_ids[:len(plain)] == plain and all(label == -100 for label in trained.labels[:len(plain)])
+    generator = load_generator(resolve_target(str(run)))
+    assert generator.template is None
+    assert prompt_ids(prompt_rows("3+4=", None, chat=False), generator.tokenizer, generator.template) == [plain]
+
+    # a run written before runs recorded `chat` renders as it did then: format null meant chat
+    config = json.loads(config_path.read_text())
+    config["task"] = {key: value for key, value in config["task"].items() if key != "chat"} | {"format": None}
+    config_path.write_text(json.dumps(config))
+    old = resolve_target(str(run))
+    template = prompt_template(tokenizer, old.template_file, old.chat)  # what load_generator renders with
+    assert old.chat and template == tokenizer.chat_template
+    chat = prompt_ids(prompt_rows("3+4=", None, chat=True), tokenizer, template)[0]
+    assert chat == tokenizer.apply_chat_template([{"role": "user", "content": "3+4="}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"] and chat != plain

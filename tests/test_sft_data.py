@@ -15,6 +15,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.sft import (
     IGNORE,
     PackedRow,
+    Rendering,
     TokenizedRow,
     collate_packed,
     collate_padded,
@@ -100,6 +101,21 @@ def test_formats_are_read_from_the_fields(tmp_path):
     conversational = {"prompt": SYSTEM_CHAT[:4], "completion": SYSTEM_CHAT[4:]}
     data = read_sft_file(write_jsonl(tmp_path / "cpc.jsonl", [conversational]))
     assert data.format == "prompt_completion" and data.rows[0].messages == tuple(SYSTEM_CHAT) and data.rows[0].prompt_messages == 4
+
+
+def test_the_rendering_a_run_records_is_the_format_its_rows_were_read_as(tmp_path):
+    """Rendering.of, from the rows alone (a split's rows, after tokenisation's cache), gives the format the
+    fields said and whether the chat template renders them: what generation must do again."""
+    conversational = {"prompt": SYSTEM_CHAT[:4], "completion": SYSTEM_CHAT[4:]}
+    cases = [({"messages": SYSTEM_CHAT}, Rendering("chat", chat=True)), (conversational, Rendering("prompt_completion", chat=True)),
+             ({"prompt": "2+2=", "completion": "4"}, Rendering("prompt_completion", chat=False)),
+             ({"text": "Once"}, Rendering("text", chat=False))]
+    for number, (record, expected) in enumerate(cases):
+        data = read_sft_file(write_jsonl(tmp_path / f"{number}.jsonl", [record]))
+        assert Rendering.of(data.rows) == expected and expected.format == data.format
+    empty = read_sft_file(write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "", "completion": "all of it"}]), "prompt_completion")
+    assert Rendering.of(empty.rows) == Rendering("text", chat=False)  # trains as a text row does
+    assert Rendering.of(empty.rows, "prompt_completion") == Rendering("prompt_completion", chat=False)  # task.format says it
 
 
 def test_csv_holds_messages_as_json_and_parquet_holds_lists(tmp_path):

@@ -146,40 +146,94 @@ def test_methods_train_the_body_of_a_causal_lm_and_head_its_lm_head(tiny_llama_d
 # ---------------------------------------------------------------- the numbers
 
 
+SGD_STEP = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": None, "scheduler": "constant"}
+
+
+def first_step_losses(model_dir: Path, train_file: Path, rows: int = 4):
+    """Dense reference: the plain model and the summed token loss and supervised tokens of each of the
+    first `rows` rows a run with seed 3 trains on (its sampler's order), each row alone."""
+    from transformers import AutoModelForCausalLM
+
+    from sparta_cli.data import EpochShuffleSampler
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tokenized = reference_rows(model_dir, train_file)
+    first = [tokenized[index] for index in list(EpochShuffleSampler(len(tokenized), 3))[:rows]]
+    losses, tokens = zip(*(summed_token_loss(model, row) for row in first))
+    return model, losses, tokens
+
+
+def assert_sgd_step(deltas: dict[str, torch.Tensor], model, grads) -> None:
+    """One SGD step at lr 1 from SpaRTA's zero deltas writes minus the gradient at its indices."""
+    modules = sorted(key.removesuffix(".delta") for key in deltas if key.endswith(".delta"))
+    for module, grad in zip(modules, grads):
+        expected = -grad.reshape(-1)[deltas[f"{module}.indices"].long()].float()
+        torch.testing.assert_close(deltas[f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
+
+
+def delta_weights(deltas: dict[str, torch.Tensor], model) -> list[torch.Tensor]:
+    """The dense weights of the modules SpaRTA trained, in `assert_sgd_step`'s order."""
+    return [model.get_submodule(key.removesuffix(".delta")).weight for key in sorted(deltas) if key.endswith(".delta")]
+
+
 def test_a_step_is_the_mean_token_loss_gradient_of_its_rows_however_they_are_accumulated(tiny_llama_dir, chat_files, tmp_path):
     """One SGD step at lr 1 writes minus the gradient into SpaRTA's deltas: 4 rows in one batch, or 2 x 2
     accumulated, give the gradient of the mean token loss over the 4 rows (a dense reference)."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
-    from sparta_cli.data import EpochShuffleSampler
     from sparta_cli.train import train
 
-    step = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": None, "scheduler": "constant"}
     deltas = {}
     for batch, accumulation in ((4, 1), (2, 2)):
-        run = train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / f"b{batch}", **{**step, "batch_size": batch,
+        run = train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / f"b{batch}", **{**SGD_STEP, "batch_size": batch,
                                                                                            "grad_accum": accumulation}))
         deltas[batch] = load_file(str(run / "adapter_model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    rows = reference_rows(tiny_llama_dir, chat_files[0])
-    first = [rows[index] for index in list(EpochShuffleSampler(len(rows), 3))[:4]]
-    losses, tokens = zip(*(summed_token_loss(model, row) for row in first))
+    model, losses, tokens = first_step_losses(tiny_llama_dir, chat_files[0])
     keys = sorted(key for key in deltas[4] if key.endswith(".delta"))
     assert keys and set(deltas[2]) == set(deltas[4])  # deltas only: no head, nothing else trained
-    modules = [key.removesuffix(".delta") for key in keys]
-    weights = [model.get_submodule(module).weight for module in modules]
+    weights = delta_weights(deltas[4], model)
     token_mean = torch.stack(losses).sum() / sum(tokens)
     batch_means = (sum(losses[:2]) / sum(tokens[:2]) + sum(losses[2:]) / sum(tokens[2:])) / 2
     grads = torch.autograd.grad(token_mean, weights, retain_graph=True)
     other = torch.autograd.grad(batch_means, weights)
     # a mean of the two micro-batches' means is another gradient, far beyond the tolerance below
     assert max(float((g - o).abs().max() / g.abs().max()) for g, o in zip(grads, other)) > 1e-2
-    for module, grad in zip(modules, grads):
-        indices = deltas[4][f"{module}.indices"].long()
-        expected = -grad.reshape(-1)[indices].float()
-        torch.testing.assert_close(deltas[4][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(deltas[2][f"{module}.delta"], expected, rtol=1e-4, atol=1e-7)
+    assert_sgd_step(deltas[4], model, grads)
+    assert_sgd_step(deltas[2], model, grads)
+
+
+def test_a_step_with_gradient_checkpointing_is_the_dense_gradient(tiny_llama_dir, chat_files, tmp_path):
+    """training.gradient_checkpointing recomputes each block's activations in the backward: the step is
+    still minus the dense reference's gradient of the mean token loss."""
+    from safetensors.torch import load_file
+
+    from sparta_cli.tasks import resolve_task
+    from sparta_cli.train import setup_model, train
+
+    recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "checkpointed", **SGD_STEP, gradient_checkpointing=True)
+    layers = setup_model(recipe, resolve_task(recipe.task)).adapter.base.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)  # the key reaches the model's blocks
+    deltas = load_file(str(train(recipe) / "adapter_model.safetensors"))
+    model, losses, tokens = first_step_losses(tiny_llama_dir, chat_files[0])
+    assert_sgd_step(deltas, model, torch.autograd.grad(torch.stack(losses).sum() / sum(tokens), delta_weights(deltas, model)))
+
+
+def test_a_dora_run_trains_to_a_finite_loss_and_its_saved_adapter_gives_its_eval(tiny_llama_dir, chat_files, tmp_path):
+    """adapter.method: dora on a causal LM: a few steps, a finite loss logged at each, and `sparta eval RUN`
+    (PEFT's files loaded back onto a fresh base) gives the eval loss the run recorded."""
+    from sparta_cli.evaluate_cmd import run_eval
+    from sparta_cli.train import train
+
+    run = train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "dora", adapter={"method": "dora", "r": 2, "targets": ["v", "o"]},
+                           task={"validation_file": str(chat_files[1])}, max_steps=3))
+    losses = [json.loads(line)["loss"] for line in (run / "trainer_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    recorded = json.loads((run / "eval_results.json").read_text())["eval_loss"]
+    scored = run_eval(str(run), task=None, split=None, output=tmp_path / "eval.json", overrides=[])
+    assert scored["metrics"]["eval_loss"] == pytest.approx(recorded, rel=1e-6)
+    base = run_eval(str(tiny_llama_dir), task=None, split=None, output=tmp_path / "base.json",
+                    overrides=["task.type=sft", f"task.validation_file={chat_files[1]}"])
+    assert abs(base["metrics"]["eval_loss"] - recorded) > 1e-3  # the adapter moved the loss: the check can fail
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists() and not IN_CI,
@@ -191,10 +245,9 @@ def test_two_processes_weight_their_micro_batches_by_tokens(tiny_llama_dir, chat
 
     from sparta_cli.train import train
 
-    step = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": None, "scheduler": "constant"}
-    single = load_file(str(train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "one", **step, batch_size=4))
+    single = load_file(str(train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "one", **SGD_STEP, batch_size=4))
                            / "adapter_model.safetensors"))
-    recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "two", **step, batch_size=2)
+    recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "two", **SGD_STEP, batch_size=2)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "sparta_cli", "train",
@@ -204,6 +257,71 @@ def test_two_processes_weight_their_micro_batches_by_tokens(tiny_llama_dir, chat
     assert single.keys() == double.keys()
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-7)
+
+
+def _random_rows(count: int, seed: int):
+    """Rows of random ids with about 60% of their labels on (the first always off, as tokenize_row makes it)."""
+    from sparta_cli.sft import TokenizedRow
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        size = int(torch.randint(3, 14, (1,), generator=generator))
+        ids = torch.randint(1, 96, (size,), generator=generator).tolist()
+        on = (torch.rand(size, generator=generator) < 0.6).tolist()
+        rows.append(TokenizedRow(ids, [IGNORE] + [token if keep else IGNORE for token, keep in zip(ids[1:], on[1:])]))
+    return rows
+
+
+@pytest.mark.parametrize(("adapter", "tie"), [({"method": "full"}, True), ({"method": "head"}, False),
+                                              ({"method": "lora", "r": 2, "targets": ["v", "o"]}, True),
+                                              ({"method": "dora", "r": 2, "targets": ["v", "o"]}, False),
+                                              ({"method": "sparta", "density": 0.5, "targets": ["v", "o"]}, True)])
+def test_only_the_supervised_positions_reach_the_lm_head_with_the_full_logits_losses_and_gradients(adapter, tie):
+    """The SFT loss and scorer apply the LM head to the supervised positions only: the same per-token losses,
+    per-row sums and gradients as the plain computation from every position's logits, padded and packed,
+    whatever wraps the model (PEFT's LoRA / DoRA, SpaRTA; a tied head; the head trained)."""
+    from transformers import LlamaForCausalLM
+
+    from sparta_cli.sft import collate_packed, collate_padded, pack
+    from sparta_cli.tasks.kinds import SFT_KIND, sft_scorer, supervised_token_losses
+    from sparta_cli.tuners import apply_adapter
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = tie
+    base = LlamaForCausalLM(config)
+    cfg = build_recipe({"model": {"name_or_path": "m"}, "adapter": adapter, "task": {"name": "sst2", "type": "sft"}}).adapter
+    model = apply_adapter(base, cfg, 0, ["lm_head"] if adapter["method"] == "head" else []).model
+    if adapter["method"] in ("lora", "dora"):  # PEFT starts B at 0: move it, so the adapter's path counts in the losses
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    rows = _random_rows(7, seed=2)
+    widths = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: widths.append(out.shape[:-1]))
+    for batch in (collate_padded(rows, pad_id=0), collate_packed(pack(rows, max_length=16), pad_id=0)):
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        targets = batch["labels"][:, 1:]
+        full = model(**inputs, use_cache=False).logits[:, :-1].float()  # the plain reference: every position's logits
+        reference = torch.nn.functional.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                                      reduction="none").view(targets.shape)
+        reference_grads = torch.autograd.grad(reference.sum(), trainable)
+        losses, supervised = supervised_token_losses(model, batch)
+        assert widths[-1] == (int(supervised.sum()),)  # the head saw the supervised rows alone
+        torch.testing.assert_close(losses, reference[supervised], rtol=1e-6, atol=0)
+        loss, tokens = SFT_KIND.train_loss(model, batch)
+        assert int(tokens) == sum(row.supervised for row in rows)
+        # measured: losses and gradients bitwise equal on the 2-core CPU (the same fp32 products); the
+        # tolerances leave room for another BLAS's blocking of a matmul with fewer rows
+        for grad, expected in zip(torch.autograd.grad(loss, trainable), reference_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+        with torch.no_grad():
+            sums, counts = sft_scorer(model, batch)
+        torch.testing.assert_close(sums, reference.double().sum(-1), rtol=1e-6, atol=0)
+        assert counts.tolist() == (targets != IGNORE).sum(-1).tolist()
 
 
 def test_eval_loss_is_the_summed_token_loss_over_the_supervised_tokens(tiny_llama_dir, chat_files, tmp_path):
@@ -258,6 +376,7 @@ def test_kill_and_resume_of_a_packed_sft_run_with_model_selection_is_exact(tiny_
     assert all(record["tokens_per_s"] > 0 for record in log if "loss" in record)
     config = json.loads((reference / "adapter_config.json").read_text())
     assert config["task"]["kind"] == "sft" and config["base_model"]["architecture"] == "LlamaForCausalLM"
+    assert (config["task"]["format"], config["task"]["chat"]) == ("chat", True)  # task.format left out: read from the fields
     scored = run_eval(str(reference), task=None, split=None, output=tmp_path / "eval.json", overrides=[])
     assert scored["metrics"]["eval_loss"] == pytest.approx(recorded["test_loss"], rel=1e-6)
     report = (write_report([str(reference)], output=tmp_path / "report") / "report.csv").read_text()

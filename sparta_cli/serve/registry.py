@@ -193,11 +193,11 @@ class ServedModels:
                               "serve each base model in a server of its own")
         entry = _load_adapter(name, path, self.model, self.base_parameters, recipe, _resolve_task(recipe))
         if self.causal_lm:
-            from sparta_cli.generate_cmd import PLAIN_FORMATS, prompt_template
+            from sparta_cli.generate_cmd import prompt_template, renders_chat
             from sparta_cli.runs import read_adapter_config
 
-            plain = (read_adapter_config(path).get("task") or {}).get("format") in PLAIN_FORMATS
-            entry.causal, entry.template = True, prompt_template(self.tokenizer, recipe.task.chat_template, not plain)
+            chat = renders_chat(read_adapter_config(path).get("task") or {})
+            entry.causal, entry.template = True, prompt_template(self.tokenizer, recipe.task.chat_template, chat)
         if entry.method in PEFT_METHODS:
             entry.swap = self._load_peft(path)
         return entry

@@ -2,6 +2,7 @@
 
 The pipeline, each step a pure function (docs/sft.md):
   read_sft_file / parse_records   rows, validated (formats.py)
+  Rendering.of                    how the rows become text, which a run records (formats.py)
   read_prompt_file / parse_prompts  prompts to generate from, validated (formats.py)
   resolve_chat_template           the Jinja text chat rows render with (masks.py)
   tokenize_rows                   ids and labels, the loss on the answer's tokens (masks.py)
@@ -10,7 +11,17 @@ The pipeline, each step a pure function (docs/sft.md):
   collate_padded                  one row a sequence (packing.py)
 """
 
-from sparta_cli.sft.formats import FORMATS, ROLES, SftData, SftRow, parse_prompts, parse_records, read_prompt_file, read_sft_file
+from sparta_cli.sft.formats import (
+    FORMATS,
+    ROLES,
+    Rendering,
+    SftData,
+    SftRow,
+    parse_prompts,
+    parse_records,
+    read_prompt_file,
+    read_sft_file,
+)
 from sparta_cli.sft.masks import (
     IGNORE,
     LOSS_ON,
@@ -24,7 +35,7 @@ from sparta_cli.sft.masks import (
 from sparta_cli.sft.packing import OVERLONG, Fitted, PackedRow, collate_packed, collate_padded, fit_to_length, pack
 
 __all__ = [
-    "FORMATS", "IGNORE", "LOSS_ON", "OVERLONG", "ROLES", "Fitted", "PackedRow", "SftData", "SftRow", "TokenizedRow",
+    "FORMATS", "IGNORE", "LOSS_ON", "OVERLONG", "ROLES", "Fitted", "PackedRow", "Rendering", "SftData", "SftRow", "TokenizedRow",
     "collate_packed", "collate_padded", "fit_to_length", "generation_prompt", "pack", "parse_prompts", "parse_records",
     "read_prompt_file", "read_sft_file",
     "render_with_spans", "resolve_chat_template", "tokenize_row", "tokenize_rows",

@@ -56,6 +56,25 @@ class SftData:
         return bool(self.rows) and self.rows[0].messages is not None
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """How a split's rows became text: what a run records of its training rows, so that `sparta generate`
+    and `sparta serve` render a prompt as training rendered it."""
+
+    format: str  # one of FORMATS, as the rows were read (declared, or told by their fields)
+    chat: bool  # through the chat template (chat rows, prompt_completion message lists); else plain text
+
+    @classmethod
+    def of(cls, rows: Sequence[SftRow], declared: str | None = None) -> Rendering:
+        """The rendering of a file's rows (one format a file: `parse_records`): the `declared` format
+        (task.format), else the one their shape tells; a prompt_completion row with an empty prompt reads
+        as a text row then, and trains the same (on the whole text)."""
+        first = rows[0]
+        if first.messages is not None:
+            return cls(declared or ("prompt_completion" if first.prompt_messages else "chat"), chat=True)
+        return cls(declared or ("prompt_completion" if first.prompt else "text"), chat=False)
+
+
 def read_sft_file(path: Path, format: Format | None = None) -> SftData:
     """Every row of a CSV / TSV / JSONL / Parquet file, validated; `format` None: read from the fields."""
     return parse_records(((f"{path} {place}", record) for place, record in _records(path)), format, str(path))

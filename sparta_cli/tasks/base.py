@@ -53,8 +53,9 @@ class TaskKind:
     def scorer(self, task: Task, tokenizer: Any) -> Scorer:
         raise NotImplementedError
 
-    def recorded(self, task: Task, task_cfg: TaskConfig) -> dict[str, Any]:
-        """What a run's adapter_config.json records of its task (`task`): what loading it back needs."""
+    def recorded(self, task: Task, task_cfg: TaskConfig, rendering: Any = None) -> dict[str, Any]:
+        """What a run's adapter_config.json records of its task (`task`): what loading it back needs.
+        `rendering`: how a token-level kind's training rows became text (sft.Rendering)."""
         return {"name": task.name, "label_names": list(task.label_names) if task.label_names else None,
                 "num_labels": task.num_labels, "is_regression": task.is_regression}
 

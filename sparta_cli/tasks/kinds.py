@@ -15,7 +15,8 @@ Metric names follow GLUE so results compare with papers; split suffixes (MNLI's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -148,25 +149,52 @@ def lm_choice_scorer(choice_ids: list[int], trailing: int = 0) -> Scorer:
 IGNORE = -100  # sft.masks.IGNORE: a label the loss skips (not imported: sft/ reads task files through tasks/)
 
 
-def token_losses(model: Any, batch: dict[str, Any]) -> Any:
-    """Each position's next-token cross-entropy in fp32, 0 where the label is off: [batch, length - 1].
+def supervised_token_losses(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """The next-token cross-entropy (fp32) of each supervised position, in row-major order, and where
+    they are: the mask [batch, length - 1] of the labels that are on.
 
-    The model runs with `use_cache=False`: a packed batch (position ids and no attention mask) keeps
-    attention within rows only then (sft/packing.py)."""
+    Only those positions' hidden states go through the LM head (`head_rows`): the full-vocabulary logits
+    of every position (batch x length x vocabulary, 3 GiB at SmolLM2's 49,152 for 64 rows of 256) are
+    never made. The gradient is the same: a masked position's logits get none. The model runs with
+    `use_cache=False`: a packed batch (position ids and no attention mask) keeps attention within rows
+    only then (sft/packing.py)."""
     import torch
 
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               ignore_index=IGNORE, reduction="none")
-    return losses.view(targets.shape)
+    supervised = targets != IGNORE
+    predicting = torch.nn.functional.pad(supervised, (0, 1))  # position t predicts token t + 1; the last predicts none
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    with head_rows(model, predicting):
+        logits = model(**inputs, use_cache=False).logits.float()
+    return torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="none"), supervised
+
+
+@contextmanager
+def head_rows(model: Any, rows: Any) -> Iterator[None]:
+    """Within this, the model's output embeddings (its LM head, whatever wraps the model: PEFT, SpaRTA,
+    DDP, FSDP2) see only the hidden states at `rows` (a boolean [batch, length] mask), so its `logits`
+    are [rows, vocabulary]. A pre-hook on the head rather than a call of the body and then the head:
+    the model's own forward runs, with every wrapper's hooks (DDP's gradient sync, FSDP's gathers)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    def pick(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][rows], *args[1:])
+
+    handle = extract_model_from_parallel(model).get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def sft_scorer(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """Each row's summed token loss and its supervised tokens (a split's loss is their ratio, not a mean of batch means)."""
-    losses = token_losses(model, batch)
-    return losses.double().sum(-1), (batch["labels"][:, 1:] != IGNORE).sum(-1)
+    import torch
+
+    losses, supervised = supervised_token_losses(model, batch)
+    by_row = torch.zeros(supervised.shape, dtype=torch.float64, device=losses.device)
+    by_row[supervised] = losses.double()
+    return by_row.sum(-1), supervised.sum(-1)
 
 
 class SFT(TaskKind):
@@ -181,14 +209,18 @@ class SFT(TaskKind):
     token_level = True
 
     def train_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-        losses = token_losses(model, batch)
-        return losses.sum(), (batch["labels"][:, 1:] != IGNORE).sum()
+        losses, supervised = supervised_token_losses(model, batch)
+        return losses.sum(), supervised.sum()
 
     def scorer(self, task: Task, tokenizer: Any) -> Scorer:
         return sft_scorer
 
-    def recorded(self, task: Task, task_cfg: TaskConfig) -> dict[str, Any]:
-        return {"name": task.name, "kind": self.name, "based_on": task.based_on, "format": task_cfg.format,
+    def recorded(self, task: Task, task_cfg: TaskConfig, rendering: Any = None) -> dict[str, Any]:
+        """`format` and `chat` are the training rows' (`rendering`), resolved however task.format was
+        left: `sparta generate` and `sparta serve` render prompts by them (generate_cmd.renders_chat)."""
+        return {"name": task.name, "kind": self.name, "based_on": task.based_on,
+                "format": rendering.format if rendering is not None else task_cfg.format,
+                "chat": rendering.chat if rendering is not None else None,
                 "loss_on": task_cfg.loss_on or "assistant", "chat_template": task_cfg.chat_template,
                 "instruction": task_cfg.instruction}
 
