@@ -16,8 +16,9 @@ One step = forward, loss, backward, optimizer step (--optimizer), zero_grad (as 
 in --dtype, head in fp32 under autocast when the body is half precision).
 
 --task sft: the same rows on a causal LM trained on an assistant-masked batch (SFT: each row's prompt
-tokens labelled -100, its answer supervised, rows of uneven length padded), no head trained (the limit
-then trains nothing: forward + input-gradient backward only), and peft-sparta is its own SFT trainer's
+tokens labelled -100, its answer supervised, rows of uneven length padded), the loss as `sparta train`
+computes it (tasks.kinds.SFT.train_loss: the LM head on the supervised positions only), no head
+trained (the limit then trains nothing: forward + input-gradient backward only), and peft-sparta is its own SFT trainer's
 step (`peft_sparta.trainer.sft`): its SpaRTA wrapper, its optimizer (`build_optimizer`, AdamW betas
 0.9/0.99), its LR schedule, and its loop body (forward with use_cache=False, loss.item(), zero_grad,
 backward, step, schedule), fp32 (its `amp: false`).
@@ -55,6 +56,7 @@ import torch
 
 from sparta_cli.optim import OPTIMIZERS, build_optimizer, make_optimizer, resolve_optimizer
 from sparta_cli.targets import HEAD_NAMES, resolve_targets
+from sparta_cli.tasks.kinds import SFT
 from sparta_cli.tuners import apply_adapter
 from sparta_cli.tuners.full.config import FullConfig
 from sparta_cli.tuners.head.config import HeadConfig
@@ -241,7 +243,6 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
     embed = model.get_input_embeddings()
     half = DTYPES[args.dtype] != torch.float32
     device_type = torch.device(args.device).type
-    cache_off = {"use_cache": False} if args.task == "sft" else {}  # as `sparta train` runs a causal LM
 
     def step() -> None:
         nonlocal inputs
@@ -249,7 +250,11 @@ def prepare_row(spec: str, args: argparse.Namespace) -> Row:
             embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
             inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
         with torch.autocast(device_type, dtype=DTYPES[args.dtype]) if half else nullcontext():
-            loss = run(**inputs, **cache_off).loss
+            if args.task == "sft":  # sparta train's SFT loss: the LM head on the supervised positions only
+                summed, tokens = SFT().train_loss(run, inputs)
+                loss = summed / tokens
+            else:
+                loss = run(**inputs).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()

@@ -163,7 +163,7 @@ def supervised_token_losses(model: Any, batch: dict[str, Any]) -> tuple[Any, Any
     targets = batch["labels"][:, 1:]
     supervised = targets != IGNORE
     predicting = torch.nn.functional.pad(supervised, (0, 1))  # position t predicts token t + 1; the last predicts none
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    inputs = {key: batch[key] for key in ("input_ids", "inputs_embeds", "attention_mask", "position_ids") if key in batch}
     with head_rows(model, predicting):
         logits = model(**inputs, use_cache=False).logits.float()
     return torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="none"), supervised
