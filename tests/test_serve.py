@@ -177,9 +177,11 @@ def test_models_lists_the_base_and_every_adapter(server, runs):
     config = json.loads((runs["vo"] / "adapter_config.json").read_text())
     assert (vo["method"], vo["task"], vo["labels"], vo["density"]) == ("sparta", "sst2", ["negative", "positive"], 0.05)
     assert vo["trainable_params"] == config["trainable_params"]
-    # resident: k x (4 B index + 4 B delta) per target, plus the fp32 head (2 x 32 weights + 2 biases)
+    # resident: k x (4 B column index + 4 B delta) and a 4 B row pointer per row + 1 per target, plus
+    # the fp32 head (2 x 32 weights + 2 biases)
     deltas = sum(n for kind, n in config["trainable_by_kind"].items() if kind != "head")
-    assert vo["resident_bytes"] == deltas * 8 + 66 * 4
+    row_pointers = sum(rows + 1 for rows, _ in config["target_shapes"].values())
+    assert vo["resident_bytes"] == deltas * 8 + row_pointers * 4 + 66 * 4
     assert models["head"]["method"] == "head" and models["head"]["resident_bytes"] == 66 * 4
     assert (models["stsb"]["type"], models["stsb"]["labels"], models["stsb"]["text_fields"]) == ("regression", None, ["sentence1", "sentence2"])
 
@@ -363,7 +365,7 @@ def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype)
         return SparseSwap(model, tensors, ["1"]), torch.where(chosen, (w0.float() + dense).to(dtype), w0)
 
     (first, first_weight), (second, second_weight) = adapter(1, 60), adapter(2, 90)
-    assert first.nbytes == 60 * (4 + 4) + 2 * 12 * w0.element_size()
+    assert first.nbytes == 60 * (4 + 4) + (12 + 1) * 4 + 2 * 12 * w0.element_size()  # entries, the row pointer, the head
     for _ in range(1000):
         first.apply()
         assert torch.equal(model[0].weight, first_weight) and torch.equal(model[1].weight, first.head["1.weight"])
@@ -374,6 +376,46 @@ def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype)
     assert torch.equal(model[0].weight, w0) and torch.equal(model[1].weight, head0)
     with pytest.raises(RuntimeError, match="not applied"):
         first.revert()
+
+
+def test_a_mixed_batch_adds_each_rows_delta_and_head_as_a_dense_reference_does():
+    """`mixed.row_adapters` against plain dense math (fp32): rows of three adapters (two SpaRTA deltas
+    on the first linear, one with a one-output head; one head only) and of none, in one forward,
+    each equal to F.linear with W0 + ΔW_a densely scattered, then its own head; W0 untouched."""
+    from sparta_cli.serve.mixed import Span, row_adapters
+    from sparta_cli.serve.swap import BaseParameters, SparseSwap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = BaseParameters(model)
+
+    def adapter(seed: int, k: int, outputs: int) -> tuple[SparseSwap, torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(12 * 16, generator=generator)[:k].sort().values.to(torch.int32)
+        delta = torch.randn(k, generator=generator)
+        head_w, head_b = torch.randn(outputs, 12, generator=generator), torch.randn(outputs, generator=generator)
+        tensors = {"0.indices": indices, "0.delta": delta, "trained.2.weight": head_w, "trained.2.bias": head_b}
+        if k == 0:
+            tensors = {key: value for key, value in tensors.items() if key.startswith("trained.")}
+        dense = torch.zeros(12 * 16).index_put_((indices.long(),), delta).view(12, 16)
+        return SparseSwap(params, tensors, ["2"]), model[0].weight + dense, head_w, head_b
+
+    adapters = [adapter(1, 40, 2), adapter(2, 70, 1), adapter(3, 0, 2)]
+    x = torch.randn(6, 3, 16)
+    rows = [0, 0, 1, 2, 2]  # each row's adapter; the last row none (the base)
+    spans = [Span(adapters[0][0], 0, 2), Span(adapters[1][0], 2, 3), Span(adapters[2][0], 3, 5)]
+    with torch.inference_mode(), row_adapters(params, spans):
+        got = model(x)
+    assert got.shape == (6, 3, 2)
+    for row, which in enumerate([*rows, None]):
+        weight, head_w, head_b = (model[0].weight, model[2].weight, model[2].bias) if which is None else adapters[which][1:]
+        want = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x[row], weight, model[0].bias)), head_w, head_b)
+        torch.testing.assert_close(got[row, :, : want.shape[-1]], want, atol=1e-6, rtol=0)
+        assert (got[row, :, want.shape[-1]:] == 0).all()  # a narrower head's row is padded
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # W0 and the head only read
+    with torch.inference_mode():
+        assert torch.equal(model(x), torch.nn.functional.linear(torch.tanh(model[0](x)), model[2].weight, model[2].bias))  # hooks gone
 
 
 def test_sigterm_drains_an_in_flight_request_and_an_open_host_warns(runs, reference, tmp_path):
