@@ -293,8 +293,9 @@ def weights_digest(model: torch.nn.Module) -> str:
 def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference, pool, pool_reference):
     """Swap among 16 adapters (SpaRTA on v,o and on q,k,v,o, head only, at several densities; LoRA and
     DoRA through PEFT every 50th swap, theirs visiting every layer) in a random order, 10,000 times,
-    unloading and reloading one every 1,000: back on the base, every weight hashes as the freshly
-    loaded base's; on the way, each adapter still gives its own answers."""
+    unloading and reloading one and running a mixed batch (four adapters' inputs in one forward on the
+    base weights) every 1,000: back on the base, every weight hashes as the freshly loaded base's; on
+    the way, each adapter still gives its own answers, alone and mixed."""
     from sparta_cli.serve.registry import PEFT_METHODS, load_served
 
     served = load_served(str(runs["vo"]), [(name, runs[name]) for name in ("qkvo", "head", "drop")])
@@ -315,6 +316,10 @@ def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference
                 features = served.entries[name].encode(TEXTS[:4], served.tokenizer)
                 expected = pool_reference[name] if name in pool else reference[name]["rows"]
                 assert_matches({"data": served.run(name, features)}, expected[:4])
+            mixed = generator.sample([name for name in in_place if name not in ("base", "drop")], 4)  # a batch of four adapters' inputs
+            features = [served.entries[name].encode(TEXTS[i:i + 1], served.tokenizer)[0] for i, name in enumerate(mixed)]
+            for i, (name, answer) in enumerate(zip(mixed, served.run_mixed(mixed, features))):
+                assert_matches({"data": [answer]}, (pool_reference[name] if name in pool else reference[name]["rows"])[i:i + 1])
     seconds = time.perf_counter() - start
     served.activate("base")
     assert served.swaps > 9000  # repeats are no swap: about 10,000 x 14/15 = 9,333 expected, sd 25
@@ -341,6 +346,21 @@ def test_the_scheduler_serves_the_longest_waiting_adapter_in_batches_of_at_most_
     late = waiting.submit("A", ["x"])
     waiting.stop()
     assert late.result(timeout=0) == ["x"]
+
+
+def test_the_scheduler_fills_a_batch_across_adapters_that_mix_oldest_first():
+    """A and B mix, C does not: the first batch takes the four oldest A and B inputs (A's first, B's,
+    A's next two) in one mixed call, though neither adapter alone has four; then C alone, then A's last."""
+    from sparta_cli.serve.scheduler import Scheduler
+
+    seen = []
+    scheduler = Scheduler(lambda adapter, inputs: seen.append((adapter, list(inputs))) or inputs, 4, 0.0,
+                          run_mixed=lambda adapters, inputs: seen.append((list(adapters), list(inputs))) or inputs,
+                          mixes=lambda adapter: adapter in ("A", "B"))
+    futures = [scheduler.submit("A", [1]), scheduler.submit("B", [2]), scheduler.submit("C", [3]), scheduler.submit("A", [4, 5, 6])]
+    scheduler.start()
+    assert [future.result(timeout=30) for future in futures] == [[1], [2], [3], [4, 5, 6]]
+    assert seen == [(["A", "B", "A", "A"], [1, 2, 4, 5]), ("C", [3]), ("A", [6])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -609,6 +629,30 @@ def test_adapters_loaded_and_unloaded_while_mixed_traffic_runs_answer_as_each_al
             assert sparta("predict", str(run), "--file", str(file), "--output", str(out)).exit_code == 0
             predicted = [line.split("\t")[1] for line in out.read_text().splitlines()[1:]]
             assert [row["label"] for row in classify(client, method, TEXTS)["data"]] == predicted
+
+
+def test_a_burst_over_every_adapter_shares_forwards_and_answers_as_each_alone_and_predict(pool, pool_reference, tiny_bert_nodropout_dir,
+                                                                                           tmp_path):
+    """One request per SpaRTA adapter of the pool (POOL of them, of varied targets and densities),
+    all at once: they share forwards (mixed batches of up to 16 inputs, the base's weights in place),
+    and each answer is that adapter's alone (argmax exactly, probabilities within 1e-6), its labels
+    those `sparta predict` gives (checked for a v,o and a q,k,v,o adapter)."""
+    names = [name for name in pool if name not in ("lora", "dora")]
+    with pool_server(tiny_bert_nodropout_dir, pool, max_batch=16, max_wait_ms=300) as client:
+        for name in names:
+            assert load(client, name).status_code == 201
+        with ThreadPoolExecutor(len(names)) as burst:
+            answers = dict(zip(names, burst.map(lambda name: classify(client, name, TEXTS), names)))
+        assert metric(client, "sparta_mixed_batches_total") >= 1
+        assert metric(client, "sparta_adapter_swaps_total") < len(names)  # most inputs were never written into the weights
+    for name in names:
+        assert_matches(answers[name], pool_reference[name])
+    for name in names[:2]:  # a0 (q,k,v,o) and a1 (v,o)
+        file, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.tsv"
+        file.write_text("".join(json.dumps({"sentence": text}) + "\n" for text in TEXTS))
+        assert sparta("predict", str(pool[name]), "--file", str(file), "--output", str(out)).exit_code == 0
+        predicted = [line.split("\t")[1] for line in out.read_text().splitlines()[1:]]
+        assert [row["label"] for row in answers[name]["data"]] == predicted
 
 
 def test_adapter_loading_refuses_paths_outside_the_folder_names_and_runs_it_cannot_serve(pool, pool_reference, runs, tiny_bert_nodropout_dir,

@@ -119,6 +119,7 @@ class ServedModels:
     adapters_dir: Path | None = None  # where POST /v1/adapters may load runs from (None: no loading at run time)
     swaps: int = 0
     swap_seconds: float = 0.0
+    mixed_batches: int = 0  # forwards over several adapters' inputs (`run_mixed`)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -186,6 +187,7 @@ class ServedModels:
             self.activate(self.entries[BASE_NAME])  # W0 in place: each row's delta is added, not written
             with row_adapters(self.base_parameters, spans):
                 logits = self._logits([features[i] for rows in positions.values() for i in rows])
+            self.mixed_batches += 1
         results: list[dict[str, Any]] = [{}] * len(entries)
         for (entry, rows), span in zip(positions.items(), spans):
             for position, answer in zip(rows, _answers(entry, logits[span.start:span.stop])):
