@@ -15,7 +15,7 @@ gather path 4.3 ms, the dense matmul 0.44 ms).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +36,18 @@ class Span:
 
 def add_sparse_deltas(output: torch.Tensor, x: torch.Tensor, parts: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
     """`output` (the base linear's W0·x + b) plus, for each (delta, start, stop), delta·x on rows
-    start:stop; `delta` a CSR (out, in) matrix of fp32 values, summed in fp32 and added in `output`'s dtype."""
-    with torch.autocast(x.device.type, enabled=False):
+    start:stop; `delta` a CSR (out, in) matrix of fp32 values, summed in fp32 and added in `output`'s
+    dtype. The inputs are transposed once, so each span's tokens are a column block of one matrix
+    (8 spans of 14 tokens on a 384 x 384 target: 0.6 ms, against 1.0 ms transposing per span)."""
+    output = output.contiguous()  # (a linear's output already is)
+    tokens_per_row = x[0].numel() // x.shape[-1]
+    columns = x.reshape(-1, x.shape[-1]).t().to(torch.float32).contiguous()  # (in, tokens)
+    rows = output.view(-1, output.shape[-1])
+    mixed_precision = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if mixed_precision else nullcontext():
         for delta, start, stop in parts:
-            rows = x[start:stop].reshape(-1, x.shape[-1]).to(delta.dtype)
-            added = (delta @ rows.T).T
-            output[start:stop] += added.reshape(output[start:stop].shape).to(output.dtype)
+            first, last = start * tokens_per_row, stop * tokens_per_row
+            rows[first:last] += (delta @ columns[:, first:last]).t().to(output.dtype)
     return output
 
 
