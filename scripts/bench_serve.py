@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""`sparta serve` under closed-loop load: many SpaRTA adapters swapped in place on one base, against
+"""`sparta serve` under closed-loop load: many SpaRTA adapters on one base (written in place, or mixed in one batch), against
 PEFT multi-LoRA on the same base, one merged model per adapter, and one adapter with no swapping.
 
 Adapters are synthetic but real run folders: one run made by the library (tests/run_factory.make_run,
 as `sparta train` saves it), copied, each copy's indices drawn afresh and its deltas, head (and LoRA
 factors) random. Throughput does not depend on the trained values: a swap writes k entries whatever
-they hold, and the forward is the base's dense matmul (LoRA: the base's plus its factors').
+they hold, and the forward is the base's dense matmul (a mixed batch: plus k multiply-adds per token
+and target; LoRA: the base's plus its factors').
 
 Each configuration is a fresh window on a live server (`sparta serve BASE --adapters-dir DIR`, a
 subprocess on 127.0.0.1), --clients closed-loop clients (threads, one keep-alive connection each)
 sending one SST-2-like sentence per request to an adapter drawn from the mix (uniform, or Zipf with
 s=1.1 over the adapters' ranks) for --seconds. Reported: requests/s, p50/p99 latency, swaps/s and mean
-swap time (the server's /metrics over the window), resident memory (the server's VmRSS). Ratios are
+swap time, mixed-adapter batches/s (the server's /metrics over the window), resident memory (the server's VmRSS). Ratios are
 against the one-adapter row of the same server and batch size (the ceiling: never a swap).
 
   nice -n 0 python scripts/bench_serve.py            # the BENCHMARKS figures (a few minutes)
@@ -155,6 +156,7 @@ def closed_loop(server: Server, names: list[str], mix: str, clients: int, second
     latencies: list[float] = []
     lock = threading.Lock()
     swaps0, swap_s0 = server.metric("sparta_adapter_swaps_total"), server.metric("sparta_adapter_swap_seconds_total")
+    mixed0 = server.metric("sparta_mixed_batches_total")
     deadline = time.perf_counter() + seconds
 
     def client(seed: int) -> None:
@@ -179,10 +181,12 @@ def closed_loop(server: Server, names: list[str], mix: str, clients: int, second
     wall = time.perf_counter() - start
     swaps = server.metric("sparta_adapter_swaps_total") - swaps0
     swap_s = server.metric("sparta_adapter_swap_seconds_total") - swap_s0
+    mixed = server.metric("sparta_mixed_batches_total") - mixed0
     latencies.sort()
     return {"requests_per_s": len(latencies) / wall, "p50_ms": 1e3 * statistics.median(latencies),
             "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "swaps_per_s": swaps / wall, "mean_swap_ms": 1e3 * swap_s / swaps if swaps else 0.0, "requests": len(latencies)}
+            "swaps_per_s": swaps / wall, "mean_swap_ms": 1e3 * swap_s / swaps if swaps else 0.0, "mixed_per_s": mixed / wall,
+            "requests": len(latencies)}
 
 
 def merged_memory(base: str, count: int) -> list[int]:
@@ -221,7 +225,7 @@ def main() -> None:
         else:
             print(f"{row['system']:<11} {row['adapters']:>3} {row['mix']:<7} batch {row['batch']}: {row['requests_per_s']:7.1f} req/s  "
                   f"p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  swaps/s {row['swaps_per_s']:6.1f}  "
-                  f"swap {row['mean_swap_ms']:.3f} ms  RSS {row['rss_mib']:.0f} MiB  x{row['vs_ceiling']:.2f} of the ceiling", flush=True)
+                  f"swap {row['mean_swap_ms']:.3f} ms  mixed/s {row['mixed_per_s']:5.1f}  RSS {row['rss_mib']:.0f} MiB  x{row['vs_ceiling']:.2f} of the ceiling", flush=True)
 
     import torch
 

@@ -177,9 +177,11 @@ def test_models_lists_the_base_and_every_adapter(server, runs):
     config = json.loads((runs["vo"] / "adapter_config.json").read_text())
     assert (vo["method"], vo["task"], vo["labels"], vo["density"]) == ("sparta", "sst2", ["negative", "positive"], 0.05)
     assert vo["trainable_params"] == config["trainable_params"]
-    # resident: k x (4 B index + 4 B delta) per target, plus the fp32 head (2 x 32 weights + 2 biases)
+    # resident: k x (4 B column index + 4 B delta) and a 4 B row pointer per row + 1 per target, plus
+    # the fp32 head (2 x 32 weights + 2 biases)
     deltas = sum(n for kind, n in config["trainable_by_kind"].items() if kind != "head")
-    assert vo["resident_bytes"] == deltas * 8 + 66 * 4
+    row_pointers = sum(rows + 1 for rows, _ in config["target_shapes"].values())
+    assert vo["resident_bytes"] == deltas * 8 + row_pointers * 4 + 66 * 4
     assert models["head"]["method"] == "head" and models["head"]["resident_bytes"] == 66 * 4
     assert (models["stsb"]["type"], models["stsb"]["labels"], models["stsb"]["text_fields"]) == ("regression", None, ["sentence1", "sentence2"])
 
@@ -291,8 +293,9 @@ def weights_digest(model: torch.nn.Module) -> str:
 def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference, pool, pool_reference):
     """Swap among 16 adapters (SpaRTA on v,o and on q,k,v,o, head only, at several densities; LoRA and
     DoRA through PEFT every 50th swap, theirs visiting every layer) in a random order, 10,000 times,
-    unloading and reloading one every 1,000: back on the base, every weight hashes as the freshly
-    loaded base's; on the way, each adapter still gives its own answers."""
+    unloading and reloading one and running a mixed batch (four adapters' inputs in one forward on the
+    base weights) every 1,000: back on the base, every weight hashes as the freshly loaded base's; on
+    the way, each adapter still gives its own answers, alone and mixed."""
     from sparta_cli.serve.registry import PEFT_METHODS, load_served
 
     served = load_served(str(runs["vo"]), [(name, runs[name]) for name in ("qkvo", "head", "drop")])
@@ -313,6 +316,10 @@ def test_ten_thousand_swaps_and_loads_leave_the_base_bit_for_bit(runs, reference
                 features = served.entries[name].encode(TEXTS[:4], served.tokenizer)
                 expected = pool_reference[name] if name in pool else reference[name]["rows"]
                 assert_matches({"data": served.run(name, features)}, expected[:4])
+            mixed = generator.sample([name for name in in_place if name not in ("base", "drop")], 4)  # a batch of four adapters' inputs
+            features = [served.entries[name].encode(TEXTS[i:i + 1], served.tokenizer)[0] for i, name in enumerate(mixed)]
+            for i, (name, answer) in enumerate(zip(mixed, served.run_mixed(mixed, features))):
+                assert_matches({"data": [answer]}, (pool_reference[name] if name in pool else reference[name]["rows"])[i:i + 1])
     seconds = time.perf_counter() - start
     served.activate("base")
     assert served.swaps > 9000  # repeats are no swap: about 10,000 x 14/15 = 9,333 expected, sd 25
@@ -341,6 +348,21 @@ def test_the_scheduler_serves_the_longest_waiting_adapter_in_batches_of_at_most_
     assert late.result(timeout=0) == ["x"]
 
 
+def test_the_scheduler_fills_a_batch_across_adapters_that_mix_oldest_first():
+    """A and B mix, C does not: the first batch takes the four oldest A and B inputs (A's first, B's,
+    A's next two) in one mixed call, though neither adapter alone has four; then C alone, then A's last."""
+    from sparta_cli.serve.scheduler import Scheduler
+
+    seen = []
+    scheduler = Scheduler(lambda adapter, inputs: seen.append((adapter, list(inputs))) or inputs, 4, 0.0,
+                          run_mixed=lambda adapters, inputs: seen.append((list(adapters), list(inputs))) or inputs,
+                          mixes=lambda adapter: adapter in ("A", "B"))
+    futures = [scheduler.submit("A", [1]), scheduler.submit("B", [2]), scheduler.submit("C", [3]), scheduler.submit("A", [4, 5, 6])]
+    scheduler.start()
+    assert [future.result(timeout=30) for future in futures] == [[1], [2], [3], [4, 5, 6]]
+    assert seen == [(["A", "B", "A", "A"], [1, 2, 4, 5]), ("C", [3]), ("A", [6])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype):
     """`SparseSwap` against a plain dense reference: applied, the weight is (W0 + the delta scattered
@@ -363,7 +385,7 @@ def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype)
         return SparseSwap(model, tensors, ["1"]), torch.where(chosen, (w0.float() + dense).to(dtype), w0)
 
     (first, first_weight), (second, second_weight) = adapter(1, 60), adapter(2, 90)
-    assert first.nbytes == 60 * (4 + 4) + 2 * 12 * w0.element_size()
+    assert first.nbytes == 60 * (4 + 4) + (12 + 1) * 4 + 2 * 12 * w0.element_size()  # entries, the row pointer, the head
     for _ in range(1000):
         first.apply()
         assert torch.equal(model[0].weight, first_weight) and torch.equal(model[1].weight, first.head["1.weight"])
@@ -374,6 +396,46 @@ def test_a_swap_writes_w0_plus_delta_densely_computed_and_reverts_exactly(dtype)
     assert torch.equal(model[0].weight, w0) and torch.equal(model[1].weight, head0)
     with pytest.raises(RuntimeError, match="not applied"):
         first.revert()
+
+
+def test_a_mixed_batch_adds_each_rows_delta_and_head_as_a_dense_reference_does():
+    """`mixed.row_adapters` against plain dense math (fp32): rows of three adapters (two SpaRTA deltas
+    on the first linear, one with a one-output head; one head only) and of none, in one forward,
+    each equal to F.linear with W0 + ΔW_a densely scattered, then its own head; W0 untouched."""
+    from sparta_cli.serve.mixed import Span, row_adapters
+    from sparta_cli.serve.swap import BaseParameters, SparseSwap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = BaseParameters(model)
+
+    def adapter(seed: int, k: int, outputs: int) -> tuple[SparseSwap, torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(12 * 16, generator=generator)[:k].sort().values.to(torch.int32)
+        delta = torch.randn(k, generator=generator)
+        head_w, head_b = torch.randn(outputs, 12, generator=generator), torch.randn(outputs, generator=generator)
+        tensors = {"0.indices": indices, "0.delta": delta, "trained.2.weight": head_w, "trained.2.bias": head_b}
+        if k == 0:
+            tensors = {key: value for key, value in tensors.items() if key.startswith("trained.")}
+        dense = torch.zeros(12 * 16).index_put_((indices.long(),), delta).view(12, 16)
+        return SparseSwap(params, tensors, ["2"]), model[0].weight + dense, head_w, head_b
+
+    adapters = [adapter(1, 40, 2), adapter(2, 70, 1), adapter(3, 0, 2)]
+    x = torch.randn(6, 3, 16)
+    rows = [0, 0, 1, 2, 2]  # each row's adapter; the last row none (the base)
+    spans = [Span(adapters[0][0], 0, 2), Span(adapters[1][0], 2, 3), Span(adapters[2][0], 3, 5)]
+    with torch.inference_mode(), row_adapters(params, spans):
+        got = model(x)
+    assert got.shape == (6, 3, 2)
+    for row, which in enumerate([*rows, None]):
+        weight, head_w, head_b = (model[0].weight, model[2].weight, model[2].bias) if which is None else adapters[which][1:]
+        want = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x[row], weight, model[0].bias)), head_w, head_b)
+        torch.testing.assert_close(got[row, :, : want.shape[-1]], want, atol=1e-6, rtol=0)
+        assert (got[row, :, want.shape[-1]:] == 0).all()  # a narrower head's row is padded
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # W0 and the head only read
+    with torch.inference_mode():
+        assert torch.equal(model(x), torch.nn.functional.linear(torch.tanh(model[0](x)), model[2].weight, model[2].bias))  # hooks gone
 
 
 def test_sigterm_drains_an_in_flight_request_and_an_open_host_warns(runs, reference, tmp_path):
@@ -567,6 +629,30 @@ def test_adapters_loaded_and_unloaded_while_mixed_traffic_runs_answer_as_each_al
             assert sparta("predict", str(run), "--file", str(file), "--output", str(out)).exit_code == 0
             predicted = [line.split("\t")[1] for line in out.read_text().splitlines()[1:]]
             assert [row["label"] for row in classify(client, method, TEXTS)["data"]] == predicted
+
+
+def test_a_burst_over_every_adapter_shares_forwards_and_answers_as_each_alone_and_predict(pool, pool_reference, tiny_bert_nodropout_dir,
+                                                                                           tmp_path):
+    """One request per SpaRTA adapter of the pool (POOL of them, of varied targets and densities),
+    all at once: they share forwards (mixed batches of up to 16 inputs, the base's weights in place),
+    and each answer is that adapter's alone (argmax exactly, probabilities within 1e-6), its labels
+    those `sparta predict` gives (checked for a v,o and a q,k,v,o adapter)."""
+    names = [name for name in pool if name not in ("lora", "dora")]
+    with pool_server(tiny_bert_nodropout_dir, pool, max_batch=16, max_wait_ms=300) as client:
+        for name in names:
+            assert load(client, name).status_code == 201
+        with ThreadPoolExecutor(len(names)) as burst:
+            answers = dict(zip(names, burst.map(lambda name: classify(client, name, TEXTS), names)))
+        assert metric(client, "sparta_mixed_batches_total") >= 1
+        assert metric(client, "sparta_adapter_swaps_total") < len(names)  # most inputs were never written into the weights
+    for name in names:
+        assert_matches(answers[name], pool_reference[name])
+    for name in names[:2]:  # a0 (q,k,v,o) and a1 (v,o)
+        file, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.tsv"
+        file.write_text("".join(json.dumps({"sentence": text}) + "\n" for text in TEXTS))
+        assert sparta("predict", str(pool[name]), "--file", str(file), "--output", str(out)).exit_code == 0
+        predicted = [line.split("\t")[1] for line in out.read_text().splitlines()[1:]]
+        assert [row["label"] for row in answers[name]["data"]] == predicted
 
 
 def test_adapter_loading_refuses_paths_outside_the_folder_names_and_runs_it_cannot_serve(pool, pool_reference, runs, tiny_bert_nodropout_dir,

@@ -1,8 +1,10 @@
 """`sparta serve`: many SpaRTA adapters on one base model, swapped in place, behind an OpenAI-style API.
 
 One copy of the base weights; each adapter is resident as its (indices, fp32 deltas) and head
-(`swap.SparseSwap`). A scheduler batches same-adapter requests for one worker thread
-(`scheduler.Scheduler`); FastAPI answers HTTP (`app.create_app`). Design: docs/serve.md.
+(`swap.SparseSwap`). A scheduler batches requests for one worker thread (`scheduler.Scheduler`): a
+batch of one adapter runs with it written into the weights, a batch of several SpaRTA adapters on the
+base weights with each row's delta added by hooks (`mixed.row_adapters`); FastAPI answers HTTP
+(`app.create_app`). Design: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -75,5 +77,6 @@ def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: in
     mib = 1 << 20
     console.print(f"serving {len(names)} adapter(s) ({', '.join(names)}) on one base on {served.device}: base {served.base_bytes / mib:.1f} MiB "
                   f"+ adapters {served.adapter_bytes() / mib:.2f} MiB", soft_wrap=True)
+    served.warm_up(max_batch)
     app = create_app(served, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, api_key=api_key)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)).run()

@@ -51,7 +51,8 @@ def create_app(served: ServedModels, *, max_batch: int, max_wait_s: float, api_k
     """The ASGI app; its lifespan starts the worker and, on shutdown, drains it."""
     metrics = ServerMetrics()
     run_batch = (lambda entry, jobs: run_jobs(served, entry, jobs)) if served.causal_lm else served.run  # generate, or classify
-    scheduler = Scheduler(run_batch, max_batch, max_wait_s, metrics.batch)
+    scheduler = Scheduler(run_batch, max_batch, max_wait_s, metrics.batch,  # classification mixes SpaRTA adapters in a batch
+                          run_mixed=None if served.causal_lm else served.run_mixed, mixes=served.mixes)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -77,6 +77,8 @@ class ServerMetrics:
                   "# TYPE sparta_adapter_swaps_total counter", f"sparta_adapter_swaps_total {served.swaps}",
                   "# HELP sparta_adapter_swap_seconds_total Time spent swapping adapters.",
                   "# TYPE sparta_adapter_swap_seconds_total counter", f"sparta_adapter_swap_seconds_total {served.swap_seconds:.6f}",
+                  "# HELP sparta_mixed_batches_total Forwards over several adapters' inputs (the base's weights, each row's delta).",
+                  "# TYPE sparta_mixed_batches_total counter", f"sparta_mixed_batches_total {served.mixed_batches}",
                   "# HELP sparta_base_bytes Bytes of the one base model's weights.", "# TYPE sparta_base_bytes gauge",
                   f"sparta_base_bytes {served.base_bytes}",
                   "# HELP sparta_adapter_resident_bytes Bytes each adapter keeps resident (indices, deltas, head).",

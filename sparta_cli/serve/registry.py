@@ -17,6 +17,7 @@ from torch import nn
 
 from sparta_cli.config import ModelConfig, Recipe, TrainingConfig
 from sparta_cli.errors import SpartaError
+from sparta_cli.serve.mixed import Span, row_adapters
 from sparta_cli.serve.swap import BaseParameters, PeftSwap, SparseSwap
 from sparta_cli.tasks import Task
 
@@ -118,6 +119,7 @@ class ServedModels:
     adapters_dir: Path | None = None  # where POST /v1/adapters may load runs from (None: no loading at run time)
     swaps: int = 0
     swap_seconds: float = 0.0
+    mixed_batches: int = 0  # forwards over several adapters' inputs (`run_mixed`)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -155,27 +157,62 @@ class ServedModels:
             self.swaps += 1
             self.swap_seconds += time.perf_counter() - start
 
+    def mixes(self, entry: ServedModel) -> bool:
+        """Whether `entry`'s inputs may share a forward with other adapters' (`run_mixed`): a SpaRTA or
+        head-only adapter of a classifier (a LoRA/DoRA run computes through PEFT's layers, one at a time)."""
+        return isinstance(entry.swap, SparseSwap) and not self.causal_lm
+
     def run(self, model: str | ServedModel, features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
-        """Classify one same-adapter batch: label, score and probabilities per input (regression: the score)."""
+        """Classify one same-adapter batch, the adapter written into the weights: label, score and
+        probabilities per input (regression: the score)."""
         entry = self._entry(model)
-        assert entry.task is not None
+        with self.lock:
+            self.activate(entry)
+            logits = self._logits(features)
+        return _answers(entry, logits)
+
+    def run_mixed(self, models: list[str | ServedModel], features: list[dict[str, list[int]]]) -> list[dict[str, Any]]:
+        """Classify a batch whose inputs name several adapters (each one that `mixes`) in one forward on
+        the base weights (`mixed.row_adapters`), rows grouped by adapter. (The scheduler sends a batch
+        of one adapter to `run`: writing it in place costs no compute per token.)"""
+        entries = [self._entry(model) for model in models]
+        positions: dict[ServedModel, list[int]] = {}
+        for position, entry in enumerate(entries):
+            positions.setdefault(entry, []).append(position)
+        spans, start = [], 0
+        for entry, rows in positions.items():
+            spans.append(Span(entry.swap, start, start + len(rows)))
+            start += len(rows)
+        with self.lock:
+            self.activate(self.entries[BASE_NAME])  # W0 in place: each row's delta is added, not written
+            with row_adapters(self.base_parameters, spans):
+                logits = self._logits([features[i] for rows in positions.values() for i in rows])
+            self.mixed_batches += 1
+        results: list[dict[str, Any]] = [{}] * len(entries)
+        for (entry, rows), span in zip(positions.items(), spans):
+            for position, answer in zip(rows, _answers(entry, logits[span.start:span.stop])):
+                results[position] = answer
+        return results
+
+    def _logits(self, features: list[dict[str, list[int]]]) -> torch.Tensor:
+        """The model's fp32 logits for a padded batch, as the eval path computes them (the caller holds the lock)."""
         batch = self.tokenizer.pad(features, return_tensors="pt")  # DataCollatorWithPadding's padding
         batch = {key: value.to(self.device) for key, value in batch.items()}
         autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        with torch.inference_mode(), autocast:
+            return self.model(**batch).logits.float()
+
+    def warm_up(self, rows: int) -> None:
+        """One forward of `rows` inputs through the base before serving, so that the memory a server
+        holds from the start (and its first request's latency) include what its forwards need: kernels
+        paged in, BLAS buffers (MiniLM: +60 MiB after the first requests, which a server holding no
+        adapter yet would otherwise never show)."""
+        ids = torch.zeros((rows, 32), dtype=torch.long, device=self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with self.lock:
-            self.activate(entry)
+            self.activate(self.entries[BASE_NAME])
             with torch.inference_mode(), autocast:
-                logits = self.model(**batch).logits.float()
-        if entry.task.is_regression:
-            return [{"score": float(value)} for value in logits.squeeze(-1).cpu()]
-        probabilities = torch.softmax(logits.double(), dim=-1).cpu()
-        labels = entry.task.label_names
-        results = []
-        for row in probabilities:
-            best = int(row.argmax())
-            results.append({"label": labels[best], "score": float(row[best]),
-                            "probabilities": {label: float(p) for label, p in zip(labels, row)}})
-        return results
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     # ------------------------------------------------------------ loading and unloading at run time
 
@@ -355,6 +392,22 @@ def load_served(target: str, adapters: list[tuple[str, Path]], adapters_dir: Pat
     for name, path in runs:
         served.add(served.load_run(name, path))
     return served
+
+
+def _answers(entry: ServedModel, logits: torch.Tensor) -> list[dict[str, Any]]:
+    """Each row's answer in `entry`'s terms, from its first num_labels logits (a mixed batch pads to its widest head)."""
+    assert entry.task is not None
+    logits = logits[:, : entry.task.num_labels]
+    if entry.task.is_regression:
+        return [{"score": float(value)} for value in logits.squeeze(-1).cpu()]
+    probabilities = torch.softmax(logits.double(), dim=-1).cpu()
+    labels = entry.task.label_names
+    results = []
+    for row in probabilities:
+        best = int(row.argmax())
+        results.append({"label": labels[best], "score": float(row[best]),
+                        "probabilities": {label: float(p) for label, p in zip(labels, row)}})
+    return results
 
 
 def _serves_causal_lm(target: str, kind: str, first: Recipe | None) -> bool:

@@ -1,8 +1,11 @@
-"""Same-adapter batching with one model-executing worker thread.
+"""Batching with one model-executing worker thread.
 
 Queued inputs wait per adapter. The worker serves the adapter whose oldest input has waited
 longest (so none starves), as soon as it has `max_batch` inputs queued or its oldest input has
-waited `max_wait_s`, up to `max_batch` inputs per forward. A swap happens only between batches.
+waited `max_wait_s`, up to `max_batch` inputs per forward. An adapter that `mixes` (SpaRTA on a
+classifier) shares its batch with every other adapter that mixes: the batch fills with their oldest
+inputs, across adapters, and is due once `max_batch` of them are queued (`run_mixed`). Others
+(LoRA/DoRA, generation) get same-adapter batches (`run_batch`). A swap happens only between batches.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RunBatch = Callable[[Any, list[Any]], list[Any]]  # (adapter, inputs) -> one result per input
+RunMixed = Callable[[list[Any], list[Any]], list[Any]]  # (each input's adapter, inputs) -> one result per input
 
 
 @dataclass
@@ -34,8 +38,11 @@ class _Item:
 
 
 class Scheduler:
-    def __init__(self, run_batch: RunBatch, max_batch: int, max_wait_s: float, on_batch: Callable[[int], None] = lambda size: None) -> None:
+    def __init__(self, run_batch: RunBatch, max_batch: int, max_wait_s: float, on_batch: Callable[[int], None] = lambda size: None,
+                 run_mixed: RunMixed | None = None, mixes: Callable[[Any], bool] = lambda adapter: False) -> None:
         self.run_batch = run_batch
+        self.run_mixed = run_mixed
+        self.mixes = mixes if run_mixed is not None else (lambda adapter: False)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
@@ -72,8 +79,8 @@ class Scheduler:
             self.condition.notify_all()
         return future
 
-    def next_batch(self) -> tuple[Hashable, list[_Item]] | None:
-        """Block until a batch is due; None once stopping with nothing queued."""
+    def next_batch(self) -> tuple[list[Hashable], list[_Item]] | None:
+        """Block until a batch is due: each input's adapter and the inputs; None once stopping with nothing queued."""
         with self.condition:
             while True:
                 for name in [name for name, queue in self.queues.items() if not queue]:
@@ -85,18 +92,34 @@ class Scheduler:
                     self.condition.wait()
                     continue
                 adapter = min(waiting, key=lambda name: waiting[name][0].queued_at)
-                queue = waiting[adapter]
-                wait = queue[0].queued_at + self.max_wait_s - time.monotonic()
-                if len(queue) >= self.max_batch or wait <= 0 or self.stopping:
-                    return adapter, [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+                sharing = [name for name in waiting if self.mixes(name)] if self.mixes(adapter) else [adapter]
+                queued = sum(len(waiting[name]) for name in sharing)
+                wait = waiting[adapter][0].queued_at + self.max_wait_s - time.monotonic()
+                if queued >= self.max_batch or wait <= 0 or self.stopping:
+                    return self._oldest(sharing, min(self.max_batch, queued))
                 self.condition.wait(wait)
+
+    def _oldest(self, adapters: list[Hashable], count: int) -> tuple[list[Hashable], list[_Item]]:
+        """The `count` oldest inputs queued for `adapters` (each queue is in arrival order), taken off their queues."""
+        names: list[Hashable] = []
+        items: list[_Item] = []
+        for _ in range(count):
+            name = min((name for name in adapters if self.queues[name]), key=lambda name: self.queues[name][0].queued_at)
+            names.append(name)
+            items.append(self.queues[name].popleft())
+        return names, items
 
     def _work(self) -> None:
         while (due := self.next_batch()) is not None:
-            adapter, items = due
+            adapters, items = due
             self.on_batch(len(items))
+            features = [item.features for item in items]
             try:
-                results = self.run_batch(adapter, [item.features for item in items])
+                if all(adapter == adapters[0] for adapter in adapters):
+                    results = self.run_batch(adapters[0], features)
+                else:
+                    assert self.run_mixed is not None
+                    results = self.run_mixed(adapters, features)
             except Exception as exc:  # noqa: BLE001 - answered as the requests' error; the worker keeps serving
                 for item in items:
                     if not item.request.future.done():
