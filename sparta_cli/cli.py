@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -240,10 +241,12 @@ _OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 _COMMAND_LINE = re.compile(r"`[a-z][\w.-]* [^`]*`")  # a quoted command line (`sparta train ...`, `torchrun ...`) names its own options
 
 
-def command_options(command: str) -> set[str]:
-    """The options `sparta COMMAND` takes, the global ones included."""
+@functools.cache
+def command_options(command: str) -> frozenset[str]:
+    """The options `sparta COMMAND` takes, the global ones included (cached: building the click group
+    takes ~60 ms, and the error-message audit asks once per message)."""
     params = typer.main.get_command(app).commands[command].params
-    return GLOBAL_OPTIONS | {name for param in params for name in (*param.opts, *param.secondary_opts) if name.startswith("-")}
+    return frozenset(GLOBAL_OPTIONS) | {name for param in params for name in (*param.opts, *param.secondary_opts) if name.startswith("-")}
 
 
 def foreign_options(message: str, command: str) -> list[str]:

@@ -13,7 +13,12 @@ DATA_DIR = Path(os.environ.get("SPARTA_DATA_DIR", REPO.parent / "shared" / "data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One torch thread per process, the processes the tests start included (they inherit OMP_NUM_THREADS; a value
+# set outside wins, up to 2). On a 2-core machine shared with other work, a second thread makes every op of a
+# tiny model wait at OpenMP's barrier for a core: a 60-step tiny-BERT run trained in 20.5 s with 2 threads,
+# 2.0 s with 1 (load 9). torchrun already gives its workers one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(min(2, int(os.environ["OMP_NUM_THREADS"])))
 
 
 def tiny_config(arch: str, num_labels: int = 3):
