@@ -207,12 +207,9 @@ class ServedModels:
         holds from the start (and its first request's latency) include what its forwards need: kernels
         paged in, BLAS buffers (MiniLM: +60 MiB after the first requests, which a server holding no
         adapter yet would otherwise never show)."""
-        ids = torch.zeros((rows, 32), dtype=torch.long, device=self.device)
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with self.lock:
             self.activate(self.entries[BASE_NAME])
-            with torch.inference_mode(), autocast:
-                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            self._logits([{"input_ids": [0] * 32}] * rows)
 
     # ------------------------------------------------------------ loading and unloading at run time
 
