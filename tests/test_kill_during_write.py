@@ -15,24 +15,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NUMEL = 8 * 1024 * 1024  # 32 MiB of fp32 per version: long enough to be killed in the middle
 
-# Writes version 0, 1, 2, ... of one adapter file forever, each tensor filled with its version number.
+# Writes versions 0, 1, ..., LAST of one adapter file, each tensor filled with its version number, then
+# waits to be killed: a write that outran the kill cannot bring a version the test does not expect (a
+# fast, idle machine finished version 2 before a kill timed for the middle of version 1).
 WRITER = """
 import sys, time, torch
 from sparta_cli.fileio import write_safetensors
-path, numel = sys.argv[1], int(sys.argv[2])
-version = 0
-while True:
+path, numel, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for version in range(last + 1):
     tensor = torch.full((numel,), float(version))
     print(f"begin {version}", flush=True)
     start = time.perf_counter()
     write_safetensors(path, {"delta": tensor}, {"version": str(version)})
     print(f"done {version} {time.perf_counter() - start:.4f}", flush=True)
-    version += 1
+time.sleep(3600)
 """
 
 
-def _start(path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(NUMEL)], cwd=REPO, stdout=subprocess.PIPE,
+def _start(path: Path, last: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(NUMEL), str(last)], cwd=REPO, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -64,7 +65,7 @@ def _check_complete(path: Path, versions: set[int]) -> int:
 @pytest.mark.parametrize("fraction", [0.2, 0.8])
 def test_kill_while_overwriting_keeps_the_previous_version_or_the_new_one(tmp_path, fraction):
     path = tmp_path / "adapter_model.safetensors"
-    proc = _start(path)
+    proc = _start(path, last=1)
     try:
         took = float(_wait_for(proc, "done 0").split()[2])  # version 0 is complete on disk
         _wait_for(proc, "begin 1")
@@ -76,7 +77,7 @@ def test_kill_while_overwriting_keeps_the_previous_version_or_the_new_one(tmp_pa
 
 def test_kill_during_the_first_write_leaves_no_file_or_a_whole_one(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
-    proc = _start(path)
+    proc = _start(path, last=0)
     try:
         _wait_for(proc, "begin 0")
         time.sleep(0.05)
