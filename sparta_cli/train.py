@@ -66,6 +66,12 @@ def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
 
 
+class _StopNow(KeyboardInterrupt):
+    """What a signal raises in the middle of library code: like KeyboardInterrupt, no `except
+    Exception` catches it (transformers wraps any Exception while it builds tensors in a ValueError,
+    which read as a damaged tokenizer); StopFlag turns it into Interrupted on the way out."""
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step and exits cleanly. After
     `raise_from_now(message)` (a message with `{signal}`) they raise Interrupted at once instead:
@@ -87,7 +93,7 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
         if self.raise_now is not None:
-            raise Interrupted(self.raise_now.format(signal=self.signal))
+            raise _StopNow(self.raise_now.format(signal=self.signal))
 
     def raise_from_now(self, message: str | None) -> None:
         """From now on a signal raises Interrupted(message) at once (None: it only sets the flag
@@ -96,9 +102,11 @@ class StopFlag:
         if message is not None and self.signal is not None:
             raise Interrupted(message.format(signal=self.signal))
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, traceback) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if isinstance(exc, _StopNow):
+            raise Interrupted(str(exc)) from None
 
 
 class ModelSelection:

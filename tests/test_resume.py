@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -122,6 +123,25 @@ def test_sigterm_during_the_final_evaluation_resumes_without_training(tmp_path, 
     assert json.loads((run / "all_results.json").read_text())["eval_num_examples"] == 872
     assert (run / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
     assert not list(run.glob("checkpoint-*"))
+
+
+def test_a_signal_inside_library_code_that_wraps_exceptions_still_stops_the_run():
+    # transformers builds tensors under `except Exception: raise ValueError(...)`: a SIGTERM landing
+    # there in the final evaluation came out as "the tokenizer files cannot be read" (CI, exit 2)
+    from sparta_cli.errors import Interrupted
+    from sparta_cli.train import StopFlag
+
+    def library_call():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here, inside the try
+        except Exception as exc:
+            raise ValueError("Unable to create tensor") from exc
+
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after training"):
+        with StopFlag() as stop:
+            stop.raise_from_now("stopped by {signal} after training")
+            library_call()
 
 
 def test_resume_of_a_finished_run_that_kept_checkpoints_is_refused(tmp_path, tiny_bert_dir, data_dir):
