@@ -279,6 +279,18 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     write_with(path, save)
 
 
+def ordinary_permissions(folder: Path) -> None:
+    """Give the regular files under `folder` (symlinks untouched, never followed) the permissions a
+    plain write gives them: transformers' save_pretrained writes model.safetensors 0600, so a merged
+    checkpoint or a full run could not be read by the group the folder is shared with."""
+    mode = 0o666 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
 def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
     """Build a folder under a temporary name, then swap it in for `target` atomically."""
     target = Path(target)
@@ -291,6 +303,7 @@ def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
         build(tmp)
+        ordinary_permissions(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

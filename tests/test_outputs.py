@@ -275,3 +275,36 @@ def test_merge_on_a_full_disk_keeps_the_previous_merge(tmp_path, minilm_path, mo
         merge_runs([run], output=tmp_path / "merged", overwrite=True)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "merged").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_checkpoints_written_by_save_pretrained_get_ordinary_permissions(tmp_path, minilm_path):
+    # transformers writes model.safetensors 0600: a full run or a merge shared with a group was unreadable there
+    from sparta_cli.merge import merge_runs
+
+    old = os.umask(0o022)
+    try:
+        full = make_run(tmp_path / "full", minilm_path, method="full")
+        merge_runs([make_run(tmp_path / "sparta", minilm_path)], output=tmp_path / "merged")
+    finally:
+        os.umask(old)
+    for path in (full / "model.safetensors", tmp_path / "merged" / "model.safetensors"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+
+
+def test_replace_dir_sets_permissions_only_on_its_own_files(tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_text("theirs")
+    outside.chmod(0o600)
+
+    def build(tmp: Path) -> None:
+        (tmp / "weights.bin").write_text("ours")
+        (tmp / "weights.bin").chmod(0o600)
+        os.symlink(outside, tmp / "link.bin")
+
+    old = os.umask(0o022)
+    try:
+        replace_dir(build, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "out" / "weights.bin").stat().st_mode & 0o777) == oct(0o644)
+    assert oct(outside.stat().st_mode & 0o777) == oct(0o600)  # a link is never followed

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import checkpoint_files
+from sparta_cli.fileio import checkpoint_files, ordinary_permissions
 from sparta_cli.models import forget_gguf_quantizer
 from sparta_cli.runs.layout import CHECKPOINT_CONFIG_FILE
 from sparta_cli.tuners.base import Adapter, Tuner, check_base_matches, count_params
@@ -54,6 +54,7 @@ class FullTuner(Tuner):
             model.save_pretrained(staging, state_dict=gathered)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging))
+            ordinary_permissions(staging)
             for path in staging.iterdir():
                 os.replace(path, run_dir / path.name)
         finally:
