@@ -44,7 +44,7 @@ results = run / "all_results.json"
 if results.is_file():  # a training run (the base rows are an eval's --output)
     entry["all_results"] = json.loads(results.read_text())
     entry["trainable_params"] = yaml.safe_load((run / "config.yaml").read_text())["run"]["trainable_params"]
-    letters = run / "mmlu_letters.json"
+    letters = out / f"{label}.letters.json"  # beside the run folder: sparta never writes inside what it reads
     if letters.is_file():
         entry["mmlu_letters"] = json.loads(letters.read_text())["metrics"]
     time = out / f"{label}.time"
@@ -76,8 +76,8 @@ if [[ "${2:-}" != "--table-only" ]]; then
     [[ -f "$out/$label/all_results.json" ]] || /usr/bin/time -f "%e s, peak RSS %M KB" -o "$out/$label.time" -a \
       "$PYTHON" -m sparta_cli train "$recipe" $overrides "${checkpoints[@]}" "output_dir=$out/$label" --resume \
       >> "$out/$label.log" 2>&1 || { echo "failed: $label (see $out/$label.log)"; continue; }
-    if [[ "$label" == mmlu-* && ! -f "$out/$label/mmlu_letters.json" ]]; then
-      "$PYTHON" -m sparta_cli eval "$out/$label" "${letters[@]}" --output "$out/$label/mmlu_letters.json" \
+    if [[ "$label" == mmlu-* && ! -f "$out/$label.letters.json" ]]; then
+      "$PYTHON" -m sparta_cli eval "$out/$label" "${letters[@]}" --output "$out/$label.letters.json" \
         >> "$out/$label.log" 2>&1 || { echo "failed: scoring $label (see $out/$label.log)"; continue; }
     fi
     write_record "$label"
