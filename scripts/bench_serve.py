@@ -255,7 +255,6 @@ def main() -> None:
         lora_names = make_adapters(adapters, args.base, top, "lora")
         print(f"# {top} SpaRTA and {top} LoRA run folders written in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         memory: dict = {}
-        paired: dict[int, list[float]] = {}
         for system, names in (("sparta", sparta_names), ("peft-lora", lora_names)):
             for batch in batches:
                 server = Server(args.base, adapters, batch, root / "serve.log", args.threads)
@@ -276,9 +275,9 @@ def main() -> None:
                                     "base_bytes": server.metric("sparta_base_bytes"),
                                     "vs_ceiling": row["requests_per_s"] / ceiling if ceiling else float("nan"), **row})
                     if system == "sparta" and top > 1 and args.paired:
-                        paired[batch] = paired_ratios(server, sparta_names, args.paired, args.clients, args.seconds)
+                        ratios = paired_ratios(server, sparta_names, args.paired, args.clients, args.seconds)
                         print(f"# paired, batch {batch}, {top} adapters uniform / one adapter: "
-                              + " ".join(f"{r:.3f}" for r in paired[batch]) + f"; median {statistics.median(paired[batch]):.3f}", flush=True)
+                              + " ".join(f"{r:.3f}" for r in ratios) + f"; median {statistics.median(ratios):.3f}", flush=True)
                 finally:
                     server.close()
         merged = merged_memory(args.base, args.merged)
