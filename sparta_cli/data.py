@@ -83,24 +83,27 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     """Load, subsample (`limit` rows, shuffled first when `shuffle_seed` is given), tokenize and cache one split."""
     from datasets import load_from_disk
 
-    from sparta_cli.fileio import replace_dir, write_json
+    from sparta_cli.fileio import exclusive, replace_dir, write_json
     from sparta_cli.sft import Rendering
 
     raw = subsample(load_split(task, recipe.task, split, recipe.data_dir()), limit, shuffle_seed)
     rows = sft_rows(raw) if task.kind.token_level else None
     template = chat_template(rows, tokenizer, recipe) if rows is not None else None
     key = _cache_key(tokenizer, task, split, recipe, raw._fingerprint, template)
-    folder = cache_root() / key
     rendering = Rendering.of(rows, recipe.task.format) if rows is not None else None
-    if recipe.data.cache and (folder / "stats.json").is_file():
-        cached = _read_cache(folder, split)
-        if cached is not None:
-            return replace(cached, rendering=rendering)
-    if rows is not None:
-        encoded, stats = _encode_sft(task, split, rows, tokenizer, template, recipe)
-    else:
-        encoded, stats = _encode(task, raw, tokenizer, recipe, split)
-    if recipe.data.cache:
+    if not recipe.data.cache:
+        encoded, stats = _encode_split(task, split, raw, rows, tokenizer, template, recipe)
+        return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"), rendering)
+    folder = cache_root() / key
+    # one writer per entry: a second run of the same split waits, then reads what the first wrote (and
+    # never sweeps the first one's temporary folder as a killed writer's leftover)
+    with exclusive(cache_root().parent / "locks" / f"{key}.lock", on_wait=partial(_say_waiting, task, split)):
+        if (folder / "stats.json").is_file():
+            cached = _read_cache(folder, split)
+            if cached is not None:
+                return replace(cached, rendering=rendering)
+        encoded, stats = _encode_split(task, split, raw, rows, tokenizer, template, recipe)
+
         def write(tmp: Path) -> None:
             encoded.save_to_disk(str(tmp / "data"))
             write_json(tmp / "stats.json", {**stats, "rows": len(encoded), "sha256": _digests(tmp / "data")})
@@ -108,6 +111,18 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
         replace_dir(write, folder)
         encoded = load_from_disk(str(folder / "data"))
     return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"), rendering)
+
+
+def _encode_split(task: Task, split: str, raw, rows, tokenizer, template: str | None, recipe: Recipe):
+    if rows is not None:
+        return _encode_sft(task, split, rows, tokenizer, template, recipe)
+    return _encode(task, raw, tokenizer, recipe, split)
+
+
+def _say_waiting(task: Task, split: str) -> None:
+    from sparta_cli.console import console
+
+    console.print(f"{task.name}/{split}: another sparta process is tokenizing this split; waiting to read its cache entry")
 
 
 def chat_template(rows: Sequence, tokenizer, recipe: Recipe) -> str | None:

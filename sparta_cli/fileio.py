@@ -10,6 +10,7 @@ the same file, and a run folder is swept whole when a run starts in it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -289,6 +290,28 @@ def ordinary_permissions(folder: Path) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, mode)
+
+
+@contextmanager
+def exclusive(lock_path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (created when missing), waiting for another holder first.
+
+    The operating system drops the lock when its holder exits, killed or not, so a crash never leaves
+    it held; `on_wait` is called once when the wait begins, to say why nothing is happening."""
+    lock_path = Path(lock_path)
+    make_dir(lock_path.parent)
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115 - closed below; closing drops the flock
+    except OSError as exc:
+        raise _explain(exc, lock_path) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def replace_dir(build: Callable[[Path], Any], target: str | Path) -> None:

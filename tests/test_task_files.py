@@ -149,6 +149,64 @@ def test_a_name_longer_than_the_file_system_allows(tmp_path):
 # ---------------------------------------------------------------- tokenization cache
 
 
+def test_two_runs_tokenizing_one_split_at_once_share_the_entry(tmp_path, minilm_path, monkeypatch, capsys):
+    """Two table runs started together once failed: the second swept the first's temporary folder as a
+    killed writer's leftover ("cannot write .../tokenized/<key>: No such file or directory")."""
+    import threading
+
+    from datasets import Dataset
+
+    from sparta_cli import data
+    from sparta_cli.models import load_tokenizer
+
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"text number {i}", "label": i % 2}) + "\n" for i in range(20)))
+    recipe = build_recipe({"model": {"name_or_path": minilm_path},
+                           "task": {"type": "classification", "train_file": str(train), "text_fields": ["text"]}})
+    task = resolve_task(recipe.task)
+    tokenizer = load_tokenizer(recipe.model)
+    first_is_writing, second_waits, encodes = threading.Event(), threading.Event(), []
+    save, encode, say_waiting = Dataset.save_to_disk, data._encode_split, data._say_waiting
+
+    def slow_save(self, path, **kwargs):
+        if threading.current_thread().name == "first":
+            first_is_writing.set()
+            second_waits.wait(timeout=60)  # without the lock the second run sweeps our folder meanwhile
+        return save(self, path, **kwargs)
+
+    def counted_encode(*args):
+        encodes.append(threading.current_thread().name)
+        return encode(*args)
+
+    def waiting(*args):
+        say_waiting(*args)
+        second_waits.set()
+
+    monkeypatch.setattr(Dataset, "save_to_disk", slow_save)
+    monkeypatch.setattr(data, "_encode_split", counted_encode)
+    monkeypatch.setattr(data, "_say_waiting", waiting)
+    results, failures = {}, []
+
+    def run():
+        try:
+            results[threading.current_thread().name] = data.tokenize_split(task, "train", tokenizer, recipe).dataset["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, name="first")]
+    threads[0].start()
+    assert first_is_writing.wait(timeout=60)
+    threads.append(threading.Thread(target=run, name="second"))
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures
+    assert encodes == ["first"] and results["first"] == results["second"]
+    assert "another sparta process is tokenizing this split" in capsys.readouterr().out
+    assert [entry.name for entry in data.cache_root().iterdir()] == [next(data.cache_root().iterdir()).name]
+
+
 def test_a_cache_entry_that_fails_its_checksum_is_rebuilt(tmp_path, minilm_path, monkeypatch, capsys):
     from sparta_cli.data import cache_root, tokenize_split
     from sparta_cli.models import load_tokenizer

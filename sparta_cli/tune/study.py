@@ -12,7 +12,6 @@ attributes, so what a retirement records lives on the retry.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -26,7 +25,7 @@ from typing import Any
 
 from sparta_cli.config import Recipe, build_recipe, changed_keys
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import make_dir, read_json, write_json
+from sparta_cli.fileio import exclusive, make_dir, read_json, write_json
 from sparta_cli.tune.space import Param, as_override, decode, parse_space
 
 PLAN_FILE = "study.json"
@@ -283,13 +282,8 @@ def trials_left(study, budget: int) -> int:
 def ask_lock(study_dir: str | Path) -> Iterator[None]:
     """Local workers check the budget and ask for a trial one at a time, so they never overshoot it.
     (Machines sharing only the storage may overshoot by one trial each; see docs/tune.md.)"""
-    path = Path(study_dir) / ".ask.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive(Path(study_dir) / ".ask.lock"):
+        yield
 
 
 def owner_attrs() -> dict[str, Any]:
