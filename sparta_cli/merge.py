@@ -28,7 +28,15 @@ from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import checkpoint_files, read_json, read_text, replace_dir, write_json, write_safetensors
-from sparta_cli.models import DTYPES, check_model_source, forget_gguf_quantizer, load_for_causal_lm, load_for_classification, load_tokenizer, resolve_model_path
+from sparta_cli.models import (
+    DTYPES,
+    check_model_source,
+    forget_gguf_quantizer,
+    load_for_causal_lm,
+    load_for_classification,
+    load_tokenizer,
+    resolve_model_path,
+)
 from sparta_cli.outputs import MERGE_MARKER, check_replaceable, locked_output
 from sparta_cli.runs import CONFIG_FILE, Run, read_run
 from sparta_cli.tuners import get_tuner
