@@ -486,6 +486,25 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(runs, tiny_bert_nodropou
         assert result.exit_code != 0 and says in str(result.exception), (args, result.output, result.exception)
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_the_model_loads(runs, monkeypatch):
+    """A port in use, or a host that is not this machine's (bound only: no packet leaves), is a one-line
+    exit 2 before any weight loads, not uvicorn's own log line and exit 1 after the load."""
+    from sparta_cli.serve import registry
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the address was checked")
+
+    monkeypatch.setattr(registry, "load_served", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, says in [(("--port", str(port)), f"--port {port} is in use on 127.0.0.1: stop what listens there, or pass another --port"),
+                           (("--host", "192.0.2.1"), "--host 192.0.2.1 is not an address of this machine")]:
+            result = sparta("serve", str(runs["vo"]), *args)
+            assert getattr(result.exception, "exit_code", None) == 2 and says in str(result.exception), (args, result.output, result.exception)
+
+
 # ---------------------------------------------------------------- adapters loaded and unloaded at run time
 
 POOL = 10  # SpaRTA runs under --adapters-dir: the issue asks for 8+ adapters under mixed traffic

@@ -37,6 +37,32 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address this process cannot listen on (uvicorn would find out
+    only after the load, and say so in a log line of its own with exit 1). A port taken between this
+    check and uvicorn's bind still fails there."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SpartaError(f"--host {host} does not resolve ({exc.strerror}): give an address of this machine, e.g. 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SpartaError(f"--port {port} is in use on {host}: stop what listens there, or pass another --port") from None
+            if exc.errno == errno.EACCES:
+                raise SpartaError(f"--port {port} needs privileges this user lacks: pass a --port of 1024 or above") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise SpartaError(f"--host {host} is not an address of this machine: give one of its own, e.g. 127.0.0.1 or 0.0.0.0") from None
+            raise SpartaError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --host or --port") from None
+
+
 def check_adapters_dir(adapters_dir: Path, host: str, has_key: bool) -> Path:
     """The folder runs may be loaded from at run time; refused beyond loopback without a key, where
     anyone who reaches the port could make the server read (and serve) its runs."""
@@ -58,6 +84,7 @@ def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: in
         raise SpartaError(f"--max-wait-ms {max_wait_ms}: give 0 or more")
     if not 0 < port < 65536:
         raise SpartaError(f"--port {port}: give a port from 1 to 65535")
+    check_port(host, port)
     try:
         import uvicorn
     except ImportError:
