@@ -149,6 +149,18 @@ def test_a_name_longer_than_the_file_system_allows(tmp_path):
 # ---------------------------------------------------------------- tokenization cache
 
 
+def _cached_text_task(tmp_path, minilm_path, monkeypatch):
+    """(task, tokenizer, recipe) of a 20-row text file, tokenized into a cache of the test's own."""
+    from sparta_cli.models import load_tokenizer
+
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"text number {i}", "label": i % 2}) + "\n" for i in range(20)))
+    recipe = build_recipe({"model": {"name_or_path": minilm_path},
+                           "task": {"type": "classification", "train_file": str(train), "text_fields": ["text"]}})
+    return resolve_task(recipe.task), load_tokenizer(recipe.model), recipe
+
+
 def test_two_runs_tokenizing_one_split_at_once_share_the_entry(tmp_path, minilm_path, monkeypatch, capsys):
     """Two table runs started together once failed: the second swept the first's temporary folder as a
     killed writer's leftover ("cannot write .../tokenized/<key>: No such file or directory")."""
@@ -157,15 +169,8 @@ def test_two_runs_tokenizing_one_split_at_once_share_the_entry(tmp_path, minilm_
     from datasets import Dataset
 
     from sparta_cli import data
-    from sparta_cli.models import load_tokenizer
 
-    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": f"text number {i}", "label": i % 2}) + "\n" for i in range(20)))
-    recipe = build_recipe({"model": {"name_or_path": minilm_path},
-                           "task": {"type": "classification", "train_file": str(train), "text_fields": ["text"]}})
-    task = resolve_task(recipe.task)
-    tokenizer = load_tokenizer(recipe.model)
+    task, tokenizer, recipe = _cached_text_task(tmp_path, minilm_path, monkeypatch)
     first_is_writing, second_waits, encodes = threading.Event(), threading.Event(), []
     save, encode, say_waiting = Dataset.save_to_disk, data._encode_split, data._say_waiting
 
@@ -209,15 +214,8 @@ def test_two_runs_tokenizing_one_split_at_once_share_the_entry(tmp_path, minilm_
 
 def test_a_cache_entry_that_fails_its_checksum_is_rebuilt(tmp_path, minilm_path, monkeypatch, capsys):
     from sparta_cli.data import cache_root, tokenize_split
-    from sparta_cli.models import load_tokenizer
 
-    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": f"text number {i}", "label": i % 2}) + "\n" for i in range(20)))
-    recipe = build_recipe({"model": {"name_or_path": minilm_path},
-                           "task": {"type": "classification", "train_file": str(train), "text_fields": ["text"]}})
-    task = resolve_task(recipe.task)
-    tokenizer = load_tokenizer(recipe.model)
+    task, tokenizer, recipe = _cached_text_task(tmp_path, minilm_path, monkeypatch)
     first = [list(ids) for ids in tokenize_split(task, "train", tokenizer, recipe).dataset["input_ids"]]
     (entry,) = list(cache_root().iterdir())
     recorded = json.loads((entry / "stats.json").read_text())["sha256"]
