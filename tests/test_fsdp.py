@@ -152,6 +152,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 # rank 1 built on the meta device, filled by rank 0 while sharding
                 tensors.update({f"skeleton:{k}": v for k, v in _train_fsdp(arch, rank, world, skeleton=True).items()})
             torch.save(tensors, os.path.join(out_dir, f"{arch}-rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it (once a SIGABRT under load, world 4)
     finally:
         dist.destroy_process_group()
 
