@@ -196,8 +196,9 @@ def _detect(record: Mapping[str, Any], where: str) -> str:
 def _parse(record: Mapping[str, Any], format: str, where: str) -> SftRow:
     missing = [field for field in _FIELDS[format] if record.get(field) is None]
     if missing:
-        fields = ", ".join(f"`{name}`" for name in record) or "none"
-        raise SpartaError(f"{where}: a {format} row needs `{'` and `'.join(_FIELDS[format])}` but `{missing[0]}` is missing "
+        fields = ", ".join(f"`{name}`" for name in record if record[name] is not None) or "none"
+        state = "null" if missing[0] in record else "missing"  # `{"text": null}` has the field, empty
+        raise SpartaError(f"{where}: a {format} row needs `{'` and `'.join(_FIELDS[format])}` but `{missing[0]}` is {state} "
                           f"(it has: {fields}): fix that row, or task.format")
     if format == "chat":
         messages = _messages(_decode_json(record["messages"], where), "messages", where)
@@ -244,7 +245,8 @@ def _text(value: Any, field: str, where: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "JSON object", list: "list", bool: "true/false", int: "number", float: "number"}.get(type(value), type(value).__name__)
+    return {dict: "JSON object", list: "list", bool: "true/false", int: "number", float: "number", type(None): "null value"}.get(
+        type(value), type(value).__name__)
 
 
 def _messages(value: Any, field: str, where: str) -> tuple[dict[str, str], ...]:
