@@ -209,6 +209,16 @@ def forget_gguf_quantizer(model: nn.Module) -> None:
         model.config.__dict__.pop("quantization_config", None)
 
 
+def lm_heads(model: nn.Module, task: Task, method: str) -> list[str]:
+    """The LM head, as the head modules of a method that trains no body on a causal LM (SFT's `head`);
+    none otherwise. Asked of the loaded model and of preflight's skeleton alike."""
+    from sparta_cli.tuners import get_tuner
+
+    if task.kind.head == "lm" and not get_tuner(method).trains_body:
+        return [output_head(model)]
+    return []
+
+
 def output_head(model: nn.Module) -> str:
     """The module name of a causal LM's next-token head (`lm_head`): what `adapter.method: head` trains
     for SFT. A head tied to the input embeddings (SmolLM2, Gemma) is refused: training it would change

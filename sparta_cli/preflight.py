@@ -44,7 +44,7 @@ def check_against_config(recipe: Recipe, source: str, task: Task, *, targets: bo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from sparta_cli.models import fit_max_length
+    from sparta_cli.models import fit_max_length, lm_heads
     from sparta_cli.targets import resolve_targets
     from sparta_cli.tuners import get_tuner
 
@@ -56,6 +56,8 @@ def check_against_config(recipe: Recipe, source: str, task: Task, *, targets: bo
     except (ValueError, OSError, KeyError):
         return  # the model load names these (an architecture without a classifier, a damaged config)
     fit_max_length(recipe, skeleton)
+    if targets:
+        lm_heads(skeleton, task, recipe.adapter.method)  # a tied LM head for `head` is refused here, not after the load
     chosen = recipe.adapter.recorded()["targets"]  # null for a method without targets
     if targets and chosen is not None:
         resolve_targets(skeleton, chosen)
@@ -89,6 +91,7 @@ def check_sft_rows(recipe: Recipe, task: Task, source: str, splits: Sequence[str
     if os.environ.get("RANK", "0") != "0":
         return
     from sparta_cli.data import tokenize_split
+    from sparta_cli.generation import generation_sets
     from sparta_cli.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model, source)
@@ -97,3 +100,5 @@ def check_sft_rows(recipe: Recipe, task: Task, source: str, splits: Sequence[str
             tokenize_split(task, split, tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
         else:
             tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples)
+    # task.generation_metrics: the prompts the evaluations generate from (text rows have none)
+    generation_sets(task, recipe, tokenizer, [split for split in splits if split != "train"])

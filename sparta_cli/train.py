@@ -36,7 +36,7 @@ from sparta_cli.evaluation import evaluate_split
 from sparta_cli.fileio import append_jsonl, read_json, write_json
 from sparta_cli.generation import generation_sets
 from sparta_cli.metrics import lower_is_better, selectable_metrics
-from sparta_cli.models import LoadedModel, fit_max_length, output_head
+from sparta_cli.models import LoadedModel, fit_max_length, lm_heads
 from sparta_cli.optim import build_optimizer, resolve_optimizer
 from sparta_cli.outputs import check_output_dir, prepare_output_dir, release_run_dir
 from sparta_cli.placement import Placement, load_trained_model, mixed_precision, place
@@ -276,8 +276,8 @@ def setup_model(recipe: Recipe, task: Task) -> Model:
     fit_max_length(recipe, model)
     dtype = next(model.parameters()).dtype
     heads = loaded.head_modules
-    if task.kind.head == "lm" and not get_tuner(recipe.adapter.method).trains_body:
-        heads = sorted({*heads, output_head(model)})
+    if trained_lm_head := lm_heads(model, task, recipe.adapter.method):
+        heads = sorted({*heads, *trained_lm_head})
     for name in heads:  # the head trains in fp32 whatever the body's dtype
         model.get_submodule(name).float()
     # what only the model fixes (SpaRTA's budget -> density), so config.yaml, checkpoints and the adapter record it

@@ -422,3 +422,28 @@ def test_preflight_reads_every_row_and_checks_the_template_before_weights_load(t
     with pytest.raises(SpartaError, match=rf"{good} line 1: the chat template renders message 3 \(assistant\) as .*not as the "
                                           "data's text, so the loss mask would be wrong"):
         preflight(sft_recipe(tiny_llama_dir, good, tmp_path / "run", task={"chat_template": str(prefixed)}))
+
+
+def test_preflight_refuses_a_tied_head_and_generation_metrics_without_prompts_before_anything_is_written(
+        tiny_llama_dir, tiny_chat_lm_dir, chat_files, tmp_path):
+    """What `sparta validate` passed and `sparta train` then refused after the load (leaving config.yaml
+    behind, which blocked the corrected rerun): `head` on a tied LM head, generation metrics on text rows."""
+    from typer.testing import CliRunner
+
+    from sparta_cli.cli import app
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"story number {i}"}) + "\n" for i in range(6)))
+    cases = [
+        (sft_recipe(tiny_chat_lm_dir, chat_files[0], tmp_path / "tied", adapter={"method": "head"}),
+         "this llama model ties its LM head to its input embeddings"),
+        (sft_recipe(tiny_llama_dir, text, tmp_path / "text", task={"validation_file": str(text), "generation_metrics": True}),
+         f"{text} line 1: the row has no prompt to generate from: generation metrics need chat or prompt_completion data"),
+    ]
+    for recipe, says in cases:
+        path = tmp_path / f"{Path(recipe.output_dir).name}.yaml"
+        path.write_text(yaml.safe_dump(recipe.to_dict()))
+        for command in ("validate", "train"):
+            result = CliRunner().invoke(app, [command, str(path)])
+            assert getattr(result.exception, "exit_code", None) == 2 and says in str(result.exception), (command, result.output)
+        assert not Path(recipe.output_dir).exists(), "train wrote into output_dir before refusing"
