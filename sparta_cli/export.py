@@ -20,6 +20,7 @@ An SFT run's PEFT adapter is a `CAUSAL_LM` one, loaded onto `AutoModelForCausalL
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from functools import partial
@@ -34,7 +35,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import replace_dir, write_json, write_safetensors, write_text
 from sparta_cli.merge import merged_config, meta_model
 from sparta_cli.models import resolve_model_path
-from sparta_cli.outputs import check_replaceable, locked_output
+from sparta_cli.outputs import OUTPUT_FILES, check_replaceable, locked_output, output_files
 from sparta_cli.runs import ADAPTER_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
 from sparta_cli.tuners import get_tuner
 
@@ -176,7 +177,8 @@ def _write_peft_sparta(run: Run, out: Path, value_dtype: torch.dtype, trust_remo
 # ---------------------------------------------------------------- model card
 
 
-def model_card(run: Run, fmt: str, info: dict[str, Any], size: int) -> str:
+def model_card(run: Run, fmt: str, info: dict[str, Any], size: int, files: list[str]) -> str:
+    """The README.md of an export; its front matter lists `files`, all that `export --overwrite` may replace."""
     config = run.config
     task = config.get("task") or {}
     trainable = int(config.get("trainable_params") or 0)
@@ -198,7 +200,8 @@ def model_card(run: Run, fmt: str, info: dict[str, Any], size: int) -> str:
         ("format", f"{fmt} ({info['kind']}{', r=' + str(info['r']) if 'r' in info else ''})"),
         ("file size", f"{size:,} bytes, {size / max(1, trainable):.2f} bytes per trainable parameter"),
     ]
-    lines = ["---", f"library_name: {info['library']}", f"base_model: {base_reference(run)}", "tags: [sparta, sparse-fine-tuning]", "---", "",
+    lines = ["---", f"library_name: {info['library']}", f"base_model: {base_reference(run)}", "tags: [sparta, sparse-fine-tuning]",
+             f"{OUTPUT_FILES}: {json.dumps(files)}", "---", "",
              f"# SpaRTA adapter: {task.get('name')} on {run.base.get('name_or_path')}", "",
              "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
     if info.get("padding"):
@@ -274,7 +277,7 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         if (run.path / CONFIG_YAML).is_file():
             shutil.copy(run.path / CONFIG_YAML, tmp / CONFIG_YAML)
-        write_text(tmp / "README.md", model_card(run, format, info, size))
+        write_text(tmp / "README.md", model_card(run, format, info, size, sorted([*output_files(tmp), "README.md"])))
         trainable = int(run.config.get("trainable_params") or 0)
         result.update(info, bytes=size, trainable_params=trainable, bytes_per_param=size / max(1, trainable))
 

@@ -37,7 +37,7 @@ from sparta_cli.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from sparta_cli.outputs import MERGE_MARKER, check_replaceable, locked_output
+from sparta_cli.outputs import MERGE_MARKER, OUTPUT_FILES, check_replaceable, locked_output, output_files
 from sparta_cli.runs import CONFIG_FILE, Run, read_run
 from sparta_cli.tuners import get_tuner
 from sparta_cli.tuners.sparta.layer import written_values
@@ -549,6 +549,7 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         if template is not None:  # the template the run trained with goes with its weights (`sparta generate`, chat servers)
             tokenizer.chat_template = template
         tokenizer.save_pretrained(str(tmp))
+        report[OUTPUT_FILES] = sorted([*output_files(tmp), MERGE_MARKER])  # all --overwrite may replace
         write_json(tmp / MERGE_MARKER, report)
 
     with locked_output(output):

@@ -8,8 +8,9 @@
   (RUN_ENTRIES); a folder holding anything else is refused, never cleared, and a link in it is
   unlinked, never followed.
 - A merge or export output is replaced whole (fileio.replace_dir), so `--overwrite` replaces only a
-  previous output of that command, and never a folder that is or holds one of the command's inputs,
-  the current folder, the home folder or a filesystem root.
+  previous output of that command that holds nothing but the files it recorded writing (OUTPUT_FILES),
+  and never a folder that is or holds one of the command's inputs, the current folder, the home folder
+  or a filesystem root.
 - A report folder may hold anything; the report files already in it are replaced only when an
   earlier `sparta report` wrote them (its report.md starts with REPORT_TAG).
 - One process at a time per output: an exclusive `flock` on a lock file, which the operating system
@@ -43,11 +44,20 @@ LOCK_FILE = ".sparta.lock"
 RUN_ENTRIES = re.compile("^(" + "|".join([*run_entry_patterns(), re.escape(LOCK_FILE)]) + ")$")
 MERGE_MARKER = "merge_report.json"
 EXPORT_CARD_TAG = "tags: [sparta, sparse-fine-tuning]"  # the model card export writes (export.model_card)
+# What merge (a key of MERGE_MARKER) and export (a line of its model card's front matter) wrote, as a JSON
+# list of output_files: `--overwrite` replaces nothing else (eval results, a user's notes).
+OUTPUT_FILES = "sparta_files"
 REPORT_TAG = "<!-- written by sparta report: rerunning it with this --output replaces the report's files -->"
 
 
 def _is_leftover(name: str) -> bool:
     return LEFTOVER.match(name) is not None
+
+
+def _shown(names: Sequence[str], limit: int = 3) -> str:
+    """The first few of `names`, for a one-line message."""
+    shown = ", ".join(f"`{name}`" for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def run_dir_is_empty(path: Path) -> bool:
@@ -70,7 +80,7 @@ def check_clearable_run_dir(path: Path) -> None:
         return
     foreign = foreign_entries(path)
     if not is_run_dir(path) or foreign:
-        shown = f"`{foreign[0]}`" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "") if foreign else "no run files"
+        shown = _shown(foreign) if foreign else "no run files"
         raise SpartaError(f"output_dir {path} is not a sparta run folder (it holds {shown}): --overwrite only replaces what a "
                           "sparta run wrote; set output_dir to a new folder")
 
@@ -185,6 +195,40 @@ def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], ove
     if not _written_by(output, command):
         raise SpartaError(f"--output {output} is not the output of an earlier `sparta {command}`: --overwrite only replaces "
                           "what sparta wrote; choose a new folder for --output")
+    recorded = _recorded_files(output, command)
+    foreign = [name for name in output_files(output) if name not in recorded] if recorded is not None else []
+    if foreign:
+        raise SpartaError(f"--output {output} holds {_shown(foreign)}, which the earlier `sparta {command}` did not write: "
+                          "move them out, or choose a new folder for --output")
+
+
+def output_files(folder: Path) -> list[str]:
+    """Every entry under `folder` as a relative path: what merge and export record writing, and what
+    `--overwrite` compares with that record. A link is an entry of its own, never followed out of the
+    folder; an empty folder is `name/`."""
+    found: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        inner = output_files(entry) if entry.is_dir() and not entry.is_symlink() else None
+        if inner is None:
+            found.append(entry.name)
+        else:
+            found += [f"{entry.name}/{name}" for name in inner] or [f"{entry.name}/"]
+    return found
+
+
+def _recorded_files(folder: Path, command: str) -> set[str] | None:
+    """The files an earlier output of `command` recorded writing. None when it recorded none: outputs
+    written before sparta kept this record are still replaced whole, as they were then."""
+    try:
+        if command == "merge":
+            files = json.loads((folder / MERGE_MARKER).read_text(encoding="utf-8")).get(OUTPUT_FILES)
+        else:
+            front = (folder / "README.md").read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+            line = next((line for line in front.splitlines() if line.startswith(f"{OUTPUT_FILES}: ")), None)
+            files = json.loads(line.removeprefix(f"{OUTPUT_FILES}: ")) if line else None
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: no record
+        return None
+    return {str(name) for name in files} if isinstance(files, list) else None
 
 
 def _written_by(folder: Path, command: str) -> bool:

@@ -148,3 +148,24 @@ def test_a_full_run_is_shared_as_it_is_and_merges_by_copy(tmp_path, minilm_path)
     with torch.no_grad():
         theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(**batch).logits
     assert torch.equal(theirs, adapter_logits(run, batch))
+
+
+def test_overwrite_replaces_only_an_earlier_export_holding_nothing_else(tmp_path, minilm_run):
+    """The model card lists what export wrote: a clean earlier export is replaced; one holding eval
+    results, a user's notes or a link (never followed) is refused in one line, and every file stays."""
+    import json
+
+    out = tmp_path / "out"
+    export_run(minilm_run, format="sparta", output=out)
+    listed = next(line for line in (out / "README.md").read_text().splitlines() if line.startswith("sparta_files: "))
+    assert json.loads(listed.removeprefix("sparta_files: ")) == sorted(p.name for p in out.iterdir())
+    export_run(minilm_run, format="sparta", output=out, overwrite=True)
+    (out / "eval_results_custom_validation.json").write_text('{"eval_accuracy": 0.9}')
+    (out / "notes.txt").write_text("the good one")
+    (out / "data").symlink_to(minilm_run, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()}
+    with pytest.raises(SpartaError, match=r"^--output \S+ holds `data`, `eval_results_custom_validation.json`, `notes.txt`, which the "
+                                          r"earlier `sparta export` did not write: move them out, or choose a new folder for --output$"):
+        export_run(minilm_run, format="sparta", output=out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()} == before
+    assert (out / "data").is_symlink()

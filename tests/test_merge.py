@@ -193,3 +193,26 @@ def test_merging_another_tasks_adapter_keeps_sst2s_score(tmp_path, data_dir, min
     # the QNLI adapter. The score must be well above chance for the comparison to mean anything, and not drop.
     assert own > 0.65, "SST-2 did not learn: the comparison would be between two chance scores"
     assert merged["metrics"]["eval_accuracy"] >= own - 0.03
+
+
+def test_overwrite_replaces_only_an_earlier_merge_holding_nothing_else(tmp_path, llama):
+    """`sparta eval MERGED` leaves its results in the folder and users add notes: `--overwrite` refuses
+    then, in one line, and every file stays. A clean earlier merge is replaced; so is one whose marker
+    predates the file list (old outputs keep working)."""
+    from sparta_cli.outputs import check_replaceable
+
+    merged = tmp_path / "merged"
+    merge_runs([llama["run"]], output=merged)
+    assert json.loads((merged / "merge_report.json").read_text())["sparta_files"] == sorted(p.name for p in merged.iterdir())
+    merge_runs([llama["run"]], output=merged, overwrite=True)
+    (merged / "eval_results_custom_validation.json").write_text('{"eval_accuracy": 0.9}')
+    (merged / "notes.txt").write_text("the good one")
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    with pytest.raises(SpartaError, match=r"^--output \S+ holds `eval_results_custom_validation.json`, `notes.txt`, which the earlier "
+                                          r"`sparta merge` did not write: move them out, or choose a new folder for --output$"):
+        merge_runs([llama["run"]], output=merged, overwrite=True)
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    report = json.loads((merged / "merge_report.json").read_text())
+    del report["sparta_files"]
+    (merged / "merge_report.json").write_text(json.dumps(report))
+    check_replaceable(merged, command="merge", inputs=[llama["run"]], overwrite=True)
