@@ -64,7 +64,8 @@ def resolve_target(target: str, overrides: list[str] | None = None, trust_remote
     if kind == MERGED and not causal_target(kind, target):
         raise SpartaError(f"{target} is a sequence classifier, which predicts labels, not text: use `sparta predict`")
     if kind != RUN:
-        return Target(build_model_config(target, list(overrides or []), trust_remote_code=trust_remote_code), None, None, True,
+        chat = merged_renders_chat(path) if kind == MERGED else True
+        return Target(build_model_config(target, list(overrides or []), trust_remote_code=trust_remote_code), None, None, chat,
                       [path] if path.exists() else [])
     run = read_run(path, tensors=False)
     if not run.causal_lm:
@@ -81,6 +82,16 @@ def renders_chat(task: Mapping[str, Any]) -> bool:
     generation did then (unless its recorded task.format is text or prompt_completion)."""
     chat = task.get("chat")
     return chat if isinstance(chat, bool) else task.get("format") not in PLAIN_FORMATS
+
+
+def merged_renders_chat(folder: Path) -> bool:
+    """Whether a merged checkpoint's prompts go through its chat template: not for the merge of a run
+    trained on plain text (its marker records `chat: false`); every other checkpoint's do."""
+    from sparta_cli.fileio import read_json
+    from sparta_cli.outputs import MERGE_MARKER
+
+    marker = folder / MERGE_MARKER
+    return not marker.is_file() or read_json(marker).get("chat") is not False
 
 
 def load_generator(target: Target) -> Generator:

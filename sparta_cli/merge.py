@@ -28,6 +28,7 @@ from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import checkpoint_files, read_json, read_text, replace_dir, write_json, write_safetensors
+from sparta_cli.generate_cmd import renders_chat
 from sparta_cli.models import (
     DTYPES,
     check_model_source,
@@ -549,6 +550,8 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
         if template is not None:  # the template the run trained with goes with its weights (`sparta generate`, chat servers)
             tokenizer.chat_template = template
         tokenizer.save_pretrained(str(tmp))
+        if head_run.causal_lm:  # whether prompts go through the chat template: `sparta generate` renders them as the run's were
+            report["chat"] = renders_chat(head_run.config.get("task") or {})
         report[OUTPUT_FILES] = sorted([*output_files(tmp), MERGE_MARKER])  # all --overwrite may replace
         write_json(tmp / MERGE_MARKER, report)
 

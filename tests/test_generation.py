@@ -204,6 +204,7 @@ def test_a_run_trained_on_string_prompts_generates_from_the_plain_prompt_it_trai
 
     from sparta_cli.config import build_recipe
     from sparta_cli.generate_cmd import load_generator, prompt_rows, prompt_template, resolve_target
+    from sparta_cli.merge import merge_runs
     from sparta_cli.train import train
 
     rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((3, 4), (10, 20), (7, 7), (41, 1))]
@@ -223,6 +224,8 @@ def test_a_run_trained_on_string_prompts_generates_from_the_plain_prompt_it_trai
     generator = load_generator(resolve_target(str(run)))
     assert generator.template is None
     assert prompt_ids(prompt_rows("3+4=", None, chat=False), generator.tokenizer, generator.template) == [plain]
+    merge_runs([run], output=tmp_path / "merged")  # its merge records that, so the checkpoint generates as the run does
+    assert load_generator(resolve_target(str(tmp_path / "merged"))).template is None
 
     # a run written before runs recorded `chat` renders as it did then: format null meant chat
     config = json.loads(config_path.read_text())
