@@ -84,10 +84,14 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
         raw = _run_recipe(path)
         trained_on = raw["task"].get("name") or "custom"
         if task is not None and task != trained_on:
-            raise SpartaError(
-                f"run {path} was trained on {trained_on}: its head scores that task only; "
-                f"drop --task, or evaluate its base model with --task {task}"
-            )
+            if raw["task"].get("type") != "sft":
+                raise SpartaError(
+                    f"run {path} was trained on {trained_on}: its head scores that task only; "
+                    f"drop --task, or evaluate its base model with --task {task}"
+                )
+            # an SFT run has no task head: it answers another task as chat, rendered with its own template
+            raw["task"] = {"name": task, "type": "sft", "chat_template": raw["task"].get("chat_template")}
+            (raw.get("training") or {}).pop("eval_generate_samples", None)  # the run's task's generation metrics
     else:
         task = task or (_recorded_task(path) if kind == MERGED else None)
         if task is None and not any(text.startswith("task.") for text in overrides):
@@ -96,6 +100,9 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
         section = {"name": task} if task else {}
         if task and kind == MERGED and causal_lm_architecture(read_json(path / "config.json").get("architectures") or []):
             section["type"] = "sft"  # a merged SFT run writes answers: scored by its loss on the task as chat
+            if task == "custom" and not any(text.startswith(("task.validation_file=", "task.name=")) for text in overrides):
+                raise SpartaError(f"{target} was merged from a run on your own files, which a checkpoint does not carry: "
+                                  "pass task.validation_file=FILE (the run's or another), or --task NAME for a built-in task")
         raw = {"model": {"name_or_path": str(path) if kind == MERGED else target}, "task": section}
     return build_recipe(raw, overrides, trust_remote_code=trust_remote_code)
 

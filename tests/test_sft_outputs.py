@@ -166,3 +166,23 @@ def test_generate_refuses_a_classifier(tmp_path):
     (tmp_path / "clf" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
     with pytest.raises(SpartaError, match="is a sequence classifier, which predicts labels, not text: use `sparta predict`"):
         run_generate(str(tmp_path / "clf"), prompt="Hi")
+
+
+def test_an_sft_run_and_its_merge_are_scored_on_another_task_and_their_own_files(sft_run, tmp_path, data_dir):
+    """An SFT run has no task head, so `--task mmlu` scores it on MMLU's letters (as docs/sft.md says), as
+    its merge is; a merge of a run on your own files is scored once given a file, and says so when not."""
+    from sparta_cli.evaluate_cmd import run_eval
+    from sparta_cli.merge import merge_runs
+
+    letters = [f"data.dir={data_dir}", "data.max_eval_samples=4", "task.type=null", "task.head=lm"]
+    merged = tmp_path / "merged"
+    merge_runs([sft_run], output=merged)
+    for target in (sft_run, merged):
+        scored = run_eval(str(target), task="mmlu", split="validation", output=tmp_path / f"{target.name}-mmlu.json", overrides=letters)
+        assert scored["metrics"]["eval_num_examples"] == 4 and 0 <= scored["metrics"]["eval_accuracy"] <= 1
+    with pytest.raises(SpartaError, match="was merged from a run on your own files, which a checkpoint does not carry: "
+                                          "pass task.validation_file=FILE"):
+        run_eval(str(merged), task=None, split=None, output=tmp_path / "own.json", overrides=[])
+    validation = read_run(sft_run, tensors=False).config["task"].get("validation_file") or str(sft_run.parent / "val.jsonl")
+    scored = run_eval(str(merged), task=None, split=None, output=tmp_path / "own.json", overrides=[f"task.validation_file={validation}"])
+    assert scored["metrics"]["eval_num_examples"] == 4
