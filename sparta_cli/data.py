@@ -144,8 +144,9 @@ def _encode_sft(task: Task, split: str, rows: Sequence, tokenizer, template: str
     tokenized = tokenize_rows(rows, tokenizer, template, recipe.task.loss_on or "assistant")
     fitted = fit_to_length(tokenized, recipe.data.max_length, recipe.data.overlong)
     if not fitted.rows:
-        raise SpartaError(f"{task.name}/{split}: no row keeps an answer token within data.max_length={recipe.data.max_length} "
-                          "(data.overlong: drop drops every row that does not fit): raise data.max_length")
+        why = " (data.overlong: drop drops every row that does not fit)" if recipe.data.overlong == "drop" else ""
+        raise SpartaError(f"{task.name}/{split}: no row keeps an answer token within data.max_length={recipe.data.max_length}"
+                          f"{why}: raise data.max_length")
     encoded = Dataset.from_dict({"input_ids": [row.input_ids for row in fitted.rows], "labels": [row.labels for row in fitted.rows]})
     stats = {"truncated": fitted.truncated, "dropped": fitted.dropped_overlong + fitted.dropped_unsupervised,
              "fitting": fitted.note(recipe.data.max_length)}

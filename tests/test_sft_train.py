@@ -447,3 +447,13 @@ def test_preflight_refuses_a_tied_head_and_generation_metrics_without_prompts_be
             result = CliRunner().invoke(app, [command, str(path)])
             assert getattr(result.exception, "exit_code", None) == 2 and says in str(result.exception), (command, result.output)
         assert not Path(recipe.output_dir).exists(), "train wrote into output_dir before refusing"
+
+
+def test_a_split_with_no_answer_within_max_length_names_the_setting_that_applies(tiny_llama_dir, chat_files, tmp_path, monkeypatch):
+    from sparta_cli.preflight import preflight
+
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
+    for overlong, clause in (("truncate", ""), ("drop", " (data.overlong: drop drops every row that does not fit)")):
+        with pytest.raises(SpartaError) as error:
+            preflight(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "run", data={"max_length": 8, "overlong": overlong}))
+        assert str(error.value).endswith(f"no row keeps an answer token within data.max_length=8{clause}: raise data.max_length")
