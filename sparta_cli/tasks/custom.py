@@ -77,6 +77,7 @@ def split_path(split: str, given: str, types: str = "CSV, TSV or JSONL") -> Path
     """The file `task.<split>_file` names, a regular file (`types`: the kinds of file it may be, for the message)."""
     path = user_path(given, f"task.{split}_file")
     return input_file(
-        path, f"task.{split}_file {path} not found (relative paths start at the current folder {Path.cwd()}): fix the path",
+        path, f"task.{split}_file {path} not found (relative paths start at the current folder {Path.cwd()}): fix the path, "
+              f"in the recipe or as task.{split}_file=PATH on the command line (a run's config.yaml keeps the path it was given)",
         f"give the path of a {types} file", setting=f"task.{split}_file ",
     )
