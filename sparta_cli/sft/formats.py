@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tasks.files import no_rows, read_table
+from sparta_cli.tasks.files import json_kind, no_rows, read_table
 
 Format = Literal["chat", "prompt_completion", "text"]
 FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text")
@@ -240,19 +240,14 @@ def _decode_json(value: Any, where: str) -> Any:
 
 def _text(value: Any, field: str, where: str) -> str:
     if not isinstance(value, str):
-        raise SpartaError(f"{where}: `{field}` is a {_kind(value)}, not text: fix that row")
+        raise SpartaError(f"{where}: `{field}` is a {json_kind(value)}, not text: fix that row")
     return value
-
-
-def _kind(value: Any) -> str:
-    return {dict: "JSON object", list: "list", bool: "true/false", int: "number", float: "number", type(None): "null value"}.get(
-        type(value), type(value).__name__)
 
 
 def _messages(value: Any, field: str, where: str) -> tuple[dict[str, str], ...]:
     shape = 'a list of {"role": ..., "content": ...} objects'
     if not isinstance(value, (list, tuple)) or not value:
-        what = "an empty list" if isinstance(value, (list, tuple)) else f"a {_kind(value)}"
+        what = "an empty list" if isinstance(value, (list, tuple)) else f"a {json_kind(value)}"
         raise SpartaError(f"{where}: `{field}` is {what}, not {shape}: fix that row")
     messages = []
     for number, message in enumerate(value, 1):
@@ -264,7 +259,7 @@ def _messages(value: Any, field: str, where: str) -> tuple[dict[str, str], ...]:
             raise SpartaError(f"{where}: {field} item {number} has role {json.dumps(role)[:40]}; roles are "
                               f"{', '.join(ROLES)}: fix that row")
         if not isinstance(content, str):
-            raise SpartaError(f"{where}: {field} item {number} ({role}) has content that is a {_kind(content)}, not text: "
+            raise SpartaError(f"{where}: {field} item {number} ({role}) has content that is a {json_kind(content)}, not text: "
                               "fix that row")
         messages.append({"role": role, "content": content})
     return tuple(messages)

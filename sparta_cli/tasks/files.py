@@ -92,6 +92,12 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]
     return header, rows
 
 
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in the file's terms, for a one-line error."""
+    return {dict: "JSON object", list: "list", str: "string", bool: "true/false", int: "number", float: "number",
+            type(None): "null value"}.get(type(value), type(value).__name__)
+
+
 def _jsonl_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
@@ -102,7 +108,9 @@ def _jsonl_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, di
         except json.JSONDecodeError as exc:
             raise SpartaError(f"{path} line {number}: invalid JSON ({exc.msg}): fix that line") from None
         if not isinstance(record, dict):
-            raise SpartaError(f"{path} line {number}: expected a JSON object per line, e.g. {{\"text\": ..., \"label\": ...}}")
+            raise SpartaError(f"{path} line {number}: holds a {json_kind(record)}, not a JSON object: write "
+                              "one object per line, its fields named as the task reads them (e.g. {\"text\": ..., \"label\": ...}, "
+                              "or {\"messages\": [...]} for SFT)")
         rows.append((number, record))
     if not rows:
         raise no_rows(path)
