@@ -601,8 +601,9 @@ class Trainer:
         self.stop.raise_from_now(interrupted)
         self._evaluate_and_write()
         self.stop.raise_from_now(None)  # the run is complete: what is left only tidies up
-        if self.main and not self.cfg.save_every:  # no checkpoints were asked for: this one only guarded the end
-            shutil.rmtree(final, ignore_errors=True)
+        if self.main and not self.cfg.save_every:  # no checkpoints were asked for: this one guarded the end, any other an interruption
+            for folder in {final, *checkpoints(self.run_dir)}:
+                shutil.rmtree(folder, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     def _evaluate_and_write(self) -> None:

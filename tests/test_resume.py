@@ -79,18 +79,24 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, tin
     assert [p.name for p in sorted(killed.glob("checkpoint-*"))] == ["checkpoint-50", "checkpoint-60"]  # keep_checkpoints, the final one included
 
 
-def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_bert_dir, data_dir):
+@pytest.mark.parametrize("save_every", [1000, None])
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_bert_dir, data_dir, save_every):
+    """The checkpoint a signal writes resumes the run; where no checkpoints were asked for (save_every
+    null) the finished run leaves none behind, the interruption's included (it once stayed)."""
     run = tmp_path / "stopped"
-    recipe = _recipe(tmp_path, tiny_bert_dir, data_dir, run, save_every=1000)
+    recipe = _recipe(tmp_path, tiny_bert_dir, data_dir, run, **({"save_every": save_every} if save_every else {}))
     proc = _start(recipe)
     _wait_for(run / "trainer_log.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    assert list(run.glob("checkpoint-*"))
+    stopped_at = [path.name for path in run.glob("checkpoint-*")]
+    assert stopped_at
     _train(recipe, "--resume")
     assert (run / "all_results.json").is_file()
+    left = sorted(path.name for path in run.glob("checkpoint-*"))
+    assert left == (sorted({*stopped_at, f"checkpoint-{STEPS}"}) if save_every else []), left
 
 
 def test_sigterm_during_the_final_evaluation_resumes_without_training(tmp_path, tiny_bert_dir, data_dir):
