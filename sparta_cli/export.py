@@ -265,8 +265,9 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         raise SpartaError(f"{run_dir} is a {run.method} run: its folder already is a transformers checkpoint "
                           f"({auto}.from_pretrained loads it): share the folder as it is")
     if format not in tuner.export_formats:
+        other = f"export it with --format {' or '.join(tuner.export_formats)}, or " if tuner.export_formats else ""
         raise SpartaError(f"{run_dir} is a {run.method} run, which has no sparse adapter to export as {format}: "
-                          "merge it into a checkpoint with `sparta merge`")
+                          f"{other}merge it into a checkpoint with `sparta merge`")
     value_dtype = VALUE_DTYPES[values]
     writer = {"sparta": _write_sparta, "peft": _write_peft,
               "peft-sparta": partial(_write_peft_sparta, trust_remote_code=trust_remote_code)}[format]

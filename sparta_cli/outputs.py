@@ -54,7 +54,7 @@ def _is_leftover(name: str) -> bool:
     return LEFTOVER.match(name) is not None
 
 
-def _shown(names: Sequence[str], limit: int = 3) -> str:
+def few_names(names: Sequence[str], limit: int = 3) -> str:
     """The first few of `names`, for a one-line message."""
     shown = ", ".join(f"`{name}`" for name in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -80,7 +80,7 @@ def check_clearable_run_dir(path: Path) -> None:
         return
     foreign = foreign_entries(path)
     if not is_run_dir(path) or foreign:
-        shown = _shown(foreign) if foreign else "no run files"
+        shown = few_names(foreign) if foreign else "no run files"
         raise SpartaError(f"output_dir {path} is not a sparta run folder (it holds {shown}): --overwrite only replaces what a "
                           "sparta run wrote; set output_dir to a new folder")
 
@@ -198,7 +198,7 @@ def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], ove
     recorded = _recorded_files(output, command)
     foreign = [name for name in output_files(output) if name not in recorded] if recorded is not None else []
     if foreign:
-        raise SpartaError(f"--output {output} holds {_shown(foreign)}, which the earlier `sparta {command}` did not write: "
+        raise SpartaError(f"--output {output} holds {few_names(foreign)}, which the earlier `sparta {command}` did not write: "
                           "move them out, or choose a new folder for --output")
 
 

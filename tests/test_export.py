@@ -111,7 +111,7 @@ def test_lora_run_exports_as_its_own_peft_adapter(tmp_path, llama_run):
     assert result["kind"] == "lora" and (tmp_path / "peft" / "README.md").is_file()
     batch = text_batch(base)
     torch.testing.assert_close(_peft_logits(tmp_path / "peft", base, batch), adapter_logits(run, batch), rtol=1e-5, atol=1e-6)
-    with pytest.raises(SpartaError, match="sparta merge"):
+    with pytest.raises(SpartaError, match="export it with --format peft, or merge it into a checkpoint with `sparta merge`"):
         export_run(run, format="peft-sparta", output=tmp_path / "ps")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import LEFTOVER
+from sparta_cli.outputs import few_names
 from sparta_cli.tune.plots import HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG
 from sparta_cli.tune.results import BEST_YAML, SUMMARY_JSON, TRIALS_CSV, TRIALS_MD
 from sparta_cli.tune.study import JOURNAL_FILE, PLAN_FILE, Plan
@@ -100,16 +101,14 @@ def check_study_folder(plan: Plan) -> None:
         return
     stored = _stored_plan(folder)
     if stored is None:
-        shown = f"`{entries[0].name}`" + (f" and {len(entries) - 1} more" if len(entries) > 1 else "")
-        raise _refuse(folder, f"is not a sparta study folder (it holds {shown}, and no study.json of sparta tune)")
+        raise _refuse(folder, f"is not a sparta study folder (it holds {few_names([e.name for e in entries])}, and no study.json of sparta tune)")
     if stored["study"] != plan.study:
         raise SpartaError(f"study folder {folder} holds study {stored['study']}, not {plan.study}: a study folder keeps one "
                           f"study; resume that one with --study {stored['study']}, or give --output a new folder")
     own = _own_names(plan, folder)
     foreign = [e.name for e in entries if e.name not in own]
     if foreign:
-        shown = f"`{foreign[0]}`" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
-        raise _refuse(folder, f"holds {shown}, which no sparta study writes")
+        raise _refuse(folder, f"holds {few_names(foreign)}, which no sparta study writes")
     for entry in entries:
         if entry.is_symlink() and not entry.name.endswith(".lock"):  # Optuna's journal lock is a symlink while held
             raise _refuse(folder, f"holds `{entry.name}` as a link")
