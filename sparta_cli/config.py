@@ -21,7 +21,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import YamlRefused, input_file, parse_yaml, read_bytes
 from sparta_cli.strict import SEED_LIMIT
 from sparta_cli.strict import Strict as _Strict
-from sparta_cli.tuners import METHODS, reader_of
+from sparta_cli.tuners import METHODS, get_tuner, reader_of
 from sparta_cli.tuners.config import MethodConfig
 from sparta_cli.tuners.sparta.config import SpartaConfig
 
@@ -140,7 +140,7 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float | Literal["auto"] = 5.0e-5  # auto: sparta_cli.lr_rule's rate, resolved by build_recipe
+    lr: float | Literal["auto"] = 5.0e-5  # auto: sparta_cli.lr_rule's rate, resolved by Recipe.resolve_lr
     head_lr: float | None = Field(None, gt=0.0)  # null: same as lr
     weight_decay: float = Field(0.0, ge=0.0)
     optimizer: Literal["auto", "adamw", "adamw_fused", "sgd"] = "auto"  # auto: adamw_fused on CUDA, adamw on CPU
@@ -242,6 +242,18 @@ class Recipe(_Strict):
                 "add a validation file, set data.validation_size, or drop eval_every"
             )
         return self
+
+    def resolve_lr(self) -> None:
+        """`training.lr: auto` as the method's rate, once its settings give one: a SpaRTA budget gives its
+        density, and so its rate, only against the model (`resolve_adapter`)."""
+        if self.training.lr == "auto" and (lr := self.adapter.auto_lr()) is not None:
+            self.training.lr = lr
+
+    def resolve_adapter(self, model) -> None:
+        """The adapter settings as they train on `model` (a loaded model or a meta-device skeleton): what
+        only the model fixes (SpaRTA's budget -> density), then the rate `auto` gives them."""
+        self.adapter = get_tuner(self.adapter.method).resolve_settings(self.adapter, model)
+        self.resolve_lr()
 
     @property
     def lr_from_rule(self) -> bool:
@@ -600,8 +612,8 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise SpartaError(_describe(first)) from None
     if recipe.training.lr == "auto":  # config.yaml records the number, so a rerun of it trains at the same rate
-        recipe.training.lr = recipe.adapter.auto_lr()
         recipe._lr_auto = True
+        recipe.resolve_lr()
     if "max_length" not in recipe.data.model_fields_set and re.sub(r"[-_]", "", str(recipe.task.name).lower()) == "mmlu":
         recipe.data.max_length = MMLU_MAX_LENGTH_SHOTS if recipe.task.shots else MMLU_MAX_LENGTH
         recipe._max_length_default = True

@@ -46,7 +46,6 @@ def check_against_config(recipe: Recipe, source: str, task: Task, *, targets: bo
 
     from sparta_cli.models import fit_max_length, lm_heads
     from sparta_cli.targets import resolve_targets
-    from sparta_cli.tuners import get_tuner
 
     auto = AutoModelForCausalLM if task.kind.head == "lm" else AutoModelForSequenceClassification
     try:
@@ -61,7 +60,7 @@ def check_against_config(recipe: Recipe, source: str, task: Task, *, targets: bo
     chosen = recipe.adapter.recorded()["targets"]  # null for a method without targets
     if targets and chosen is not None:
         resolve_targets(skeleton, chosen)
-        recipe.adapter = get_tuner(recipe.adapter.method).resolve_settings(recipe.adapter, skeleton)  # a budget's density
+        recipe.resolve_adapter(skeleton)  # a budget's density, and the rate auto gives it
 
 
 def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:

@@ -52,7 +52,7 @@ from sparta_cli.runs import (
 )
 from sparta_cli.tasks import Task, resolve_task
 from sparta_cli.trackers import accelerator_kwargs, log_record, start_trackers
-from sparta_cli.tuners import apply_adapter, get_tuner
+from sparta_cli.tuners import apply_adapter
 
 if TYPE_CHECKING:
     from sparta_cli.sft import Rendering
@@ -280,8 +280,7 @@ def setup_model(recipe: Recipe, task: Task) -> Model:
         heads = sorted({*heads, *trained_lm_head})
     for name in heads:  # the head trains in fp32 whatever the body's dtype
         model.get_submodule(name).float()
-    # what only the model fixes (SpaRTA's budget -> density), so config.yaml, checkpoints and the adapter record it
-    recipe.adapter = get_tuner(recipe.adapter.method).resolve_settings(recipe.adapter, model)
+    recipe.resolve_adapter(model)  # before config.yaml, checkpoints and the adapter record the settings
     adapter = apply_adapter(model, recipe.adapter, recipe.adapter_seed, heads)
     if recipe.training.gradient_checkpointing:
         adapter.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 from sparta_cli.config import build_recipe
 from sparta_cli.errors import SpartaError
+from sparta_cli.lr_rule import sparta_lr
 from sparta_cli.preflight import check_against_config
 from sparta_cli.report import ReportedRun
 from sparta_cli.runs import ALL_RESULTS, read_started_run
@@ -62,9 +63,19 @@ def test_bad_budgets_are_refused_in_one_line(adapter, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_lr_auto_needs_a_number_with_a_budget():
-    with pytest.raises(SpartaError, match="training.lr: auto follows adapter.density"):
-        build_recipe(_recipe({"budget": 0.01}, training={"lr": "auto"}))
+def test_lr_auto_with_a_budget_takes_the_rule_at_the_density_the_model_gives(tmp_path, tiny_bert_dir, data_dir):
+    from sparta_cli.train import train
+
+    raw = _recipe({"budget": 2000, "targets": ["v", "o"]}, model={"name_or_path": str(tiny_bert_dir)},
+                  data={"dir": str(data_dir), "max_length": 16, "max_train_samples": 8, "max_eval_samples": 8},
+                  training={"max_steps": 1, "batch_size": 4, "lr": "auto"}, output_dir=str(tmp_path / "run"))
+    recipe = build_recipe(raw)
+    assert recipe.training.lr == "auto" and recipe.lr_from_rule  # the density waits for the model
+    density = 2000 / (4 * 32 * 32)  # BERT's v and o are 32 x 32 in each of 2 layers
+    check_against_config(recipe, str(tiny_bert_dir), resolve_task(recipe.task))  # `sparta validate` says it too
+    assert (recipe.adapter.density, recipe.training.lr) == (density, sparta_lr(density))
+    recorded = yaml.safe_load((train(build_recipe(raw)) / "config.yaml").read_text())
+    assert (recorded["adapter"]["density"], recorded["training"]["lr"]) == (density, sparta_lr(density))
 
 
 def test_an_override_of_one_size_drops_the_other_and_a_run_record_keeps_both():

@@ -32,8 +32,9 @@ class MethodConfig(Strict):
         """The `adapter.method` value that picks this class."""
         return cls.model_fields["method"].default
 
-    def auto_lr(self) -> float:
-        """The rate `training.lr: auto` resolves to (docs/learning_rates.md)."""
+    def auto_lr(self) -> float | None:
+        """The rate `training.lr: auto` resolves to (docs/learning_rates.md); None while it waits for the
+        model (`Recipe.resolve_adapter`)."""
         return self.default_lr
 
     def name_setting(self) -> str:

@@ -90,11 +90,9 @@ class SpartaConfig(MethodConfig):
                               f"{room / base_params:.6g} of the model's {base_params:,} parameters (or a count of {room:,})")
         return self.model_copy(update={"density": k / room})
 
-    def auto_lr(self) -> float:
-        if self.density is None:
-            raise SpartaError("training.lr: auto follows adapter.density, which adapter.budget gives only once the model is "
-                              "loaded: set training.lr to a number (or size the adapter with adapter.density)")
-        return sparta_lr(self.density)
+    def auto_lr(self) -> float | None:
+        """The rule's rate at the density; None while a budget waits for the model to give it."""
+        return None if self.density is None else sparta_lr(self.density)
 
     def name_setting(self) -> str:
         return f"-b{self.budget}" if self.budget is not None else f"-d{self.density}"
