@@ -192,10 +192,10 @@ def check_replaceable(output: Path, *, command: str, inputs: Sequence[Path], ove
         return
     if not overwrite:
         raise SpartaError(f"--output {output} is not empty: pass --overwrite to replace it, or choose a new folder")
-    if not _written_by(output, command):
+    written, recorded = _earlier_output(output, command)
+    if not written:
         raise SpartaError(f"--output {output} is not the output of an earlier `sparta {command}`: --overwrite only replaces "
                           "what sparta wrote; choose a new folder for --output")
-    recorded = _recorded_files(output, command)
     foreign = [name for name in output_files(output) if name not in recorded] if recorded is not None else []
     if foreign:
         raise SpartaError(f"--output {output} holds {few_names(foreign)}, which the earlier `sparta {command}` did not write: "
@@ -216,29 +216,29 @@ def output_files(folder: Path) -> list[str]:
     return found
 
 
-def _recorded_files(folder: Path, command: str) -> set[str] | None:
-    """The files an earlier output of `command` recorded writing. None when it recorded none: outputs
-    written before sparta kept this record are still replaced whole, as they were then."""
+def _earlier_output(folder: Path, command: str) -> tuple[bool, set[str] | None]:
+    """Whether `folder` is an earlier output of `command` (merge's marker, export's card), and the files
+    it recorded writing. None when it recorded none: outputs written before sparta kept this record are
+    still replaced whole, as they were then."""
     try:
         if command == "merge":
-            files = json.loads((folder / MERGE_MARKER).read_text(encoding="utf-8")).get(OUTPUT_FILES)
+            marker = folder / MERGE_MARKER
+            if not marker.is_file():
+                return False, None
+            files = json.loads(marker.read_text(encoding="utf-8")).get(OUTPUT_FILES)
         else:
-            front = (folder / "README.md").read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+            card = folder / "README.md"
+            text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+            if EXPORT_CARD_TAG not in text[:2000]:
+                return False, None
+            front = text.split("\n---", 1)[0]
             line = next((line for line in front.splitlines() if line.startswith(f"{OUTPUT_FILES}: ")), None)
             files = json.loads(line.removeprefix(f"{OUTPUT_FILES}: ")) if line else None
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: no record
-        return None
-    return {str(name) for name in files} if isinstance(files, list) else None
-
-
-def _written_by(folder: Path, command: str) -> bool:
-    if command == "merge":
-        return (folder / MERGE_MARKER).is_file()
-    card = folder / "README.md"
-    try:
-        return card.is_file() and EXPORT_CARD_TAG in card.read_text(encoding="utf-8", errors="replace")[:2000]
-    except OSError:
-        return False
+    except OSError:  # unreadable: not a known output
+        return False, None
+    except (ValueError, AttributeError):  # its record is not JSON, or not an object: written, with no record
+        return True, None
+    return True, {str(name) for name in files} if isinstance(files, list) else None
 
 
 def check_replaceable_file(path: Path, *, command: str, keys: Sequence[str]) -> None:
