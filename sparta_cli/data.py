@@ -49,6 +49,11 @@ class TokenizedSplit:
     fitting: str | None = None  # SFT: what fitting to max_length did, in words (sft.Fitted.note)
     rendering: Rendering | None = None  # SFT: how its rows became text (sft.Rendering), which a run records
 
+    @classmethod
+    def of(cls, dataset, split: str, stats: dict, rendering: Rendering | None = None) -> TokenizedSplit:
+        """A split from what its encoding counted: fresh, or read back from the cache's stats.json."""
+        return cls(dataset, split, int(stats["truncated"]), int(stats["dropped"]), stats.get("fitting"), rendering)
+
     def note(self, task: Task, max_length: int) -> str | None:
         """The log line about what max_length cost this split, or None."""
         if self.fitting is not None:
@@ -93,7 +98,7 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
     rendering = Rendering.of(rows, recipe.task.format) if rows is not None else None
     if not recipe.data.cache:
         encoded, stats = _encode_split(task, split, raw, rows, tokenizer, template, recipe)
-        return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"), rendering)
+        return TokenizedSplit.of(encoded, split, stats, rendering)
     folder = cache_root() / key
     # one writer per entry: a second run of the same split waits, then reads what the first wrote (and
     # never sweeps the first one's temporary folder as a killed writer's leftover)
@@ -110,7 +115,7 @@ def tokenize_split(task: Task, split: str, tokenizer, recipe: Recipe, limit: int
 
         replace_dir(write, folder)
         encoded = load_from_disk(str(folder / "data"))
-    return TokenizedSplit(encoded, split, stats["truncated"], stats["dropped"], stats.get("fitting"), rendering)
+    return TokenizedSplit.of(encoded, split, stats, rendering)
 
 
 def _encode_split(task: Task, split: str, raw, rows, tokenizer, template: str | None, recipe: Recipe):
@@ -180,7 +185,7 @@ def _read_cache(folder: Path, split: str) -> TokenizedSplit | None:
         dataset = load_from_disk(str(folder / "data"))
         if len(dataset) != stats.get("rows", len(dataset)) or len(dataset.data.column("labels")) != len(dataset):
             raise _Damaged("its row count differs from stats.json")
-        return TokenizedSplit(dataset, split, int(stats["truncated"]), int(stats["dropped"]), stats.get("fitting"))
+        return TokenizedSplit.of(dataset, split, stats)
     except Exception as exc:  # noqa: BLE001 - any damage has one fix: tokenize again
         from rich.markup import escape
 
