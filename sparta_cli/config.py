@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticUndefined
 
 from sparta_cli.errors import SpartaError
@@ -52,6 +52,11 @@ AdapterConfig = Annotated[Union[tuple(Annotated[config, Tag(name)] for name, con
 ADAPTER_KEYS = list(dict.fromkeys(key for config in METHODS.values() for key in config.model_fields))
 
 
+# each kind's own task keys and their defaults: the other kind's must keep these (TaskConfig._named_or_custom)
+CLASSIFICATION_KEYS: dict[str, Any] = {"text_fields": None, "label_field": "label", "head": "classifier", "shots": 0}
+SFT_KEYS: dict[str, Any] = {"format": None, "chat_template": None, "loss_on": None, "instruction": None, "generation_metrics": False}
+
+
 class TaskConfig(_Strict):
     name: str | None = None
     # your own data (name null or a label of your choosing); sft: a causal LM learns to write the answers
@@ -80,15 +85,14 @@ class TaskConfig(_Strict):
                 "`type`, `train_file` and `text_fields`"
             )
         if self.type == "sft":
-            for key in self._set_keys({"text_fields": None, "label_field": "label", "head": "classifier", "shots": 0}):
+            for key in self._set_keys(CLASSIFICATION_KEYS):
                 raise ValueError(f"task.{key} does not apply to task.type: sft (its rows are chat, prompt_completion or "
                                  "text records, docs/sft.md): remove it")
             if self.name is None and not self.from_files:
                 raise ValueError("task.type: sft needs task.train_file (and task.validation_file), or task.name: sst2 or mmlu "
                                  "for a built-in task as chat")
         else:
-            for key in self._set_keys({"format": None, "chat_template": None, "loss_on": None, "instruction": None,
-                                       "generation_metrics": False}):
+            for key in self._set_keys(SFT_KEYS):
                 raise ValueError(f"task.{key} is task.type: sft's and does not apply to "
                                  f"{'task.type: ' + self.type if self.type else 'task ' + str(self.name)}: "
                                  "remove it, or set task.type: sft")
@@ -98,6 +102,16 @@ class TaskConfig(_Strict):
             if not self.text_fields:
                 raise ValueError("a custom task (task.type set) needs task.text_fields, e.g. [sentence]")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_classification_keys(self, handler) -> dict[str, Any]:
+        """An SFT run's config.yaml holds no classifier head or label field (the validator keeps them at
+        their defaults). A classification run's record stays as it has been since SFT came, its SFT keys null."""
+        data = handler(self)
+        if self.type == "sft":
+            for key in CLASSIFICATION_KEYS:
+                data.pop(key, None)
+        return data
 
     def _set_keys(self, defaults: dict[str, Any]) -> list[str]:
         """The keys of `defaults` set to something else: another kind of task's keys, refused (never ignored)."""

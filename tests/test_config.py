@@ -52,6 +52,16 @@ def test_a_runs_config_reloads_as_its_recipe(tmp_path):
     assert build_recipe(older).to_dict() == recipe.to_dict()
 
 
+def test_an_sft_runs_config_holds_no_classifier_keys_and_an_older_one_still_loads(tmp_path):
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "sst2", "type": "sft"}})
+    recorded = recipe.to_dict()
+    assert not {"head", "label_field", "text_fields", "shots"} & set(recorded["task"])
+    assert build_recipe({**recorded, "run": {}}).to_dict() == recorded
+    # an SFT run written before recorded the classification defaults beside its own keys
+    older = {**recorded, "task": {**recorded["task"], "head": "classifier", "label_field": "label", "shots": 0}, "run": {}}
+    assert build_recipe(older).to_dict() == recorded
+
+
 def test_a_bare_no_for_mixed_precision_means_no():
     """YAML reads `no` as false; `mixed_precision: no` (Accelerate's word) must still mean no mixed precision."""
     raw = read_yaml(REPO / "configs" / "quickstart.yaml")
