@@ -403,9 +403,13 @@ def default_of(section: str, key: str, method: str = "sparta") -> Any:
     return None if default is PydanticUndefined else default
 
 
+UNRESOLVED = {("adapter.density", None), ("training.lr", "auto")}  # what Recipe.resolve_adapter fills in at load
+
+
 def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, value there, value now) for every recipe key whose value differs from a saved
-    recipe's; a key the saved recipe lacks, added to sparta since, held its default there."""
+    recipe's; a key the saved recipe lacks, added to sparta since, held its default there. A value the
+    model has yet to resolve (a budget's density, the rate `auto` gives it) matches what the run resolved."""
     method = (saved.get("adapter") or {}).get("method", "sparta")
 
     def there(section: str, key: str) -> Any:
@@ -415,7 +419,7 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, 
     keys = [(f"{section}.{key}", there(section, key), value)
             for section in now if isinstance(now[section], dict) for key, value in now[section].items()]
     keys += [(key, saved.get(key), now.get(key)) for key in ("seed",)]
-    return [(name, old, new) for name, old, new in sorted(keys, key=lambda k: k[0]) if old != new]
+    return [(name, old, new) for name, old, new in sorted(keys, key=lambda k: k[0]) if old != new and (name, new) not in UNRESOLVED]
 
 
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ from sparta_cli.lr_rule import sparta_lr
 from sparta_cli.preflight import check_against_config
 from sparta_cli.report import ReportedRun
 from sparta_cli.runs import ALL_RESULTS, read_started_run
+from sparta_cli.sweep import run_action
 from sparta_cli.tasks import resolve_task
 from sparta_cli.tuners import apply_adapter, get_tuner
 from sparta_cli.tuners.sparta.config import SpartaConfig
@@ -76,6 +77,9 @@ def test_lr_auto_with_a_budget_takes_the_rule_at_the_density_the_model_gives(tmp
     assert (recipe.adapter.density, recipe.training.lr) == (density, sparta_lr(density))
     recorded = yaml.safe_load((train(build_recipe(raw)) / "config.yaml").read_text())
     assert (recorded["adapter"]["density"], recorded["training"]["lr"]) == (density, sparta_lr(density))
+    # a sweep rerun finds the run its recipe wrote, though the recipe resolves both only at load
+    assert run_action(build_recipe(raw)) == "finished"
+    assert run_action(build_recipe(raw, ["adapter.budget=1000"])).startswith("conflict:")
 
 
 def test_an_override_of_one_size_drops_the_other_and_a_run_record_keeps_both():
