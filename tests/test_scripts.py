@@ -135,3 +135,28 @@ def test_paper_table_widens_a_sweep_whose_best_rate_sits_at_an_edge(tmp_path):
     finish(1e-5, 0.9)
     finish(1e-1, 0.1)
     assert table.widened(method, "rte", out, record) is None  # two widenings already: stop
+
+
+def test_paper_table_takes_smollm2s_rate_from_minilms_finished_sweeps(tmp_path):
+    """SmolLM2's one rate per method is its `auto` rate times the factor MiniLM's sweeps chose over theirs
+    (geometric mean over the tasks), and only once every one of those sweeps is bracketed: the factor, and
+    the run folder its rate names, must not move between restarts of the driver."""
+    table = _paper_table()
+    out, record = tmp_path / "runs", tmp_path / "record"
+    grid = (1e-3 / 10 ** 0.5, 1e-3, 1e-3 * 10 ** 0.5)
+    plans = [(task, None, [], [table.Method("lora", [], grid, seeds=1)], "MiniLM") for task in ("rte", "mrpc")]
+
+    def finish(task: str, lr: float, score: float) -> None:
+        path = table.record_path(record, table.sweep_run(plans[0][3][0], task, out, lr, 1), out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"all_results": {"eval_accuracy": score, "eval_combined_score": score}}))
+
+    for lr, score in zip(grid, (0.5, 0.7, 0.6)):
+        finish("rte", lr, score)  # RTE chose the centre
+    assert table.lesson("lora", plans, out, record) is None  # MRPC's sweep has not run
+    for lr, score in zip(grid, (0.5, 0.6, 0.7)):
+        finish("mrpc", lr, score)  # MRPC's best sits at the top edge: a widening must run first
+    assert table.lesson("lora", plans, out, record) is None
+    finish("mrpc", grid[-1] * 10 ** 0.5, 0.65)  # bracketed: MRPC chose half a decade above the centre
+    assert abs(table.lesson("lora", plans, out, record) - 10 ** 0.25) < 1e-12  # sqrt(1 x 10^0.5)
+    assert table.lesson("sparta-x1", plans, out, record) is None  # a method MiniLM did not sweep
