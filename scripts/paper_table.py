@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from sparta_cli.config import load_recipe  # noqa: E402
+from sparta_cli.lr_rule import fit_length_rule  # noqa: E402
 from sparta_cli.sweep import run_action  # noqa: E402
 
 MINILM = REPO / "configs" / "quickstart.yaml"
@@ -325,6 +326,35 @@ def finished_runs(record: Path) -> list[str]:
     return lines
 
 
+def sparta_optima(plans: list[tuple], out: Path, record: Path) -> list[tuple[str, str, float, int, float]]:
+    """(task, method, density, optimizer steps, chosen rate) of every finished SpaRTA sweep: the points
+    the length-aware refit of `training.lr: auto` takes (issue 24)."""
+    points = []
+    for task, _, _, methods, _ in plans:
+        for method in methods:
+            best = best_rate(method, task, out, record) if method.label.startswith("sparta-") else None
+            if best is None:
+                continue
+            rec = read_record(record_path(record, sweep_run(method, task, out, best, 1), out))
+            density = float(next(o for o in method.overrides if o.startswith("adapter.density=")).split("=", 1)[1])
+            points.append((task, method.label, density, int(rec["all_results"]["train_steps"]), best))
+    return points
+
+
+def rate_fit(points: list[tuple[str, str, float, int, float]]) -> list[str]:
+    """Markdown rows of the chosen rates beside the sweeps' centre, then the fit of lr* = c * d^-a * steps^-b."""
+    lines = ["| task | method | density | optimizer steps | chosen lr | centre (63-step rule) | chosen / centre |", "|---|---|---|---|---|---|---|"]
+    for task, label, density, steps, lr in points:
+        centre = rates("sparta", density, 1)[0]
+        lines.append(f"| {task} | {label} | {density:.4g} | {steps} | {lr:.3g} | {centre:.3g} | {lr / centre:.2f} |")
+    try:
+        c, a, b = fit_length_rule([(d, s, lr) for _, _, d, s, lr in points])
+        lines.append(f"\nfit over {len(points)} sweeps: lr* = {c:.3g} * density^-{a:.2f} * steps^-{b:.2f}")
+    except ValueError as exc:
+        lines.append(f"\nno fit yet: {exc}")
+    return lines
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return ""
@@ -417,6 +447,8 @@ def main() -> None:
             print("\n".join(table(task, methods, out, record)))
     if args.mmlu:
         print("\n".join(mmlu_baseline(out, run=not args.table_only)))
+    print()
+    print("\n".join(rate_fit(sparta_optima(plans, out, record))))
     print("\n| task | method | run | trainable params | validation | official dev | best step | wall s | commit |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(finished_runs(record)))

@@ -23,12 +23,40 @@ def sparta_lr(density: float) -> float:
 
 def fit_power_law(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
     """(c, a) of lr = c * density^-a, least squares in log-log space over (density, best lr) pairs."""
-    xs, ys = zip(*((math.log(d), math.log(lr)) for d, lr in points))
-    if len(set(xs)) < 2:
+    points = list(points)
+    if len({d for d, _ in points}) < 2:
         raise ValueError("fitting a power law needs best rates at two densities or more")
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return math.exp(my - slope * mx), -slope
+    c, a = _log_least_squares([(d,) for d, _ in points], [lr for _, lr in points])
+    return c, a
+
+
+def fit_length_rule(points: Iterable[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """(c, a, b) of lr = c * density^-a * steps^-b, least squares in log space over (density, optimizer
+    steps, best lr): the rule with the run's length as a second variable (issue 24's refit)."""
+    points = list(points)
+    if len({d for d, _, _ in points}) < 2 or len({s for _, s, _ in points}) < 2:
+        raise ValueError("fitting the length-aware rule needs best rates at two densities and two run lengths or more")
+    return _log_least_squares([(d, s) for d, s, _ in points], [lr for _, _, lr in points])
+
+
+def _log_least_squares(xs: list[tuple[float, ...]], ys: list[float]) -> tuple[float, ...]:
+    """(c, e1, e2, ...) of y = c * x1^-e1 * x2^-e2 ..., least squares in log space (normal equations)."""
+    rows = [[1.0, *(-math.log(x) for x in row)] for row in xs]
+    targets = [math.log(y) for y in ys]
+    n = len(rows[0])
+    # the normal equations A^T A w = A^T y, solved by Gaussian elimination with partial pivoting
+    m = [[sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * t for r, t in zip(rows, targets))] for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda i: abs(m[i][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            raise ValueError("the points do not determine the fit (their densities and lengths move together)")
+        m[col], m[pivot] = m[pivot], m[col]
+        for i in range(n):
+            if i != col:
+                factor = m[i][col] / m[col][col]
+                m[i] = [a - factor * b for a, b in zip(m[i], m[col])]
+    w = [m[i][n] / m[i][i] for i in range(n)]
+    return (math.exp(w[0]), *w[1:])
 
 
 def interpolated_optimum(points: Iterable[tuple[float, float]]) -> float:

@@ -11,7 +11,7 @@ import yaml
 
 from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
-from sparta_cli.lr_rule import SPARTA_LR_EXPONENT, SPARTA_LR_MAX, SPARTA_LR_SCALE, fit_power_law, sparta_lr
+from sparta_cli.lr_rule import SPARTA_LR_EXPONENT, SPARTA_LR_MAX, SPARTA_LR_SCALE, fit_length_rule, fit_power_law, sparta_lr
 from sparta_cli.tuners import METHODS
 from sparta_cli.tuners.lora.config import LoraConfig
 from sparta_cli.tuners.sparta.config import SpartaConfig
@@ -34,6 +34,19 @@ def test_fit_is_least_squares_in_log_space():
 def test_fit_needs_two_densities():
     with pytest.raises(ValueError, match="two densities"):
         fit_power_law([(0.01, 1e-2), (0.01, 3e-2)])
+
+
+def test_length_fit_recovers_a_rule_in_density_and_steps_exactly():
+    points = [(d, s, 0.4 * d ** -0.6 * s ** -0.8) for d in (0.01, 0.04, 0.17) for s in (63, 213, 845)]
+    c, a, b = fit_length_rule(points)
+    assert (c, a, b) == pytest.approx((0.4, 0.6, 0.8), rel=1e-9)
+
+
+def test_length_fit_needs_densities_and_lengths_that_vary_apart():
+    with pytest.raises(ValueError, match="two densities and two run lengths"):
+        fit_length_rule([(0.01, 63, 1e-2), (0.05, 63, 5e-3)])
+    with pytest.raises(ValueError, match="move together"):  # length doubles exactly when density does
+        fit_length_rule([(0.01, 100, 1e-2), (0.02, 200, 5e-3), (0.04, 400, 2e-3)])
 
 
 def test_sparta_rate_follows_the_rule_and_is_capped():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 RECIPE = str(REPO / "configs" / "quickstart.yaml")
@@ -160,3 +161,27 @@ def test_paper_table_takes_smollm2s_rate_from_minilms_finished_sweeps(tmp_path):
     finish("mrpc", grid[-1] * 10 ** 0.5, 0.65)  # bracketed: MRPC chose half a decade above the centre
     assert abs(table.lesson("lora", plans, out, record) - 10 ** 0.25) < 1e-12  # sqrt(1 x 10^0.5)
     assert table.lesson("sparta-x1", plans, out, record) is None  # a method MiniLM did not sweep
+
+
+def test_paper_table_lists_sparta_optima_with_their_run_lengths_for_the_refit(tmp_path):
+    """The refit of `auto` takes each finished SpaRTA sweep's (density, optimizer steps, chosen rate), read
+    from the records alone; LoRA's sweeps and unfinished ones are not points."""
+    table = _paper_table()
+    out, record = tmp_path / "runs", tmp_path / "record"
+    plans = []
+    for task, steps in (("rte", 213), ("mrpc", 312)):
+        methods = [table.sparta_method(m, 0.04, 3, 1) for m in (1.0, 4.0)] + [table.Method("lora", [], (1e-3, 3e-3, 1e-2), 1)]
+        plans.append((task, None, [], methods, "MiniLM"))
+        for method in methods[:2] + ([methods[2]] if task == "rte" else []):
+            for lr, score in zip(method.rates, (0.5, 0.7, 0.6)):  # each sweep chooses its centre
+                path = table.record_path(record, table.sweep_run(method, task, out, lr, 1), out)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"all_results": {"eval_accuracy": score, "eval_combined_score": score, "train_steps": steps}}))
+    points = table.sparta_optima(plans, out, record)
+    assert [(t, m, round(d, 6), s) for t, m, d, s, _ in points] == [
+        ("rte", "sparta-x1", 0.04, 213), ("rte", "sparta-x4", 0.16, 213), ("mrpc", "sparta-x1", 0.04, 312), ("mrpc", "sparta-x4", 0.16, 312)]
+    assert all(lr == table.rates("sparta", d, 1)[0] for _, _, d, _, lr in points)
+    # rates at the 63-step rule whatever the length: the fit finds the rule's exponent and no length term
+    c, a, b = table.fit_length_rule([(d, s, lr) for _, _, d, s, lr in points])
+    assert (c, a, abs(b)) == pytest.approx((2.5e-3, 0.6, 0.0), abs=1e-9)
+    assert "fit over 4 sweeps: lr* = 0.0025 * density^-0.60" in "\n".join(table.rate_fit(points))
