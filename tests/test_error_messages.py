@@ -11,7 +11,7 @@ import sys
 import typing
 
 import pytest
-from conftest import REPO
+from conftest import REPO, import_or_require
 
 from sparta_cli.cli import command_options, foreign_options, library_error
 from sparta_cli.config import Recipe, _Strict, build_recipe
@@ -227,7 +227,7 @@ def test_library_failures_are_one_line_naming_what_failed(tmp_path):
     message = library_error(_raised(lambda: datasets.load_dataset("json", data_files=str(damaged), cache_dir=str(tmp_path / "cache"))))
     assert "the datasets library could not read the data (DatasetGenerationError" in str(message)
 
-    optuna = pytest.importorskip("optuna")
+    optuna = import_or_require("optuna")
     message = library_error(_raised(lambda: optuna.load_study(study_name="gone", storage="sqlite://")))
     assert isinstance(message, RunFailure) and "the study storage failed" in str(message)
 
