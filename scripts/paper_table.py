@@ -347,12 +347,16 @@ def rate_fit(points: list[tuple[str, str, float, int, float]]) -> list[str]:
     for task, label, density, steps, lr in points:
         centre = rates("sparta", density, 1)[0]
         lines.append(f"| {task} | {label} | {density:.4g} | {steps} | {lr:.3g} | {centre:.3g} | {lr / centre:.2f} |")
+    if len(points) < 4:  # three points determine the three numbers exactly: no residual left to judge them by
+        return [*lines, f"\nno fit yet: {len(points)} sweeps finished; the fit's three numbers need four or more"]
     try:
         c, a, b = fit_length_rule([(d, s, lr) for _, _, d, s, lr in points])
-        lines.append(f"\nfit over {len(points)} sweeps: lr* = {c:.3g} * density^-{a:.2f} * steps^-{b:.2f}")
     except ValueError as exc:
-        lines.append(f"\nno fit yet: {exc}")
-    return lines
+        return [*lines, f"\nno fit yet: {exc}"]
+    residuals = [math.log10(lr / (c * d ** -a * s ** -b)) for _, _, d, s, lr in points]
+    rms = math.sqrt(sum(r * r for r in residuals) / len(residuals))
+    return [*lines, f"\nfit over {len(points)} sweeps: lr* = {c:.3g} * density^{-a:.2f} * steps^{-b:.2f} "
+                    f"(rms residual {rms:.2f} decades; the grid's step is 0.5)"]
 
 
 def _mean_std(values: list[float]) -> str:

@@ -185,3 +185,4 @@ def test_paper_table_lists_sparta_optima_with_their_run_lengths_for_the_refit(tm
     c, a, b = table.fit_length_rule([(d, s, lr) for _, _, d, s, lr in points])
     assert (c, a, abs(b)) == pytest.approx((2.5e-3, 0.6, 0.0), abs=1e-9)
     assert "fit over 4 sweeps: lr* = 0.0025 * density^-0.60" in "\n".join(table.rate_fit(points))
+    assert "no fit yet: 3 sweeps finished" in "\n".join(table.rate_fit(points[:3]))  # it would pass through them exactly
