@@ -14,7 +14,7 @@ mean ± std over seeds, the best step and the wall time per run. Methods: SpaRTA
 q,v's trainable count (x1) and at x4 of it, LoRA r=8 on q,v, full fine-tuning, head only; with
 `--extras`, after those, DoRA r=8 on q,v and SpaRTA x1/4 (one seed each). With `--smollm`, once MiniLM's
 sweeps are done: SmolLM2-135M on SST-2 (5,000 rows, one epoch, one seed), SpaRTA x1 and LoRA, each at
-its `auto` rate times the factor MiniLM's sweeps chose over theirs (`lesson`); `--mmlu`: SmolLM2's
+its sweep centre (`rates`) times the factor MiniLM's sweeps chose over theirs (`lesson`); `--mmlu`: SmolLM2's
 own MMLU lm-head accuracy, 0- and 5-shot.
 
 Restarts are cheap: every run checkpoints at each evaluation (the newest kept), so a killed run
@@ -65,7 +65,7 @@ class Method:
     rates: tuple[float, ...]
     seeds: int
     runs: dict[tuple[float, int], Path] = field(default_factory=dict)
-    centre: float = field(init=False)  # `training.lr: auto`'s rate, the middle of the sweep before any widening
+    centre: float = field(init=False)  # the sweep's centre (`rates`), its middle before any widening
 
     def __post_init__(self) -> None:
         self.centre = self.rates[len(self.rates) // 2]
@@ -255,8 +255,8 @@ def plan_runs(method: Method, task: str, out: Path, record: Path) -> None:
 
 
 def lesson(label: str, minilm: list[tuple], out: Path, record: Path) -> float | None:
-    """The factor between the rate MiniLM's sweeps chose for method `label` and `training.lr: auto`'s rate
-    they started from, the geometric mean over the table's tasks; None while any of those sweeps is
+    """The factor between the rate MiniLM's sweeps chose for method `label` and the centre they started
+    from, the geometric mean over the table's tasks; None while any of those sweeps is
     unfinished (its widenings included), so the factor, and the folder named by the rate it gives, never moves."""
     factors = []
     for task, _, _, methods, _ in minilm:
@@ -273,7 +273,7 @@ def lesson(label: str, minilm: list[tuple], out: Path, record: Path) -> float | 
 
 def smollm_plan(minilm: list[tuple], overrides: list[str], out: Path, record: Path, only: set[str] | None) -> tuple:
     """SmolLM2-135M on SST-2 (issue 24: 5,000 rows, one epoch, one seed): SpaRTA x1 (at SmolLM2's own
-    LoRA-matched density) and LoRA, each at its `auto` rate times the factor MiniLM's sweeps chose over
+    LoRA-matched density) and LoRA, each at its sweep centre (`rates`) times the factor MiniLM's sweeps chose over
     theirs. A method whose MiniLM sweeps are unfinished waits: a later run of the driver trains it."""
     base = [*PROTOCOL, "task.name=sst2", *SMOLLM_PROTOCOL, *overrides]
     base += schedule("sst2", base, SMOLLM)
