@@ -118,7 +118,7 @@ def predict(
     split: Annotated[str | None, typer.Option(help="split to predict (default: test; MNLI: test_matched or test_mismatched)")] = None,
     file: Annotated[Path | None, typer.Option(help="your own CSV/TSV/JSONL with the task's text fields (no labels needed)")] = None,
     task: Annotated[str | None, typer.Option(help="task of a merged checkpoint (default: the one it records)")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
+    overwrite: ReplaceOutput = False,
 ) -> None:
     """Predict a split or your own unlabeled file, one line per row in GLUE's submission format."""
     from sparta_cli.predict import run_predict
@@ -138,7 +138,7 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p", help="sample from the smallest set of tokens holding this probability")] = 1.0,
     seed: Annotated[int, typer.Option(help="seed of the sampling (the same seed gives the same completions)")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="prompts generated at once")] = 8,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
+    overwrite: ReplaceOutput = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate completions from a causal LM with its chat template applied, as a JSONL of {prompt, completion}."""

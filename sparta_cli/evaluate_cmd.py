@@ -206,7 +206,7 @@ def run_eval(target: str, *, task: str | None, split: str | None, output: Path |
         from sparta_cli.outputs import check_not_an_input, check_replaceable_file, recipe_inputs
 
         check_not_an_input(output, [Path(target).expanduser(), *recipe_inputs(recipe)], fix="choose another file for --output")
-        check_replaceable_file(output, command="eval", keys=("target", "metrics"))
+        check_replaceable_file(output, command="eval", example="eval_results.json")
     trained_limit = recipe.data.max_eval_samples
     if kind == RUN and trained_limit is not None and not any(o.startswith("data.max_eval_samples=") for o in overrides):
         recipe.data.max_eval_samples = None

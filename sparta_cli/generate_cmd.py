@@ -7,8 +7,8 @@ checkpoint or a base model (a folder, `pkg:` name or Hub name, with `model.*` ov
 `task.chat_template`, else the tokenizer's), as training rendered them; without one, or for a run
 trained on plain text (text rows, prompt_completion rows of strings: what the run records,
 `renders_chat`), they are given to the model as they are. The output is written atomically,
-replaces a file only with `--overwrite`, and is never one of the command's inputs; without
-`--output` the rows go to stdout.
+replaces only an earlier output of generate and only with `--overwrite`, and is never one of the
+command's inputs; without `--output` the rows go to stdout.
 """
 
 from __future__ import annotations
@@ -137,20 +137,17 @@ def run_generate(target: str, *, prompt: str | None = None, file: Path | None = 
                  trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """Generate a completion for every prompt and write the {prompt, completion} rows (JSONL)."""
     from sparta_cli.fileio import write_text
-    from sparta_cli.outputs import check_not_an_input
+    from sparta_cli.outputs import check_not_an_input, check_overwritable_file
 
     prompt_rows(prompt, file, chat=False)  # both inputs or none, a bad row: refused before the model loads
     if output is not None:
         output = Path(output)
-        if output.is_dir():
-            raise SpartaError(f"--output {output} is a folder: name a file, e.g. {output / 'completions.jsonl'}")
         given = [Path(target).expanduser(), *([Path(file).expanduser()] if file is not None else [])]
         check_not_an_input(output, given, fix="choose another file for --output")  # before the target is even read
     source = resolve_target(target, overrides, trust_remote_code)
     if output is not None:
         check_not_an_input(output, source.inputs, fix="choose another file for --output")  # the run's base and data too
-        if (output.exists() or output.is_symlink()) and not overwrite:
-            raise SpartaError(f"--output {output} exists: pass --overwrite to replace it, or choose another file")
+        check_overwritable_file(output, command="generate", overwrite=overwrite, example="completions.jsonl")
     generator = load_generator(source)
     rows = prompt_rows(prompt, file, chat=generator.template is not None)
     completions = generate(generator.model, generator.tokenizer, prompt_ids(rows, generator.tokenizer, generator.template),

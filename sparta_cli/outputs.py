@@ -7,6 +7,8 @@
 - A run folder (`sparta train`): `--overwrite` removes only the entries a sparta run writes
   (RUN_ENTRIES); a folder holding anything else is refused, never cleared, and a link in it is
   unlinked, never followed.
+- An output file (eval, predict, generate `--output`) is replaced only when it is an earlier output of the
+  same command (check_replaceable_file): a user's file is refused, `--overwrite` or not.
 - A merge or export output is replaced whole (fileio.replace_dir), so `--overwrite` replaces only a
   previous output of that command that holds nothing but the files it recorded writing (OUTPUT_FILES),
   and never a folder that is or holds one of the command's inputs, the current folder, the home folder
@@ -241,20 +243,51 @@ def _earlier_output(folder: Path, command: str) -> tuple[bool, set[str] | None]:
     return True, {str(name) for name in files} if isinstance(files, list) else None
 
 
-def check_replaceable_file(path: Path, *, command: str, keys: Sequence[str]) -> None:
-    """An output file may replace only an earlier output of the same command (a JSON object with `keys`),
-    never a file of the user's (`sparta eval RUN --output recipe.yaml`)."""
+def check_replaceable_file(path: Path, *, command: str, example: str) -> None:
+    """An existing output file may be replaced only when it is an earlier output of the same command
+    (FILE_SIGNATURES) or empty, never a file of the user's or a link (`sparta eval RUN --output recipe.yaml`)."""
     if path.is_dir():
-        raise SpartaError(f"--output {path} is a folder: name a file, e.g. {path / 'eval_results.json'}")
-    if not path.exists() and not path.is_symlink():
-        return
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
-    except (ValueError, OSError):
-        data = None
-    if not isinstance(data, dict) or not set(keys) <= set(data):
-        raise SpartaError(f"--output {path} exists and is not an earlier `sparta {command}` result: sparta replaces only "
+        raise SpartaError(f"--output {path} is a folder: name a file, e.g. {path / example}")
+    if (path.exists() or path.is_symlink()) and not _written_by(path, command):
+        raise SpartaError(f"--output {path} exists and is not an earlier `sparta {command}` output: sparta replaces only "
                           "its own files; choose a new file name")
+
+
+def check_overwritable_file(path: Path, *, command: str, overwrite: bool, example: str) -> None:
+    """check_replaceable_file, and an existing output replaced only with `--overwrite` (predict, generate)."""
+    check_replaceable_file(path, command=command, example=example)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise SpartaError(f"--output {path} exists: pass --overwrite to replace it, or choose another file")
+
+
+def _eval_result(head: str) -> bool:
+    data = json.loads(head)
+    return isinstance(data, dict) and {"target", "metrics"} <= set(data)
+
+
+def _completion_row(head: str) -> bool:
+    data = json.loads(head.partition("\n")[0])
+    return isinstance(data, dict) and set(data) == {"prompt", "completion"}
+
+
+# How each command's output file starts: eval a JSON object of its results, predict GLUE's header
+# (predict.format_predictions), generate {prompt, completion} JSONL rows.
+FILE_SIGNATURES = {
+    "eval": _eval_result,
+    "predict": lambda head: head.startswith("index\tprediction\n"),
+    "generate": _completion_row,
+}
+
+
+def _written_by(path: Path, command: str) -> bool:
+    """Whether the file at `path` is an earlier output of `command`; an empty file holds nothing to lose."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        text = path.read_text(encoding="utf-8")
+        return not text or FILE_SIGNATURES[command](text)
+    except (ValueError, OSError):
+        return False
 
 
 def check_report_folder(output: Path, names: Sequence[str]) -> None:

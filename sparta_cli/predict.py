@@ -57,7 +57,7 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     from sparta_cli.evaluation import predict
     from sparta_cli.fileio import write_text
     from sparta_cli.models import check_model_source
-    from sparta_cli.outputs import check_not_an_input, recipe_inputs
+    from sparta_cli.outputs import check_not_an_input, check_overwritable_file, recipe_inputs
     from sparta_cli.placement import mixed_precision
     from sparta_cli.preflight import preflight
     from sparta_cli.tasks import resolve_task
@@ -65,16 +65,13 @@ def run_predict(target: str, *, split: str | None = None, file: Path | None = No
     if split is not None and file is not None:
         raise SpartaError("--split and --file name two inputs: pass one")
     output = Path(output)
-    if output.is_dir():
-        raise SpartaError(f"--output {output} is a folder: name a file, e.g. {output / 'predictions.tsv'}")
     kind = target_kind(target)
     if kind == BASE:
         raise SpartaError(f"{target} is a base model with no trained head: its predictions would be random; predict with a run or a merged checkpoint")
     recipe = eval_recipe(target, kind, task, list(overrides or []))
     inputs = [Path(target).expanduser(), *([Path(file).expanduser()] if file is not None else []), *recipe_inputs(recipe)]
     check_not_an_input(output, inputs, fix="choose another file for --output")  # before --overwrite is even asked about
-    if output.exists() and not overwrite:
-        raise SpartaError(f"--output {output} exists: pass --overwrite to replace it, or choose another file")
+    check_overwritable_file(output, command="predict", overwrite=overwrite, example="predictions.tsv")
     recipe.data.overlong = "truncate"  # one prediction per row: nothing dropped
     run_task = resolve_task(recipe.task)
     if not run_task.kind.trainable:

@@ -30,7 +30,8 @@ RAISED_FOR = {
     "evaluate_cmd.py": {"eval"}, "generate_cmd.py": {"generate"}, "generation.py": {"generate"}, "train.py": {"train"}, "runs.py": {"train"}, "checkpoint.py": {"train"},
     "tune": {"tune"}, "serve": {"serve"}, "config.py": {"validate", "train", "eval", "predict", "tune"},
     "outputs.py:check_clearable_run_dir": {"train"}, "outputs.py:check_output_dir": {"train"}, "outputs.py:check_replaceable": {"merge", "export"},
-    "outputs.py:check_replaceable_file": {"eval"}, "outputs.py:check_report_folder": {"report"},
+    "outputs.py:check_replaceable_file": {"eval", "predict", "generate"},
+    "outputs.py:check_overwritable_file": {"predict", "generate"}, "outputs.py:check_report_folder": {"report"},
     "outputs.py:_lock": {"train", "merge", "export"},
 }
 

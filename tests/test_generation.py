@@ -168,6 +168,19 @@ def test_prompt_rows_and_their_errors():
         parse_prompts([], chat=True)
 
 
+def test_generate_overwrite_replaces_its_own_output_and_never_a_users_file(tiny_chat_lm_dir, tmp_path):
+    from sparta_cli.generate_cmd import run_generate
+
+    out, mine = tmp_path / "out.jsonl", tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"prompt": "my own rows", "answer": "kept"}) + "\n")
+    first = run_generate(str(tiny_chat_lm_dir), prompt="Hi", output=out, sampling=Sampling(max_new_tokens=2))
+    again = run_generate(str(tiny_chat_lm_dir), prompt="Hello", output=out, sampling=Sampling(max_new_tokens=2), overwrite=True)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == again != first
+    with pytest.raises(SpartaError, match="is not an earlier `sparta generate` output"):
+        run_generate(str(tiny_chat_lm_dir), prompt="Hi", output=mine, overwrite=True)
+    assert json.loads(mine.read_text())["answer"] == "kept"
+
+
 def test_sparta_generate_writes_jsonl_safely(tiny_chat_lm_dir, tmp_path, capsys):
     from sparta_cli.generate_cmd import run_generate
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,12 +19,52 @@ from sparta_cli.outputs import (
     LOCK_FILE,
     RUN_ENTRIES,
     check_output_dir,
+    check_overwritable_file,
     check_replaceable,
+    check_replaceable_file,
     is_run_dir,
     lock_run_dir,
     prepare_output_dir,
     release_run_dir,
 )
+
+
+def _earlier_outputs() -> dict[str, str]:
+    """How each file-writing command's output starts, from the code that writes it."""
+    import numpy as np
+
+    from sparta_cli.predict import format_predictions
+
+    return {"predict": format_predictions(np.array([1, 0]), ("negative", "positive")),
+            "eval": json.dumps({"target": "run", "task": "sst2", "metrics": {"eval_accuracy": 0.5}}, indent=2),
+            "generate": json.dumps({"prompt": "Hi", "completion": "there"}) + "\n"}
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "generate"])
+def test_an_output_file_replaces_only_an_earlier_output_of_its_command(command, tmp_path):
+    outputs = _earlier_outputs()
+    ours, empty, mine = tmp_path / "ours", tmp_path / "empty", tmp_path / "notes.txt"
+    ours.write_text(outputs[command])
+    empty.write_text("")
+    mine.write_text("my notes\n")
+    (tmp_path / "link").symlink_to(ours)
+    others = [tmp_path / other for other in outputs if other != command]
+    for other in others:
+        other.write_text(outputs[other.name])
+    for path in (mine, tmp_path / "link", *others):  # --overwrite or not, a file it did not write stays
+        with pytest.raises(SpartaError, match=f"is not an earlier `sparta {command}` output"):
+            check_overwritable_file(path, command=command, overwrite=True, example="out")
+        with pytest.raises(SpartaError, match="is not an earlier"):
+            check_replaceable_file(path, command=command, example="out")
+    assert mine.read_text() == "my notes\n"
+    for path in (ours, empty):
+        check_replaceable_file(path, command=command, example="out")  # eval's rule: its own result is replaced
+        check_overwritable_file(path, command=command, overwrite=True, example="out")
+        with pytest.raises(SpartaError, match="exists: pass --overwrite"):
+            check_overwritable_file(path, command=command, overwrite=False, example="out")
+    check_overwritable_file(tmp_path / "new", command=command, overwrite=False, example="out")
+    with pytest.raises(SpartaError, match="is a folder: name a file, e.g. .*out"):
+        check_replaceable_file(tmp_path, command=command, example="out")
 
 
 def _run_folder(path: Path) -> Path:
