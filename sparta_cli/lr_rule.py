@@ -40,23 +40,14 @@ def fit_length_rule(points: Iterable[tuple[float, float, float]]) -> tuple[float
 
 
 def _log_least_squares(xs: list[tuple[float, ...]], ys: list[float]) -> tuple[float, ...]:
-    """(c, e1, e2, ...) of y = c * x1^-e1 * x2^-e2 ..., least squares in log space (normal equations)."""
-    rows = [[1.0, *(-math.log(x) for x in row)] for row in xs]
-    targets = [math.log(y) for y in ys]
-    n = len(rows[0])
-    # the normal equations A^T A w = A^T y, solved by Gaussian elimination with partial pivoting
-    m = [[sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * t for r, t in zip(rows, targets))] for i in range(n)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda i: abs(m[i][col]))
-        if abs(m[pivot][col]) < 1e-12:
-            raise ValueError("the points do not determine the fit (their densities and lengths move together)")
-        m[col], m[pivot] = m[pivot], m[col]
-        for i in range(n):
-            if i != col:
-                factor = m[i][col] / m[col][col]
-                m[i] = [a - factor * b for a, b in zip(m[i], m[col])]
-    w = [m[i][n] / m[i][i] for i in range(n)]
-    return (math.exp(w[0]), *w[1:])
+    """(c, e1, e2, ...) of y = c * x1^-e1 * x2^-e2 ..., least squares in log space."""
+    import numpy as np
+
+    design = np.column_stack([np.ones(len(xs)), -np.log(np.asarray(xs, dtype=float))])
+    weights, _, rank, _ = np.linalg.lstsq(design, np.log(np.asarray(ys, dtype=float)), rcond=None)
+    if rank < design.shape[1]:
+        raise ValueError("the points do not determine the fit (their densities and lengths move together)")
+    return (math.exp(weights[0]), *(float(w) for w in weights[1:]))
 
 
 def interpolated_optimum(points: Iterable[tuple[float, float]]) -> float:
