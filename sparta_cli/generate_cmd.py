@@ -119,7 +119,7 @@ def prompt_template(tokenizer, template_file: str | None, chat: bool) -> str | N
     return resolve_chat_template(tokenizer, user_path(template_file, "task.chat_template") if template_file else None)
 
 
-def prompt_rows(prompt: str | None, file: Path | None, chat: bool) -> list[SftRow]:
+def prompt_rows(prompt: str | None, file: Path | None, chat: bool | None) -> list[SftRow]:
     if (prompt is None) == (file is None):
         raise SpartaError("sparta generate needs one input: --prompt TEXT or --file PROMPTS.jsonl")
     if file is not None:
@@ -139,7 +139,7 @@ def run_generate(target: str, *, prompt: str | None = None, file: Path | None = 
     from sparta_cli.fileio import write_text
     from sparta_cli.outputs import check_not_an_input, check_overwritable_file
 
-    prompt_rows(prompt, file, chat=False)  # both inputs or none, a bad row: refused before the model loads
+    prompt_rows(prompt, file, chat=None)  # both inputs or none, a bad row: refused before the model loads
     if output is not None:
         output = Path(output)
         given = [Path(target).expanduser(), *([Path(file).expanduser()] if file is not None else [])]

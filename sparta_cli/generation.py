@@ -13,6 +13,7 @@ The metrics are pure functions of the texts: exact match after SQuAD's normalisa
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Sequence
@@ -43,7 +44,8 @@ class Sampling:
         if self.max_new_tokens < 1:
             raise SpartaError(f"--max-new-tokens {self.max_new_tokens} generates nothing: use 1 or more")
         if not self.temperature >= 0:  # also refuses NaN
-            raise SpartaError(f"--temperature {self.temperature} is negative: use 0 (greedy) or more")
+            what = "is not a number" if math.isnan(self.temperature) else "is negative"
+            raise SpartaError(f"--temperature {self.temperature} {what}: use 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
             raise SpartaError(f"--top-p {self.top_p} is not in (0, 1]: use e.g. 0.9, or 1 for no cut")
         if self.batch_size < 1:

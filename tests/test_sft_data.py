@@ -456,3 +456,47 @@ def test_real_rows_packed_give_the_loss_of_the_rows_one_by_one(smollm2):
     assert all(label == IGNORE for sequence in packed for label, position in zip(sequence.labels, sequence.position_ids) if position == 0)
     # measured: 5e-11 relative (with each row's first label on, the packed loss would be off by 1.2%)
     assert _token_losses(model, collate_packed(packed, pad_id=smollm2.pad_token_id)).item() == pytest.approx(one_by_one.item(), rel=1e-6)
+
+
+def test_json_a_reader_cannot_hold_and_text_that_is_not_unicode_name_the_line(tmp_path):
+    """A 5,000-digit number and 3,000 nested brackets ended in Python's ValueError/RecursionError (exit 1,
+    no line named); a `\\ud800` escape reached the tokenizer, whose error blamed the model's tokenizer files."""
+    for name, line, says in [("digits.jsonl", '{"text": ' + "9" * 5000 + "}", "invalid JSON (Exceeds the limit"),
+                             ("nested.jsonl", '{"text": ' + "[" * 3000 + "]" * 3000 + "}", "invalid JSON (nested too deeply to read)"),
+                             ("surrogate.jsonl", '{"text": "a\\ud800b"}', "holds text that is not valid Unicode")]:
+        (tmp_path / name).write_text('{"text": "fine"}\n' + line + "\n")
+        with pytest.raises(SpartaError, match=re.escape(f"{tmp_path / name} line 2: ") + ".*" + re.escape(says)):
+            read_sft_file(tmp_path / name)
+    (tmp_path / "cells.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""\\ud800""}]"\n')
+    with pytest.raises(SpartaError, match="`messages` holds text that is not valid Unicode"):
+        read_sft_file(tmp_path / "cells.csv")
+
+
+def test_templates_that_raise_any_error_of_their_own_are_one_line_and_one_that_wants_a_system_turn_is_kept(byte_tokenizer, tmp_path):
+    for source, says in [("{{ 1 / 0 }}", r"does not render \(ZeroDivisionError"),
+                         ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", r"does not render \(RecursionError")]:
+        with pytest.raises(SpartaError, match=says):
+            resolve_chat_template(byte_tokenizer, _write(tmp_path, source))
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    with pytest.raises(SpartaError, match="is a folder, not a file: name the template's Jinja file"):
+        resolve_chat_template(byte_tokenizer, folder)
+    needs_system = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('the first message must be a system message') }}{% endif %}"
+    template = resolve_chat_template(byte_tokenizer, _write(tmp_path, needs_system + CHATML_TEMPLATE))
+    assert template == needs_system + CHATML_TEMPLATE
+    with pytest.raises(SpartaError, match="does not render"):  # one that renders nothing a conversation can take
+        resolve_chat_template(byte_tokenizer, _write(tmp_path, "{{ raise_exception('never') }}"))
+
+
+def test_generate_refuses_a_conversation_for_a_plain_text_model_and_text_that_is_not_unicode():
+    from sparta_cli.generation import Sampling
+    from sparta_cli.sft import parse_prompts
+
+    conversation = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_prompts([("line 1", conversation)], chat=None)[0].messages  # before the model loads: not known yet
+    with pytest.raises(SpartaError, match=r"line 1: `messages` is a conversation, but this model gives prompts as plain text"):
+        parse_prompts([("line 1", conversation)], chat=False)
+    with pytest.raises(SpartaError, match="--prompt: holds text that is not valid Unicode"):
+        parse_prompts([("--prompt", {"prompt": "a\udcff"})], chat=None)  # argv's undecodable bytes, as Python passes them
+    with pytest.raises(SpartaError, match="--temperature nan is not a number"):
+        Sampling(temperature=float("nan"))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.tasks.files import json_kind, no_rows, read_table
+from sparta_cli.tasks.files import NOT_UNICODE, holds_lone_surrogate, json_kind, no_rows, parse_json_text, read_table
 
 Format = Literal["chat", "prompt_completion", "text"]
 FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text")
@@ -104,12 +104,12 @@ def parse_records(records: Iterable[tuple[str, Mapping[str, Any]]], format: Form
     return SftData(format=format or first[0].split(" ")[0], rows=tuple(rows))
 
 
-def read_prompt_file(path: Path, chat: bool) -> list[SftRow]:
+def read_prompt_file(path: Path, chat: bool | None) -> list[SftRow]:
     """The rows of a file to generate from (`sparta generate --file`), validated; see `parse_prompts`."""
     return parse_prompts(((f"{path} {place}", record) for place, record in _records(path)), chat, str(path))
 
 
-def parse_prompts(records: Iterable[tuple[str, Mapping[str, Any]]], chat: bool, source: str = "the prompts") -> list[SftRow]:
+def parse_prompts(records: Iterable[tuple[str, Mapping[str, Any]]], chat: bool | None, source: str = "the prompts") -> list[SftRow]:
     """Rows to generate from, each a prompt only (`prompt_messages` covers every message):
 
       {"prompt": "..."}          a user turn when `chat` (the model has a chat template), else the text as is
@@ -117,11 +117,14 @@ def parse_prompts(records: Iterable[tuple[str, Mapping[str, Any]]], chat: bool, 
       {"messages": [messages]}   the same; a final assistant turn (a reference answer) is left out
 
     Other fields (`completion`, ids) are ignored, so an SFT validation file generates as it is. A text
-    prompt is kept in `prompt` also when it became a user turn."""
+    prompt is kept in `prompt` also when it became a user turn. `chat` None: not known yet (the rows
+    checked before the model loads), so conversations pass."""
     rows = []
     for where, record in records:
         if "messages" in record and "prompt" in record:
             raise SpartaError(f"{where}: the row has both `messages` and `prompt`: keep one")
+        if holds_lone_surrogate(record):  # --prompt's undecodable bytes; a file's rows were checked as read
+            raise SpartaError(f"{where}: {NOT_UNICODE}: fix the text")
         field = "messages" if "messages" in record else "prompt"
         value = record.get(field)
         if value is None:
@@ -136,6 +139,9 @@ def parse_prompts(records: Iterable[tuple[str, Mapping[str, Any]]], chat: bool, 
                 continue
             messages: tuple[dict[str, str], ...] = ({"role": "user", "content": value},)
         else:
+            if chat is False:
+                raise SpartaError(f"{where}: `{field}` is a conversation, but this model gives prompts as plain text (it has no chat "
+                                  'template, or its run trained on plain text): write {"prompt": "..."} rows')
             messages = _messages(_decode_json(value, where), field, where)
             if field == "messages" and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
@@ -232,10 +238,13 @@ def _decode_json(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise SpartaError(f"{where}: `messages` is text but not JSON ({exc.msg}); write it as a JSON list of "
+        decoded = parse_json_text(value)
+    except ValueError as exc:
+        raise SpartaError(f"{where}: `messages` is text but not JSON ({exc}); write it as a JSON list of "
                           '{"role": ..., "content": ...} objects') from None
+    if holds_lone_surrogate(decoded):
+        raise SpartaError(f"{where}: `messages` {NOT_UNICODE}: fix that row")
+    return decoded
 
 
 def _text(value: Any, field: str, where: str) -> str:

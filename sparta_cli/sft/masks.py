@@ -54,6 +54,8 @@ def resolve_chat_template(tokenizer, template_file: Path | None = None) -> str:
     Templates run in transformers' sandboxed Jinja environment, so a file cannot reach beyond the
     messages it is given. One sample render here turns a broken file into one error, not one per row."""
     if template_file is not None:
+        if template_file.is_dir():
+            raise SpartaError(f"task.chat_template {template_file} is a folder, not a file: name the template's Jinja file")
         if not template_file.is_file():
             raise SpartaError(f"task.chat_template {template_file} not found: fix the path")
         template = read_text(template_file)
@@ -69,7 +71,11 @@ def resolve_chat_template(tokenizer, template_file: Path | None = None) -> str:
     try:
         _render(tokenizer, template, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     except _template_errors() as exc:
-        raise SpartaError(f"{origin} does not render ({type(exc).__name__}: {_first_line(exc)}): fix the template") from None
+        try:  # a template may demand a system turn first: the data's conversations then have one
+            _render(tokenizer, template, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                    add_generation_prompt=True)
+        except _template_errors():
+            raise SpartaError(f"{origin} does not render ({type(exc).__name__}: {_first_line(exc)}): fix the template") from None
     return template
 
 
@@ -191,7 +197,7 @@ def _template_errors() -> tuple[type[BaseException], ...]:
     Python errors a template's expressions can hit."""
     import jinja2
 
-    return (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+    return (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -98,19 +98,55 @@ def json_kind(value: Any) -> str:
             type(None): "null value"}.get(type(value), type(value).__name__)
 
 
+def parse_json_text(text: str) -> Any:
+    """json.loads, with every way a text fails (bad syntax, a number past Python's digit limit, nesting
+    past the interpreter's depth) as a ValueError whose text is the reason, for a one-line error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except ValueError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+
+
+def holds_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds text with an unpaired UTF-16 surrogate (JSON's `\\ud800` escape,
+    or a command-line argument's undecodable bytes): text that no tokenizer or encoder takes."""
+    values = [value]
+    while values:  # no recursion: a decoded value may nest nearly as deep as the interpreter allows
+        item = values.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            values += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            values += item
+    return False
+
+
+NOT_UNICODE = "holds text that is not valid Unicode (an unpaired \\ud800-\\udfff surrogate)"
+
+
 def _jsonl_records(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpartaError(f"{path} line {number}: invalid JSON ({exc.msg}): fix that line") from None
+            record = parse_json_text(line)
+        except ValueError as exc:
+            raise SpartaError(f"{path} line {number}: invalid JSON ({exc}): fix that line") from None
         if not isinstance(record, dict):
             raise SpartaError(f"{path} line {number}: holds a {json_kind(record)}, not a JSON object: write "
                               "one object per line, its fields named as the task reads them (e.g. {\"text\": ..., \"label\": ...}, "
                               "or {\"messages\": [...]} for SFT)")
+        if holds_lone_surrogate(record):
+            raise SpartaError(f"{path} line {number}: {NOT_UNICODE}: fix that line")
         rows.append((number, record))
     if not rows:
         raise no_rows(path)
