@@ -748,3 +748,99 @@ def test_the_admin_routes_exist_only_with_adapters_dir_and_open_hosts_need_a_key
     assert result.exit_code != 0 and "without an API key would let anyone load" in str(result.exception)
     result = sparta("serve", str(runs["vo"]), "--adapters-dir", str(tmp_path / "missing"))
     assert result.exit_code != 0 and "is not a folder" in str(result.exception)
+
+
+def test_damaged_adapters_hidden_links_and_odd_bodies_are_4xx_and_the_server_keeps_serving(pool, pool_reference, tiny_bert_nodropout_dir,
+                                                                                           tmp_path):
+    """Loading checks an adapter's tensors as eval does (NaN, a delta shorter than its indices, a head that
+    does not fit were each served, then answered 500); a link out behind a linked folder and a link loop
+    are refused; a lone surrogate escape or a body nested past the parser's depth is a 400, not a 500."""
+    from safetensors.torch import load_file, save_file
+
+    root = next(iter(pool.values())).parent
+    damage = {"nan": lambda t, key: t[key].fill_(float("nan")), "short": lambda t, key: t.__setitem__(key, t[key][:-1]),
+              "headshape": lambda t, key: t.__setitem__("trained.classifier.weight", torch.zeros(2, 7))}
+    made = [*damage, "leak", "hop", "loopy"]
+    for name, edit in damage.items():
+        shutil.copytree(pool["a1"], root / name)
+        tensors = load_file(root / name / "adapter_model.safetensors")
+        edit(tensors, next(key for key in tensors if key.endswith(".delta")))
+        save_file(tensors, root / name / "adapter_model.safetensors")
+    (tmp_path / "secret").write_text("outside")
+    (root / "hop").mkdir()
+    (root / "hop" / "secret").symlink_to(tmp_path / "secret")
+    shutil.copytree(pool["a1"], root / "leak")
+    (root / "leak" / "extra").symlink_to(root / "hop", target_is_directory=True)  # inside the folder: only its contents lead out
+    shutil.copytree(pool["a1"], root / "loopy")
+    (root / "loopy" / "loop").symlink_to(root / "loopy" / "loop")
+    try:
+        with pool_server(tiny_bert_nodropout_dir, pool, max_batch=4, max_wait_ms=5) as client:
+            assert load(client, "a1").status_code == 201
+            for path, status, says in [("nan", 400, "`bert.encoder.layer.0.attention.output.dense.delta` holds inf or NaN"),
+                                       ("short", 400, "needs one floating delta per index"),
+                                       ("headshape", 400, "`classifier.weight` is (2, 7), which does not fit this base's (2, 32)"),
+                                       ("leak", 403, "leak/extra/secret is a symlink that leads outside --adapters-dir"),
+                                       ("loopy", 400, "loopy/loop is a symlink loop")]:
+                response = load(client, path)
+                assert response.status_code == status and says in response.json()["error"]["message"], (path, response.text)
+            for body, says in [('{"model": "a1", "input": ["\\ud800 ok"]}', "lone UTF-16 surrogate"),
+                               ("[" * 100_000, "nests too deeply")]:
+                response = client.post("/v1/classify", content=body.encode())
+                assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+            assert_matches(classify(client, "a1", TEXTS), pool_reference["a1"])
+    finally:
+        for name in made:
+            shutil.rmtree(root / name)
+
+
+def test_the_last_lora_adapter_unloaded_leaves_the_base_plain_and_lora_loads_again(pool, pool_reference, tiny_bert_nodropout_dir):
+    """Unloading the only PEFT adapter left PEFT's wrappers on the base with no adapter in them, and
+    every later LoRA or DoRA load failed (400 "Please specify at least one adapter to set")."""
+    import_or_require("peft")
+    with pool_server(tiny_bert_nodropout_dir, pool, max_batch=4, max_wait_ms=5) as client:
+        for _ in range(2):
+            assert load(client, "lora").status_code == 201
+            assert_matches(classify(client, "lora", TEXTS), pool_reference["lora"])
+            assert client.delete("/v1/adapters/lora").status_code == 200
+        assert load(client, "dora").status_code == 201
+        assert_matches(classify(client, "dora", TEXTS), pool_reference["dora"])
+
+
+def test_an_adapter_that_fails_to_apply_leaves_the_base_and_the_others_serving(pool, tiny_bert_nodropout_dir):
+    """A revert then a failed apply left `active` naming the reverted adapter: its requests then ran on
+    the base's weights, and every other adapter's failed."""
+    from sparta_cli.serve.registry import BASE_NAME, load_served
+
+    served = load_served(str(tiny_bert_nodropout_dir), [("a1", pool["a1"]), ("a2", pool["a2"])])
+    before = weights_digest(served.model)
+    served.activate("a1")
+    applied = weights_digest(served.model)
+
+    def fails() -> None:
+        raise RuntimeError("a failure part-way")
+
+    served.entries["a2"].swap.apply = fails
+    with pytest.raises(RuntimeError, match="part-way"):
+        served.activate("a2")
+    assert served.active is served.entries[BASE_NAME] and weights_digest(served.model) == before
+    served.activate("a1")
+    assert weights_digest(served.model) == applied
+
+
+def test_serve_refuses_a_wait_that_never_ends_and_a_key_file_that_is_not_text(runs, tmp_path, monkeypatch):
+    """--max-wait-ms inf (or nan, or past a minute) hung every request; a non-UTF-8 key file was a traceback.
+    Both are refused before the model loads (a server that started would serve on: the load fails here)."""
+    from sparta_cli.serve import registry
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the options were checked")
+
+    monkeypatch.setattr(registry, "load_served", no_load)
+    binary = tmp_path / "key.bin"
+    binary.write_bytes(b"\xff\xfe\x00key")
+    for args, says in [(("--max-wait-ms", "inf"), "--max-wait-ms inf: give 0 to 60,000"),
+                       (("--max-wait-ms", "nan"), "--max-wait-ms nan: give 0 to 60,000"),
+                       (("--max-wait-ms", "60001"), "--max-wait-ms 60001.0: give 0 to 60,000"),
+                       (("--api-key-file", str(binary)), "is not UTF-8 text")]:
+        result = sparta("serve", str(runs["vo"]), *args)
+        assert getattr(result.exception, "exit_code", None) == 2 and says in str(result.exception), (args, result.output, result.exception)

@@ -27,11 +27,17 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
+MAX_WAIT_MS = 60_000  # --max-wait-ms: a batch waits at most a minute to fill
+
+
 def read_api_key(path: Path) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SpartaError(f"--api-key-file {path} does not exist: write the key (one line) to a file only you can read")
-    key = path.read_text(encoding="utf-8").strip()
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise SpartaError(f"--api-key-file {path} is not UTF-8 text: write the key as one line of text") from None
     if not key or len(key.splitlines()) > 1:
         raise SpartaError(f"--api-key-file {path} must hold the key on one line")
     return key
@@ -80,8 +86,8 @@ def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: in
     """Load the base once and every adapter beside it, then answer HTTP until SIGINT/SIGTERM (which drains)."""
     if max_batch < 1:
         raise SpartaError(f"--max-batch {max_batch}: give 1 or more")
-    if max_wait_ms < 0:
-        raise SpartaError(f"--max-wait-ms {max_wait_ms}: give 0 or more")
+    if not 0 <= max_wait_ms <= MAX_WAIT_MS:  # nan fails too; an infinite wait would hang every request
+        raise SpartaError(f"--max-wait-ms {max_wait_ms}: give 0 to {MAX_WAIT_MS:,} (a minute)")
     if not 0 < port < 65536:
         raise SpartaError(f"--port {port}: give a port from 1 to 65535")
     check_port(host, port)

@@ -35,6 +35,7 @@ from sparta_cli.serve.metrics import ServerMetrics
 from sparta_cli.serve.registry import ADAPTER_NAME, BASE_NAME, RequestError, ServedModel, ServedModels, run_folder_under
 from sparta_cli.serve.scheduler import Scheduler
 from sparta_cli.sft import SftRow
+from sparta_cli.tasks.files import holds_lone_surrogate
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 inputs of ~4 KB each
 MAX_INPUTS = 256  # inputs per request
@@ -295,8 +296,12 @@ def parse_json(body: bytes, needs: str = "model") -> dict[str, Any]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the body is not JSON ({exc}): send {{\"model\": NAME, \"input\": [TEXT, ...]}}") from None
+    except RecursionError:
+        raise RequestError(400, "the body nests too deeply to read: send {\"model\": NAME, \"input\": [TEXT, ...]}") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "the body must be a JSON object: {\"model\": NAME, \"input\": [TEXT, ...]}")
+    if holds_lone_surrogate(payload):  # JSON's "\ud800" escapes: no tokenizer or response encoder takes one
+        raise RequestError(400, "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff unpaired): send valid Unicode text")
     if needs == "model" and "model" not in payload:
         raise RequestError(400, "the body has no `model`: name an adapter (GET /v1/models lists them)")
     if needs == "path" and "path" not in payload:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -149,6 +148,7 @@ class ServedModels:
             start = time.perf_counter()
             if self.active.swap is not None:
                 self.active.swap.revert()
+                self.active = self.entries[BASE_NAME]  # the base, until `target` is applied: a failed apply leaves no stale name
             if target.swap is not None:
                 target.swap.apply()
             self.active = target
@@ -284,8 +284,8 @@ class ServedModels:
         with self.lock:
             if self.active is entry:
                 self.activate(self.entries[BASE_NAME])
-            if isinstance(entry.swap, PeftSwap):
-                entry.swap.unload()
+            if isinstance(entry.swap, PeftSwap) and entry.swap.unload():
+                self.peft_model = None  # the next LoRA/DoRA run wraps the plain base anew
 
 
 def run_folder_under(root: Path, given: Any) -> Path:
@@ -300,16 +300,32 @@ def run_folder_under(root: Path, given: Any) -> Path:
         raise RequestError(400, f"`path` {given!r} climbs out with `..`: name a run folder under --adapters-dir")
     base = root.resolve()
     folder = root / relative
-    if not folder.resolve().is_relative_to(base):
+    if not _resolved(folder, given).is_relative_to(base):
         raise RequestError(403, f"`path` {given!r} is a symlink that leads outside --adapters-dir: serve only what is under it")
     if not folder.is_dir():
         raise RequestError(404, f"no run folder {given!r} under --adapters-dir (GET /v1/models lists what is served)")
-    for parent, dirs, files in os.walk(folder):
-        for item in (*dirs, *files):
-            if not (Path(parent) / item).resolve().is_relative_to(base):
-                inside = (Path(parent) / item).relative_to(folder)
+    seen: set[Path] = set()
+    folders = [folder]
+    while folders:  # every entry, links followed into linked folders too (each real folder once: a loop ends)
+        current = folders.pop()
+        if (real := current.resolve()) in seen:
+            continue
+        seen.add(real)
+        for entry in sorted(current.iterdir()):
+            inside = entry.relative_to(folder)
+            target = _resolved(entry, f"{given}/{inside}")
+            if not target.is_relative_to(base):
                 raise RequestError(403, f"{given}/{inside} is a symlink that leads outside --adapters-dir: serve only what is under it")
+            if target.is_dir():
+                folders.append(entry)
     return folder
+
+
+def _resolved(path: Path, shown: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a link loop (RuntimeError before Python 3.13)
+        raise RequestError(400, f"{shown} is a symlink loop: remove the link") from None
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
@@ -450,8 +466,8 @@ def _same_base(a: ModelConfig, b: ModelConfig) -> bool:
 
 def _load_adapter(name: str, path: Path, model: nn.Module, params: BaseParameters, recipe: Recipe, task: Task) -> ServedModel:
     from sparta_cli.models import fit_max_length
-    from sparta_cli.runs import read_adapter_config, read_adapter_tensors
-    from sparta_cli.tuners import check_base_matches
+    from sparta_cli.runs import read_adapter_config
+    from sparta_cli.tuners import check_base_matches, get_tuner
 
     config = read_adapter_config(path)
     method = config.get("method")
@@ -465,5 +481,5 @@ def _load_adapter(name: str, path: Path, model: nn.Module, params: BaseParameter
     fit_max_length(recipe, model)
     if method in PEFT_METHODS:  # its swap is PEFT's, made by `ServedModels.load_run` between batches
         return ServedModel(name, task, recipe, method, None, None, recipe.adapter.r, config.get("trainable_params"), str(path))
-    swap = SparseSwap(params, read_adapter_tensors(path), list(config.get("head_modules", [])), method)
+    swap = SparseSwap(params, get_tuner(method).read_tensors(path), list(config.get("head_modules", [])), method)  # checked: finite, whole
     return ServedModel(name, task, recipe, method, swap, config.get("density"), None, config.get("trainable_params"), str(path))

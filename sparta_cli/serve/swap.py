@@ -103,6 +103,9 @@ class SparseSwap:
             name = key.removeprefix(TRAINED_PREFIX)
             if name not in params or not in_modules(name, head_modules):
                 raise SpartaError(f"the adapter trains `{name}`, which is not part of this base model's head: serve takes SpaRTA and head-only runs")
+            if value.shape[1:] != params[name].shape[1:] or value.dim() != params[name].dim():
+                raise SpartaError(f"the adapter's `{name}` is {tuple(value.shape)}, which does not fit this base's {tuple(params[name].shape)}: "
+                                  "serve it on its own base")
             self.head[name] = value.to(device)
         # the head by module, as a batch of several adapters runs each row's own (`mixed.row_adapters`)
         self.head_modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -159,6 +162,12 @@ class PeftSwap:
         self.peft_model.base_model.disable_adapter_layers()
         self.applied = False
 
-    def unload(self) -> None:
-        """Drop its layers' weights from the model (the caller has reverted it, between batches)."""
+    def unload(self) -> bool:
+        """Drop its layers' weights from the model (the caller has reverted it, between batches). The last
+        adapter takes PEFT's wrappers with it, the base plain again (True): PEFT loads no adapter into a
+        PeftModel left with none."""
+        if list(self.peft_model.peft_config) == [self.adapter_name]:
+            self.peft_model.unload()
+            return True
         self.peft_model.delete_adapter(self.adapter_name)
+        return False
