@@ -35,6 +35,7 @@ from sparta_cli.runs import (
     causal_lm_architecture,
     eval_results_name,
     has_checkpoints,
+    kept_chat_template,
     read_run,
     run_config_path,
 )
@@ -82,6 +83,8 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
     path = Path(target).expanduser()
     if kind == RUN:
         raw = _run_recipe(path)
+        if raw["task"].get("chat_template"):  # the copy the run kept, not the path's file in this folder
+            raw["task"]["chat_template"] = kept_chat_template(path, raw["task"]["chat_template"])
         trained_on = raw["task"].get("name") or "custom"
         if task is not None and task != trained_on:
             if raw["task"].get("type") != "sft":

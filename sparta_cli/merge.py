@@ -39,7 +39,7 @@ from sparta_cli.models import (
     resolve_model_path,
 )
 from sparta_cli.outputs import MERGE_MARKER, OUTPUT_FILES, check_replaceable, locked_output, output_files
-from sparta_cli.runs import CONFIG_FILE, Run, read_run
+from sparta_cli.runs import CONFIG_FILE, Run, kept_chat_template, read_run
 from sparta_cli.tuners import get_tuner
 from sparta_cli.tuners.sparta.layer import written_values
 
@@ -562,8 +562,9 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
 
 
 def trained_chat_template(run: Run) -> str | None:
-    """The Jinja file an SFT run trained with (`task.chat_template`), when it is still there to copy."""
-    recorded = (run.config.get("task") or {}).get("chat_template")
+    """The Jinja file an SFT run trained with (`task.chat_template`: the run's copy, else the recorded file
+    when it is still there to copy)."""
+    recorded = kept_chat_template(run.path, (run.config.get("task") or {}).get("chat_template"))
     if not recorded:
         return None
     path = Path(recorded).expanduser()

@@ -89,14 +89,16 @@ def check_sft_rows(recipe: Recipe, task: Task, source: str, splits: Sequence[str
     makes, so the command that follows reuses it), with the tokenizer alone. Once per launch (rank 0)."""
     if os.environ.get("RANK", "0") != "0":
         return
-    from sparta_cli.data import tokenize_split
+    from sparta_cli.data import tokenize_split, validation_indices
     from sparta_cli.generation import generation_sets
     from sparta_cli.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model, source)
     for split in splits:
         if split == "train":
-            tokenize_split(task, split, tokenizer, recipe, recipe.data.max_train_samples, recipe.seed)
+            rows = len(tokenize_split(task, split, tokenizer, recipe, recipe.data.max_train_samples, recipe.seed).dataset)
+            if recipe.data.validation_size is not None:  # what training holds out of them, or its one-line refusal
+                validation_indices(rows, recipe.data.validation_size, recipe.seed)
         else:
             tokenize_split(task, split, tokenizer, recipe, recipe.data.max_eval_samples)
     # task.generation_metrics: the prompts the evaluations generate from (text rows have none)

@@ -27,13 +27,13 @@ import torch
 from rich.markup import escape
 
 from sparta_cli.checkpoint import TrainerState, checkpoints, usable_checkpoint
-from sparta_cli.config import Recipe, recipe_changes
+from sparta_cli.config import Recipe, recipe_changes, user_path
 from sparta_cli.console import TrainingProgress, console
 from sparta_cli.data import task_loader, tokenize_split, validation_indices
 from sparta_cli.dtensors import local_tensor
 from sparta_cli.errors import Diverged, Interrupted, SpartaError
 from sparta_cli.evaluation import evaluate_split
-from sparta_cli.fileio import append_jsonl, read_json, write_json
+from sparta_cli.fileio import append_jsonl, read_json, read_text, write_json, write_text
 from sparta_cli.generation import generation_sets
 from sparta_cli.metrics import lower_is_better, selectable_metrics
 from sparta_cli.models import LoadedModel, fit_max_length, lm_heads
@@ -43,6 +43,7 @@ from sparta_cli.placement import Placement, load_trained_model, mixed_precision,
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
     ALL_RESULTS,
+    CHAT_TEMPLATE_FILE,
     EVAL_RESULTS,
     RECIPE_FILE,
     TRAIN_RESULTS,
@@ -218,6 +219,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         say(f"[bold]sparta train[/] {task.name} · {recipe.adapter.method} · {model.loaded.source}")
         say(model.adapter.summary_line())
         data = setup_data(recipe, task, model.loaded.tokenizer, accelerator, metric, say)
+        if recipe.task.chat_template:  # kept in the run (runs.kept_chat_template); a full run's tokenizer saves it too
+            model.loaded.tokenizer.chat_template = read_text(user_path(recipe.task.chat_template, "task.chat_template"))
+            if accelerator.is_main_process:
+                write_text(run_dir / CHAT_TEMPLATE_FILE, model.loaded.tokenizer.chat_template)
         optim, data = setup_optimizer(recipe, placement, data)
         trainable = dict(model.adapter.trainable())
         masks = model.adapter.mask_digests()  # resume checks the checkpoint trained these entries

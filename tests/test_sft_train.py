@@ -457,3 +457,50 @@ def test_a_split_with_no_answer_within_max_length_names_the_setting_that_applies
         with pytest.raises(SpartaError) as error:
             preflight(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "run", data={"max_length": 8, "overlong": overlong}))
         assert str(error.value).endswith(f"no row keeps an answer token within data.max_length=8{clause}: raise data.max_length")
+
+
+# ChatML with a marker line before every conversation: renders each message's content as it is (the mask holds),
+# and differs from the tiny Llama tokenizer's own ChatML
+MARKED_CHATML = ("# marked\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("method", ["sparta", "full"])
+def test_a_run_keeps_its_chat_template_and_every_command_reads_it_from_any_folder(method, tiny_llama_dir, chat_files, tmp_path,
+                                                                                  monkeypatch):
+    """A relative task.chat_template was read from the current folder by eval, generate, serve and merge:
+    from another folder it named another file (or none) and rendered with it without a word. The run now
+    keeps the template it trained with; a full run's own tokenizer carries it too."""
+    from transformers import AutoTokenizer
+
+    from sparta_cli.evaluate_cmd import RUN, eval_recipe
+    from sparta_cli.generate_cmd import load_generator, resolve_target
+    from sparta_cli.merge import trained_chat_template
+    from sparta_cli.runs import read_run
+    from sparta_cli.train import train
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for folder, text in ((here, MARKED_CHATML), (elsewhere, "{{ raise_exception('the template of another folder') }}")):
+        (folder / "tp").mkdir(parents=True)
+        (folder / "tp" / "chat.jinja").write_text(text)
+    monkeypatch.chdir(here)
+    run = train(sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "run", adapter={"method": method}, task={"chat_template": "tp/chat.jinja"},
+                           max_steps=1))
+    assert (run / "chat_template.jinja").read_text() == MARKED_CHATML
+    assert yaml.safe_load((run / "config.yaml").read_text())["task"]["chat_template"] == "tp/chat.jinja"  # the recipe as given
+    monkeypatch.chdir(elsewhere)
+    assert eval_recipe(str(run), RUN, None, []).task.chat_template == str(run / "chat_template.jinja")
+    assert load_generator(resolve_target(str(run))).template == MARKED_CHATML
+    assert trained_chat_template(read_run(run, tensors=False)) == MARKED_CHATML
+    if method == "full":
+        assert AutoTokenizer.from_pretrained(str(run)).chat_template == MARKED_CHATML
+
+
+def test_preflight_refuses_a_validation_size_the_training_rows_cannot_hold(tiny_llama_dir, tmp_path):
+    """`sparta validate` said ok, then `train` refused it after loading the weights."""
+    from sparta_cli.preflight import preflight
+
+    rows = write_chat(tmp_path / "five.jsonl", 5)
+    with pytest.raises(SpartaError, match=r"data.validation_size = 10 holds out 10 of the 5 training rows"):
+        preflight(sft_recipe(tiny_llama_dir, rows, tmp_path / "run", data={"validation_size": 10}))
+    preflight(sft_recipe(tiny_llama_dir, rows, tmp_path / "run", data={"validation_size": 2}))

@@ -26,6 +26,7 @@ from sparta_cli.runs.layout import (  # the names and the adapter files as store
     ADAPTER_FILE,
     ALL_RESULTS,
     BEST_FILE,
+    CHAT_TEMPLATE_FILE,
     CHECKPOINT_CONFIG_FILE,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE_PATTERNS,
@@ -61,12 +62,12 @@ from sparta_cli.runs.layout import (  # the names and the adapter files as store
 )
 
 __all__ = [
-    "ADAPTER_FILE", "ALL_RESULTS", "BEST_FILE", "CHECKPOINT_CONFIG_FILE", "CHECKPOINT_DIR",
+    "ADAPTER_FILE", "ALL_RESULTS", "BEST_FILE", "CHAT_TEMPLATE_FILE", "CHECKPOINT_CONFIG_FILE", "CHECKPOINT_DIR",
     "CHECKPOINT_FILE_PATTERNS", "CONFIG_FILE", "CONFIG_YAML", "EVAL_RESULTS", "EVAL_RESULTS_PREFIX",
     "EVAL_RESULTS_SUFFIX", "MASKS_FILE", "OPTIMIZER_STATE", "OPTIMIZER_TENSORS", "PEFT_DIR", "RECIPE_FILE",
     "RUN_MARKERS", "Run", "SCHEDULER_STATE", "STATE_FILE", "TENSORBOARD_DIR", "TENSORS_FILE", "TRAINED_PREFIX",
     "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "causal_lm_architecture", "checkpoint_dir_name",
-    "eval_results_name", "has_checkpoints", "read_adapter_config", "read_adapter_tensors", "read_recipe_record",
+    "eval_results_name", "has_checkpoints", "kept_chat_template", "read_adapter_config", "read_adapter_tensors", "read_recipe_record",
     "read_run", "read_started_run", "rng_file", "run_config_path", "run_entry_patterns",
     "split_adapter_tensors", "truncate_log", "versions", "write_run_config",
 ]
@@ -90,6 +91,13 @@ def read_recipe_record(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):
         raise SpartaError(f"{path} is not a sparta run config: point `sparta report` at sparta run directories")
     return data
+
+
+def kept_chat_template(run_dir: Path, recorded: str | None) -> str | None:
+    """The template file an SFT run trained with: the copy it kept (CHAT_TEMPLATE_FILE), else, for a run
+    from before runs kept one, its recorded task.chat_template (a relative path starts at the current folder)."""
+    kept = Path(run_dir) / CHAT_TEMPLATE_FILE
+    return str(kept) if recorded and kept.is_file() else recorded
 
 
 @dataclass(frozen=True)

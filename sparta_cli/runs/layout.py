@@ -35,6 +35,9 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 # `sparta eval RUN` writes its scores beside the run: eval_results_<task>_<split>.json
 EVAL_RESULTS_PREFIX, EVAL_RESULTS_SUFFIX = "eval_results_", ".json"
+# The task.chat_template an SFT run trained with, kept in the run: eval, generate, serve and merge read it
+# whatever folder they run in. transformers' own name, so a `full` run's tokenizer saves the same file.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # save_pretrained's model and tokenizer files, which a `full` run's folder holds (as regular expressions)
 CHECKPOINT_FILE_PATTERNS = (
     r"config\.json", r"generation_config\.json", r"model(-\d+-of-\d+)?\.safetensors", r"model\.safetensors\.index\.json",
