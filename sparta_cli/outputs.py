@@ -249,7 +249,7 @@ def check_replaceable_file(path: Path, *, command: str, example: str) -> None:
     if path.is_dir():
         raise SpartaError(f"--output {path} is a folder: name a file, e.g. {path / example}")
     if (path.exists() or path.is_symlink()) and not _written_by(path, command):
-        raise SpartaError(f"--output {path} exists and is not an earlier `sparta {command}` output: sparta replaces only "
+        raise SpartaError(f"--output {path} exists and is not an earlier `sparta {command}` result: sparta replaces only "
                           "its own files; choose a new file name")
 
 

@@ -176,7 +176,7 @@ def test_generate_overwrite_replaces_its_own_output_and_never_a_users_file(tiny_
     first = run_generate(str(tiny_chat_lm_dir), prompt="Hi", output=out, sampling=Sampling(max_new_tokens=2))
     again = run_generate(str(tiny_chat_lm_dir), prompt="Hello", output=out, sampling=Sampling(max_new_tokens=2), overwrite=True)
     assert [json.loads(line) for line in out.read_text().splitlines()] == again != first
-    with pytest.raises(SpartaError, match="is not an earlier `sparta generate` output"):
+    with pytest.raises(SpartaError, match="is not an earlier `sparta generate` result"):
         run_generate(str(tiny_chat_lm_dir), prompt="Hi", output=mine, overwrite=True)
     assert json.loads(mine.read_text())["answer"] == "kept"
 

@@ -52,7 +52,7 @@ def test_an_output_file_replaces_only_an_earlier_output_of_its_command(command, 
     for other in others:
         other.write_text(outputs[other.name])
     for path in (mine, tmp_path / "link", *others):  # --overwrite or not, a file it did not write stays
-        with pytest.raises(SpartaError, match=f"is not an earlier `sparta {command}` output"):
+        with pytest.raises(SpartaError, match=f"is not an earlier `sparta {command}` result"):
             check_overwritable_file(path, command=command, overwrite=True, example="out")
         with pytest.raises(SpartaError, match="is not an earlier"):
             check_replaceable_file(path, command=command, example="out")
