@@ -32,11 +32,11 @@ import torch
 from sparta_cli import FORMAT_VERSION
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import replace_dir, write_json, write_safetensors, write_text
+from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
 from sparta_cli.merge import merged_config, meta_model
 from sparta_cli.models import resolve_model_path
 from sparta_cli.outputs import OUTPUT_FILES, check_replaceable, locked_output, output_files
-from sparta_cli.runs import ADAPTER_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
+from sparta_cli.runs import ADAPTER_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
 from sparta_cli.tuners import get_tuner
 
 FORMATS = ("sparta", "peft", "peft-sparta")
@@ -136,7 +136,8 @@ def _write_peft(run: Run, out: Path, value_dtype: torch.dtype) -> dict[str, Any]
 
         tensors = load_file(str(run.path / PEFT_DIR / ADAPTER_FILE))  # PEFT's file names, which sparta's own share
         write_safetensors(out / ADAPTER_FILE, {k: v.to(value_dtype) if v.is_floating_point() else v for k, v in tensors.items()}, {"format": "pt"})
-        shutil.copy(run.path / PEFT_DIR / CONFIG_FILE, out / CONFIG_FILE)
+        config = read_json(run.path / PEFT_DIR / CONFIG_FILE)
+        write_json(out / CONFIG_FILE, {**config, "base_model_name_or_path": base_reference(run)})  # not this machine's folder
         return {"library": "peft", "kind": run.method}
     tensors, r, padding = shira_tensors(run, value_dtype)
     config = ShiraConfig(r=r, mask_type="sparta", target_modules=sorted(run.indices), modules_to_save=list(run.config.get("head_modules", [])),
@@ -278,6 +279,8 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         if (run.path / CONFIG_YAML).is_file():
             shutil.copy(run.path / CONFIG_YAML, tmp / CONFIG_YAML)
+        if (run.config.get("task") or {}).get("chat_template") and (run.path / CHAT_TEMPLATE_FILE).is_file():
+            shutil.copy(run.path / CHAT_TEMPLATE_FILE, tmp / CHAT_TEMPLATE_FILE)  # the template the run trained with goes with it
         write_text(tmp / "README.md", model_card(run, format, info, size, sorted([*output_files(tmp), "README.md"])))
         trainable = int(run.config.get("trainable_params") or 0)
         result.update(info, bytes=size, trainable_params=trainable, bytes_per_param=size / max(1, trainable))

@@ -27,7 +27,7 @@ import torch
 from sparta_cli.config import ModelConfig
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import checkpoint_files, read_json, read_text, replace_dir, write_json, write_safetensors
+from sparta_cli.fileio import checkpoint_files, read_json, read_text, replace_dir, write_json, write_safetensors, write_text
 from sparta_cli.generate_cmd import renders_chat
 from sparta_cli.models import (
     DTYPES,
@@ -174,6 +174,10 @@ def check_same_base(runs: list[Run]) -> None:
         for module, shape in run.config.get("target_shapes", {}).items():
             if module in theirs and list(theirs[module]) != list(shape):
                 raise SpartaError(f"`{module}` is {shape} in {run.path} but {theirs[module]} in {first.path}: merge only runs on the same base")
+    kinds = {run.causal_lm: run for run in runs}
+    if len(kinds) > 1:
+        raise SpartaError(f"{kinds[True].path} is an SFT run (a causal LM) and {kinds[False].path} a classification run: "
+                          "merge runs of one kind")
     if len(runs) > 1:
         for run in runs:
             if not get_tuner(run.method).adds_up:
@@ -420,6 +424,9 @@ def stream_merge(files: list[Path], folder: Path, out: Path, config, combined, t
                           "and no run trained them: pass the base the adapter was trained on (--base)")
     config.architectures = model.config.architectures
     config.save_pretrained(out)
+    generation = folder / "generation_config.json"  # an instruct model's sampling defaults and extra end-of-turn ids
+    if runs[0].causal_lm and generation.is_file():
+        write_text(out / generation.name, read_text(generation))
     return writer.finish()
 
 

@@ -95,6 +95,12 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, str]:
             )
         for name in hits:
             chosen.setdefault(name, target)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, target in chosen.items():
+        if embeddings is not None and model.get_submodule(name).weight is embeddings.weight:
+            raise SpartaError(f"target `{target}` chooses {name}, whose weight is the input embeddings' (tie_word_embeddings): "
+                              "training it would change every input token's embedding too, which no merge or export "
+                              "reproduces; leave it out of adapter.targets")
     return dict(sorted(chosen.items(), key=lambda item: names.index(item[0])))
 
 

@@ -186,3 +186,75 @@ def test_an_sft_run_and_its_merge_are_scored_on_another_task_and_their_own_files
     validation = read_run(sft_run, tensors=False).config["task"].get("validation_file") or str(sft_run.parent / "val.jsonl")
     scored = run_eval(str(merged), task=None, split=None, output=tmp_path / "own.json", overrides=[f"task.validation_file={validation}"])
     assert scored["metrics"]["eval_num_examples"] == 4
+
+
+@pytest.mark.parametrize("method", ["sparta", "lora"])
+def test_a_target_tied_to_the_input_embeddings_is_refused_before_the_weights_load(method, tiny_chat_lm_dir, tmp_path):
+    """SpaRTA on a tied lm_head wrote W0 + delta into the embeddings too, which merge (untied, embeddings left
+    at the base) and every export (deltas dropped, or a PEFT layer on a tied weight) did not reproduce."""
+    from sparta_cli.preflight import preflight
+
+    recipe = build_recipe({"model": {"name_or_path": str(tiny_chat_lm_dir)}, "adapter": {"method": method, "targets": ["re:lm_head$"]},
+                           "task": {"type": "sft", "train_file": str(_chat(tmp_path / "train.jsonl", QUESTIONS))},
+                           "output_dir": str(tmp_path / "run")})
+    with pytest.raises(SpartaError, match=r"target `re:lm_head\$` chooses lm_head, whose weight is the input embeddings' "
+                                          r"\(tie_word_embeddings\).*leave it out of adapter.targets"):
+        preflight(recipe)
+
+
+def test_a_merge_keeps_the_bases_generation_config_and_runs_of_two_kinds_are_refused(sft_run, tiny_chat_lm_dir, tmp_path):
+    """The streamed merge dropped generation_config.json (an instruct model's sampling defaults and extra
+    end-of-turn ids); an SFT run merged with a classifier gave a checkpoint that depended on their order."""
+    from run_factory import make_run
+
+    from sparta_cli.merge import merge_runs
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_chat_lm_dir, base)
+    generation = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, 2], "temperature": 0.6, "top_p": 0.9}))
+    merged = tmp_path / "merged"
+    merge_runs([sft_run], output=merged, base=str(base))
+    assert json.loads((merged / "generation_config.json").read_text()) == {**generation, "eos_token_id": [1, 2], "temperature": 0.6, "top_p": 0.9}
+    classifier = make_run(tmp_path / "classifier", str(tiny_chat_lm_dir))
+    for runs in ([sft_run, classifier], [classifier, sft_run]):
+        with pytest.raises(SpartaError, match=r"is an SFT run \(a causal LM\) and .*classifier a classification run: merge runs of one kind"):
+            merge_runs(runs, output=tmp_path / "mixed")
+
+
+def test_an_export_carries_the_chat_template_its_run_kept(tiny_chat_lm_dir, tmp_path):
+    """No export held the template: once the file was gone (or edited), generate and merge of the export
+    failed (or rendered with another)."""
+    from sparta_cli.export import export_run
+    from sparta_cli.generate_cmd import load_generator, resolve_target
+    from sparta_cli.train import train
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("# marked\n" + tiny_chat_lm_tokenizer_template(tiny_chat_lm_dir))
+    run = train(build_recipe({"model": {"name_or_path": str(tiny_chat_lm_dir)}, "adapter": {"method": "sparta", "density": 0.5, "targets": ["v", "o"]},
+                              "task": {"type": "sft", "train_file": str(_chat(tmp_path / "train.jsonl", QUESTIONS)), "chat_template": str(template)},
+                              "data": {"max_length": 64}, "training": {"batch_size": 4, "max_steps": 1}, "output_dir": str(tmp_path / "run")}))
+    kept = template.read_text()
+    template.unlink()
+    for format in ("sparta", "peft"):
+        export_run(run, format=format, output=tmp_path / format)
+        assert (tmp_path / format / "chat_template.jinja").read_text() == kept
+    assert load_generator(resolve_target(str(tmp_path / "sparta"))).template == kept
+
+
+def tiny_chat_lm_tokenizer_template(folder: Path) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder)).chat_template
+
+
+def test_a_lora_export_names_the_base_as_the_run_does_not_this_machines_folder(tiny_bert_dir, tmp_path):
+    from run_factory import make_run
+
+    from sparta_cli.export import export_run
+
+    run = make_run(tmp_path / "lora", str(tiny_bert_dir), method="lora", targets=("q", "v"))
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model": {**config["base_model"], "name_or_path": "org/tiny-bert"}}))
+    export_run(run, format="peft", output=tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-bert"
