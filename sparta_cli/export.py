@@ -35,7 +35,7 @@ from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetensors, write_text
 from sparta_cli.merge import merged_config, meta_model
 from sparta_cli.models import resolve_model_path
-from sparta_cli.outputs import OUTPUT_FILES, check_replaceable, locked_output, output_files
+from sparta_cli.outputs import OUTPUT_FILES, check_replaceable, locked_output, model_inputs, output_files
 from sparta_cli.runs import ADAPTER_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
 from sparta_cli.tuners import get_tuner
 
@@ -258,8 +258,8 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
     if values not in VALUE_DTYPES:
         raise SpartaError(f"--values {values} is not supported: use fp32 or bf16")
     output = Path(output)
-    check_replaceable(output, command="export", inputs=[run_dir], overwrite=overwrite)
     run = read_run(run_dir)
+    check_replaceable(output, command="export", inputs=[run_dir, *model_inputs(run.base.get("name_or_path"))], overwrite=overwrite)
     tuner = get_tuner(run.method)
     if tuner.standalone:
         auto = "AutoModelForCausalLM" if run.causal_lm else "AutoModelForSequenceClassification"

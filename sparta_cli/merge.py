@@ -38,7 +38,7 @@ from sparta_cli.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from sparta_cli.outputs import MERGE_MARKER, OUTPUT_FILES, check_replaceable, locked_output, output_files
+from sparta_cli.outputs import MERGE_MARKER, OUTPUT_FILES, check_replaceable, locked_output, model_inputs, output_files
 from sparta_cli.runs import CONFIG_FILE, Run, kept_chat_template, read_run
 from sparta_cli.tuners import get_tuner
 from sparta_cli.tuners.sparta.layer import written_values
@@ -494,8 +494,9 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     runs = [read_run(d) for d in run_dirs]
     tuner = get_tuner(runs[0].method)
     base_name = base or runs[0].base.get("name_or_path")
-    local_base = Path(resolve_model_path(base_name)) if base_name else None
-    inputs = [*run_dirs, *([head_from] if head_from else []), *([local_base] if local_base and local_base.exists() else [])]
+    if base_name:
+        resolve_model_path(base_name)  # a `pkg:` base not installed: said here, before any output is looked at
+    inputs = [*run_dirs, *([head_from] if head_from else []), *model_inputs(base_name)]
     check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))

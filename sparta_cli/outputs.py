@@ -157,18 +157,23 @@ def check_not_an_input(output: Path, inputs: Sequence[Path], *, option: str = "-
         raise SpartaError(f"{option} {output}{link} {relation} the input {given}: sparta never writes over what it reads; {fix}")
 
 
-def recipe_inputs(recipe: Recipe) -> list[Path]:
-    """What a recipe reads from this machine: the base model's folder and the task's own data files (and
-    SFT's chat template file)."""
+def model_inputs(name_or_path: str | None) -> list[Path]:
+    """A model's folder on this machine, as an input no output may be written into; none for a Hub name."""
     from sparta_cli.models import resolve_model_path
 
     try:
-        model = [Path(resolve_model_path(recipe.model.name_or_path))]
+        folder = Path(resolve_model_path(name_or_path)) if name_or_path else None
     except SpartaError:  # a `pkg:` model not installed here: the command that loads it says so
-        model = []
+        return []
+    return [folder] if folder is not None and folder.exists() else []
+
+
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """What a recipe reads from this machine: the base model's folder and the task's own data files (and
+    SFT's chat template file)."""
     files = [Path(name).expanduser() for name in (recipe.task.train_file, recipe.task.validation_file, recipe.task.test_file,
                                                   recipe.task.chat_template) if name]
-    return [path for path in [*model, *files] if path.exists()]
+    return [*model_inputs(recipe.model.name_or_path), *[path for path in files if path.exists()]]
 
 
 # ---------------------------------------------------------------- merge and export outputs

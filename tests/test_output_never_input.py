@@ -114,6 +114,13 @@ def test_merge_output_never_goes_into_its_run(here):
     assert snapshot(here / "run") == before
 
 
+def test_export_and_merge_outputs_never_go_into_the_runs_base(here):
+    """Export listed only the run as its input: an output inside the base's folder was written there."""
+    for command in (["export", "run", "--format", "sparta"], ["merge", "run"]):
+        refused(*command, "--output", "tiny-bert/adapter", says="is inside the input tiny-bert")
+    assert sorted(p.name for p in (here / "tiny-bert").iterdir()) == ["config.json"]
+
+
 def tune_recipe(here: Path) -> Path:
     recipe = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     recipe["model"]["name_or_path"] = str(here / "tiny-bert")
