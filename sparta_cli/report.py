@@ -209,6 +209,10 @@ def group_runs(runs: list[ReportedRun], metric: str | None = None) -> tuple[list
             found = ", ".join(k.removeprefix("eval_") for k in run.results if k.startswith(("eval_", "test_"))) or "none"
             left_out.append((run.path, f"no {result_key(name)} in {ALL_RESULTS} (it has: {found})"))
             continue
+        value = run.results[result_key(name)]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            left_out.append((run.path, f"its {result_key(name)} is {value} (a correlation of constant predictions is nan)"))
+            continue
         key = (run.task, run.model, run.method, run.density, run.lora_r, name)
         settings = tuple(run.settings.items())
         group = groups.setdefault((*key, settings), Group(*key))

@@ -11,6 +11,7 @@ prints one tab-separated line per run: the output folder, the action (`new`, `fi
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,22 +86,34 @@ def main(argv: list[str]) -> int:
     baselines = "--baselines" in args
     args = [a for a in args if a != "--baselines"]
     full_lr = FULL_LR
-    if "--full-lr" in args:
-        i = args.index("--full-lr")
-        full_lr = float(args[i + 1])
-        del args[i: i + 2]
-    recipe, densities, seeds = args[0], args[1].split(), args[2].split() if len(args) > 2 else []
     try:
+        if "--full-lr" in args:
+            i = args.index("--full-lr")
+            full_lr = _rate(args[i + 1: i + 2])
+            del args[i: i + 2]
+        recipe, densities, seeds = args[0], args[1].split(), args[2].split() if len(args) > 2 else []
         planned = plan_sweep(recipe, densities, seeds, overrides, baselines, full_lr)
+        lines = []
+        for resolved, run_args in planned:
+            if any("\t" in a or "\n" in a for a in run_args):
+                raise SpartaError(f"override {run_args} holds a tab or newline: write it without one")
+            lines.append("\t".join([resolved.output_dir, run_action(resolved), *run_args]))  # a damaged config.yaml: one line
     except SpartaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    for resolved, run_args in planned:
-        if any("\t" in a or "\n" in a for a in run_args):
-            print(f"error: override {run_args} holds a tab or newline: write it without one", file=sys.stderr)
-            return 2
-        print("\t".join([resolved.output_dir, run_action(resolved), *run_args]))
+    for line in lines:
+        print(line)
     return 0
+
+
+def _rate(given: list[str]) -> float:
+    try:
+        rate = float(given[0])
+    except (IndexError, ValueError):
+        raise SpartaError(f"--full-lr {' '.join(given)}: give full fine-tuning's learning rate as a number, e.g. --full-lr 5e-5") from None
+    if not 0 < rate < math.inf:
+        raise SpartaError(f"--full-lr {given[0]}: give a positive learning rate, e.g. --full-lr 5e-5")
+    return rate
 
 
 if __name__ == "__main__":

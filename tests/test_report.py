@@ -295,3 +295,26 @@ def test_a_rerun_replaces_its_own_report_but_never_a_users_files(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out")])
     assert isinstance(result.exception, SpartaError) and "already holds report.csv" in str(result.exception)
     assert not (tmp_path / "elsewhere.csv").exists()
+
+
+def test_a_run_whose_metric_is_nan_is_left_out_saying_why(tmp_path):
+    """sparta writes NaN for a correlation of constant predictions; the report crashed on it (statistics' AttributeError)."""
+    fake_run(tmp_path / "runs", "fine-s1", ["seed=1"], 0.8)
+    fake_run(tmp_path / "runs", "flat-s2", ["seed=2"], float("nan"))
+    rows, output = run_report(tmp_path)
+    assert [(r["seeds"], r["mean"]) for r in rows] == [("1", "0.8")]
+    assert "flat-s2" in output and "is nan" in output
+
+
+def test_the_sweep_says_one_line_for_a_bad_rate_and_a_damaged_run_folder(tmp_path, capsys):
+    from sparta_cli.sweep import main
+
+    assert main(["--full-lr", "abc", str(RECIPE), "0.01"]) == 2
+    assert "--full-lr abc: give full fine-tuning's learning rate as a number" in capsys.readouterr().err
+    (resolved, _), = plan_sweep(str(RECIPE), ["0.01"], [], [layout(tmp_path / "runs")], False, 5e-5)
+    damaged = Path(resolved.output_dir)
+    damaged.mkdir(parents=True)
+    (damaged / "config.yaml").write_text("model: [\n")
+    assert main([str(RECIPE), "0.01", "--", layout(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "config.yaml" in err and len(err.strip().splitlines()) == 1

@@ -435,3 +435,39 @@ def test_the_start_line_prints_a_storage_without_its_password():
     assert shown_url("postgresql://ann:s3cret@db.example:5432/studies") == "postgresql://ann:***@db.example:5432/studies"
     assert "s3cret" not in shown_url("mysql+pymysql://root:s3cret@localhost/optuna")
     assert shown_url("/runs/tunes/stsb/journal.log") == "/runs/tunes/stsb/journal.log"
+
+
+def test_enqueued_points_outside_the_space_a_prefixed_metric_and_grid_with_enqueue_are_settled_before_any_trial(tmp_path, data_dir):
+    """An enqueued value not among the choices crashed a worker (and was then dropped); best_metric
+    eval_loss, which train takes, became eval_eval_loss; Optuna's grid ran an enqueued point twice."""
+    from sparta_cli.tune.settings import plan_study
+
+    path = _recipe(tmp_path, "unused", data_dir)
+    targets = ["adapter.targets=[[v, o], [q, k, v, o]]"]
+    with pytest.raises(SpartaError, match=r"tune.enqueue gives adapter.targets = \[q, v\], which is not one of its choices"):
+        plan_study(path, ["tune.enqueue=[{adapter.targets: [q, v]}]"], space_flags=targets)
+    with pytest.raises(SpartaError, match=r"tune.enqueue gives adapter.density = 0.5, outside its range"):
+        plan_study(path, ["tune.enqueue=[{adapter.density: 0.5}]"], space_flags=["adapter.density=log:1e-3..0.1"])
+    with pytest.raises(SpartaError, match="tune.enqueue does not go with tune.sampler = grid"):
+        plan_study(path, ["tune.sampler=grid", "tune.enqueue=[{adapter.density: 0.01}]"], space_flags=["adapter.density=[0.01, 0.05]"])
+    plan, _ = plan_study(path, ["training.best_metric=eval_loss", "tune.enqueue=[{adapter.targets: [v, o]}]"], space_flags=targets)
+    assert (plan.metric, plan.direction, plan.enqueue) == ("loss", "minimize", [{"adapter.targets": "[v, o]"}])
+
+
+def test_a_link_inside_the_logs_or_trials_of_a_study_folder_is_refused(tmp_path, data_dir, monkeypatch):
+    """Only the folder's own entries were checked: a link at logs/worker-0.log had the workers append to its target."""
+    from sparta_cli.tune.run import tune
+
+    _fake_study(monkeypatch)
+    path = _recipe(tmp_path, "unused", data_dir, trials=1)
+    tune(path)
+    folder, victim = tmp_path / "study", tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    for link in (folder / "logs" / "worker-0.log", folder / "trials" / "trial-0" / "trainer_log.jsonl"):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(victim)
+        with pytest.raises(SpartaError, match=f"holds `{link.relative_to(folder)}` as a link"):
+            tune(path, flags={"trials": 2})
+        link.unlink()
+    assert victim.read_text() == "mine\n"

@@ -115,6 +115,23 @@ def check_study_folder(plan: Plan) -> None:
         check = REWRITTEN.get(entry.name)
         if check is not None and not (entry.is_file() and _readable_and(check, entry)):
             raise _refuse(folder, f"holds a `{entry.name}` that sparta tune did not write (edited, or replaced?)")
+    for inside in (LOGS_DIR, TRIALS_DIR):  # a study appends to logs and trains into trials: a link there sends writes out
+        linked = _first_link(folder / inside, depth=2)
+        if linked is not None:
+            raise _refuse(folder, f"holds `{linked.relative_to(folder)}` as a link")
+
+
+def _first_link(folder: Path, depth: int) -> Path | None:
+    """The first link among `folder`'s entries, down `depth` levels of real folders."""
+    if depth == 0 or folder.is_symlink() or not folder.is_dir():
+        return None
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            return entry
+        found = _first_link(entry, depth - 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _readable_and(check: Callable[[Path], bool], path: Path) -> bool:

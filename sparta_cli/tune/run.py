@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from sparta_cli.config import build_recipe
 from sparta_cli.console import console
 from sparta_cli.errors import Interrupted, RunFailure, SpartaError
@@ -221,8 +223,8 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
         console.print(f"trial {old} was left running by a process that died: marked failed, its parameters run again as trial {new}")
     left = trials_left(study, plan.trials)
     space_text = "; ".join(f"{k}: {p.describe()}" for k, p in plan.params.items())
-    console.print(f"[bold]sparta tune[/] {plan.study}: {plan.trials} trials ({left} to run) · {plan.sampler} sampler · "
-                  f"{plan.pruner} pruner · {plan.direction} validation {plan.metric} · {space_text}")
+    console.print(f"[bold]sparta tune[/] {escape(plan.study)}: {plan.trials} trials ({left} to run) · {plan.sampler} sampler · "
+                  f"{plan.pruner} pruner · {plan.direction} validation {plan.metric} · {escape(space_text)}")  # [v, o] is no markup
     console.print(f"study folder {plan.study_dir} · storage {shown_url(plan.storage)}")
     try:
         if left > 0:

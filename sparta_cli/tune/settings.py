@@ -70,8 +70,8 @@ def objective(recipe: Recipe) -> tuple[str, str]:
     from sparta_cli.metrics import lower_is_better
     from sparta_cli.tasks import resolve_task
 
-    metric = recipe.training.best_metric or resolve_task(recipe.task).main_metric
-    return metric, "minimize" if lower_is_better(metric.removeprefix("eval_")) else "maximize"
+    metric = (recipe.training.best_metric or resolve_task(recipe.task).main_metric).removeprefix("eval_")  # train takes either
+    return metric, "minimize" if lower_is_better(metric) else "maximize"
 
 
 def plan_study(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), flags: dict[str, Any] | None = None,
@@ -105,6 +105,9 @@ def plan_study(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] =
         if ranges:
             raise SpartaError(f"tune.sampler = grid needs a list of choices for every key, but {', '.join(ranges)} "
                               "is a range: write e.g. adapter.density: [0.001, 0.01, 0.1]")
+    if settings.sampler == "grid" and settings.enqueue:  # Optuna's grid numbers its points by trial, enqueued or not
+        raise SpartaError("tune.enqueue does not go with tune.sampler = grid, which tries every point of the grid anyway: "
+                          "remove tune.enqueue")
     enqueue = [encode_params(params, flatten_space(values)) for values in settings.enqueue]
     for values in settings.enqueue:
         build_recipe(tree, [as_override(k, v) for k, v in flatten_space(values).items()])

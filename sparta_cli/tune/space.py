@@ -79,7 +79,20 @@ def encode_params(space: dict[str, Param], values: dict[str, Any]) -> dict[str, 
     if unknown:
         raise SpartaError(f"tune.enqueue names {', '.join(unknown)}, which the search space does not vary: "
                           f"use keys of tune.space ({', '.join(space)})")
-    return {key: _encode(value) if space[key].choices is not None else value for key, value in values.items()}
+    encoded = {}
+    for key, value in values.items():
+        param = space[key]
+        if param.choices is not None:
+            encoded[key] = _encode(value)
+            if encoded[key] not in [_encode(choice) for choice in param.choices]:
+                raise SpartaError(f"tune.enqueue gives {key} = {encoded[key]}, which is not one of its choices ({param.describe()}): "
+                                  "add it to tune.space, or enqueue one of them")
+        elif (isinstance(value, bool) or not isinstance(value, (int, float)) or not param.low <= value <= param.high
+              or (param.integer and value != int(value))):
+            raise SpartaError(f"tune.enqueue gives {key} = {value!r}, outside its range {param.describe()}: enqueue a value inside it")
+        else:
+            encoded[key] = value
+    return encoded
 
 
 def parse_param(key: str, spec: Any) -> Param:
