@@ -61,10 +61,14 @@ if TYPE_CHECKING:
 
 
 def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
+    """Optimizer steps in the run. Accelerate steps at the end of every epoch's batches, a short group of
+    fewer than grad_accum included, so an epoch is ceil(batches / grad_accum) steps, not a share of a total."""
     cfg = recipe.training
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    whole = math.floor(cfg.epochs)
+    rest = math.ceil((cfg.epochs - whole) * batches_per_epoch / cfg.grad_accum)
+    return max(1, whole * math.ceil(batches_per_epoch / cfg.grad_accum) + rest)
 
 
 class _StopNow(KeyboardInterrupt):

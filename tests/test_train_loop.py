@@ -76,3 +76,26 @@ def test_the_loss_window_gives_step_means_tokens_and_a_nonfinite_flag():
     window.end_step()
     loss_sum, _, nonfinite = window.read(one_process)
     assert nonfinite and loss_sum != loss_sum
+
+
+def test_every_epoch_is_trained_when_its_batches_do_not_fill_the_last_accumulation(tmp_path, tiny_bert_nodropout_dir, data_dir):
+    """Accelerate steps at every epoch's end, a short group included: 3 epochs of 5 batches with grad_accum 2
+    are 3 x 3 = 9 steps. The count was ceil(3 x 5 / 2) = 8, so the run stopped a batch before its third
+    epoch ended (with batch_size 40 and grad_accum 4: 1 step of the 3, two epochs never run)."""
+    from sparta_cli.train import total_steps
+
+    run = train(build_recipe({
+        "model": {"name_or_path": str(tiny_bert_nodropout_dir)},
+        "adapter": {"density": 0.1, "targets": ["v", "o"]},
+        "task": {"name": "sst2"},
+        "data": {"dir": str(data_dir), "max_length": 32, "max_train_samples": 40, "max_eval_samples": 16},
+        "training": {"epochs": 3, "batch_size": 8, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 0, "log_every": 1},
+        "seed": 3,
+        "output_dir": str(tmp_path / "epochs"),
+    }))
+    results = json.loads((run / "all_results.json").read_text())
+    assert (results["train_steps"], [r["epoch"] for r in _log(run) if "loss" in r][-1]) == (9, 3.0)
+    for epochs, batches, accumulation, steps in ((3, 5, 2, 9), (3, 1, 4, 3), (2.5, 10, 1, 25), (0.5, 10, 4, 2), (1, 8, 4, 2)):
+        recipe = build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "sst2"},
+                               "training": {"epochs": epochs, "grad_accum": accumulation}})
+        assert total_steps(recipe, batches) == steps, (epochs, batches, accumulation)
