@@ -471,3 +471,14 @@ def test_a_link_inside_the_logs_or_trials_of_a_study_folder_is_refused(tmp_path,
             tune(path, flags={"trials": 2})
         link.unlink()
     assert victim.read_text() == "mine\n"
+
+
+def test_a_key_removed_from_the_recipe_changes_the_study():
+    """Only the new recipe's keys were compared: a study resumed with adapter.density deleted trained its
+    next trials at the default density, in one study with the earlier ones."""
+    ours = {"recipe": {"model": {"name_or_path": "m"}, "task": {"name": "sst2"}, "adapter": {"method": "sparta"}},
+            "space": {}, "metric": "loss", "direction": "minimize"}
+    stored = json.loads(json.dumps(ours))
+    stored["recipe"]["adapter"]["density"] = 0.05
+    assert identity_differences(ours, stored) == ["recipe.adapter.density"]
+    assert identity_differences(stored, ours) == ["recipe.adapter.density"]

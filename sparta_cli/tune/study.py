@@ -258,8 +258,11 @@ def differences(ours: object, theirs: object, prefix: str = "") -> list[str]:
 
 def identity_differences(ours: dict[str, Any], stored: dict[str, Any]) -> list[str]:
     """Where a stored study's identity differs from this one's; a recipe key added to sparta since the
-    study started counts as its default there, so a study outlives an upgrade."""
-    recipe = [f"recipe.{name}" for name, _, _ in changed_keys(stored.get("recipe") or {}, ours["recipe"])]
+    study started counts as its default there, so a study outlives an upgrade, and a key left out of
+    either recipe counts as its default (both ways: a key removed from the recipe changes it too)."""
+    theirs = stored.get("recipe") or {}
+    names = {name for name, _, _ in [*changed_keys(theirs, ours["recipe"]), *changed_keys(ours["recipe"], theirs)]}
+    recipe = [f"recipe.{name}" for name in sorted(names)]
     return recipe + differences({k: v for k, v in ours.items() if k != "recipe"},
                                 {k: v for k, v in stored.items() if k != "recipe"})
 
