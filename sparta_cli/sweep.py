@@ -110,9 +110,9 @@ def _rate(given: list[str]) -> float:
     try:
         rate = float(given[0])
     except (IndexError, ValueError):
-        raise SpartaError(f"--full-lr {' '.join(given)}: give full fine-tuning's learning rate as a number, e.g. --full-lr 5e-5") from None
+        raise SpartaError(f"--full-lr {' '.join(given)}: give full fine-tuning's learning rate as a number, e.g. 5e-5") from None
     if not 0 < rate < math.inf:
-        raise SpartaError(f"--full-lr {given[0]}: give a positive learning rate, e.g. --full-lr 5e-5")
+        raise SpartaError(f"--full-lr {given[0]}: give a positive learning rate, e.g. 5e-5")
     return rate
 
 
