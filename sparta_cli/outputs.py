@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import LEFTOVER, make_dir, sweep_leftovers
 from sparta_cli.runs import RUN_MARKERS, has_checkpoints, run_entry_patterns
+from sparta_cli.tasks.files import parse_json_text
 
 if TYPE_CHECKING:
     from sparta_cli.config import Recipe
@@ -232,7 +232,7 @@ def _earlier_output(folder: Path, command: str) -> tuple[bool, set[str] | None]:
             marker = folder / MERGE_MARKER
             if not marker.is_file():
                 return False, None
-            files = json.loads(marker.read_text(encoding="utf-8")).get(OUTPUT_FILES)
+            files = parse_json_text(marker.read_text(encoding="utf-8")).get(OUTPUT_FILES)
         else:
             card = folder / "README.md"
             text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
@@ -240,7 +240,7 @@ def _earlier_output(folder: Path, command: str) -> tuple[bool, set[str] | None]:
                 return False, None
             front = text.split("\n---", 1)[0]
             line = next((line for line in front.splitlines() if line.startswith(f"{OUTPUT_FILES}: ")), None)
-            files = json.loads(line.removeprefix(f"{OUTPUT_FILES}: ")) if line else None
+            files = parse_json_text(line.removeprefix(f"{OUTPUT_FILES}: ")) if line else None
     except OSError:  # unreadable: not a known output
         return False, None
     except (ValueError, AttributeError):  # its record is not JSON, or not an object: written, with no record
@@ -266,12 +266,12 @@ def check_overwritable_file(path: Path, *, command: str, overwrite: bool, exampl
 
 
 def _eval_result(head: str) -> bool:
-    data = json.loads(head)
+    data = parse_json_text(head)
     return isinstance(data, dict) and {"target", "metrics"} <= set(data)
 
 
 def _completion_row(head: str) -> bool:
-    data = json.loads(head.partition("\n")[0])
+    data = parse_json_text(head.partition("\n")[0])
     return isinstance(data, dict) and set(data) == {"prompt", "completion"}
 
 

@@ -47,11 +47,13 @@ def test_an_output_file_replaces_only_an_earlier_output_of_its_command(command, 
     ours.write_text(outputs[command])
     empty.write_text("")
     mine.write_text("my notes\n")
+    deep = tmp_path / "deep.json"  # a user's JSON nested past the interpreter's depth is theirs too
+    deep.write_text("[" * 200_000 + "]" * 200_000)
     (tmp_path / "link").symlink_to(ours)
     others = [tmp_path / other for other in outputs if other != command]
     for other in others:
         other.write_text(outputs[other.name])
-    for path in (mine, tmp_path / "link", *others):  # --overwrite or not, a file it did not write stays
+    for path in (mine, deep, tmp_path / "link", *others):  # --overwrite or not, a file it did not write stays
         with pytest.raises(SpartaError, match=f"is not an earlier `sparta {command}` result"):
             check_overwritable_file(path, command=command, overwrite=True, example="out")
         with pytest.raises(SpartaError, match="is not an earlier"):
