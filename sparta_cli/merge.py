@@ -494,9 +494,8 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     runs = [read_run(d) for d in run_dirs]
     tuner = get_tuner(runs[0].method)
     base_name = base or runs[0].base.get("name_or_path")
-    if base_name:
-        resolve_model_path(base_name)  # a `pkg:` base not installed: said here, before any output is looked at
-    inputs = [*run_dirs, *([head_from] if head_from else []), *model_inputs(base_name)]
+    # strict: a `pkg:` base not installed is said here, before any output is looked at
+    inputs = [*run_dirs, *([head_from] if head_from else []), *model_inputs(base_name, strict=True)]
     check_replaceable(output, command="merge", inputs=inputs, overwrite=overwrite)
     check_same_base(runs)
     run_weights = parse_weights(weights, len(runs))

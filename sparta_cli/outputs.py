@@ -157,13 +157,16 @@ def check_not_an_input(output: Path, inputs: Sequence[Path], *, option: str = "-
         raise SpartaError(f"{option} {output}{link} {relation} the input {given}: sparta never writes over what it reads; {fix}")
 
 
-def model_inputs(name_or_path: str | None) -> list[Path]:
-    """A model's folder on this machine, as an input no output may be written into; none for a Hub name."""
+def model_inputs(name_or_path: str | None, *, strict: bool = False) -> list[Path]:
+    """A model's folder on this machine, as an input no output may be written into; none for a Hub name.
+    A `pkg:` model not installed here is left to the command that loads it, or, `strict`, said now."""
     from sparta_cli.models import resolve_model_path
 
     try:
         folder = Path(resolve_model_path(name_or_path)) if name_or_path else None
-    except SpartaError:  # a `pkg:` model not installed here: the command that loads it says so
+    except SpartaError:
+        if strict:
+            raise
         return []
     return [folder] if folder is not None and folder.exists() else []
 
