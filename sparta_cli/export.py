@@ -36,7 +36,7 @@ from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetens
 from sparta_cli.merge import merged_config, meta_model
 from sparta_cli.models import resolve_model_path
 from sparta_cli.outputs import OUTPUT_FILES, check_replaceable, locked_output, model_inputs, output_files
-from sparta_cli.runs import ADAPTER_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, read_run
+from sparta_cli.runs import ADAPTER_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, kept_template_copy, read_run
 from sparta_cli.tuners import get_tuner
 
 FORMATS = ("sparta", "peft", "peft-sparta")
@@ -279,8 +279,9 @@ def export_run(run_dir: Path, *, format: str, output: Path, values: str = "fp32"
         size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         if (run.path / CONFIG_YAML).is_file():
             shutil.copy(run.path / CONFIG_YAML, tmp / CONFIG_YAML)
-        if (run.config.get("task") or {}).get("chat_template") and (run.path / CHAT_TEMPLATE_FILE).is_file():
-            shutil.copy(run.path / CHAT_TEMPLATE_FILE, tmp / CHAT_TEMPLATE_FILE)  # the template the run trained with goes with it
+        kept = kept_template_copy(run.path, (run.config.get("task") or {}).get("chat_template"))
+        if kept:
+            shutil.copy(kept, tmp / CHAT_TEMPLATE_FILE)  # the template the run trained with goes with it
         write_text(tmp / "README.md", model_card(run, format, info, size, sorted([*output_files(tmp), "README.md"])))
         trainable = int(run.config.get("trainable_params") or 0)
         result.update(info, bytes=size, trainable_params=trainable, bytes_per_param=size / max(1, trainable))

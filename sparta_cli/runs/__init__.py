@@ -67,8 +67,8 @@ __all__ = [
     "EVAL_RESULTS_SUFFIX", "MASKS_FILE", "OPTIMIZER_STATE", "OPTIMIZER_TENSORS", "PEFT_DIR", "RECIPE_FILE",
     "RUN_MARKERS", "Run", "SCHEDULER_STATE", "STATE_FILE", "TENSORBOARD_DIR", "TENSORS_FILE", "TRAINED_PREFIX",
     "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "causal_lm_architecture", "checkpoint_dir_name",
-    "eval_results_name", "has_checkpoints", "kept_chat_template", "read_adapter_config", "read_adapter_tensors", "read_recipe_record",
-    "read_run", "read_started_run", "rng_file", "run_config_path", "run_entry_patterns",
+    "eval_results_name", "has_checkpoints", "kept_chat_template", "kept_template_copy", "read_adapter_config",
+    "read_adapter_tensors", "read_recipe_record", "read_run", "read_started_run", "rng_file", "run_config_path", "run_entry_patterns",
     "split_adapter_tensors", "truncate_log", "versions", "write_run_config",
 ]
 
@@ -93,11 +93,17 @@ def read_recipe_record(run_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def kept_chat_template(run_dir: Path, recorded: str | None) -> str | None:
-    """The template file an SFT run trained with: the copy it kept (CHAT_TEMPLATE_FILE), else, for a run
-    from before runs kept one, its recorded task.chat_template (a relative path starts at the current folder)."""
+def kept_template_copy(run_dir: Path, recorded: str | None) -> Path | None:
+    """The copy of its task.chat_template (`recorded`) an SFT run kept (CHAT_TEMPLATE_FILE); None when it kept none."""
     kept = Path(run_dir) / CHAT_TEMPLATE_FILE
-    return str(kept) if recorded and kept.is_file() else recorded
+    return kept if recorded and kept.is_file() else None
+
+
+def kept_chat_template(run_dir: Path, recorded: str | None) -> str | None:
+    """The template file an SFT run trained with: the copy it kept, else, for a run from before runs kept
+    one, its recorded task.chat_template (a relative path starts at the current folder)."""
+    kept = kept_template_copy(run_dir, recorded)
+    return str(kept) if kept else recorded
 
 
 @dataclass(frozen=True)
