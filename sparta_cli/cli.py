@@ -62,13 +62,13 @@ def validate(recipe: Path, overrides: Overrides = None) -> None:
     import yaml
 
     from sparta_cli.config import load_recipe
-    from sparta_cli.preflight import preflight
+    from sparta_cli.preflight import check_heldout_rows, preflight
     from sparta_cli.tasks import check_trainable, resolve_task
 
     resolved = load_recipe(recipe, overrides or [])
     resolve_task(resolved.task)
     check_trainable(resolved.task)
-    preflight(resolved)
+    check_heldout_rows(resolved, preflight(resolved))
     console.print(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
     console.print(f"[green]ok[/]: {recipe} is valid")
 

@@ -83,6 +83,22 @@ def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | N
     return source
 
 
+def check_heldout_rows(recipe: Recipe, source: str) -> None:
+    """A classification recipe's `data.validation_size` against the training rows it tokenizes to (SFT's are
+    counted by check_sft_rows): `sparta validate` says what training would refuse after the model load.
+    Tokenizing fills the cache the training that follows reads."""
+    from sparta_cli.data import tokenize_split, validation_indices
+    from sparta_cli.models import load_tokenizer
+    from sparta_cli.tasks import resolve_task
+
+    task = resolve_task(recipe.task)
+    if recipe.data.validation_size is None or task.kind.token_level:
+        return
+    tokenizer = load_tokenizer(recipe.model, source)
+    rows = len(tokenize_split(task, "train", tokenizer, recipe, recipe.data.max_train_samples, recipe.seed).dataset)
+    validation_indices(rows, recipe.data.validation_size, recipe.seed)
+
+
 def check_sft_rows(recipe: Recipe, task: Task, source: str, splits: Sequence[str]) -> None:
     """Every row of the splits read and validated, and the rows the command uses rendered with the chat
     template and tokenised (`data.tokenize_split`, which verifies each answer's span and caches what it
