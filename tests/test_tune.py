@@ -332,6 +332,10 @@ def test_a_study_folder_keeps_one_study_and_trial_folders_it_did_not_start(tmp_p
     tune(path)
     with pytest.raises(SpartaError, match="holds study recipe, not other: .*--study recipe"):
         tune(path, flags={"study": "other"})
+    plan = (folder / "study.json").read_text()
+    with pytest.raises(SpartaError, match=r"was started with another recipe, space or objective \(recipe.data.max_length differ"):
+        tune(path, ["data.max_length=16"])
+    assert (folder / "study.json").read_text() == plan  # the workers of a resume read the study's own plan
     # a journal moved aside: trial 0 of the new journal would train into the old trial-0000
     (folder / "trials" / "trial-0000").mkdir(parents=True)
     (folder / "trials" / "trial-0000" / "all_results.json").write_text("{}")

@@ -214,9 +214,9 @@ def tune(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fla
     check_not_an_input(Path(plan.study_dir), [Path(recipe), *recipe_inputs(build_recipe(plan.base))], option="the study folder",
                        replaces_whole=True, fix="pass --output with a new folder")
     check_study_folder(plan)
-    write_plan(plan)
     study = open_study(plan, shared=shared, create=True)
     check_trial_folders(study, plan)
+    write_plan(plan)  # after the refusals: a refused rerun leaves the study's plan as its workers read it
     for values in plan.enqueue:
         study.enqueue_trial(values, skip_if_exists=True)
     for old, new in retire_stale(study):
