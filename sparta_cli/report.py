@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from sparta_cli.config import TaskConfig, read_by_another_method
 from sparta_cli.console import console
@@ -184,8 +185,12 @@ def main_metric(run: ReportedRun) -> str:
 
     try:
         return resolve_task(TaskConfig(**run.recipe["task"])).main_metric
+    except ValidationError as exc:  # a damaged config.yaml's task
+        error = exc.errors()[0]
+        why = f"task.{'.'.join(map(str, error['loc']))}: {error['msg']}" if error["loc"] else error["msg"]
+        raise SpartaError(f"cannot tell the main metric of {run.path} ({why}): pass --metric, e.g. --metric accuracy") from None
     except SpartaError as exc:
-        raise SpartaError(f"cannot tell the main metric of {run.path} ({exc}): pass --metric, e.g. --metric accuracy") from None
+        raise SpartaError(f"cannot tell the main metric of {run.path} ({why}): pass --metric, e.g. --metric accuracy") from None
 
 
 # ---------------------------------------------------------------- grouping

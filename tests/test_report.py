@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 from typer.testing import CliRunner
 
@@ -21,6 +23,7 @@ from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import write_yaml
 from sparta_cli.plots import write_training_loss_png
+from sparta_cli.report import write_report
 from sparta_cli.sweep import LORA_BASELINE, plan_sweep, run_action
 
 RECIPE = str(REPO / "configs" / "quickstart.yaml")
@@ -318,3 +321,22 @@ def test_the_sweep_says_one_line_for_a_bad_rate_and_a_damaged_run_folder(tmp_pat
     assert main([str(RECIPE), "0.01", "--", layout(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "config.yaml" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    (lambda d: d.update(task="sst2"), "`task` is str, not a mapping: the file is damaged"),
+    (lambda d: d.update(model=None), "`model` is null, not a mapping: the file is damaged"),
+    (lambda d: d.update(seed="one"), "`seed` is str, not an integer: the file is damaged"),
+    (lambda d: d["model"].pop("name_or_path"), "model.name_or_path is not text: the file is damaged"),
+    (lambda d: d["task"].pop("name"), "cannot tell the main metric of .*task needs `name`.*: pass --metric"),
+])
+def test_a_damaged_config_yaml_is_one_line_naming_the_file(tmp_path, edit, phrase):
+    """Each of these ended in a KeyError, AttributeError or TypeError (the last-resort error, with no fix)."""
+    folder = fake_run(tmp_path / "runs", "run-s1", ["seed=1"], 0.8)
+    recorded = yaml.safe_load((folder / "config.yaml").read_text())
+    edit(recorded)
+    write_yaml(folder / "config.yaml", recorded)
+    with pytest.raises(SpartaError) as raised:  # the CLI prints a SpartaError as one line, exit 2
+        write_report([str(tmp_path / "runs")], tmp_path / "out")
+    assert re.search(phrase, str(raised.value)) and "\n" not in str(raised.value), raised.value
+    assert not (tmp_path / "out").exists()

@@ -90,6 +90,15 @@ def read_recipe_record(run_dir: Path) -> dict[str, Any] | None:
         raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
     if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):
         raise SpartaError(f"{path} is not a sparta run config: point `sparta report` at sparta run directories")
+    shapes = {"model": dict, "adapter": dict, "task": dict, "seed": int}  # what every recorded recipe holds, as written
+    for key, kind in shapes.items():
+        value = data.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "null" if value is None else type(value).__name__
+            raise SpartaError(f"{path}: `{key}` is {found}, not {'a mapping' if kind is dict else 'an integer'}: "
+                              "the file is damaged; rerun the run")
+    if not isinstance(data["model"].get("name_or_path"), str):
+        raise SpartaError(f"{path}: model.name_or_path is not text: the file is damaged; rerun the run")
     return data
 
 
