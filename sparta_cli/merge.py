@@ -218,7 +218,8 @@ def pick_head(runs: list[Run], head_from: Path | None) -> Run:
         same = run.trained.keys() == first.trained.keys() and all(
             run.trained[k].shape == first.trained[k].shape and torch.equal(run.trained[k], first.trained[k]) for k in first.trained)
         if not same:
-            raise SpartaError(f"the classification heads of {first.path} and {run.path} differ and heads cannot be summed: "
+            what = "fully trained tensors" if first.causal_lm else "classification heads"  # an LM's lm_head or norms
+            raise SpartaError(f"the {what} of {first.path} and {run.path} differ and cannot be summed: "
                               "pass --head-from RUN_DIR to keep one")
     return first
 

@@ -216,3 +216,17 @@ def test_overwrite_replaces_only_an_earlier_merge_holding_nothing_else(tmp_path,
     del report["sparta_files"]
     (merged / "merge_report.json").write_text(json.dumps(report))
     check_replaceable(merged, command="merge", inputs=[llama["run"]], overwrite=True)
+
+
+def test_differing_trained_tensors_are_named_for_what_the_runs_are(tmp_path):
+    """Two SFT runs whose lm_heads differ were told their "classification heads" differ."""
+    from sparta_cli.merge import pick_head
+    from sparta_cli.runs import Run
+
+    def run(name: str, architecture: str, value: float) -> Run:
+        return Run(tmp_path / name, {"base_model": {"architecture": architecture}}, trained={"lm_head.weight": torch.full((2, 2), value)})
+
+    with pytest.raises(SpartaError, match="the fully trained tensors of .*a and .*b differ and cannot be summed: pass --head-from"):
+        pick_head([run("a", "LlamaForCausalLM", 0.0), run("b", "LlamaForCausalLM", 1.0)], None)
+    with pytest.raises(SpartaError, match="the classification heads of .*a and .*b differ"):
+        pick_head([run("a", "BertForSequenceClassification", 0.0), run("b", "BertForSequenceClassification", 1.0)], None)
