@@ -18,7 +18,7 @@ from typing import Any
 
 from sparta_cli.config import Recipe, changed_keys, load_recipe, read_yaml
 from sparta_cli.errors import SpartaError
-from sparta_cli.outputs import run_dir_is_empty
+from sparta_cli.outputs import foreign_entries, run_dir_is_empty
 from sparta_cli.runs import ALL_RESULTS, CONFIG_YAML
 
 LORA_BASELINE = ("adapter.method=lora", "adapter.targets=[q,v]", "adapter.r=8")
@@ -70,6 +70,9 @@ def run_action(recipe: Recipe) -> str:
     out = Path(recipe.output_dir)
     if run_dir_is_empty(out):
         return "new"
+    foreign = foreign_entries(out)
+    if foreign:  # `train --resume` would write a run among them
+        return f"conflict:{out} holds files no sparta run writes ({', '.join(foreign[:3])}): set output_dir elsewhere or move them"
     if (out / CONFIG_YAML).is_file():
         theirs = read_yaml(out / CONFIG_YAML)
         theirs.pop("run", None)

@@ -180,6 +180,17 @@ def test_a_sweep_resumes_a_run_written_before_a_recipe_key_existed(tmp_path):
     assert run_action(recipe).startswith("conflict:") and "(data.max_length differ)" in run_action(recipe)
 
 
+def test_a_sweep_never_resumes_into_a_folder_of_the_users_files(tmp_path):
+    """A non-empty folder without config.yaml was "resume": `train --resume` then wrote a run among the files."""
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert run_action(recipe) == f"conflict:{tmp_path / 'run'} holds files no sparta run writes (notes.txt): set output_dir elsewhere or move them"
+    (tmp_path / "run" / "notes.txt").unlink()
+    (tmp_path / "run" / "trainer_log.jsonl").write_text("")  # a run killed before its config.yaml: started over
+    assert run_action(recipe) == "resume"
+
+
 def test_sweep_refuses_runs_sharing_an_output_dir(tmp_path):
     with pytest.raises(SpartaError, match="share output_dir"):
         plan_sweep(RECIPE, ["0.001", "0.01"], [], [f"output_dir={tmp_path}/same"])
