@@ -48,6 +48,7 @@ from sparta_cli.runs import (
     RECIPE_FILE,
     TRAIN_RESULTS,
     TRAINER_LOG,
+    kept_template_copy,
     truncate_log,
     write_run_config,
 )
@@ -184,6 +185,11 @@ def _resume_point(run_dir: Path, recipe: Recipe, say, world_size: int = 1) -> Pa
     if changed:
         raise SpartaError(f"the recipe differs from the one that wrote {usable} ({'; '.join(changed)}): --resume stops; "
                           "resume with the same recipe, or retrain with --overwrite")
+    given = recipe.task.chat_template  # the same path, read from another folder, may name another template
+    kept = kept_template_copy(run_dir, given)
+    if kept is not None and read_text(user_path(given, "task.chat_template")) != read_text(kept):
+        raise SpartaError(f"task.chat_template {given} is not the template {usable} trained with (kept as {kept}): --resume "
+                          "stops; resume from the folder the run started in, where that path names its template")
     say(f"resuming from {usable}")
     return usable
 

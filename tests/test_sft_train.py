@@ -496,6 +496,35 @@ def test_a_run_keeps_its_chat_template_and_every_command_reads_it_from_any_folde
         assert AutoTokenizer.from_pretrained(str(run)).chat_template == MARKED_CHATML
 
 
+def test_a_resume_from_a_folder_where_the_template_path_names_another_template_is_refused(tiny_llama_dir, chat_files, tmp_path,
+                                                                                       monkeypatch):
+    """The checkpoints trained with the first folder's template; the resumed steps rendered with the
+    second's, and the kept copy was rewritten to it."""
+    from sparta_cli.train import train
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for folder, text in ((here, MARKED_CHATML), (elsewhere, MARKED_CHATML.replace("<|im_start|>", "<|im_start|> "))):
+        (folder / "tp").mkdir(parents=True)
+        (folder / "tp" / "chat.jinja").write_text(text)
+    recipe = sft_recipe(tiny_llama_dir, chat_files[0], tmp_path / "run", max_steps=3, eval_every=1, save_every=1,
+                        task={"chat_template": "tp/chat.jinja", "validation_file": str(chat_files[1])})
+
+    def stop_at_2(step: int, metrics: dict) -> None:  # checkpoint-1 kept
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.chdir(here)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, on_evaluate=stop_at_2)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(SpartaError, match=r"task.chat_template tp/chat.jinja is not the template .*checkpoint-1 trained with"):
+        train(recipe, resume=True)
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == MARKED_CHATML
+    monkeypatch.chdir(here)
+    train(recipe, resume=True)
+    assert (tmp_path / "run" / "all_results.json").is_file()
+
+
 def test_preflight_refuses_a_validation_size_the_training_rows_cannot_hold(tiny_llama_dir, tmp_path):
     """`sparta validate` said ok, then `train` refused it after loading the weights."""
     from sparta_cli.preflight import preflight
