@@ -10,7 +10,7 @@ next-token logits over the letters) the prompt gets hendrycks' header line and, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,8 @@ def task(key: str, task_cfg: TaskConfig) -> Task:
 
 def check(task: Task, split: str, data_dir: Path | None) -> None:
     if data_dir is not None:
-        local_folder(data_dir, (data_dir / "mmlu",), "MMLU folder mmlu/")
+        for _ in _split_files(split, data_dir):
+            pass
 
 
 def read(task: Task, task_cfg: TaskConfig, split: str, data_dir: Path | None) -> datasets.Dataset:
@@ -158,9 +159,15 @@ def _columns(task: Task, task_cfg: TaskConfig, split: str, data_dir: Path | None
 
 def _rows(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
     """Rows with the Hub's fields (question, choices, answer, subject), local or downloaded."""
-    folder_name, hub_split = _SPLITS[split]
     if data_dir is None:
-        return from_hub(*_HUB, hub_split).select_columns(["question", "choices", "answer", "subject"]).to_list()
+        return from_hub(*_HUB, _SPLITS[split][1]).select_columns(["question", "choices", "answer", "subject"]).to_list()
+    return [row for subject, path in _split_files(split, data_dir) for row in _file(path, subject)]
+
+
+def _split_files(split: str, data_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(subject, CSV) of a local split, each checked to be there as it comes: hendrycks' layout, one CSV
+    a subject (auxiliary_train's files are its sources, each read as its own subject)."""
+    folder_name = _SPLITS[split][0]
     root = local_folder(data_dir, (data_dir / "mmlu",), "MMLU folder mmlu/")
     folder = root / folder_name
     if split == "train":
@@ -174,11 +181,8 @@ def _rows(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
             raise SpartaError(f"{folder} holds no .csv files: copy hendrycks' auxiliary_train/ CSVs there")
     else:
         files = [(subject, folder / f"{subject}_{folder_name}.csv") for subject in sorted(MMLU_CATEGORIES)]
-    rows: list[dict[str, Any]] = []
     for subject, path in files:
-        require_file(path, f"copy hendrycks' {folder_name}/ files (all 57 subjects) into {folder}")
-        rows.extend(_file(path, subject))
-    return rows
+        yield subject, require_file(path, f"copy hendrycks' {folder_name}/ files (all 57 subjects) into {folder}")
 
 
 def _file(path: Path, subject: str) -> list[dict[str, Any]]:
