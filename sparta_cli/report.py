@@ -188,9 +188,9 @@ def main_metric(run: ReportedRun) -> str:
     except ValidationError as exc:  # a damaged config.yaml's task
         error = exc.errors()[0]
         why = f"task.{'.'.join(map(str, error['loc']))}: {error['msg']}" if error["loc"] else error["msg"]
-        raise SpartaError(f"cannot tell the main metric of {run.path} ({why}): pass --metric, e.g. --metric accuracy") from None
-    except SpartaError as exc:
-        raise SpartaError(f"cannot tell the main metric of {run.path} ({why}): pass --metric, e.g. --metric accuracy") from None
+    except SpartaError as exc:  # a task this sparta does not know, or a custom task's files gone
+        why = str(exc)
+    raise SpartaError(f"cannot tell the main metric of {run.path} ({why}): pass --metric, e.g. --metric accuracy")
 
 
 # ---------------------------------------------------------------- grouping

@@ -340,6 +340,7 @@ def test_the_sweep_says_one_line_for_a_bad_rate_and_a_damaged_run_folder(tmp_pat
     (lambda d: d.update(seed="one"), "`seed` is str, not an integer: the file is damaged"),
     (lambda d: d["model"].pop("name_or_path"), "model.name_or_path is not text: the file is damaged"),
     (lambda d: d["task"].pop("name"), "cannot tell the main metric of .*task needs `name`.*: pass --metric"),
+    (lambda d: d["task"].update(name="nosuchtask"), "cannot tell the main metric of .*nosuchtask.*: pass --metric"),
 ])
 def test_a_damaged_config_yaml_is_one_line_naming_the_file(tmp_path, edit, phrase):
     """Each of these ended in a KeyError, AttributeError or TypeError (the last-resort error, with no fix)."""

@@ -75,6 +75,10 @@ def test_setup_says_what_it_is_doing(tmp_path):
     assert len(calls) == 4 and all(" -q " in call for call in calls)  # torch, sparta, the models, peft-sparta
     assert len(steps) == 6, result.stdout  # the venv, four installs, done
     assert "torch" in steps[1] and "extras" in steps[2] and "models" in steps[3] and "done" in steps[5]
+    cpu = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"  # the README's CPU-only install: two pip arguments
+    subprocess.run(["bash", str(clone / "scripts" / "setup.sh")], capture_output=True, env=bare_env(TORCH_SPEC=cpu), cwd=tmp_path,
+                   timeout=60, check=True)
+    assert (tmp_path / "pip_calls").read_text().splitlines()[4].endswith(" -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
 
 
 def test_every_shipped_recipe_is_valid(data_dir, monkeypatch):
