@@ -232,6 +232,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if not self.output_dir.strip():  # an empty path is the current folder
+            raise ValueError("output_dir is empty: name the run's folder, e.g. output_dir=runs/${task.name}/${name}")
         selection = [key for key in ("best_metric", "early_stopping_patience") if getattr(self.training, key) is not None]
         if selection and self.data.validation_size is None:
             raise ValueError(

@@ -76,15 +76,15 @@ def foreign_entries(path: Path) -> list[str]:
     return sorted(entry.name for entry in path.iterdir() if not RUN_ENTRIES.match(entry.name) and not _is_leftover(entry.name))
 
 
-def check_clearable_run_dir(path: Path) -> None:
-    """Refuse `--overwrite` on a folder that is not a sparta run or holds files a run did not write."""
+def check_clearable_run_dir(path: Path, option: str = "--overwrite", does: str = "only replaces what a sparta run wrote") -> None:
+    """Refuse `--overwrite` (or `--resume`) on a folder that is not a sparta run or holds files a run did not write."""
     if run_dir_is_empty(path):
         return
     foreign = foreign_entries(path)
     if not is_run_dir(path) or foreign:
         shown = few_names(foreign) if foreign else "no run files"
-        raise SpartaError(f"output_dir {path} is not a sparta run folder (it holds {shown}): --overwrite only replaces what a "
-                          "sparta run wrote; set output_dir to a new folder")
+        raise SpartaError(f"output_dir {path} is not a sparta run folder (it holds {shown}): {option} {does}; "
+                          "set output_dir to a new folder")
 
 
 def clear_run_dir(path: Path) -> None:
@@ -110,6 +110,8 @@ def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
     if path.exists() and not path.is_dir():
         raise SpartaError(f"output_dir {path} is a file: choose a folder name")
     check_not_locked(path)
+    if resume:  # a run's files are written among whatever the folder holds: only into a run's own folder
+        check_clearable_run_dir(path, "--resume", "continues only a sparta run")
     if resume or run_dir_is_empty(path):
         return
     if overwrite:

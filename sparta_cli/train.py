@@ -38,7 +38,7 @@ from sparta_cli.generation import generation_sets
 from sparta_cli.metrics import lower_is_better, selectable_metrics
 from sparta_cli.models import LoadedModel, fit_max_length, lm_heads
 from sparta_cli.optim import build_optimizer, resolve_optimizer
-from sparta_cli.outputs import check_output_dir, prepare_output_dir, release_run_dir
+from sparta_cli.outputs import check_not_an_input, check_output_dir, prepare_output_dir, recipe_inputs, release_run_dir
 from sparta_cli.placement import Placement, load_trained_model, mixed_precision, place
 from sparta_cli.plots import write_training_loss_png
 from sparta_cli.runs import (
@@ -217,6 +217,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     task = resolve_task(recipe.task)
     metric = selection_metric(recipe, task) if recipe.data.validation_size is not None else None
     check_output_dir(run_dir, overwrite=overwrite, resume=resume)
+    check_not_an_input(run_dir, recipe_inputs(recipe), option="output_dir", fix="set output_dir to a new folder")
     set_seed(recipe.seed)
     model = setup_model(recipe, task)  # before touching the output folder: a bad model name loses nothing
     accelerator = setup_accelerator(recipe, model.dtype, run_dir)
