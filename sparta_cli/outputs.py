@@ -328,9 +328,13 @@ def _lock(lock_path: Path, what: str) -> None:
     key = lock_path.resolve()
     if key in _held:
         return
-    try:
-        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release() or exit
+    try:  # never through a link: the PID written below would land in whatever file it names
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        handle = open(descriptor, "a+", encoding="utf-8")  # noqa: SIM115 - held until release() or exit
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpartaError(f"{lock_path} is a link: sparta never writes through a link out of the folder it owns; "
+                              "remove the link") from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise SpartaError(f"cannot write to {lock_path.parent}: {exc.strerror}; choose a folder you can write to") from None
         raise

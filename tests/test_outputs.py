@@ -351,3 +351,18 @@ def test_replace_dir_sets_permissions_only_on_its_own_files(tmp_path):
         os.umask(old)
     assert oct((tmp_path / "out" / "weights.bin").stat().st_mode & 0o777) == oct(0o644)
     assert oct(outside.stat().st_mode & 0o777) == oct(0o600)  # a link is never followed
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    """The PID was written through a `.sparta.lock` link into the file it named, outside the run folder."""
+    from sparta_cli.outputs import LOCK_FILE, check_not_locked, lock_run_dir
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).symlink_to(victim)
+    for check in (check_not_locked, lock_run_dir):
+        with pytest.raises(SpartaError, match=r"\.sparta\.lock is a link: sparta never writes through a link .*remove the link"):
+            check(run)
+    assert victim.read_text() == "precious"
