@@ -3,7 +3,7 @@
 Each writer writes to a temporary name in the same folder, fsyncs, then renames;
 a rename within one filesystem is atomic, so a kill at any moment leaves the old
 file (or none), never half of a new one. The temporary names are hidden and end in
-`.tmp` (LEFTOVER): what a killed writer left behind is swept by the next write of
+`.tmp` (leftover_of): what a killed writer left behind is swept by the next write of
 the same file, and a run folder is swept whole when a run starts in it.
 """
 
@@ -179,8 +179,22 @@ def _umask() -> int:
     return mask
 
 
-# `.NAME.XXXXXXXX.tmp` (mkstemp/mkdtemp below), `.checkpoint-N.tmp`, and `.NAME.old` (replace_dir's previous folder)
-LEFTOVER = re.compile(r"^\.(?P<name>.+?)\.(?:[a-z0-9_]{8}\.tmp|tmp|old)$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(?P<kind>[a-z0-9_]{8}\.tmp|tmp|old)$")
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+
+
+def leftover_of(entry: Path) -> str | None:
+    """The NAME a killed writer's temporary `entry` stood in for, or None for anything else (a user's
+    `.notes.old` file included): `.NAME.XXXXXXXX.tmp` (mkstemp/mkdtemp below), `.checkpoint-N.tmp`
+    (checkpoint.py), or a `.NAME.old` folder (replace_dir's previous output)."""
+    match = _TEMPORARY.match(entry.name)
+    if match is None:
+        return None
+    if match["kind"] == "tmp" and not _CHECKPOINT.match(match["name"]):
+        return None
+    if match["kind"] == "old" and (entry.is_symlink() or not entry.is_dir()):
+        return None
+    return match["name"]
 
 
 def sweep_leftovers(folder: str | Path, name: str | None = None) -> list[Path]:
@@ -194,12 +208,12 @@ def sweep_leftovers(folder: str | Path, name: str | None = None) -> list[Path]:
         return []
     swept = []
     for entry in folder.iterdir():
-        match = LEFTOVER.match(entry.name)
-        if not match or (name is not None and match.group("name") != name):
+        stands_for = leftover_of(entry)
+        if stands_for is None or (name is not None and stands_for != name):
             continue
-        original = folder / match.group("name")
+        original = folder / stands_for
         try:
-            if entry.name.endswith(".old") and not entry.is_symlink() and not os.path.lexists(original):
+            if entry.name.endswith(".old") and not os.path.lexists(original):
                 os.replace(entry, original)
                 continue
             if entry.is_dir() and not entry.is_symlink():

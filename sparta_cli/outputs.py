@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import LEFTOVER, make_dir, sweep_leftovers
+from sparta_cli.fileio import leftover_of, make_dir, sweep_leftovers
 from sparta_cli.runs import RUN_MARKERS, has_checkpoints, run_entry_patterns
 from sparta_cli.tasks.files import parse_json_text
 
@@ -52,10 +52,6 @@ OUTPUT_FILES = "sparta_files"
 REPORT_TAG = "<!-- written by sparta report: rerunning it with this --output replaces the report's files -->"
 
 
-def _is_leftover(name: str) -> bool:
-    return LEFTOVER.match(name) is not None
-
-
 def few_names(names: Sequence[str], limit: int = 3) -> str:
     """The first few of `names`, for a one-line message."""
     shown = ", ".join(f"`{name}`" for name in names[:limit])
@@ -64,7 +60,7 @@ def few_names(names: Sequence[str], limit: int = 3) -> str:
 
 def run_dir_is_empty(path: Path) -> bool:
     """True for a missing or empty folder, or one holding only a lock file and leftovers."""
-    return not path.is_dir() or all(entry.name == LOCK_FILE or _is_leftover(entry.name) for entry in path.iterdir())
+    return not path.is_dir() or all(entry.name == LOCK_FILE or leftover_of(entry) for entry in path.iterdir())
 
 
 def is_run_dir(path: Path) -> bool:
@@ -73,7 +69,7 @@ def is_run_dir(path: Path) -> bool:
 
 def foreign_entries(path: Path) -> list[str]:
     """Entries of a run folder that no sparta run writes (the user's own files)."""
-    return sorted(entry.name for entry in path.iterdir() if not RUN_ENTRIES.match(entry.name) and not _is_leftover(entry.name))
+    return sorted(entry.name for entry in path.iterdir() if not RUN_ENTRIES.match(entry.name) and not leftover_of(entry))
 
 
 def check_clearable_run_dir(path: Path, option: str = "--overwrite", does: str = "only replaces what a sparta run wrote") -> None:

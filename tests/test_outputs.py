@@ -366,3 +366,15 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_alone(tmp_pat
         with pytest.raises(SpartaError, match=r"\.sparta\.lock is a link: sparta never writes through a link .*remove the link"):
             check(run)
     assert victim.read_text() == "precious"
+
+
+def test_a_users_hidden_old_and_tmp_files_are_not_a_killed_writers_leftovers(tmp_path):
+    """`.res.json.old` was moved onto res.json (as replace_dir's previous output) and `.res.json.tmp` deleted."""
+    from sparta_cli.fileio import sweep_leftovers, write_json
+
+    (tmp_path / ".res.json.old").write_text("my backup")
+    (tmp_path / ".res.json.tmp").write_text("my notes")
+    write_json(tmp_path / "res.json", {"metrics": {}})
+    assert sweep_leftovers(tmp_path) == []
+    assert (tmp_path / ".res.json.old").read_text() == "my backup" and (tmp_path / ".res.json.tmp").read_text() == "my notes"
+    assert json.loads((tmp_path / "res.json").read_text()) == {"metrics": {}}

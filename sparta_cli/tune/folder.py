@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sparta_cli.errors import SpartaError
-from sparta_cli.fileio import LEFTOVER
+from sparta_cli.fileio import leftover_of
 from sparta_cli.outputs import few_names
 from sparta_cli.tune.plots import HISTORY_PNG, IMPORTANCES_PNG, PARAMS_PNG
 from sparta_cli.tune.results import BEST_YAML, SUMMARY_JSON, TRIALS_CSV, TRIALS_MD
@@ -96,7 +96,7 @@ def check_study_folder(plan: Plan) -> None:
     folder = Path(plan.study_dir)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise SpartaError(f"study folder {folder} is a file or a link, not a folder: give --output a new folder")
-    entries = sorted(e for e in folder.iterdir() if not LEFTOVER.match(e.name)) if folder.is_dir() else []
+    entries = sorted(e for e in folder.iterdir() if not leftover_of(e)) if folder.is_dir() else []
     if not entries:
         return
     stored = _stored_plan(folder)
