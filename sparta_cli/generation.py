@@ -23,6 +23,7 @@ import torch
 
 from sparta_cli.errors import SpartaError
 from sparta_cli.sft import SftRow, generation_prompt
+from sparta_cli.strict import SEED_LIMIT
 
 DEFAULT_MAX_NEW_TOKENS = 128
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -43,13 +44,15 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise SpartaError(f"--max-new-tokens {self.max_new_tokens} generates nothing: use 1 or more")
-        if not self.temperature >= 0:  # also refuses NaN
-            what = "is not a number" if math.isnan(self.temperature) else "is negative"
+        if not 0 <= self.temperature < math.inf:  # also refuses NaN
+            what = "is not a number" if math.isnan(self.temperature) else "is infinite" if self.temperature > 0 else "is negative"
             raise SpartaError(f"--temperature {self.temperature} {what}: use 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
             raise SpartaError(f"--top-p {self.top_p} is not in (0, 1]: use e.g. 0.9, or 1 for no cut")
         if self.batch_size < 1:
             raise SpartaError(f"--batch-size {self.batch_size} holds no prompt: use 1 or more")
+        if not 0 <= self.seed < SEED_LIMIT:  # torch.manual_seed takes no more
+            raise SpartaError(f"--seed {self.seed} is out of range: use 0 to {SEED_LIMIT - 1}")
 
     @classmethod
     def of(cls, **settings: float | int | None) -> Sampling:

@@ -51,7 +51,8 @@ def test_rouge_l_is_the_f1_of_the_token_lcs():
 def test_sampling_settings_are_checked():
     for settings, message in (({"max_new_tokens": 0}, "--max-new-tokens 0"), ({"temperature": -1.0}, "--temperature -1.0"),
                               ({"temperature": float("nan")}, "--temperature nan"), ({"top_p": 0.0}, r"--top-p 0.0 is not in \(0, 1\]"),
-                              ({"batch_size": 0}, "--batch-size 0")):
+                              ({"batch_size": 0}, "--batch-size 0"), ({"temperature": float("inf")}, "--temperature inf is infinite"),
+                              ({"seed": 2**64}, "--seed 18446744073709551616 is out of range: use 0 to 4294967295")):
         with pytest.raises(SpartaError, match=message):
             Sampling(**settings)
     assert Sampling.of(max_new_tokens=None, seed=3) == Sampling(seed=3)

@@ -841,6 +841,7 @@ def test_serve_refuses_a_wait_that_never_ends_and_a_key_file_that_is_not_text(ru
     for args, says in [(("--max-wait-ms", "inf"), "--max-wait-ms inf: give 0 to 60,000"),
                        (("--max-wait-ms", "nan"), "--max-wait-ms nan: give 0 to 60,000"),
                        (("--max-wait-ms", "60001"), "--max-wait-ms 60001.0: give 0 to 60,000"),
+                       (("--max-batch", "99999999999999999999"), "--max-batch 99999999999999999999: give 1 to 4096"),  # was OverflowError
                        (("--api-key-file", str(binary)), "is not UTF-8 text")]:
         result = sparta("serve", str(runs["vo"]), *args)
         assert getattr(result.exception, "exit_code", None) == 2 and says in str(result.exception), (args, result.output, result.exception)

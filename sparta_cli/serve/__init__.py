@@ -28,6 +28,7 @@ def is_loopback(host: str) -> bool:
 
 
 MAX_WAIT_MS = 60_000  # --max-wait-ms: a batch waits at most a minute to fill
+MAX_BATCH = 4096  # --max-batch: past what one forward of any model here holds (vLLM defaults to 256 sequences)
 
 
 def read_api_key(path: Path) -> str:
@@ -84,8 +85,8 @@ def check_adapters_dir(adapters_dir: Path, host: str, has_key: bool) -> Path:
 def serve(target: str, *, adapters: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_file: Path | None = None,
           max_batch: int = 8, max_wait_ms: float = 5.0, adapters_dir: Path | None = None) -> None:
     """Load the base once and every adapter beside it, then answer HTTP until SIGINT/SIGTERM (which drains)."""
-    if max_batch < 1:
-        raise SpartaError(f"--max-batch {max_batch}: give 1 or more")
+    if not 1 <= max_batch <= MAX_BATCH:  # warm_up runs a batch this size before the server starts
+        raise SpartaError(f"--max-batch {max_batch}: give 1 to {MAX_BATCH}")
     if not 0 <= max_wait_ms <= MAX_WAIT_MS:  # nan fails too; an infinite wait would hang every request
         raise SpartaError(f"--max-wait-ms {max_wait_ms}: give 0 to {MAX_WAIT_MS:,} (a minute)")
     if not 0 < port < 65536:
