@@ -492,6 +492,11 @@ def merge_runs(run_dirs: list[Path], *, output: Path, base: str | None = None, d
     output = Path(output)
     if not run_dirs:
         raise SpartaError("sparta merge needs at least one run directory: sparta merge RUN_DIR --output DIR")
+    seen: dict[Path, Path] = {}
+    for run_dir in map(Path, run_dirs):  # twice would add its deltas twice
+        first = seen.setdefault(run_dir.expanduser().resolve(), run_dir)
+        if first is not run_dir:
+            raise SpartaError(f"{run_dir} and {first} are the same run: pass each run once (--weights scales one)")
     runs = [read_run(d) for d in run_dirs]
     tuner = get_tuner(runs[0].method)
     base_name = base or runs[0].base.get("name_or_path")
