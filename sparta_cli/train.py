@@ -311,7 +311,12 @@ def setup_accelerator(recipe: Recipe, model_dtype: torch.dtype, run_dir: Path):
     # every rank already holds the same buffers (SpaRTA's indices and original values): broadcasting
     # them on every forward would move O(k) bytes per step for nothing
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(mixed_precision=mixed_precision(recipe, model_dtype), gradient_accumulation_steps=recipe.training.grad_accum,
+    precision = mixed_precision(recipe, model_dtype)
+    if precision == "fp16" and not torch.cuda.is_available():  # Accelerate autocasts fp16 on GPUs only
+        why = "training.mixed_precision: fp16" if recipe.training.mixed_precision == "fp16" else "a float16 model"
+        raise SpartaError(f"{why} trains on a GPU only (on a CPU it trained in fp32 without a word, or failed on mixed "
+                          "dtypes): use training.mixed_precision bf16 or no, and model.dtype float32 or bfloat16, on this machine")
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.training.grad_accum,
                        cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run gloo DDP on CPUs
                        kwargs_handlers=[ddp], **accelerator_kwargs(recipe, run_dir))
 
