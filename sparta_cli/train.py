@@ -500,7 +500,8 @@ class Trainer:
         if cfg.max_grad_norm:
             self.placement.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16's loss scale found inf gradients: no update, no advance
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         self.window.end_step()

@@ -99,3 +99,19 @@ def test_every_epoch_is_trained_when_its_batches_do_not_fill_the_last_accumulati
         recipe = build_recipe({"model": {"name_or_path": "m"}, "task": {"name": "sst2"},
                                "training": {"epochs": epochs, "grad_accum": accumulation}})
         assert total_steps(recipe, batches) == steps, (epochs, batches, accumulation)
+
+
+def test_an_optimizer_step_fp16_skipped_does_not_advance_the_schedule(tmp_path, tiny_bert_nodropout_dir, data_dir, monkeypatch):
+    """On a GPU, fp16's GradScaler skips a step whose gradients overflowed; the schedule still advanced
+    (as HF Trainer's does not). Simulated: the first two steps report skipped."""
+    from accelerate import Accelerator
+
+    asked = []
+
+    def skipped(self) -> bool:
+        asked.append(None)
+        return len(asked) <= 2
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
+    run = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "run", batch_size=8))
+    assert [r["lr"] for r in _log(run) if "loss" in r] == [0.0, 0.0, 5e-3, 1e-2]  # the warmup starts at the first real step
