@@ -77,7 +77,7 @@ def validate(recipe: Path, overrides: Overrides = None) -> None:
 def train(
     recipe: Path,
     overrides: Overrides = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output_dir")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the earlier run in output_dir (never files a run did not write)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -101,7 +101,7 @@ def evaluate(
     overrides: Overrides = None,
     task: Annotated[str | None, typer.Option(help="task to score (default: the run's task)")] = None,
     split: Annotated[str | None, typer.Option(help="split to score (default: the task's evaluation splits)")] = None,
-    output: Annotated[Path | None, typer.Option(help="where to write eval_results.json")] = None,
+    output: Annotated[Path | None, typer.Option(help="results file (default: eval_results_<task>_<split>.json in the run, or runs/eval/<model>/)")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Evaluate a run, a merged checkpoint or an untouched base model on a task."""

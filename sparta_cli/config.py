@@ -602,7 +602,7 @@ def _drop_trust_remote_code(tree: dict[str, Any], trusted: bool) -> None:
     if model.pop("trust_remote_code") not in (False, None) and not trusted:
         raise SpartaError("the recipe sets model.trust_remote_code, but sparta never runs a model's own Python code because a "
                           "file says so: remove the key, and if you trust that model say so on the command line "
-                          "(`sparta train RECIPE --trust-remote-code`; eval, merge and export take it too)")
+                          "(`sparta train RECIPE --trust-remote-code`; eval, generate, merge and export take it too)")
 
 
 def build_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False) -> Recipe:
