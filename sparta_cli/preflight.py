@@ -65,7 +65,7 @@ def check_against_config(recipe: Recipe, source: str, task: Task, *, targets: bo
 
 def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | None = None) -> str:
     """Every check that needs no weights; returns the model's folder or Hub name. `splits`: the
-    ones the command reads (default: train and the task's evaluation splits)."""
+    ones the command reads (default: train, when the task trains, and the task's evaluation splits)."""
     from sparta_cli.models import check_model_source
     from sparta_cli.tasks import check_split_files, resolve_task
     from sparta_cli.trackers import enabled_trackers
@@ -73,8 +73,9 @@ def preflight(recipe: Recipe, *, targets: bool = True, splits: Sequence[str] | N
     source = check_model_source(recipe.model)
     data_dir = check_data_dir(recipe)
     task = resolve_task(recipe.task)
-    if splits is None:
-        splits = [s for s in ("train", *task.eval_splits) if s in task.splits or s in task.aliases]
+    if splits is None:  # a task only scored (MMLU by the LM head) reads no training rows
+        trained = ("train",) if task.kind.trainable else ()
+        splits = [s for s in (*trained, *task.eval_splits) if s in task.splits or s in task.aliases]
     check_split_files(task, recipe.task, splits, data_dir)
     enabled_trackers(recipe)
     check_against_config(recipe, source, task, targets=targets)
