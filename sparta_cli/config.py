@@ -534,6 +534,9 @@ def _floats_everywhere(node: Any) -> Any:
     return _yaml_float(node) if isinstance(node, str) else node
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a run's config.yaml a few thousand
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise SpartaError(f"recipe not found: {path} (give the path to a YAML file, e.g. configs/quickstart.yaml)")
@@ -541,6 +544,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise SpartaError(f"recipe {path} is a folder: give the path to a YAML file")
     # a FIFO or a device is named, never read: reading one blocks, or never ends (/dev/zero)
     input_file(path, f"recipe not found: {path}", "give the path to a YAML file", setting="recipe ")
+    if path.stat().st_size > MAX_RECIPE_BYTES:  # parsing megabytes of YAML takes minutes: not a recipe
+        raise SpartaError(f"recipe {path} is {path.stat().st_size:,} bytes, past the {MAX_RECIPE_BYTES:,} a recipe needs: "
+                          "give the recipe's YAML file, not a data file")
     try:
         text = read_bytes(path).decode("utf-8")
     except UnicodeDecodeError:

@@ -149,10 +149,16 @@ def _duplicate_index(tensors, module):
     tensors[f"{module}.indices"] = indices
 
 
+def _huge_recipe(tmp: Path) -> None:
+    """Comments alone: parsed, 20 MB took 45 s before `is empty`."""
+    (tmp / "huge.yaml").write_text("# padding\n" * 120_000)
+
+
 SETUPS = {"negative_index": _tamper_adapter(_set_index(0, -5)), "index_past_the_matrix": _tamper_adapter(_set_index(-1, 10**8)),
           "duplicate_index": _tamper_adapter(_duplicate_index), "nan_delta": _tamper_adapter(_nan_delta),
           "vision_model": _vision_model, "gpt2_model": _gpt2_model, "small_bert_model": _small_bert_model,
-          "small_roberta_model": _small_roberta_model, "locked_folder": _locked_folder}
+          "small_roberta_model": _small_roberta_model, "locked_folder": _locked_folder,
+          "huge_recipe": _huge_recipe}
 
 
 # ---------------------------------------------------------------- running a case

@@ -88,3 +88,6 @@ def test_library_warnings_stay_out_unless_debug():
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             warnings.warn_explicit("a note to developers", category, "transformers/x.py", 1, module="transformers.x")
     assert caught == []
+    import logging  # offline, huggingface_hub logged each of its retries before sparta's one-line error
+
+    assert logging.getLogger("huggingface_hub").getEffectiveLevel() == logging.ERROR
