@@ -296,9 +296,19 @@ def one_line(text: str) -> str:
     return "".join(repr(c)[1:-1] if c.splitlines() != [c] else c for c in text)
 
 
+def check_no_empty_argument(args: list[str]) -> None:
+    """An empty argument is a shell variable that was never set (`--output "$OUT"`); taken as the
+    option's default (or the current folder) it would start work no one asked for."""
+    for position, arg in enumerate(args):
+        if arg == "":
+            after = f" after {args[position - 1]}" if position else ""
+            raise SpartaError(f"argument {position + 1}{after} is empty (an unset shell variable?): give it a value")
+
+
 def main() -> None:
     """Entry point: one-line errors with exit code 2 (usage) or 1 (run failure); tracebacks only with --debug."""
     try:
+        check_no_empty_argument(sys.argv[1:])
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except SpartaError as exc:
