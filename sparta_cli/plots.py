@@ -33,22 +33,30 @@ class LossLog:
 
 
 def read_loss_log(run_dir: Path) -> LossLog:
+    """The curves in a run's log; a damaged line (cut short by a kill, or not a record with a numeric
+    step and loss) is skipped: the curve is a picture, and one bad line must not stop a report."""
     log = LossLog([], [], [], [])
     path = Path(run_dir) / TRAINER_LOG
     if not path.is_file():
         return log
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if "loss" in record:
+            continue
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            continue
+        if _is_number(record.get("loss")):
             log.steps.append(record["step"])
             log.loss.append(record["loss"])
-        if "eval_loss" in record:
+        if _is_number(record.get("eval_loss")):
             log.eval_steps.append(record["step"])
             log.eval_loss.append(record["eval_loss"])
     return log
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -22,7 +22,7 @@ from sparta_cli.cli import app
 from sparta_cli.config import load_recipe
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import write_yaml
-from sparta_cli.plots import write_training_loss_png
+from sparta_cli.plots import read_loss_log, write_training_loss_png
 from sparta_cli.report import write_report
 from sparta_cli.sweep import LORA_BASELINE, plan_sweep, run_action
 
@@ -309,6 +309,19 @@ def test_a_rerun_replaces_its_own_report_but_never_a_users_files(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out")])
     assert isinstance(result.exception, SpartaError) and "already holds report.csv" in str(result.exception)
     assert not (tmp_path / "elsewhere.csv").exists()
+
+
+@pytest.mark.parametrize("line", [b'{"loss": 0.5}', b"5", b"null", b'{"step": "x", "loss": 0.5}', b'{"step": 4, "loss": "x"}', b"\xff"])
+def test_a_damaged_line_of_the_loss_log_is_skipped(tmp_path, line):
+    """The loss curve is a picture: a damaged line of trainer_log.jsonl (a KeyError, TypeError or
+    UnicodeDecodeError before) must not stop the report."""
+    folder = fake_run(tmp_path / "runs", "a", [], 0.8)
+    with open(folder / "trainer_log.jsonl", "ab") as log:
+        log.write(line + b"\n")
+    log = read_loss_log(folder)
+    assert (log.steps, log.loss) == ([1, 2, 3], [1.0, 0.5, 1.0 / 3])
+    rows, _ = run_report(tmp_path)
+    assert len(rows) == 1
 
 
 def test_a_run_whose_metric_is_nan_is_left_out_saying_why(tmp_path):
