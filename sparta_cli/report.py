@@ -347,10 +347,11 @@ def write_report(patterns: list[str], output: Path, metric: str | None = None, x
     check_not_an_input(output, run_dirs, fix="choose a new folder for --output")
     check_report_folder(output, ["report.csv", "report.md", *images])
     make_dir(output)
+    # report.md first: its REPORT_TAG marks the folder as a report's, so one that fails midway never blocks its rerun
+    write_text(output / "report.md", to_markdown(groups, left_out, images))
+    write_text(output / "report.csv", to_csv(groups))
     metric_vs_x_png(groups, output / images[0], x=x)
     loss_curves_png([(g.run_label(run), run.path) for g in groups for run in g.runs], output / images[1])
-    write_text(output / "report.csv", to_csv(groups))
-    write_text(output / "report.md", to_markdown(groups, left_out, images))
     print_table(groups, left_out)
     console.print(f"[green]wrote[/] {output}/report.csv, report.md, {images[0]}, {images[1]}")
     return output

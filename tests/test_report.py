@@ -311,6 +311,22 @@ def test_a_rerun_replaces_its_own_report_but_never_a_users_files(tmp_path):
     assert not (tmp_path / "elsewhere.csv").exists()
 
 
+def test_a_report_that_fails_midway_never_blocks_its_rerun(tmp_path, monkeypatch):
+    """A failure after the first picture was written refused the rerun: the folder held a PNG but no report.md."""
+    import sparta_cli.plots
+
+    def fails(runs, path):
+        raise SpartaError("the loss curves failed")
+
+    fake_run(tmp_path / "runs", "a", [], 0.8)
+    monkeypatch.setattr(sparta_cli.plots, "loss_curves_png", fails)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out")])
+    assert isinstance(result.exception, SpartaError) and "the loss curves failed" in str(result.exception)
+    monkeypatch.undo()
+    rows, _ = run_report(tmp_path)
+    assert len(rows) == 1 and (tmp_path / "out" / "loss_curves.png").is_file()
+
+
 @pytest.mark.parametrize("line", [b'{"loss": 0.5}', b"5", b"null", b'{"step": "x", "loss": 0.5}', b'{"step": 4, "loss": "x"}', b"\xff"])
 def test_a_damaged_line_of_the_loss_log_is_skipped(tmp_path, line):
     """The loss curve is a picture: a damaged line of trainer_log.jsonl (a KeyError, TypeError or
