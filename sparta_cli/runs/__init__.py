@@ -222,15 +222,20 @@ def write_run_config(run_dir: Path, recipe: Recipe, extra: dict[str, Any]) -> No
 
 def truncate_log(path: Path, last_step: int, drop: Callable[[dict[str, Any]], bool] = lambda record: False) -> None:
     """Keep only log records up to `last_step` (a resumed run logs later steps again), less those
-    `drop` names; a line cut short by a kill is dropped too."""
+    `drop` names; a line cut short by a kill is dropped too. A line that is not an object, or whose step
+    is not a number, was not written by sparta: it stops the resume, named, rather than being lost."""
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if int(record.get("step", 0)) <= last_step and not drop(record):
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise SpartaError(f"{path} line {number} is not a training log record: the file is damaged; "
+                              "delete that line, then resume again")
+        if int(step) <= last_step and not drop(record):
             kept.append(line + "\n")
     write_text(path, "".join(kept))
