@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparta_cli.config import Recipe, build_recipe, read_yaml
+from sparta_cli.config import Recipe, build_recipe
 from sparta_cli.console import console
 from sparta_cli.errors import SpartaError
 from sparta_cli.fileio import read_json
@@ -36,6 +36,7 @@ from sparta_cli.runs import (
     eval_results_name,
     has_checkpoints,
     kept_chat_template,
+    read_recipe_record,
     read_run,
     run_config_path,
 )
@@ -111,9 +112,10 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
 
 
 def _run_recipe(run_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml (build_recipe drops its `run` record); without one, adapter_config.json."""
-    if (run_dir / CONFIG_YAML).is_file():
-        return read_yaml(run_dir / CONFIG_YAML)
+    """The run's config.yaml, its shapes checked (build_recipe drops its `run` record); without one, adapter_config.json."""
+    recorded = read_recipe_record(run_dir)
+    if recorded is not None:
+        return recorded
     config = read_run(run_dir, tensors=False).config
     base = config.get("base_model", {})
     model = {key: base[key] for key in ("name_or_path", "gguf_file", "revision") if base.get(key)}

@@ -88,8 +88,11 @@ def read_recipe_record(run_dir: Path) -> dict[str, Any] | None:
         data = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
-    if not isinstance(data, dict) or not {"model", "adapter", "task"} <= set(data):
-        raise SpartaError(f"{path} is not a sparta run config: point `sparta report` at sparta run directories")
+    required = ("model", "adapter", "task", "seed")
+    missing = list(required) if not isinstance(data, dict) else [key for key in required if key not in data]
+    if missing:  # report, eval, predict and serve read it: the fix names no one command
+        raise SpartaError(f"{path} has no {', '.join(f'`{key}`' for key in missing)}: it is not a sparta run's config.yaml, "
+                          "or the file is damaged; give a sparta run directory, or rerun the run")
     shapes = {"model": dict, "adapter": dict, "task": dict, "seed": int}  # what every recorded recipe holds, as written
     for key, kind in shapes.items():
         value = data.get(key)
