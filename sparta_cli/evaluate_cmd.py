@@ -62,13 +62,26 @@ def target_kind(target: str) -> str:
         raise SpartaError(f"{target} does not exist: give a run directory, a merged checkpoint or a base model (a Hub name is org/model)")
     config = path / "config.json"
     if config.is_file():
-        recorded = read_json(config)
+        recorded = read_model_config(path)
         architectures = recorded.get("architectures") or []
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return MERGED
         if recorded.get("finetuning_task") and causal_lm_architecture(architectures):
             return MERGED
     return BASE
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json with the keys sparta reads checked (`architectures` a list of names,
+    `id2label` a mapping): a damaged one is named, not a TypeError here or an AttributeError in transformers."""
+    path = folder / "config.json"
+    recorded = read_json(path)
+    architectures = recorded.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise SpartaError(f"{path}: `architectures` is not a list of names: the file is damaged; re-merge it (or restore the model)")
+    if not isinstance(recorded.get("id2label") or {}, dict):
+        raise SpartaError(f"{path}: `id2label` is not a mapping: the file is damaged; re-merge it (or restore the model)")
+    return recorded
 
 
 def _looks_local(target: str) -> bool:
@@ -102,7 +115,7 @@ def eval_recipe(target: str, kind: str, task: str | None, overrides: list[str], 
             what = "checkpoint records no task (config.json finetuning_task)" if kind == MERGED else "is a base model"
             raise SpartaError(f"{target} {what}: pass --task, e.g. --task sst2")
         section = {"name": task} if task else {}
-        if task and kind == MERGED and causal_lm_architecture(read_json(path / "config.json").get("architectures") or []):
+        if task and kind == MERGED and causal_lm_architecture(read_model_config(path).get("architectures") or []):
             section["type"] = "sft"  # a merged SFT run writes answers: scored by its loss on the task as chat
             if task == "custom" and not any(text.startswith(("task.validation_file=", "task.name=")) for text in overrides):
                 raise SpartaError(f"{target} was merged from a run on your own files, which a checkpoint does not carry: "
@@ -123,7 +136,7 @@ def _run_recipe(run_dir: Path) -> dict[str, Any]:
 
 
 def _recorded_task(path: Path) -> str | None:
-    return read_json(path / "config.json").get("finetuning_task")
+    return read_model_config(path).get("finetuning_task")
 
 
 def eval_splits(task: Task, split: str | None) -> list[str]:
@@ -154,7 +167,7 @@ def load_scored_model(kind: str, target: str, recipe: Recipe, task: Task):
                           "or on MMLU's letters (task.type=null task.head=lm)")
 
     if kind == MERGED:
-        have = len(read_json(Path(target).expanduser() / "config.json").get("id2label") or {})
+        have = len(read_model_config(Path(target).expanduser()).get("id2label") or {})
         if have != task.num_labels:
             raise SpartaError(f"{target} has {have} outputs but {task.name} needs {task.num_labels}: pass the --task it was trained on")
     loaded = load_for_classification(
@@ -176,7 +189,7 @@ def causal_target(kind: str, target: str) -> bool:
     path = Path(target).expanduser()
     if kind == RUN:
         return read_run(path, tensors=False).causal_lm
-    return causal_lm_architecture(read_json(path / "config.json").get("architectures") or [])
+    return causal_lm_architecture(read_model_config(path).get("architectures") or [])
 
 
 def _with_adapter(target: str, model) -> Adapter:

@@ -426,14 +426,13 @@ def _answers(entry: ServedModel, logits: torch.Tensor) -> list[dict[str, Any]]:
 def _serves_causal_lm(target: str, kind: str, first: Recipe | None) -> bool:
     """Whether the server holds a causal LM: a merged checkpoint's architecture says, else the first run
     (an SFT run), else, with none, whether the base's config names a ...ForCausalLM."""
-    from sparta_cli.evaluate_cmd import BASE, RUN
-    from sparta_cli.fileio import read_json
+    from sparta_cli.evaluate_cmd import BASE, RUN, read_model_config
     from sparta_cli.models import resolve_model_path
 
     if kind == RUN or (kind == BASE and first is not None):
         return first is not None and first.task.type == "sft"
-    config = Path(resolve_model_path(target)) / "config.json"
-    architectures = (read_json(config).get("architectures") or []) if config.is_file() else []
+    folder = Path(resolve_model_path(target))
+    architectures = (read_model_config(folder).get("architectures") or []) if (folder / "config.json").is_file() else []
     return any(name.endswith("ForCausalLM") for name in architectures)
 
 
