@@ -35,6 +35,7 @@ from sparta_cli.runs import (
     SCHEDULER_STATE,
     STATE_FILE,
     TENSORS_FILE,
+    check_recorded_recipe,
     checkpoint_dir_name,
     rng_file,
 )
@@ -232,9 +233,9 @@ def read_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise SpartaError(f"{path / OPTIMIZER_TENSORS} or {OPTIMIZER_STATE} holds entries sparta does not write: "
                           "the checkpoint is damaged") from None
+    recipe = check_recorded_recipe(path / RECIPE_FILE, _json(path / RECIPE_FILE), "the checkpoint is damaged")
     return {"state": state, "tensors": tensors, "optimizer": optimizer,
-            "scheduler": _json(path / SCHEDULER_STATE), "masks": _json(path / MASKS_FILE), "recipe": _json(path / RECIPE_FILE),
-            "rng": rng}
+            "scheduler": _json(path / SCHEDULER_STATE), "masks": _json(path / MASKS_FILE), "recipe": recipe, "rng": rng}
 
 
 def usable_checkpoint(run_dir: Path, world_size: int, warn) -> Path | None:

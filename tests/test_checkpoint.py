@@ -209,6 +209,8 @@ def _truncate(path: Path, name: str) -> None:
     (lambda p: _truncate(p, "optimizer.safetensors"), "optimizer.safetensors is truncated or corrupted"),
     (lambda p: _edit_state(p, lambda s: s.update(surprise=1)), f"{STATE_FILE} has an unknown key `surprise`"),
     (lambda p: (p / rng_file(0)).unlink(), f"{rng_file(0)} is missing"),
+    (lambda p: (p / "recipe.json").write_text(json.dumps({"seed": 1, "adapter": 5})),
+     "recipe.json: `adapter` is int, not a mapping: the checkpoint is damaged"),
 ])
 def test_a_damaged_checkpoint_is_named_with_what_is_wrong_and_what_resume_does(tmp_path, damage, phrase):
     older = _save(tmp_path, 2)

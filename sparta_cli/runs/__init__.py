@@ -66,8 +66,8 @@ __all__ = [
     "CHECKPOINT_FILE_PATTERNS", "CONFIG_FILE", "CONFIG_YAML", "EVAL_RESULTS", "EVAL_RESULTS_PREFIX",
     "EVAL_RESULTS_SUFFIX", "MASKS_FILE", "OPTIMIZER_STATE", "OPTIMIZER_TENSORS", "PEFT_DIR", "RECIPE_FILE",
     "RUN_MARKERS", "Run", "SCHEDULER_STATE", "STATE_FILE", "TENSORBOARD_DIR", "TENSORS_FILE", "TRAINED_PREFIX",
-    "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "causal_lm_architecture", "checkpoint_dir_name",
-    "eval_results_name", "has_checkpoints", "kept_chat_template", "kept_template_copy", "read_adapter_config",
+    "TRAINER_LOG", "TRAINING_LOSS_PNG", "TRAIN_RESULTS", "WANDB_DIR", "causal_lm_architecture", "check_recorded_recipe",
+    "checkpoint_dir_name", "eval_results_name", "has_checkpoints", "kept_chat_template", "kept_template_copy", "read_adapter_config",
     "read_adapter_tensors", "read_recipe_record", "read_run", "read_started_run", "rng_file", "run_config_path", "run_entry_patterns",
     "split_adapter_tensors", "truncate_log", "versions", "write_run_config",
 ]
@@ -88,20 +88,26 @@ def read_recipe_record(run_dir: Path) -> dict[str, Any] | None:
         data = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpartaError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): the file is damaged; rerun the run") from None
-    required = ("model", "adapter", "task", "seed")
+    required = ("model", "adapter", "task", "seed")  # what every recorded recipe holds, as written
     missing = list(required) if not isinstance(data, dict) else [key for key in required if key not in data]
     if missing:  # report, eval, predict and serve read it: the fix names no one command
         raise SpartaError(f"{path} has no {', '.join(f'`{key}`' for key in missing)}: it is not a sparta run's config.yaml, "
                           "or the file is damaged; give a sparta run directory, or rerun the run")
-    shapes = {"model": dict, "adapter": dict, "task": dict, "seed": int}  # what every recorded recipe holds, as written
-    for key, kind in shapes.items():
+    return check_recorded_recipe(path, data, "the file is damaged; rerun the run")
+
+
+def check_recorded_recipe(path: Path, data: dict[str, Any], damaged: str) -> dict[str, Any]:
+    """`data`, a recipe as sparta recorded it (a run's config.yaml, a checkpoint's recipe.json), if what it
+    holds has the shapes sparta writes (sections are mappings, the seed an integer, model.name_or_path
+    text); else SpartaError naming `path`, then `damaged` (what that means, and the fix)."""
+    for key in ("model", "adapter", "task", "data", "training", "logging", "seed"):
+        kind = int if key == "seed" else dict
         value = data.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if key in data and (not isinstance(value, kind) or isinstance(value, bool)):
             found = "null" if value is None else type(value).__name__
-            raise SpartaError(f"{path}: `{key}` is {found}, not {'a mapping' if kind is dict else 'an integer'}: "
-                              "the file is damaged; rerun the run")
-    if not isinstance(data["model"].get("name_or_path"), str):
-        raise SpartaError(f"{path}: model.name_or_path is not text: the file is damaged; rerun the run")
+            raise SpartaError(f"{path}: `{key}` is {found}, not {'a mapping' if kind is dict else 'an integer'}: {damaged}")
+    if "model" in data and not isinstance(data["model"].get("name_or_path"), str):
+        raise SpartaError(f"{path}: model.name_or_path is not text: {damaged}")
     return data
 
 
