@@ -466,6 +466,10 @@ class Trainer:
                 for batch in self.micro_batches() if self.state.step < self.steps and not self.stopped_early else ():
                     with self.accelerator.accumulate(self.model):
                         loss, weight = self.task.kind.train_loss(self.model, batch)
+                        if not self.task.kind.token_level:
+                            # rows: a full micro-batch's loss stays its mean and its weight 1, so its gradients
+                            # keep the size they had (what fp16's loss scale is tuned to)
+                            loss, weight = loss / self.cfg.batch_size, weight / self.cfg.batch_size
                         self.accelerator.backward(loss)
                     self.window.add(loss, batch, weight)
                     examples = batch["input_ids"].shape[0] * self.accelerator.num_processes
@@ -493,7 +497,7 @@ class Trainer:
         """The one path every optimizer step takes."""
         cfg, state = self.cfg, self.state
         scale = self.window.gradient_scale(self.accelerator)
-        if scale is not None:  # summed token losses: the step's gradient becomes their mean over its tokens
+        if scale is not None:  # summed losses: the step's gradient becomes their mean over its rows or tokens
             for param in self.trainable.values():
                 if param.grad is not None:
                     local_tensor(param.grad).mul_(scale.to(param.grad.dtype))
@@ -681,9 +685,9 @@ class LossWindow:
     """The training loss of the optimizer steps since the last read, kept on the device so the loop
     never waits for it; read (reduced across processes) every log_every steps.
 
-    A step's loss is the mean of its micro-batches' losses, or for a token-level kind (SFT, whose
-    micro-batches give summed token losses and their token counts) the summed loss over the step's
-    tokens, of every process (`gradient_scale`, which also makes the gradient that mean)."""
+    A step's loss is the mean of its micro-batches' losses, or where micro-batches give summed losses and
+    what they sum over (every trained kind: rows, or SFT's supervised tokens) the summed loss over the
+    step's rows or tokens, of every process (`gradient_scale`, which also makes the gradient that mean)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -708,22 +712,22 @@ class LossWindow:
         self._tokens += _real_tokens(batch)
 
     def gradient_scale(self, accelerator) -> torch.Tensor | None:
-        """For summed token losses (None otherwise), the factor that turns the step's accumulated gradient
-        into that of the mean token loss over all its micro-batches and processes: Accelerate divided
-        each micro-batch's by the accumulation steps and DDP / FSDP average over processes, so it is
-        accumulation x processes / tokens. The step's (loss, tokens) are summed across processes here,
-        so every process logs the same step loss."""
+        """For summed losses (None otherwise), the factor that turns the step's accumulated gradient into
+        that of the mean loss over all its rows or tokens, of all its micro-batches and processes:
+        Accelerate divided each micro-batch's by the accumulation steps (a short last group's too) and
+        DDP / FSDP average over processes, so it is accumulation x processes / weight. The step's (loss,
+        weight) are summed across processes here, so every process logs the same step loss."""
         if not self._weighted:
             return None
         totals = torch.stack([self._micro_sum.double(), self._micro_weight.double()])
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, reduction="sum")
         self._micro_sum, self._micro_weight = totals[0].float(), totals[1].float()
-        return accelerator.gradient_accumulation_steps * accelerator.num_processes / totals[1].clamp_min(1)
+        return accelerator.gradient_accumulation_steps * accelerator.num_processes / _nonzero(totals[1])
 
     def end_step(self) -> None:
-        """The step's loss: its micro-batches' mean, or its token loss over its tokens."""
-        self._step_sum += self._micro_sum / self._micro_weight.clamp_min(1)
+        """The step's loss: its micro-batches' mean, or its summed loss over its rows or tokens."""
+        self._step_sum += self._micro_sum / _nonzero(self._micro_weight)
         self._micro_sum = torch.zeros((), device=self.device)
         self._micro_weight = torch.zeros((), device=self.device)
         self.steps += 1
@@ -735,6 +739,12 @@ class LossWindow:
             packed = accelerator.reduce(packed, reduction="sum")
         loss_sum, tokens, nonfinite = packed.tolist()
         return loss_sum / accelerator.num_processes, int(tokens), nonfinite > 0
+
+
+def _nonzero(weight: torch.Tensor) -> torch.Tensor:
+    """A step's weight to divide by: a row-level kind's is in batches (a short batch's a fraction), and
+    one with nothing to weigh (SFT rows with no supervised token) sums to 0, as its loss and gradient do."""
+    return torch.where(weight > 0, weight, torch.ones_like(weight))
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

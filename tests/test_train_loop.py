@@ -115,3 +115,58 @@ def test_an_optimizer_step_fp16_skipped_does_not_advance_the_schedule(tmp_path, 
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
     run = train(_recipe(tiny_bert_nodropout_dir, data_dir, tmp_path / "run", batch_size=8))
     assert [r["lr"] for r in _log(run) if "loss" in r] == [0.0, 0.0, 5e-3, 1e-2]  # the warmup starts at the first real step
+
+
+def test_a_short_last_group_and_batch_weigh_each_row_as_a_full_step_does(tmp_path, tiny_bert_nodropout_dir, data_dir):
+    """37 rows in batches of 8 are 8, 8, 8, 8, 5: with grad_accum 2 the epoch's steps hold 16, 16 and 5 rows.
+    Each step's gradient must be the mean over its own rows, as in a plain loop written out here (SGD, so the
+    size of every update shows). Accelerate divides every micro-batch's loss by grad_accum, so the last step
+    got half its gradient (and a mean of micro-batch means weighs a short batch's rows more)."""
+    from accelerate.utils import set_seed
+
+    from sparta_cli.data import make_loader, tokenize_split
+    from sparta_cli.models import load_model
+    from sparta_cli.tasks import resolve_task
+
+    recipe = build_recipe({
+        "model": {"name_or_path": str(tiny_bert_nodropout_dir)},
+        "adapter": {"method": "head"},
+        "task": {"name": "sst2"},
+        "data": {"dir": str(data_dir), "max_length": 32, "max_train_samples": 37, "max_eval_samples": 8},
+        "training": {"epochs": 2, "batch_size": 8, "grad_accum": 2, "lr": 0.5, "optimizer": "sgd", "scheduler": "constant",
+                     "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": None, "log_every": 1},
+        "seed": 3,
+        "output_dir": str(tmp_path / "run"),
+    })
+    run = train(recipe)
+
+    task = resolve_task(recipe.task)
+    set_seed(recipe.seed)  # as train() seeds before it loads the model: the same new head
+    loaded = load_model(recipe.model, task)
+    model = loaded.model
+    model.requires_grad_(False)
+    head = model.get_submodule("classifier").float().requires_grad_(True)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    rows = tokenize_split(task, "train", loaded.tokenizer, recipe, 37, recipe.seed).dataset
+    loader = make_loader(rows, loaded.tokenizer, 8, shuffle=True, seed=recipe.seed)
+    losses = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        for group in (batches[i:i + 2] for i in range(0, len(batches), 2)):
+            count = sum(len(batch["labels"]) for batch in group)
+            total = sum(torch.nn.functional.cross_entropy(model(**batch).logits.float(), batch["labels"], reduction="sum")
+                        for batch in group)
+            (total / count).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(total.detach()) / count)
+
+    assert len(losses) == 6
+    trained = load_file(str(run / "adapter_model.safetensors"))
+    for name, param in head.named_parameters():
+        key = next(k for k in trained if k.endswith(f"classifier.{name}"))
+        torch.testing.assert_close(trained[key], param.detach(), rtol=1e-5, atol=1e-6)
+    # the logged loss is the one the step applied: the mean over its rows
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in _log(run) if "loss" in r]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert json.loads((run / "train_results.json").read_text())["train_samples"] == 37

@@ -37,10 +37,12 @@ class TaskKind:
     # summed loss and supervised tokens
     token_level: ClassVar[bool] = False
 
-    def train_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-        """(the loss to train on, its weight): the model's own mean loss, weight None (micro-batches count
-        alike); a token-level kind gives the summed token loss and the supervised tokens it sums over."""
-        return model(**batch).loss, None
+    def train_loss(self, model: Any, batch: dict[str, Any], rows: int | None = None) -> tuple[Any, Any]:
+        """(the summed loss to train on, what it sums over): a row-level kind's summed row losses and its
+        row count, a token-level kind's summed token loss and its supervised tokens. Only the batch's first
+        `rows` rows count (None: all). The trainer makes a step's gradient the mean over everything its
+        micro-batches sum over."""
+        raise NotImplementedError(f"{self.name} tasks are not trained")
 
     def encode(self, tokenizer: Any, texts: Sequence[list[str]], max_length: int) -> dict[str, list]:
         """Model inputs of a batch of rows (`texts`: one list per text field), cut at `max_length`,

@@ -35,21 +35,42 @@ def classifier_scorer(regression: bool) -> Scorer:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits.float()
         labels = batch.get("labels")
-        if regression:
-            preds = logits.squeeze(-1)
-            losses = (preds - labels.float()) ** 2 if labels is not None else None
-        else:
-            preds = logits.argmax(-1)
-            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if labels is not None and (labels >= 0).all() else None
+        preds = logits.squeeze(-1) if regression else logits.argmax(-1)
+        losses = row_losses(logits, labels, regression) if labels is not None and (regression or (labels >= 0).all()) else None
         return preds, losses
 
     return score
+
+
+def row_losses(logits: Any, labels: Any, regression: bool) -> Any:
+    """Each row's loss from a classification head's fp32 logits: what transformers averages (MSE for
+    regression, cross-entropy otherwise)."""
+    import torch
+
+    if regression:
+        return (logits.squeeze(-1) - labels.float()) ** 2
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def classifier_train_loss(model: Any, batch: dict[str, Any], rows: int | None, regression: bool) -> tuple[Any, Any]:
+    """The summed loss of the batch's first `rows` rows (None: all) and their count. Summed, not the
+    model's mean: a step's gradient is then the mean over its rows however they fall into micro-batches
+    (an epoch's short last batch or accumulation group) and processes."""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    losses = row_losses(model(**inputs).logits.float(), batch["labels"], regression)
+    rows = losses.shape[0] if rows is None else rows
+    return losses[:rows].sum(), torch.tensor(rows, device=losses.device)
 
 
 class Classification(TaskKind):
     name = "classification"
     head = "classifier"
     problem_type = "single_label_classification"
+
+    def train_loss(self, model: Any, batch: dict[str, Any], rows: int | None = None) -> tuple[Any, Any]:
+        return classifier_train_loss(model, batch, rows, regression=False)
 
     def scorer(self, task: Task, tokenizer: Any) -> Scorer:
         return classifier_scorer(regression=False)
@@ -81,6 +102,9 @@ class Regression(TaskKind):
     head = "classifier"
     label_dtype = "float32"
     problem_type = "regression"
+
+    def train_loss(self, model: Any, batch: dict[str, Any], rows: int | None = None) -> tuple[Any, Any]:
+        return classifier_train_loss(model, batch, rows, regression=True)
 
     def scorer(self, task: Task, tokenizer: Any) -> Scorer:
         return classifier_scorer(regression=True)
