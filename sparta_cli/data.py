@@ -295,7 +295,7 @@ def task_loader(task: Task, dataset, tokenizer, batch_size: int, shuffle: bool, 
                 max_length: int | None = None) -> DataLoader:
     """The loader of a tokenized split of `task`: `make_loader`'s, or for a token-level task (SFT) its
     rows padded (`sft.collate_padded`), or with `packing` packed into `max_length` sequences
-    (`sft.pack`, `sft.collate_packed`). SFT batches carry `num_tokens`, the real (non-pad) tokens,
+    (`sft.pack`, `sft.collate_packed`). SFT batches carry `num_tokens`, each row's real (non-pad) tokens,
     for the throughput numbers (a packed batch has no attention mask to count them by)."""
     if not task.kind.token_level:
         return make_loader(dataset, tokenizer, batch_size, shuffle, seed)
@@ -311,5 +311,5 @@ def task_loader(task: Task, dataset, tokenizer, batch_size: int, shuffle: bool, 
 
 def _counted(collate: Callable, sequences: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate(sequences, pad_id=pad_id)
-    batch["num_tokens"] = torch.tensor(sum(len(sequence) for sequence in sequences))
+    batch["num_tokens"] = torch.tensor([len(sequence) for sequence in sequences])  # each row's
     return batch

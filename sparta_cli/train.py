@@ -464,15 +464,15 @@ class Trainer:
             self.model.train()
             with TrainingProgress(self.steps, self.state.step, enabled=self.main) as self.progress:
                 for batch in self.micro_batches() if self.state.step < self.steps and not self.stopped_early else ():
+                    rows, examples = self.real_rows(batch)
                     with self.accelerator.accumulate(self.model):
-                        loss, weight = self.task.kind.train_loss(self.model, batch)
+                        loss, weight = self.task.kind.train_loss(self.model, batch, rows)
                         if not self.task.kind.token_level:
                             # rows: a full micro-batch's loss stays its mean and its weight 1, so its gradients
                             # keep the size they had (what fp16's loss scale is tuned to)
                             loss, weight = loss / self.cfg.batch_size, weight / self.cfg.batch_size
                         self.accelerator.backward(loss)
-                    self.window.add(loss, batch, weight)
-                    examples = batch["input_ids"].shape[0] * self.accelerator.num_processes
+                    self.window.add(loss, batch, weight, rows)
                     self.state.seen += examples
                     self.session_seen += examples
                     if self.accelerator.sync_gradients:
@@ -480,6 +480,22 @@ class Trainer:
                         if self.state.step >= self.steps or self.stopped_early:
                             break
             self.finish()
+
+    def real_rows(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(how many of this process's rows in `batch` are the epoch's own, how many are of all processes).
+
+        With several processes Accelerate's loader gives every process the same number of full batches
+        (even_batches, which keeps them in step): the rows of an epoch's last global batch that the data do
+        not fill are the epoch's first rows again, after the real ones, process by process. Its `remainder`
+        is how many real rows that last global batch holds (0: all). Repeated rows go forward and backward
+        with no weight (`TaskKind.train_loss`) and are not counted as seen."""
+        loader, accelerator = self.train_loader, self.accelerator
+        size = batch["input_ids"].shape[0]
+        remainder = getattr(loader, "remainder", -1)
+        if not getattr(loader, "end_of_dataloader", False) or remainder is None or remainder <= 0:
+            return size, size * accelerator.num_processes
+        per_process = loader.total_batch_size // accelerator.num_processes
+        return max(0, min(size, remainder - accelerator.process_index * per_process)), remainder
 
     def micro_batches(self):
         """The training batches from where the state says, epoch after epoch (the caller stops)."""
@@ -702,14 +718,16 @@ class LossWindow:
         self._tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None) -> None:
-        """One micro-batch's loss: a mean (`weight` None), or a sum over `weight` tokens."""
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None,
+            rows: int | None = None) -> None:
+        """One micro-batch's loss: a mean (`weight` None), or a sum over `weight` rows or tokens; the
+        tokens of its first `rows` rows (None: all; the others repeat rows, `Trainer.real_rows`)."""
         loss = loss.detach().float()
         self._micro_sum += loss
         self._micro_weight += 1 if weight is None else weight.detach()
         self._weighted = weight is not None
         self._nonfinite |= ~torch.isfinite(loss)
-        self._tokens += _real_tokens(batch)
+        self._tokens += _real_tokens(batch, rows)
 
     def gradient_scale(self, accelerator) -> torch.Tensor | None:
         """For summed losses (None otherwise), the factor that turns the step's accumulated gradient into
@@ -747,12 +765,14 @@ def _nonzero(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, weight, torch.ones_like(weight))
 
 
-def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A batch's non-pad tokens: SFT's loaders count them (`num_tokens`; a packed batch has no attention mask)."""
+def _real_tokens(batch: dict[str, torch.Tensor], rows: int | None = None) -> torch.Tensor:
+    """The non-pad tokens of a batch's first `rows` rows (None: all): SFT's loaders count each row's
+    (`num_tokens`; a packed batch has no attention mask)."""
     if "num_tokens" in batch:
-        return batch["num_tokens"]
+        return batch["num_tokens"][:rows].sum()
     mask = batch.get("attention_mask")
-    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+    ids = batch["input_ids"][:rows]
+    return mask[:rows].sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
 
 
 class LogWindow:

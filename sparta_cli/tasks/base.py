@@ -40,8 +40,9 @@ class TaskKind:
     def train_loss(self, model: Any, batch: dict[str, Any], rows: int | None = None) -> tuple[Any, Any]:
         """(the summed loss to train on, what it sums over): a row-level kind's summed row losses and its
         row count, a token-level kind's summed token loss and its supervised tokens. Only the batch's first
-        `rows` rows count (None: all). The trainer makes a step's gradient the mean over everything its
-        micro-batches sum over."""
+        `rows` rows count (None: all): an even-batches loader completes a process's last batch with rows
+        it repeats (Accelerate, `Trainer.real_rows`); they go forward and backward with the others, with no
+        weight. The trainer makes a step's gradient the mean over everything its micro-batches sum over."""
         raise NotImplementedError(f"{self.name} tasks are not trained")
 
     def encode(self, tokenizer: Any, texts: Sequence[list[str]], max_length: int) -> dict[str, list]:

@@ -55,7 +55,7 @@ def row_losses(logits: Any, labels: Any, regression: bool) -> Any:
 def classifier_train_loss(model: Any, batch: dict[str, Any], rows: int | None, regression: bool) -> tuple[Any, Any]:
     """The summed loss of the batch's first `rows` rows (None: all) and their count. Summed, not the
     model's mean: a step's gradient is then the mean over its rows however they fall into micro-batches
-    (an epoch's short last batch or accumulation group) and processes."""
+    (an epoch's short last batch or accumulation group) and processes, and repeated rows weigh nothing."""
     import torch
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -232,7 +232,11 @@ class SFT(TaskKind):
     head = "lm"
     token_level = True
 
-    def train_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    def train_loss(self, model: Any, batch: dict[str, Any], rows: int | None = None) -> tuple[Any, Any]:
+        if rows is not None and rows < batch["labels"].shape[0]:  # repeated rows: no supervised tokens
+            labels = batch["labels"].clone()
+            labels[rows:] = IGNORE
+            batch = {**batch, "labels": labels}
         losses, supervised = supervised_token_losses(model, batch)
         return losses.sum(), supervised.sum()
 
