@@ -36,7 +36,17 @@ from sparta_cli.fileio import read_json, replace_dir, write_json, write_safetens
 from sparta_cli.merge import merged_config, meta_model
 from sparta_cli.models import resolve_model_path
 from sparta_cli.outputs import OUTPUT_FILES, check_replaceable, locked_output, model_inputs, output_files
-from sparta_cli.runs import ADAPTER_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, CONFIG_YAML, PEFT_DIR, TRAINED_PREFIX, Run, kept_template_copy, read_run
+from sparta_cli.runs import (
+    ADAPTER_FILE,
+    CHAT_TEMPLATE_FILE,
+    CONFIG_FILE,
+    CONFIG_YAML,
+    PEFT_DIR,
+    TRAINED_PREFIX,
+    Run,
+    kept_template_copy,
+    read_run,
+)
 from sparta_cli.tuners import get_tuner
 
 FORMATS = ("sparta", "peft", "peft-sparta")
